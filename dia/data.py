@@ -1,0 +1,150 @@
+"""Victim data: the embedded offline sets, torchvision datasets, or an ImageFolder; selection and normalization.
+
+Images are returned as float tensors in [0, 1], shape (N, C, H, W); the attack works in normalized space
+((x - mean) / std with the dataset's constants), as the paper's code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dia.errors import UserError
+from dia.registry import Registry
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"
+    source: str = "embedded"  # embedded | torchvision | imagefolder
+    root: Optional[str] = None  # torchvision cache / ImageFolder root
+    download: bool = True  # torchvision: download when missing (needs the internet)
+    embedded: str = "mnist_128.npz"  # file under dia/assets for source=embedded
+    torchvision_name: Optional[str] = None  # torchvision.datasets class for source=torchvision
+    split: str = "test"
+    channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    mean: List[float] = field(default_factory=lambda: [0.1307])
+    std: List[float] = field(default_factory=lambda: [0.3081])
+
+
+@dataclass
+class Victims:
+    images: Tensor  # (N, C, H, W) in [0, 1]
+    labels: Tensor  # (N,) int64
+    indices: list[int]  # positions in the source dataset
+    names: list[str] | None = None
+
+
+Loader = Callable[[DataConfig, list[int] | None, int, int], Victims]
+SOURCES: Registry[Loader] = Registry("data.source")
+
+
+def _select(n_available: int, what: str, indices: list[int] | None, count: int, seed: int) -> list[int]:
+    """Explicit indices (checked) or `count` distinct indices drawn with `seed`."""
+    if indices is not None:
+        if len(indices) == 0:
+            raise UserError("victims: the list is empty; give at least one index")
+        bad = [i for i in indices if not 0 <= int(i) < n_available]
+        if bad:
+            raise UserError(f"victims: index {bad[0]} out of range for {what} ({n_available} images: valid 0..{n_available - 1})")
+        return [int(i) for i in indices]
+    if not 1 <= count <= n_available:
+        raise UserError(f"num_victims={count} out of range for {what} (1..{n_available})")
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_available, generator=g)[:count].tolist())
+
+
+@SOURCES.register("embedded")
+def load_embedded(cfg: DataConfig, indices: list[int] | None, count: int, seed: int) -> Victims:
+    """The victim sets shipped in dia/assets (see PROVENANCE.md there): no network needed."""
+    try:
+        ref = resources.files("dia.assets").joinpath(cfg.embedded)
+        with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as npz:
+            images, labels = npz["images"], npz["labels"]
+            names = [str(n) for n in npz["names"]] if "names" in npz.files else None
+    except FileNotFoundError:
+        shipped = sorted(p.name for p in resources.files("dia.assets").iterdir() if p.name.endswith(".npz"))
+        raise UserError(f"data.embedded: no embedded set '{cfg.embedded}'; shipped: {', '.join(shipped)}") from None
+    idx = _select(len(labels), f"data={cfg.name} (embedded {cfg.embedded})", indices, count, seed)
+    x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
+    return Victims(x, torch.from_numpy(labels[idx]).long(), idx, [names[i] for i in idx] if names else None)
+
+
+def _require_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise UserError(f"data.root is required for data.source={cfg.source} (data={cfg.name})")
+    return Path(cfg.root).expanduser()
+
+
+@SOURCES.register("torchvision")
+def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, seed: int) -> Victims:
+    """A torchvision dataset's split under `data.root` (downloaded there when `data.download` and online)."""
+    import torchvision
+
+    root = _require_root(cfg)
+    cls_name = cfg.torchvision_name or cfg.name.upper()
+    cls = getattr(torchvision.datasets, cls_name, None)
+    if cls is None:
+        raise UserError(f"data.torchvision_name: torchvision has no dataset '{cls_name}'")
+    try:
+        ds = cls(str(root), train=cfg.split == "train", download=cfg.download)
+    except Exception as exc:  # noqa: BLE001 - missing files or no network: the user's environment
+        hint = "" if cfg.download else " (set data.download=true to fetch it)"
+        raise UserError(f"data.root: cannot load {cls_name} from '{root}'{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    idx = _select(len(ds), f"data={cfg.name} ({cls_name} {cfg.split})", indices, count, seed)
+    to_tensor = torchvision.transforms.functional.to_tensor
+    images, labels = zip(*(ds[i] for i in idx))
+    return Victims(torch.stack([to_tensor(im) for im in images]), torch.tensor(labels, dtype=torch.long), idx)
+
+
+@SOURCES.register("imagefolder")
+def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, seed: int) -> Victims:
+    """An ImageFolder tree (class subfolders) under `data.root`, resized and center-cropped to `data.image_size`."""
+    import torchvision
+    from torchvision import transforms as T
+
+    root = _require_root(cfg)
+    if not root.is_dir():
+        raise UserError(f"data.root: '{root}' is not a directory")
+    tf = T.Compose([T.Resize(int(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), T.ToTensor()])
+    try:
+        ds = torchvision.datasets.ImageFolder(str(root), transform=tf)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"data.root: '{root}' holds no images in class subfolders ({str(exc).splitlines()[0]})") from None
+    idx = _select(len(ds), f"data={cfg.name} (ImageFolder '{root}')", indices, count, seed)
+    images, labels = [], []
+    for i in idx:
+        path = ds.samples[i][0]
+        try:
+            image, label = ds[i]
+        except Exception as exc:  # noqa: BLE001 - a corrupt image is an input problem
+            raise UserError(f"data.root: cannot read image '{path}' ({type(exc).__name__})") from None
+        if image.shape[0] != cfg.channels:
+            image = image.expand(cfg.channels, -1, -1) if image.shape[0] == 1 else image[: cfg.channels]
+        images.append(image)
+        labels.append(label)
+    return Victims(torch.stack(images), torch.tensor(labels, dtype=torch.long), idx)
+
+
+def load_victims(cfg: DataConfig, *, indices: list[int] | None, count: int, seed: int) -> Victims:
+    """Load the victims that `cfg` and the selection name, checking they match the declared shape."""
+    victims = SOURCES.get(cfg.source)(cfg, indices, count, seed)
+    want = (cfg.channels, cfg.image_size, cfg.image_size)
+    if tuple(victims.images.shape[1:]) != want:
+        raise UserError(f"data: images have shape {tuple(victims.images.shape[1:])} but data={cfg.name} declares {want} (data.channels, data.image_size)")
+    return victims
+
+
+def normalizer(cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """Mean and std as (C, 1, 1) tensors."""
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
+    return mean, std

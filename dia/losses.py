@@ -1,0 +1,38 @@
+"""Reconstruction objectives as pure functions over K independent problems (leading dimension K)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+
+def cosine_distance(grads: Mapping[str, Tensor], targets: Mapping[str, Tensor], eps: float = 1e-8) -> Tensor:
+    """1 - cosine similarity between two gradients, each flattened over *all* parameters (IG's `sim` cost).
+
+    `grads[name]` and `targets[name]` have shape (K, *param_shape); returns (K,).
+    """
+    dot = pn = tn = 0.0
+    for name, t in targets.items():
+        g = grads[name].flatten(1)
+        t = t.flatten(1)
+        dot = dot + (g * t).sum(1)
+        pn = pn + g.pow(2).sum(1)
+        tn = tn + t.pow(2).sum(1)
+    return 1.0 - dot / (pn.sqrt() * tn.sqrt() + eps)
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Anisotropic total variation, mean absolute neighbour difference; x (K, B, C, H, W) -> (K,)."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    return dx + dy
+
+
+def keep_rate_penalty(masks: Mapping[str, Tensor], rates: Mapping[str, float]) -> Tensor:
+    """DIA's regularizer: sum over sites of |(1 - mean(mask)) - p|, per problem; masks (K, ...) -> (K,)."""
+    total: Tensor | float = 0.0
+    for name, m in masks.items():
+        total = total + ((1.0 - m.flatten(1).mean(1)) - rates[name]).abs()
+    return torch.as_tensor(total)

@@ -1,0 +1,74 @@
+"""Model zoo: every model's dropout sites are `CapturableDropout` modules (see dia.models.dropout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dia.errors import UserError
+from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites
+from dia.models.mlp import MLPConfig, build_mlp
+from dia.models.vit import ViTConfig, build_vit
+from dia.registry import Registry
+
+MODELS: Registry = Registry("model")
+MODELS.register("mlp", schema=MLPConfig)(build_mlp)
+MODELS.register("vit", schema=ViTConfig)(build_vit)
+
+__all__ = ["MODELS", "build_model", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites"]
+
+
+def build_model(cfg: Any, *, channels: int, image_size: int, num_classes: int, seed: int) -> nn.Module:
+    """Build `cfg.name` with seeded random weights (or `cfg.checkpoint`), dropout sites named."""
+    builder = MODELS.get(cfg.name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = builder(cfg, channels=channels, image_size=image_size, num_classes=num_classes)
+    name_sites(model)
+    if cfg.checkpoint:
+        load_checkpoint(model, cfg.checkpoint)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a user state dict safely (`weights_only=True`); one clear line when it does not fit."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"model.checkpoint: no such file '{path}'")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise UserError(f"model.checkpoint: cannot read '{path}' as a tensor state dict ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"model.checkpoint: '{path}' holds a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of '{k}' is {tuple(state[k].shape)}, model needs {tuple(own[k].shape)}")
+        raise UserError(f"model.checkpoint: '{path}' does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def describe_sites(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+    """Name, p and per-sample mask shape of every dropout site, from one recorded pass on `example`."""
+    with dropout_control(model, "record") as ctl:
+        model(example)
+    return [
+        {"site": name, "p": site.p, "mask_shape": list(ctl.masks[name].shape[1:]) if name in ctl.masks else None,
+         "captured_by": "CapturableDropout module"}
+        for name, site in dropout_sites(model).items()
+    ]

@@ -1,0 +1,115 @@
+"""The paper's small Vision Transformer for 32x32 inputs (lucidrains' vit-pytorch layout, as in the paper's code).
+
+Pre-norm blocks; dropout on the embeddings, the attention weights, the attention output and after both
+MLP sublayers. Written out by hand (not timm) so that the five dropout sites sit exactly where the
+paper's model has them; timm-based models arrive with the model zoo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from dia.errors import UserError
+from dia.models.dropout import CapturableDropout
+
+
+@dataclass
+class ViTConfig:
+    name: str = "vit"
+    dropout: float = 0.25
+    checkpoint: Optional[str] = None
+    patch_size: int = 4
+    dim: int = 256
+    depth: int = 4
+    heads: int = 16
+    mlp_dim: int = 256
+    dim_head: Optional[int] = None  # None: dim // heads, as in the paper's code
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.scale = heads, dim_head**-0.5
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.attn_drop = CapturableDropout(dropout)
+        self.to_out = nn.Linear(inner, dim)
+        self.out_drop = CapturableDropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = self.attn_drop((q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.out_drop(self.to_out(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            CapturableDropout(dropout),
+            nn.Linear(hidden, dim),
+            CapturableDropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ViT(nn.Module):
+    def __init__(
+        self, *, image_size: int, channels: int, num_classes: int, patch_size: int, dim: int, depth: int,
+        heads: int, mlp_dim: int, dim_head: int, dropout: float,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        num_patches = (image_size // patch_size) ** 2
+        self.to_patch_embedding = nn.Linear(channels * patch_size * patch_size, dim)
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.emb_drop = CapturableDropout(dropout)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([Attention(dim, heads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)])
+            for _ in range(depth)
+        )
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def patchify(self, img: Tensor) -> Tensor:
+        """b c (h p1) (w p2) -> b (h w) (p1 p2 c), the paper's patch layout."""
+        b, c, h, w = img.shape
+        p = self.patch_size
+        x = img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def forward(self, img: Tensor) -> Tensor:
+        x = self.to_patch_embedding(self.patchify(img))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
+        x = self.emb_drop(x)
+        for attn, ff in self.blocks:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.head(x[:, 0])
+
+
+def build_vit(cfg: ViTConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    if image_size % cfg.patch_size:
+        raise UserError(
+            f"model.patch_size={cfg.patch_size} does not divide the input size {image_size}; "
+            f"choose a divisor of {image_size}"
+        )
+    if cfg.dim % cfg.heads and cfg.dim_head is None:
+        raise UserError(f"model.heads={cfg.heads} does not divide model.dim={cfg.dim}; set model.dim_head")
+    return ViT(
+        image_size=image_size, channels=channels, num_classes=num_classes, patch_size=cfg.patch_size,
+        dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
+        dim_head=cfg.dim_head or cfg.dim // cfg.heads, dropout=cfg.dropout,
+    )

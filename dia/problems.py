@@ -1,0 +1,81 @@
+"""K attack problems: what the server holds for each client (gradient, labels) plus evaluation-only truth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from dia.gradients import client_gradients
+from dia.models.dropout import dropout_control, dropout_sites
+
+
+@dataclass
+class Problems:
+    """One problem = one shared gradient computed by a client on its own batch of B victims."""
+
+    targets: dict[str, Tensor]  # shared gradients, {param: (K, ...)}
+    labels: Tensor  # (K, B), known to the attacker (as in the paper)
+    input_shape: tuple[int, ...]  # (B, C, H, W) of one problem's batch
+    mask_shapes: dict[str, tuple[int, ...]]  # per problem, batch included, for every site with p > 0
+    rates: dict[str, float]  # dropout probability of each site with p > 0
+    seeds: list[int]  # one seed per problem for the attacker's random initialisation
+    true_masks: dict[str, Tensor] | None = None  # the client's masks {site: (K, B, ...)}: WIIG and evaluation only
+
+    @property
+    def num_problems(self) -> int:
+        return self.labels.shape[0]
+
+    def public(self) -> "Problems":
+        """What an honest-but-curious server sees: no client masks."""
+        return replace(self, true_masks=None)
+
+    def subset(self, index: list[int]) -> "Problems":
+        pick = torch.as_tensor(index, dtype=torch.long)
+        return replace(
+            self,
+            targets={n: t[pick] for n, t in self.targets.items()},
+            labels=self.labels[pick],
+            seeds=[self.seeds[i] for i in index],
+            true_masks=None if self.true_masks is None else {n: m[pick] for n, m in self.true_masks.items()},
+        )
+
+    def to(self, device: torch.device | str) -> "Problems":
+        return replace(
+            self,
+            targets={n: t.to(device) for n, t in self.targets.items()},
+            labels=self.labels.to(device),
+            true_masks=None if self.true_masks is None else {n: m.to(device) for n, m in self.true_masks.items()},
+        )
+
+
+def problem_seed(seed: int, index: int) -> int:
+    """A per-problem seed, so a problem's randomness does not depend on how problems are grouped."""
+    return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
+
+
+def simulate_clients(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int, seed: int) -> Problems:
+    """Each consecutive group of `batch_size` (normalized) images is one client's batch and one problem."""
+    n = images.shape[0]
+    k = n // batch_size
+    targets: list[dict[str, Tensor]] = []
+    masks: list[dict[str, Tensor]] = []
+    for j in range(k):  # one-time work per client; the attack itself is vectorized over problems
+        sl = slice(j * batch_size, (j + 1) * batch_size)
+        gen = torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 1)
+        g, m = client_gradients(model, images[sl], labels[sl], generator=gen)
+        targets.append(g)
+        masks.append(m)
+    rates = {name: site.p for name, site in dropout_sites(model, active_only=True).items()}
+    with torch.no_grad(), dropout_control(model, "record") as probe:  # shapes are public: any input of the size works
+        model(torch.zeros_like(images[:batch_size]))
+    return Problems(
+        targets={name: torch.stack([g[name] for g in targets]) for name in targets[0]},
+        labels=labels[: k * batch_size].view(k, batch_size),
+        input_shape=tuple(images[:batch_size].shape),
+        mask_shapes={name: tuple(probe.masks[name].shape) for name in rates},
+        rates=rates,
+        seeds=[problem_seed(seed, j) for j in range(k)],
+        true_masks={name: torch.stack([m[name] for m in masks]) for name in rates},
+    )

@@ -43,12 +43,12 @@ class Victims:
     names: list[str] | None = None
 
 
-Loader = Callable[[DataConfig, list[int] | None, int, int], Victims]
+Loader = Callable[[DataConfig, list[int] | None, int, int | None], Victims]
 SOURCES: Registry[Loader] = Registry("data.source")
 
 
-def _select(n_available: int, what: str, indices: list[int] | None, count: int, seed: int) -> list[int]:
-    """Explicit indices (checked) or `count` distinct indices drawn with `seed`."""
+def _select(n_available: int, what: str, indices: list[int] | None, count: int, seed: int | None) -> list[int]:
+    """Explicit indices (checked), else the first `count` (seed None) or `count` distinct ones drawn with `seed`."""
     if indices is not None:
         if len(indices) == 0:
             raise UserError("victims: the list is empty; give at least one index")
@@ -58,12 +58,14 @@ def _select(n_available: int, what: str, indices: list[int] | None, count: int, 
         return [int(i) for i in indices]
     if not 1 <= count <= n_available:
         raise UserError(f"num_victims={count} out of range for {what} (1..{n_available})")
+    if seed is None:
+        return list(range(count))
     g = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n_available, generator=g)[:count].tolist())
 
 
 @SOURCES.register("embedded")
-def load_embedded(cfg: DataConfig, indices: list[int] | None, count: int, seed: int) -> Victims:
+def load_embedded(cfg: DataConfig, indices: list[int] | None, count: int, seed: int | None) -> Victims:
     """The victim sets shipped in dia/assets (see PROVENANCE.md there): no network needed."""
     try:
         ref = resources.files("dia.assets").joinpath(cfg.embedded)
@@ -85,7 +87,7 @@ def _require_root(cfg: DataConfig) -> Path:
 
 
 @SOURCES.register("torchvision")
-def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, seed: int) -> Victims:
+def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, seed: int | None) -> Victims:
     """A torchvision dataset's split under `data.root` (downloaded there when `data.download` and online)."""
     import torchvision
 
@@ -106,7 +108,7 @@ def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, see
 
 
 @SOURCES.register("imagefolder")
-def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, seed: int) -> Victims:
+def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, seed: int | None) -> Victims:
     """An ImageFolder tree (class subfolders) under `data.root`, resized and center-cropped to `data.image_size`."""
     import torchvision
     from torchvision import transforms as T
@@ -134,7 +136,7 @@ def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, see
     return Victims(torch.stack(images), torch.tensor(labels, dtype=torch.long), idx)
 
 
-def load_victims(cfg: DataConfig, *, indices: list[int] | None, count: int, seed: int) -> Victims:
+def load_victims(cfg: DataConfig, *, indices: list[int] | None, count: int, seed: int | None) -> Victims:
     """Load the victims that `cfg` and the selection name, checking they match the declared shape."""
     victims = SOURCES.get(cfg.source)(cfg, indices, count, seed)
     want = (cfg.channels, cfg.image_size, cfg.image_size)

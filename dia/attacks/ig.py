@@ -125,6 +125,10 @@ class InvertingGradients(L.LightningModule):
             with torch.no_grad():
                 self.project(self.state.params)
 
+    def configure_optimizers(self) -> None:
+        """None: the per-problem signed Adam and plateau schedule live in the AttackState (dia.engine)."""
+        return None
+
     def train_dataloader(self) -> range:
         """One 'batch' per iteration; the data are the captured gradients held by the module."""
         start = 0 if self.resume is None else int(self.resume["iteration"])
@@ -141,7 +145,7 @@ class InvertingGradients(L.LightningModule):
         if it % self.cfg.log_every == 0 or it == 1:
             self.log_dict(self.curves(losses.detach()), prog_bar=False, on_step=True, logger=True)
         if it % self.cfg.check_every == 0:
-            self.log("loss", state.best_loss.min(), prog_bar=True, on_step=True, logger=False)
+            self.log("loss", state.best_loss.mean(), prog_bar=True, on_step=True, logger=False)
             if not bool(state.active.any()):
                 self.trainer.should_stop = True
 

@@ -1,0 +1,288 @@
+"""Configuration: a typed schema, the `configs/` tree, and `group=choice key=value` command-line overrides.
+
+`configs/config.yaml` holds the top-level defaults and the default choice of each group;
+`configs/<group>/<choice>.yaml` holds one choice. The `name` inside a group file picks the code (and the
+schema) from that group's registry, so e.g. a `configs/model/vit_wide.yaml` with `name: vit` is a new
+choice without new code. Every value is validated; problems surface as one-line `UserError`s.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dia.attacks import ATTACKS
+from dia.attacks.dia import MASK_PARAMS
+from dia.attacks.ig import INITS
+from dia.data import SOURCES, DataConfig
+from dia.errors import UserError, did_you_mean
+from dia.models import MODELS
+from dia.registry import Registry
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # seeds model weights, client dropout, attack initialisation
+    output_dir: str = "runs"  # each run writes runs/<attack>-<model>-<data>-p<rate>-<id>/ under it
+    name: Optional[str] = None  # folder name instead of the generated one
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    save_tensors: bool = True
+    progress: bool = True  # progress bar
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "dia"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    attack: Any = None
+    model: Any = None
+    data: Any = None
+    victims: Optional[List[int]] = None  # explicit victim indices; None: use num_victims
+    num_victims: int = 4  # without `victims`: the first N, or N drawn with victim_seed
+    victim_seed: Optional[int] = None
+    batch_size: int = 1  # victims per client batch: one shared gradient comes from B images
+    run: RunConfig = field(default_factory=RunConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+GROUPS: dict[str, Registry | None] = {"attack": ATTACKS, "model": MODELS, "data": None}
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def config_dir() -> Path:
+    """The `configs/` tree: $DIA_CONFIG_DIR, else the one beside the package (a source checkout)."""
+    env = os.environ.get("DIA_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"configs: no config.yaml in '{path}'; set DIA_CONFIG_DIR to the configs/ folder of a dia checkout")
+    return path
+
+
+def choices(group: str, root: Path | None = None) -> list[str]:
+    root = root or config_dir()
+    return sorted(p.stem for p in (root / group).glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # noqa: BLE001 - malformed YAML is an input problem
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"{path}: expected a mapping of keys to values")
+    return cfg
+
+
+def _schema(group: str, name: Any) -> type:
+    registry = GROUPS[group]
+    if registry is None:
+        return DataConfig
+    entry = registry.entry(str(name))
+    assert entry.schema is not None
+    return entry.schema
+
+
+def _typed_group(group: str, node: Any, where: str) -> DictConfig:
+    """Validate one group's node against the schema its `name` selects."""
+    if not isinstance(node, DictConfig) or "name" not in node:
+        raise UserError(f"{where}: the {group} section needs a 'name'")
+    typed = OmegaConf.structured(_schema(group, node.name))
+    _merge(typed, node, prefix=group)
+    return typed
+
+
+def _merge(target: DictConfig, source: DictConfig, *, prefix: str) -> None:
+    for key in source:
+        _set(target, f"{prefix}.{key}" if prefix else str(key), source[key], root_prefix=prefix)
+
+
+def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "") -> None:
+    """Set one dotted key on a struct-mode config, translating OmegaConf's errors into one line."""
+    key = dotted[len(root_prefix) + 1:] if root_prefix else dotted
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        node = parent if isinstance(parent, DictConfig) else cfg
+        valid = sorted(str(k) for k in node.keys())
+        here = f"{dotted.rpartition('.')[0]}." if "." in dotted else ""
+        hint = did_you_mean(leaf, valid).replace("'", f"'{here}", 1) if did_you_mean(leaf, valid) else ""
+        raise UserError(f"unknown key '{dotted}'{hint}; valid keys here: {', '.join(valid)}")
+    try:
+        if isinstance(value, DictConfig) and isinstance(parent[leaf], DictConfig):
+            for sub in value:
+                _set(parent[leaf], f"{dotted}.{sub}", value[sub], root_prefix=dotted)
+        else:
+            parent[leaf] = value
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        raise UserError(f"{dotted}: invalid value {value!r} ({msg})") from None
+
+
+def parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    """Split `group=choice` selections from dotted `key=value` overrides (values parsed as YAML)."""
+    selections: dict[str, str] = {}
+    overrides: list[tuple[str, Any]] = []
+    for arg in args:
+        if "=" not in arg:
+            raise UserError(f"argument '{arg}' is not key=value; see --help")
+        key, raw = arg.split("=", 1)
+        if not key:
+            raise UserError(f"argument '{arg}' has no key; see --help")
+        if key in GROUPS:
+            selections[key] = raw
+            continue
+        try:
+            value = OmegaConf.from_dotlist([f"v={raw}"])["v"]
+        except Exception:  # noqa: BLE001
+            raise UserError(f"{key}: cannot parse value '{raw}'") from None
+        overrides.append((key, value))
+    return selections, overrides
+
+
+def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
+    """The validated config for command-line `args`, starting from the defaults or a saved config `base`."""
+    selections, overrides = parse_args(args)
+    cfg = OmegaConf.structured(Config)
+    if base is not None:
+        if not base.is_file():
+            raise UserError(f"--config: no such file '{base}'")
+        start = _load_yaml(base)
+        defaults: dict[str, Any] = {}
+    else:
+        root = config_dir()
+        start = _load_yaml(root / "config.yaml")
+        defaults = dict(start.pop("defaults", {}) or {})
+    for group in GROUPS:
+        if group in selections or base is None:
+            root = config_dir()
+            choice = selections.get(group, defaults.get(group))
+            valid = choices(group, root)
+            if choice not in valid:
+                raise UserError(f"unknown {group} '{choice}'{did_you_mean(str(choice), valid)}; choose one of: {', '.join(valid)}")
+            node = _load_yaml(root / group / f"{choice}.yaml")
+            where = str(root / group / f"{choice}.yaml")
+        else:
+            node = start.get(group)
+            where = str(base)
+        cfg[group] = _typed_group(group, node, where)
+    for key in list(start.keys()):  # top-level values; a group section here overrides the group file
+        if base is not None and key in GROUPS:
+            continue
+        if isinstance(start[key], DictConfig):
+            _merge_section(cfg, str(key), start[key])
+        else:
+            _set(cfg, str(key), start[key])
+    OmegaConf.set_struct(cfg, True)
+    for key, value in overrides:
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _merge_section(cfg: DictConfig, key: str, node: DictConfig) -> None:
+    if key not in cfg:
+        raise UserError(f"unknown key '{key}'{did_you_mean(key, [str(k) for k in cfg.keys()])}; valid keys: {', '.join(str(k) for k in cfg.keys())}")
+    for sub in node:
+        value = node[sub]
+        if isinstance(value, DictConfig):
+            _merge_section(cfg[key], str(sub), value) if isinstance(cfg[key].get(sub), DictConfig) else _set(cfg, f"{key}.{sub}", value)
+        else:
+            _set(cfg, f"{key}.{sub}", value)
+
+
+Check = tuple[str, Callable[[Any], bool], str]
+CHECKS: list[Check] = [
+    ("model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("attack.max_iterations", lambda v: v > 0, "must be a positive integer"),
+    ("attack.lr", lambda v: v > 0, "must be > 0"),
+    ("attack.tv_weight", lambda v: v >= 0, "must be >= 0"),
+    ("attack.lr_factor", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("attack.lr_patience", lambda v: v >= 0, "must be >= 0"),
+    ("attack.early_stop_patience", lambda v: v > 0, "must be a positive integer"),
+    ("attack.loss_threshold", lambda v: v >= 0, "must be >= 0"),
+    ("attack.check_every", lambda v: v > 0, "must be a positive integer"),
+    ("attack.log_every", lambda v: v > 0, "must be a positive integer"),
+    ("attack.init", lambda v: v in INITS, f"must be one of: {', '.join(INITS)}"),
+    ("attack.mask_param", lambda v: v in MASK_PARAMS, f"must be one of: {', '.join(MASK_PARAMS)}"),
+    ("attack.mask_weight", lambda v: v >= 0, "must be >= 0"),
+    ("attack.parallel", lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), "must be a positive integer or auto"),
+    ("data.source", lambda v: v in SOURCES, f"must be one of: {', '.join(SOURCES.names())}"),
+    ("data.image_size", lambda v: v > 0, "must be > 0"),
+    ("data.channels", lambda v: v > 0, "must be > 0"),
+    ("data.num_classes", lambda v: v > 1, "must be > 1"),
+    ("batch_size", lambda v: v >= 1, "must be a positive integer"),
+    ("num_victims", lambda v: v >= 1, "must be a positive integer"),
+    ("run.device", lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "must be auto, cpu, cuda or cuda:N"),
+    ("logger.wandb.mode", lambda v: v in WANDB_MODES, f"must be one of: {', '.join(WANDB_MODES)}"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, ok, rule in CHECKS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            raise UserError(f"{key}={value!r}: {rule}")
+    for key in ("mean", "std"):
+        if len(cfg.data[key]) != cfg.data.channels:
+            raise UserError(f"data.{key} has {len(cfg.data[key])} values but data.channels={cfg.data.channels}")
+    if any(s <= 0 for s in cfg.data.std):
+        raise UserError("data.std: every value must be > 0")
+
+
+def help_text(args: list[str]) -> str:
+    """Groups with their choices, then every key with its value under the current selection."""
+    root = config_dir()
+    defaults = dict(_load_yaml(root / "config.yaml").get("defaults", {}) or {})
+    try:
+        cfg = compose(args)
+    except UserError:
+        cfg = compose([])
+    lines = [
+        "usage: python -m dia.train [group=choice ...] [key=value ...] [--config FILE] [--describe-model]",
+        "",
+        "Reconstruct client images from a dropout-perturbed gradient with IG, WIIG or DIA.",
+        "",
+        "groups (default first):",
+    ]
+    for group in GROUPS:
+        opts = choices(group, root)
+        d = defaults.get(group)
+        ordered = [d] + [o for o in opts if o != d] if d in opts else opts
+        lines.append(f"  {group:<8} {', '.join(ordered)}")
+    lines += ["", "keys (with their values for this selection; set with key=value):"]
+    for key, value in _flatten(OmegaConf.to_container(cfg)):
+        lines.append(f"  {key} = {value}")
+    lines += [
+        "",
+        "options:",
+        "  --config FILE     start from a saved config.yaml (e.g. to rerun a run exactly)",
+        "  --describe-model  list the model's dropout sites (name, p, mask shape) and exit",
+        "  -h, --help        this text",
+    ]
+    return "\n".join(lines)
+
+
+def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        out = []
+        for k, v in node.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k)) if isinstance(v, dict) else [(f"{prefix}.{k}" if prefix else str(k), v)]
+        return out
+    return [(prefix, node)]

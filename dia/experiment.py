@@ -1,0 +1,174 @@
+"""One experiment: victims -> simulated clients -> attack (Lightning) -> metrics -> run folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dia import metrics as M
+from dia.attacks import ATTACKS, AttackResult, InvertingGradients
+from dia.data import load_victims, normalizer
+from dia.errors import UserError
+from dia.models import build_model
+from dia.plotting import reconstruction_grid
+from dia.problems import Problems, simulate_clients
+from dia.progress import AttackProgressBar
+from dia.results import RunFolder, save_tensors, write_json, write_text
+from dia.tracking import finish, wandb_logger
+
+log = logging.getLogger("dia")
+METRICS = ("mse", "psnr", "ssim", "lpips", "mask_recovery")
+
+
+@dataclass
+class RunOutput:
+    folder: Path
+    metrics: dict[str, Any]
+    wandb_dir: str | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"run.device={name}: CUDA is not available here; use run.device=cpu or auto")
+    return device
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.run.name or f"{cfg.attack.name}-{cfg.model.name}-{cfg.data.name}-p{cfg.model.dropout:g}-{uuid.uuid4().hex[:6]}"
+
+
+def chunks(n: int, parallel: Any) -> list[list[int]]:
+    """Groups of problem indices optimized together (`attack.parallel`; auto: all at once)."""
+    size = n if parallel == "auto" else int(parallel)
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+def attack(
+    model: torch.nn.Module, problems: Problems, cfg: DictConfig, *, lower: torch.Tensor, upper: torch.Tensor,
+    device: torch.device, logger: Any = None, progress: bool = True,
+) -> AttackResult:
+    """Run the configured attack on every problem (in groups of `attack.parallel`) under a Lightning Trainer."""
+    cls: type[InvertingGradients] = ATTACKS.get(cfg.attack.name)
+    parts: list[AttackResult] = []
+    for index in chunks(problems.num_problems, cfg.attack.parallel):
+        subset = problems.subset(index)
+        module = cls(model, subset if cls.needs_client_masks else subset.public(), cfg.attack, lower=lower, upper=upper)
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+            max_epochs=1, logger=logger or False, enable_checkpointing=False, enable_model_summary=False,
+            enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=cfg.attack.log_every,
+            callbacks=[AttackProgressBar(f"{cfg.attack.name.upper()} x{len(index)}", refresh_rate=cfg.attack.check_every)] if progress else [],
+        )
+        trainer.fit(module)
+        parts.append(module.result())
+    return AttackResult(
+        x=torch.cat([p.x for p in parts]),
+        masks=None if parts[0].masks is None else {k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
+        best_loss=torch.cat([p.best_loss for p in parts]),
+        best_iteration=torch.cat([p.best_iteration for p in parts]),
+        iterations=torch.cat([p.iterations for p in parts]),
+        status=[s for p in parts for s in p.status],
+    )
+
+
+def evaluate(
+    result: AttackResult, problems: Problems, originals: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, lpips_fn: Any
+) -> list[dict[str, Any]]:
+    """Per-victim metrics; victims of one problem share its loss, status and mask recovery."""
+    b = problems.input_shape[0]
+    rec_n = result.x.flatten(0, 1)
+    orig_n = (originals - mean) / std
+    rec, orig = (rec_n * std + mean).clamp(0, 1), originals
+    values = {"mse": M.mse(rec_n, orig_n), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}
+    values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
+    recovery = M.mask_recovery(result.masks, problems.true_masks) if result.masks and problems.true_masks else None
+    rows = []
+    for i in range(rec.shape[0]):
+        k = i // b
+        rows.append({
+            "problem": k, "status": result.status[k], "iterations": int(result.iterations[k]),
+            "best_iteration": int(result.best_iteration[k]), "loss": float(result.best_loss[k]),
+            **{m: (None if v is None else float(v[i])) for m, v in values.items()},
+            "mask_recovery": None if recovery is None else float(recovery[k]),
+        })
+    return rows
+
+
+def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for m in METRICS:
+        vals = [r[m] for r in rows if r[m] is not None]
+        out[m] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def run(cfg: DictConfig) -> RunOutput:
+    """Everything `python -m dia.train` does, for one validated config."""
+    started = time.time()
+    device = resolve_device(cfg.run.device)
+    victims = load_victims(cfg.data, indices=None if cfg.victims is None else list(cfg.victims),
+                           count=cfg.num_victims, seed=cfg.victim_seed)
+    n = len(victims.indices)
+    if n % cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size}: {n} victims do not split into client batches of that size")
+    model = build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                        num_classes=cfg.data.num_classes, seed=cfg.run.seed)
+    if victims.labels.max() >= cfg.data.num_classes:
+        raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
+    folder = RunFolder(Path(cfg.run.output_dir), run_name(cfg))
+    try:
+        return _run(cfg, device, victims, model, folder, started)
+    except BaseException:
+        folder.discard()
+        raise
+
+
+def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Module, folder: RunFolder, started: float) -> RunOutput:
+    name = folder.final.name
+    write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    L.seed_everything(cfg.run.seed, verbose=False)
+    mean, std = normalizer(cfg.data)
+    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size, seed=cfg.run.seed)
+    if cfg.attack.name == "dia" and not problems.rates:
+        warnings.warn("the model has no dropout (p=0 everywhere): DIA has no masks to recover and behaves as IG", stacklevel=1)
+    logger = wandb_logger(cfg, save_dir=folder.path, name=name, config=OmegaConf.to_container(cfg))
+    result = attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=device,
+                    logger=logger, progress=cfg.run.progress)
+    rows = evaluate(result, problems, victims.images, mean, std, lpips_fn=M.load_lpips("alex"))
+    for row, index, label in zip(rows, victims.indices, victims.labels.tolist()):
+        row.update(index=index, label=label)
+    status = "diverged" if any(r["status"] == "diverged" for r in rows) else "completed"
+    summary = {
+        "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
+        "dropout": cfg.model.dropout, "mean": mean_metrics(rows),
+        "iterations": max(r["iterations"] for r in rows), "wall_time_s": round(time.time() - started, 3),
+        "device": str(device), "victims": rows,
+    }
+    rec01 = (result.x.flatten(0, 1) * std + mean).clamp(0, 1)
+    if cfg.run.save_tensors:
+        tensors = {"reconstructions": rec01, "reconstructions_normalized": result.x.flatten(0, 1),
+                   "originals": victims.images, "labels": victims.labels, "indices": torch.tensor(victims.indices)}
+        tensors.update({f"masks/{k}": v for k, v in (result.masks or {}).items()})
+        save_tensors(folder / "reconstructions.pt", tensors)
+    titles = [f"#{r['index']}  SSIM {r['ssim']:.2f}" for r in rows]
+    reconstruction_grid(folder / "reconstructions.png", victims.images, rec01, titles,
+                        title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}")
+    wandb_dir = finish(logger, {f"final/{k}": v for k, v in summary["mean"].items() if v is not None} | {"status": status})
+    write_json(folder / "metrics.json", summary)
+    final = folder.finish()
+    if wandb_dir:
+        wandb_dir = str(final / Path(wandb_dir).relative_to(folder.final.parent / f".{name}.partial"))
+    return RunOutput(final, summary, wandb_dir)

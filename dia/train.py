@@ -1,0 +1,106 @@
+"""`python -m dia.train [group=choice ...] [key=value ...]`: one attack configuration, end to end.
+
+Bad input ends with one line on stderr naming the problem and the valid choices, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from dia.errors import UserError
+
+USAGE_HINT = "see `python -m dia.train --help`"
+
+
+def _quiet_libraries() -> None:
+    """Keep Lightning's banner lines and known-harmless warnings out of the researcher's console."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*number of training batches.*",
+                    ".*`isinstance.*treespec.*", ".*Checkpoint directory.*", ".*returned `None`.*no optimizer.*",
+                    ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+
+
+def _table(rows: list[dict]) -> str:
+    cols = [("victim", "index", "{}"), ("label", "label", "{}"), ("status", "status", "{}"), ("iters", "iterations", "{}"),
+            ("loss", "loss", "{:.2e}"), ("MSE", "mse", "{:.4f}"), ("PSNR", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"),
+            ("LPIPS", "lpips", "{:.3f}"), ("mask rec.", "mask_recovery", "{:.3f}")]
+    cells = [[h for h, _, _ in cols]] + [
+        ["-" if r[k] is None else f.format(r[k]) for _, k, f in cols] for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from dia.config import compose, help_text
+
+        if "-h" in args or "--help" in args:
+            print(help_text([a for a in args if a not in ("-h", "--help")]))
+            return 0
+        base = None
+        if "--config" in args:
+            i = args.index("--config")
+            if i + 1 >= len(args):
+                raise UserError("--config needs a file")
+            base = Path(args[i + 1])
+            del args[i : i + 2]
+        describe = "--describe-model" in args
+        args = [a for a in args if a != "--describe-model"]
+        unknown = [a for a in args if a.startswith("-")]
+        if unknown:
+            raise UserError(f"unknown option '{unknown[0]}'; {USAGE_HINT}")
+        cfg = compose(args, base=base)
+        _quiet_libraries()
+        if describe:
+            return _describe(cfg)
+        from dia.experiment import run
+
+        out = run(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written for this run", file=sys.stderr)
+        return 130
+    m = out.metrics
+    print()
+    print(_table(m["victims"]))
+    mean = {k: v for k, v in m["mean"].items() if v is not None}
+    print(f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}: status {m['status']}, "
+          + ", ".join(f"mean {k} {v:.4g}" for k, v in mean.items()) + f", {m['wall_time_s']:.1f} s on {m['device']}")
+    print(f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
+          + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else ""))
+    if out.wandb_dir:
+        print(f"W&B offline run: {out.wandb_dir} (upload with `wandb sync {out.wandb_dir}`)" if m and "offline" in out.wandb_dir
+              else f"W&B run: {out.wandb_dir}")
+    return 0 if m["status"] == "completed" else 3
+
+
+def _describe(cfg) -> int:
+    import torch
+
+    from dia.models import build_model, describe_sites
+
+    model = build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                        num_classes=cfg.data.num_classes, seed=cfg.run.seed)
+    example = torch.zeros(cfg.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    sites = describe_sites(model, example)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model={cfg.model.name} on {cfg.data.channels}x{cfg.data.image_size}x{cfg.data.image_size}: "
+          f"{n_params:,} parameters, {len(sites)} dropout sites")
+    for s in sites:
+        print(f"  {s['site']:<28} p={s['p']:<5g} mask {s['mask_shape']}  ({s['captured_by']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

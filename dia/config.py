@@ -129,6 +129,8 @@ def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "") -> Non
             for sub in value:
                 _set(parent[leaf], f"{dotted}.{sub}", value[sub], root_prefix=dotted)
         else:
+            if isinstance(parent[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # `model.dropout=0` means 0.0
             parent[leaf] = value
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]

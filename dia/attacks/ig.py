@@ -142,7 +142,7 @@ class InvertingGradients(L.LightningModule):
             grads = torch.autograd.grad(losses.sum(), trainables)
         advance(state, losses.detach(), dict(zip(state.params, grads)), self.schedule, self.project)
         it = batch_idx + 1
-        if it % self.cfg.log_every == 0 or it == 1:
+        if self.logger is not None and (it % self.cfg.log_every == 0 or it == 1):
             self.log_dict(self.curves(losses.detach()), prog_bar=False, on_step=True, logger=True)
         if it % self.cfg.check_every == 0:
             self.log("loss", state.best_loss.mean(), prog_bar=True, on_step=True, logger=False)

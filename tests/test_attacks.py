@@ -1,0 +1,64 @@
+"""Attack quality on the paper's MLP and the embedded MNIST victims, through the Lightning Trainer.
+
+Budgets are CPU-sized (250 iterations, 2 victims at once); the thresholds sit well inside what these
+budgets reach (WIIG and IG@p=0 reach SSIM ~0.97, DIA@p=0.5 ~0.85, IG@p=0.5 ~0.25).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dia import metrics as M
+from dia.attacks import ATTACKS
+from dia.experiment import attack
+
+BUDGET = ["attack.max_iterations=250", "logger.wandb.mode=disabled", "run.progress=false"]
+
+
+def _ssim(problems_factory, args: list[str], victims=(0, 1)):
+    cfg, model, problems, v, mean, std = problems_factory(BUDGET + args, list(victims))
+    res = attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std,
+                 device=torch.device("cpu"), progress=False)
+    rec = (res.x.flatten(0, 1) * std + mean).clamp(0, 1)
+    return M.ssim(rec, v.images), res
+
+
+def test_wiig_reconstructs_the_mlp_input_almost_exactly(problems_factory):
+    ssim, res = _ssim(problems_factory, ["attack=wiig", "model.dropout=0.25"])
+    assert ssim.min() > 0.95, ssim
+    assert res.masks is None  # the oracle's masks are not "recovered"
+
+
+def test_ig_without_dropout_succeeds(problems_factory):
+    ssim, _ = _ssim(problems_factory, ["attack=ig", "model.dropout=0"])
+    assert ssim.min() > 0.95, ssim
+
+
+def test_dia_beats_ig_by_a_wide_margin_under_dropout(problems_factory):
+    ig, _ = _ssim(problems_factory, ["attack=ig", "model.dropout=0.5"])
+    dia, res = _ssim(problems_factory, ["attack=dia", "model.dropout=0.5"])
+    assert ig.max() < 0.5, ig
+    assert dia.min() > 0.75, dia
+    assert dia.mean() - ig.mean() > 0.4
+    assert res.masks is not None and all(((m >= 0) & (m <= 1)).all() for m in res.masks.values())
+
+
+def test_dia_without_dropout_is_ig(problems_factory):
+    ig, ig_res = _ssim(problems_factory, ["attack=ig", "model.dropout=0", "attack.max_iterations=20"])
+    dia, dia_res = _ssim(problems_factory, ["attack=dia", "model.dropout=0", "attack.max_iterations=20"])
+    torch.testing.assert_close(dia_res.x, ig_res.x)
+
+
+@pytest.mark.parametrize("name", ["ig", "dia"])
+def test_mask_agnostic_attacks_refuse_the_client_masks(problems_factory, name):
+    cfg, model, problems, _, mean, std = problems_factory(["model.dropout=0.5", f"attack={name}"], [0])
+    with pytest.raises(ValueError, match="must not see"):
+        ATTACKS.get(name)(model, problems, cfg.attack, lower=mean, upper=std)
+
+
+def test_sigmoid_masks_stay_in_unit_interval_and_reconstruct(problems_factory):
+    ssim, res = _ssim(problems_factory, ["attack=dia", "model.dropout=0.5", "attack.mask_param=sigmoid",
+                                         "attack.max_iterations=150"], victims=(0,))
+    assert ssim.min() > 0.6, ssim
+    assert all(((m > 0) & (m < 1)).all() for m in res.masks.values())

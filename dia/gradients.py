@@ -8,6 +8,7 @@ and the outer autograd graph reaches the dummy inputs and mask parameters.
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import torch
@@ -49,5 +50,16 @@ def problem_gradients(
             out = functional_call(model, (p, buffers), (xk,))
         return F.cross_entropy(out, yk)
 
-    mask_dims = 0 if masks else None
-    return vmap(grad(loss), in_dims=(None, 0, 0, mask_dims))(dict(params), x, y, dict(masks or {}))
+    masks = dict(masks or {})
+    if type(model) not in _SEQUENTIAL:
+        try:
+            return vmap(grad(loss), in_dims=(None, 0, 0, 0 if masks else None))(dict(params), x, y, masks)
+        except (RuntimeError, NotImplementedError) as exc:  # an operation vmap cannot batch
+            _SEQUENTIAL.add(type(model))
+            warnings.warn(f"{type(model).__name__} cannot be vectorized over problems ({str(exc).splitlines()[0][:120]}); "
+                          "attacking its problems one after another", stacklevel=2)
+    per_problem = [grad(loss)(dict(params), x[k], y[k], {n: m[k] for n, m in masks.items()}) for k in range(x.shape[0])]
+    return {n: torch.stack([g[n] for g in per_problem]) for n in per_problem[0]}
+
+
+_SEQUENTIAL: set[type] = set()  # model classes found not to vmap: the sequential path, with one notice

@@ -73,3 +73,23 @@ def test_functional_gradient_matches_autograd_for_several_problems():
     for k in range(3):
         for n, g in outs[k][0].items():
             torch.testing.assert_close(got[n][k], g, rtol=1e-5, atol=1e-6)
+
+
+def test_models_that_cannot_vmap_fall_back_to_the_sequential_path_with_a_notice():
+    class DataDependent(torch.nn.Module):  # .item() inside forward: vmap cannot batch it
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) * (1.0 if x.sum().item() > -1e9 else 0.0)
+
+    model = DataDependent()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x, y = torch.randn(2, 1, 4), torch.tensor([[0], [2]])
+    with pytest.warns(UserWarning, match="one after another"):
+        got = problem_gradients(model, params, x, y, None, "off")
+    for k in range(2):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        torch.testing.assert_close(got["lin.weight"][k], model.lin.weight.grad)

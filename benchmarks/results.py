@@ -22,7 +22,7 @@ ROWS = [
         ("0", "ig", []), ("0.5", "ig", []), ("0.5", "wiig", []), ("0.5", "dia", ["attack.mask_param=clip"]),
         ("0.5", "dia", ["attack.mask_param=sigmoid"])]),
     ("CIFAR-10 / ViT", ["model=vit", "data=cifar10"], [
-        ("0", "ig", []), ("0.25", "ig", []), ("0.25", "wiig", []), ("0.25", "dia", ["attack.mask_param=clip"]),
+        ("0.25", "ig", []), ("0.25", "wiig", []), ("0.25", "dia", ["attack.mask_param=clip"]),
         ("0.25", "dia", ["attack.mask_param=sigmoid"])]),
 ]
 

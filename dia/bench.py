@@ -9,7 +9,9 @@ victim-iterations per second and peak memory per victim (CUDA only; null on CPU)
 * ``baseline``: the authors' loop on one victim (`dia.baseline.run_baseline`);
 * ``sequential``: our engine with K=1, problem after problem;
 * ``vectorized``: our engine with K problems at once in a plain loop (objective -> grad -> advance);
-* ``lightning``: the same under the Lightning Trainer (`dia.experiment.attack`), largest K only: the
+* ``compiled``: the vectorized engine with its gradient program under `torch.compile` (``--compile-ks``);
+  the compile time is reported apart (``compile_s``), the rate is the steady state;
+* ``lightning``: the eager vectorized engine under the Lightning Trainer (`dia.experiment.attack`), largest K only: the
   rate of a whole call (Trainer start-up included), and its overhead over the plain loop split into a
   fixed start-up and a per-iteration part (from a second, one-iteration call).
 
@@ -38,7 +40,6 @@ from dia.attacks import ATTACKS, InvertingGradients
 from dia.baseline import run_baseline
 from dia.config import compose
 from dia.data import load_victims, normalizer
-from dia.engine import advance
 from dia.experiment import attack as lightning_attack
 from dia.experiment import resolve_device
 from dia.models import build_model
@@ -51,7 +52,7 @@ EMBEDDED_VICTIMS = 128  # size of the embedded victim sets; larger K wraps aroun
 
 def config(model: str, attack: str, *overrides: str) -> DictConfig:
     return compose([f"model={model}", f"data={PAIRS[model]}", f"attack={attack}", f"model.dropout={DROPOUT}",
-                    "run.progress=false", "logger.wandb.mode=disabled", *overrides])
+                    "run.progress=false", "logger.wandb.mode=disabled", "attack.compile=false", *overrides])
 
 
 def setup(model_name: str, n: int, device: torch.device) -> tuple[nn.Module, Problems, Tensor, Tensor]:
@@ -75,14 +76,7 @@ def engine_module(attack: str, model: nn.Module, problems: Problems, cfg: DictCo
 
 def engine_steps(module: InvertingGradients, n: int) -> Tensor:
     """n iterations of our engine in a plain loop (no host syncs); the losses, (n, K)."""
-    state, history = module.state, []
-    for _ in range(n):
-        with torch.enable_grad():
-            losses = module.objective(state.params)
-            grads = torch.autograd.grad(losses.sum(), list(state.params.values()))
-        advance(state, losses.detach(), dict(zip(state.params, grads)), module.schedule, module.project)
-        history.append(losses.detach())
-    return torch.stack(history)
+    return torch.stack([module.step() for _ in range(n)])
 
 
 def _sync(device: torch.device) -> None:
@@ -116,9 +110,10 @@ def _row(model: str, attack: str, mode: str, k: int, live: int, steps: int, vict
 
 
 def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, warmup: int, seq_problems: int,
-               device: torch.device, lightning: bool = True, report: Callable[[dict], None] = lambda r: None) -> list[dict]:
+               device: torch.device, lightning: bool = True, compile_ks: tuple[int, ...] = (),
+               report: Callable[[dict], None] = lambda r: None) -> list[dict]:
     """All modes for one model/attack; rows with speed-up and memory ratio against the baseline."""
-    model, problems, lower, upper = setup(model_name, max(max(ks), seq_problems), device)
+    model, problems, lower, upper = setup(model_name, max([*ks, *compile_ks, seq_problems]), device)
     cfg = config(model_name, attack, f"attack.max_iterations={warmup + iterations}")
     rows: list[dict] = []
 
@@ -130,17 +125,22 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
         rows.append(row)
         report(row)
 
-    # (a) the authors' loop, victim 0
     def baseline(n: int) -> None:
         run_baseline(model, {k: t[0].to(device) for k, t in problems.targets.items()}, problems.labels[0].to(device),
                      problems.rates, problems.mask_shapes, attack=attack, iterations=n, lower=lower, upper=upper,
                      seed=problems.seeds[0], input_shape=problems.input_shape)
+
+    def one(j: int, n: int) -> Tensor:
+        return engine_steps(engine_module(attack, model, problems.subset([j]), cfg, lower, upper, device), n)
+
+    baseline(1)  # one-time costs (kernels, library handles, workspaces) outside every measurement
+    one(0, 1)
+
+    # (a) the authors' loop, victim 0
     s, peak = measure(device, lambda: baseline(warmup), lambda _: baseline(iterations))
     add(_row(model_name, attack, "baseline", 1, 1, iterations, iterations, s, peak))
 
     # (b) our engine, K=1, one problem after the other
-    def one(j: int, n: int) -> Tensor:
-        return engine_steps(engine_module(attack, model, problems.subset([j]), cfg, lower, upper, device), n)
     s, peak = measure(device, lambda: one(0, warmup), lambda _: [one(j, iterations) for j in range(seq_problems)])
     add(_row(model_name, attack, "sequential", 1, 1, seq_problems * iterations, seq_problems * iterations, s, peak))
 
@@ -155,7 +155,24 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
         add(_row(model_name, attack, "vectorized", k, k, iterations, k * iterations, s, peak))
         loop_rate[k] = rows[-1]["victim_its_per_s"]
 
-    # (d) the same under the Lightning Trainer (dia.experiment.attack), largest K
+    # (c') the same with the gradient program compiled
+    compiled_cfg = config(model_name, attack, f"attack.max_iterations={warmup + iterations}", "attack.compile=true")
+    for k in compile_ks:
+        started = {}
+
+        def prepare_compiled(k: int = k) -> InvertingGradients:
+            started["t"] = time.perf_counter()
+            module = engine_module(attack, model, problems.subset(list(range(k))), compiled_cfg, lower, upper, device)
+            engine_steps(module, warmup)
+            _sync(device)
+            started["compile_s"] = time.perf_counter() - started["t"]
+            return module
+        s, peak = measure(device, prepare_compiled, lambda module: engine_steps(module, iterations))
+        row = _row(model_name, attack, "compiled", k, k, iterations, k * iterations, s, peak)
+        row["compile_s"] = started["compile_s"]
+        add(row)
+
+    # (d) the eager engine under the Lightning Trainer (dia.experiment.attack), largest K
     if lightning:
         k = max(ks)
         sub = problems.subset(list(range(k)))
@@ -168,13 +185,14 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
             model.to(device)  # the Trainer's teardown moves the module (and our model) back to the CPU
 
         s, peak = measure(device, lambda: fit(warmup), lambda _: fit(iterations))
-        add(_row(model_name, attack, "lightning", k, k, iterations, k * iterations, s, peak))
-        rows[-1]["overhead_vs_loop"] = loop_rate[k] / rows[-1]["victim_its_per_s"] - 1
+        row = _row(model_name, attack, "lightning", k, k, iterations, k * iterations, s, peak)
+        row["overhead_vs_loop"] = loop_rate[k] / row["victim_its_per_s"] - 1
         if iterations > 1:  # split the harness cost into a fixed start-up and a per-iteration part
             s1, _ = measure(device, lambda: None, lambda _: fit(1))
             per_it = max(s - s1, 1e-9) / (iterations - 1)
-            rows[-1]["startup_s"] = max(s1 - per_it, 0.0)
-            rows[-1]["steady_overhead_vs_loop"] = loop_rate[k] * per_it / k - 1
+            row["startup_s"] = max(s1 - per_it, 0.0)
+            row["steady_overhead_vs_loop"] = loop_rate[k] * per_it / k - 1
+        add(row)
     return rows
 
 
@@ -191,7 +209,7 @@ def device_name(device: torch.device) -> str:
 
 
 def benchmark(*, models: list[str], attacks: list[str], ks: list[int], iterations: int = 30, warmup: int = 3,
-              seq_problems: int = 3, device: str = "cpu", lightning: bool = True,
+              seq_problems: int = 3, device: str = "cpu", lightning: bool = True, compile_ks: tuple[int, ...] = (),
               report: Callable[[dict], None] = lambda r: None) -> dict[str, Any]:
     """The whole benchmark as a JSON-able dict: environment, settings and one row per (model, attack, mode, K)."""
     dev = resolve_device(device)
@@ -199,7 +217,7 @@ def benchmark(*, models: list[str], attacks: list[str], ks: list[int], iteration
     for model_name in models:
         for attack in attacks:
             rows += bench_pair(model_name, attack, ks, iterations=iterations, warmup=warmup, seq_problems=seq_problems,
-                               device=dev, lightning=lightning, report=report)
+                               device=dev, lightning=lightning, compile_ks=compile_ks, report=report)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(dev),
             "torch": torch.__version__, "dropout": DROPOUT, "iterations": iterations, "warmup": warmup,
             "seq_problems": seq_problems, "ks": ks, "results": rows}
@@ -211,7 +229,7 @@ HEADER = f"{'model':<5} {'attack':<6} {'mode':<10} {'K':>5} {'victim-it/s':>12} 
 def format_row(r: dict) -> str:
     mem = "-" if r["mem_per_victim_mib"] is None else f"{r['mem_per_victim_mib']:.1f}"
     ratio = "-" if r["mem_ratio_vs_baseline"] is None else f"{r['mem_ratio_vs_baseline']:.2f}"
-    extra = ""
+    extra = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
     if "overhead_vs_loop" in r:
         extra = f"  (vs loop: {100 * r['overhead_vs_loop']:+.0f}%"
         if "startup_s" in r:
@@ -230,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="mlp,vit")
     parser.add_argument("--attacks", default="ig,dia")
     parser.add_argument("--seq-problems", type=int, default=3, help="problems run one after another in 'sequential'")
+    parser.add_argument("--compile-ks", default="", help="K values to also run with the compiled gradient program")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning harness measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -246,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     out = benchmark(models=args.models.split(","), attacks=args.attacks.split(","),
                     ks=[int(k) for k in args.ks.split(",")], iterations=args.iterations, warmup=args.warmup,
                     seq_problems=args.seq_problems, device=args.device, lightning=not args.no_lightning,
+                    compile_ks=tuple(int(k) for k in args.compile_ks.split(",") if k),
                     report=lambda r: print(format_row(r), flush=True))
     if args.out:
         with open(args.out, "w") as f:

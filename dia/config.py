@@ -220,6 +220,8 @@ CHECKS: list[Check] = [
     ("attack.early_stop_patience", lambda v: v > 0, "must be a positive integer"),
     ("attack.loss_threshold", lambda v: v >= 0, "must be >= 0"),
     ("attack.check_every", lambda v: v > 0, "must be a positive integer"),
+    ("attack.compile", lambda v: v in ("auto", True, False), "must be true, false or auto"),
+    ("attack.iterations_per_step", lambda v: v > 0, "must be a positive integer"),
     ("attack.log_every", lambda v: v > 0, "must be a positive integer"),
     ("attack.init", lambda v: v in INITS, f"must be one of: {', '.join(INITS)}"),
     ("attack.mask_param", lambda v: v in MASK_PARAMS, f"must be one of: {', '.join(MASK_PARAMS)}"),

@@ -1,10 +1,11 @@
 """The optimization state of K independent attack problems, and one vectorized update step.
 
-Everything per problem lives in tensors with a leading K dimension: the trainable tensors (dummies and,
-for DIA, mask parameters), Adam moments, a per-problem learning rate (ReduceLROnPlateau), early-stopping
-counters and the best iterate. One `advance` call updates all problems without Python loops over them
-and without host synchronisation, so results do not depend on how problems are grouped: a problem that
-converges, stops or diverges is frozen while the others go on.
+All trainables of a problem (its dummies and, for DIA, mask parameters) live side by side in one row of a
+flat (K, D) leaf tensor; `Layout` gives named views of it. Adam moments, the best iterate and every
+per-problem counter (learning rate for ReduceLROnPlateau, early stopping, status) are tensors with a
+leading K dimension. One `advance` call updates all problems with a few dozen tensor operations, no
+Python loops over problems or parameters and no host synchronisation, so results do not depend on how
+problems are grouped: a problem that converges, stops or diverges is frozen while the others go on.
 
 We deliberately do not use `torch.optim.Adam` / `ReduceLROnPlateau`: they hold one learning rate per
 parameter group, and here every problem needs its own schedule. The arithmetic follows torch's Adam and
@@ -13,7 +14,8 @@ ReduceLROnPlateau (mode 'min', relative threshold 1e-4) exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -39,14 +41,46 @@ class Schedule:
     max_iterations: int = 20000
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Names and per-problem shapes of the trainables packed into one row of the flat buffer."""
+
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, tensors: dict[str, Tensor]) -> "Layout":
+        return cls(tuple((n, tuple(t.shape[1:])) for n, t in tensors.items()))
+
+    def spans(self) -> list[tuple[str, tuple[int, ...], int, int]]:
+        out, start = [], 0
+        for name, shape in self.shapes:
+            size = math.prod(shape)
+            out.append((name, shape, start, start + size))
+            start += size
+        return out
+
+    def pack(self, tensors: dict[str, Tensor]) -> Tensor:
+        return torch.cat([tensors[n].flatten(1) for n, _ in self.shapes], dim=1)
+
+    def views(self, flat: Tensor) -> dict[str, Tensor]:
+        return {n: flat[:, a:b].view(flat.shape[0], *shape) for n, shape, a, b in self.spans()}
+
+    def columns(self, names: frozenset[str], device: torch.device | str) -> Tensor:
+        """A (D,) bool mask of the columns that belong to `names`."""
+        cols = torch.zeros(self.spans()[-1][3], dtype=torch.bool)
+        for n, _, a, b in self.spans():
+            cols[a:b] = n in names
+        return cols.to(device)
+
+
 @dataclass
 class AttackState:
     """The whole attack state for K problems: enough to checkpoint and resume bit for bit."""
 
-    params: dict[str, Tensor]  # trainables, (K, ...) leaves that require grad
-    exp_avg: dict[str, Tensor]
-    exp_avg_sq: dict[str, Tensor]
-    best: dict[str, Tensor]  # best iterate of each trainable
+    flat: Tensor  # (K, D) trainables, a leaf that requires grad
+    exp_avg: Tensor  # (K, D)
+    exp_avg_sq: Tensor  # (K, D)
+    best: Tensor  # (K, D) best iterate
     lr: Tensor  # (K,)
     plateau_best: Tensor  # (K,)
     plateau_bad: Tensor  # (K,) iterations without plateau improvement
@@ -56,26 +90,33 @@ class AttackState:
     last_loss: Tensor  # (K,)
     iterations: Tensor  # (K,) iterations each problem ran
     status: Tensor  # (K,) index into STATUS
-    iteration: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # global step
+    iteration: Tensor  # () global step
+    layout: Layout
 
     @classmethod
     def create(cls, params: dict[str, Tensor], lr: float) -> "AttackState":
-        k = next(iter(params.values())).shape[0]
-        device = next(iter(params.values())).device
-        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+        layout = Layout.of(params)
+        flat = layout.pack(params).detach().clone()
+        k, device = flat.shape[0], flat.device
         inf = torch.full((k,), float("inf"), device=device)
         zeros = torch.zeros(k, dtype=torch.long, device=device)
         return cls(
-            params=leaves,
-            exp_avg={n: torch.zeros_like(p) for n, p in params.items()},
-            exp_avg_sq={n: torch.zeros_like(p) for n, p in params.items()},
-            best={n: p.detach().clone() for n, p in params.items()},
-            lr=torch.full((k,), float(lr), device=device),
+            flat=flat.requires_grad_(True), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat),
+            best=flat.detach().clone(), lr=torch.full((k,), float(lr), device=device),
             plateau_best=inf.clone(), plateau_bad=zeros.clone(), best_loss=inf.clone(),
             best_iteration=zeros.clone(), since_best=zeros.clone(), last_loss=inf.clone(),
             iterations=zeros.clone(), status=zeros.clone(),
-            iteration=torch.zeros((), dtype=torch.long, device=device),
+            iteration=torch.zeros((), dtype=torch.long, device=device), layout=layout,
         )
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """Named (K, ...) views of the trainables (differentiable through `flat`)."""
+        return self.layout.views(self.flat)
+
+    @property
+    def best_params(self) -> dict[str, Tensor]:
+        return self.layout.views(self.best)
 
     @property
     def num_problems(self) -> int:
@@ -87,43 +128,35 @@ class AttackState:
 
     def as_dict(self) -> dict[str, Tensor]:
         """Flat name -> tensor dict (safe for `torch.save`, loadable with `weights_only=True`)."""
-        out: dict[str, Tensor] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, dict):
-                out.update({f"{f.name}/{n}": t.detach().cpu() for n, t in value.items()})
-            else:
-                out[f.name] = value.detach().cpu()
-        return out
+        return {f.name: getattr(self, f.name).detach().cpu() for f in fields(self) if f.name != "layout"}
 
     @classmethod
-    def from_dict(cls, flat: dict[str, Tensor], device: torch.device | str = "cpu") -> "AttackState":
-        kwargs: dict = {}
-        for f in fields(cls):
-            prefix = f"{f.name}/"
-            group = {k[len(prefix):]: v.to(device) for k, v in flat.items() if k.startswith(prefix)}
-            kwargs[f.name] = group if group or f.name in ("params", "exp_avg", "exp_avg_sq", "best") else flat[f.name].to(device)
-        kwargs["params"] = {n: p.clone().requires_grad_(True) for n, p in kwargs["params"].items()}
-        return cls(**kwargs)
+    def from_dict(cls, saved: dict[str, Tensor], layout: Layout, device: torch.device | str = "cpu") -> "AttackState":
+        kwargs = {f.name: saved[f.name].to(device) for f in fields(cls) if f.name != "layout"}
+        kwargs["flat"] = kwargs["flat"].clone().requires_grad_(True)
+        return cls(layout=layout, **kwargs)
 
 
-def _rows(flag: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a (K,) flag over a (K, ...) tensor."""
-    return flag.view(-1, *([1] * (like.dim() - 1)))
+def _rows(flag: Tensor) -> Tensor:
+    """A (K,) tensor as a (K, 1) column, to broadcast over (K, D)."""
+    return flag.unsqueeze(1)
 
 
 @torch.no_grad()
 def advance(
     state: AttackState,
     losses: Tensor,
-    grads: dict[str, Tensor],
+    grad: Tensor,
     schedule: Schedule,
     project: Callable[[dict[str, Tensor]], None],
+    signed_columns: Tensor | None = None,
 ) -> None:
-    """One iteration for all running problems, given their losses (K,) and gradients at `state.params`.
+    """One iteration for all running problems, given their losses (K,) and the gradient (K, D) at `state.flat`.
 
     Order as in the paper's code: keep the best iterate, (signed) Adam step, projection onto the valid
     set, plateau schedule, stopping rules. Problems that are not running are left untouched.
+    `signed_columns` (D,) marks the columns whose gradient is replaced by its sign (default: from
+    `schedule.signed`).
     """
     i = state.iteration
     running = state.active
@@ -131,8 +164,7 @@ def advance(
     step = running & finite
 
     improved = step & (losses < state.best_loss)
-    for name, p in state.params.items():
-        state.best[name] = torch.where(_rows(improved, p), p.detach(), state.best[name])
+    state.best = torch.where(_rows(improved), state.flat.detach(), state.best)
     state.best_loss = torch.where(improved, losses, state.best_loss)
     state.best_iteration = torch.where(improved, i, state.best_iteration)
     state.since_best = torch.where(improved, 0, state.since_best + step.long())
@@ -140,32 +172,30 @@ def advance(
 
     # Adam (torch.optim.Adam's arithmetic) with a per-problem learning rate; all running problems have
     # taken the same number of steps, i + 1.
+    if signed_columns is None:
+        signed_columns = state.layout.columns(schedule.signed, grad.device)
+    g = torch.where(signed_columns, grad.sign(), grad)
     b1, b2 = schedule.betas
     t = (i + 1).to(state.lr.dtype)
     bias1, bias2 = 1 - b1**t, 1 - b2**t
-    for name, p in state.params.items():
-        g = grads[name]
-        if name in schedule.signed:
-            g = g.sign()
-        rows = _rows(step, p)
-        m = torch.where(rows, state.exp_avg[name] * b1 + g * (1 - b1), state.exp_avg[name])
-        v = torch.where(rows, state.exp_avg_sq[name] * b2 + g * g * (1 - b2), state.exp_avg_sq[name])
-        state.exp_avg[name], state.exp_avg_sq[name] = m, v
-        denom = v.sqrt() / bias2.sqrt() + schedule.eps
-        update = _rows(state.lr / bias1, p) * m / denom
-        p.sub_(torch.where(rows, update, torch.zeros((), device=p.device)))
+    rows = _rows(step)
+    state.exp_avg = torch.where(rows, state.exp_avg * b1 + g * (1 - b1), state.exp_avg)
+    state.exp_avg_sq = torch.where(rows, state.exp_avg_sq * b2 + g * g * (1 - b2), state.exp_avg_sq)
+    denom = state.exp_avg_sq.sqrt() / bias2.sqrt() + schedule.eps
+    update = _rows(state.lr / bias1) * state.exp_avg / denom
+    state.flat.sub_(torch.where(rows, update, 0.0))
     project(state.params)
 
     # ReduceLROnPlateau(mode='min', threshold_mode='rel'), stepped on the loss of this iteration.
     better = step & (losses < state.plateau_best * (1 - schedule.plateau_threshold))
     state.plateau_best = torch.where(better, losses, state.plateau_best)
-    state.plateau_bad = torch.where(better, 0, state.plateau_bad + (step & ~better).long())
-    reduce = step & (state.plateau_bad > schedule.lr_patience)
-    reduce = reduce & (state.lr * (1 - schedule.lr_factor) > 1e-8)  # torch's eps on the lr change
+    bad = torch.where(better, 0, state.plateau_bad + (step & ~better).long())
+    over = step & (bad > schedule.lr_patience)
+    reduce = over & (state.lr * (1 - schedule.lr_factor) > 1e-8)  # torch's eps on the lr change
     state.lr = torch.where(reduce, state.lr * schedule.lr_factor, state.lr)
-    state.plateau_bad = torch.where(step & (state.plateau_bad > schedule.lr_patience), 0, state.plateau_bad)
+    state.plateau_bad = torch.where(over, 0, bad)
 
-    # Stopping rules, most specific first.
+    # Stopping rules, most specific last (it wins).
     state.iterations = torch.where(running, i + 1, state.iterations)
     status = state.status
     status = torch.where(running & (i + 1 >= schedule.max_iterations), MAX_ITERATIONS, status)

@@ -49,10 +49,42 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.run.name or f"{cfg.attack.name}-{cfg.model.name}-{cfg.data.name}-p{cfg.model.dropout:g}-{uuid.uuid4().hex[:6]}"
 
 
-def chunks(n: int, parallel: Any) -> list[list[int]]:
-    """Groups of problem indices optimized together (`attack.parallel`; auto: all at once)."""
-    size = n if parallel == "auto" else int(parallel)
+def chunks(n: int, size: int) -> list[list[int]]:
+    """Consecutive groups of at most `size` problem indices, optimized together."""
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+def auto_parallel(
+    cls: type[InvertingGradients], model: torch.nn.Module, problems: Problems, cfg: DictConfig, *,
+    lower: torch.Tensor, upper: torch.Tensor, device: torch.device, headroom: float = 0.7,
+) -> int:
+    """How many problems to optimize at once: all on CPU; on CUDA as many as fit in `headroom` of free memory.
+
+    The memory of one problem is measured: the peak of one iteration with two problems, minus what was
+    allocated before, halved.
+    """
+    n = problems.num_problems
+    if device.type != "cuda" or n == 1:
+        return n
+    probe_n = min(n, 2)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    subset = problems.subset(list(range(probe_n)))
+    probe = cls(model, subset if cls.needs_client_masks else subset.public(), cfg.attack, lower=lower, upper=upper).to(device)
+    probe.on_fit_start()
+    probe.gradient = getattr(probe.gradient, "fn", probe.gradient)  # eager: no compile just to measure
+    probe.step()
+    torch.cuda.synchronize(device)
+    per_problem = max(1, (torch.cuda.max_memory_allocated(device) - base) / probe_n)
+    del probe
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    k = max(1, min(n, int(headroom * free / per_problem)))
+    log.info("attack.parallel=auto: %d of %d problems at once (%.1f MiB each, %.1f GiB free on %s)",
+                k, n, per_problem / 2**20, free / 2**30, torch.cuda.get_device_name(device))
+    return k
 
 
 def attack(
@@ -62,7 +94,10 @@ def attack(
     """Run the configured attack on every problem (in groups of `attack.parallel`) under a Lightning Trainer."""
     cls: type[InvertingGradients] = ATTACKS.get(cfg.attack.name)
     parts: list[AttackResult] = []
-    for index in chunks(problems.num_problems, cfg.attack.parallel):
+    size = cfg.attack.parallel
+    if size == "auto":
+        size = auto_parallel(cls, model, problems, cfg, lower=lower, upper=upper, device=device)
+    for index in chunks(problems.num_problems, int(size)):
         subset = problems.subset(index)
         module = cls(model, subset if cls.needs_client_masks else subset.public(), cfg.attack, lower=lower, upper=upper)
         trainer = L.Trainer(

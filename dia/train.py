@@ -25,6 +25,12 @@ def _quiet_libraries() -> None:
                     ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    notices = logging.getLogger("dia")
+    if not notices.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        notices.addHandler(handler)
+        notices.setLevel(logging.INFO)
 
 
 def _table(rows: list[dict]) -> str:

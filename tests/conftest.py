@@ -18,7 +18,7 @@ from dia.problems import simulate_clients  # noqa: E402
 
 def setup_problems(args: list[str], victims: list[int]):
     """(cfg, model, problems, victims, mean, std) for a config given as command-line overrides."""
-    cfg = compose(args + [f"victims={victims}"])
+    cfg = compose(["attack.compile=false"] + args + [f"victims={victims}"])
     v = load_victims(cfg.data, indices=victims, count=len(victims), seed=None)
     model = build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
                         num_classes=cfg.data.num_classes, seed=cfg.run.seed)

@@ -13,7 +13,7 @@ import torch
 from dia.train import main
 from dia.tracking import read_offline_run
 
-FAST = ["attack.max_iterations=30", "num_victims=2", "run.progress=false", "attack.log_every=10"]
+FAST = ["attack.max_iterations=30", "num_victims=2", "run.progress=false", "attack.log_every=10", "attack.compile=false"]
 
 
 def _only_run(out: Path) -> Path:
@@ -129,7 +129,7 @@ def test_the_real_process_prints_no_traceback():
 
 
 def test_vit_on_cifar10_runs_end_to_end(tmp_path):
-    args = ["model=vit", "data=cifar10", "attack=dia", "attack.max_iterations=3", "num_victims=1",
+    args = ["model=vit", "data=cifar10", "attack=dia", "attack.max_iterations=3", "num_victims=1", "attack.compile=false",
             "run.progress=false", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]
     assert main(args) == 0
     metrics = json.loads((_only_run(tmp_path) / "metrics.json").read_text())

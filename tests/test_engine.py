@@ -13,14 +13,7 @@ from dia.engine import AttackState, Schedule, advance
 def _drive(module, iterations: int) -> list[torch.Tensor]:
     """Run a module's engine in a plain loop (no Trainer); returns the losses of each iteration."""
     module.on_fit_start()
-    out = []
-    for _ in range(iterations):
-        st = module.state
-        losses = module.objective(st.params)
-        grads = torch.autograd.grad(losses.sum(), list(st.params.values()))
-        advance(st, losses.detach(), dict(zip(st.params, grads)), module.schedule, module.project)
-        out.append(losses.detach())
-    return out
+    return [module.step() for _ in range(iterations)]
 
 
 def _module(cfg, model, problems, mean, std):
@@ -39,8 +32,8 @@ def test_advance_follows_torch_adam_and_reduce_lr_on_plateau():
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
     for _ in range(60):
         losses = state.params["w"].pow(2).sum(-1)
-        (g,) = torch.autograd.grad(losses.sum(), [state.params["w"]])
-        advance(state, losses.detach(), {"w": g}, sched, lambda p: None)
+        (g,) = torch.autograd.grad(losses.sum(), [state.flat])
+        advance(state, losses.detach(), g, sched, lambda p: None)
         opt.zero_grad()
         ref_loss = ref.pow(2).sum()
         ref_loss.backward()
@@ -69,7 +62,7 @@ def test_a_diverging_problem_stops_alone_and_keeps_its_best_iterate(problems_fac
     clean = _drive(_module(cfg, model, problems.subset([0]), mean, std), 6)
     assert module.result().status[1] == "diverged" and module.result().status[0] == "running"
     assert int(module.state.iterations[1]) == 1
-    assert torch.isfinite(module.state.best["x"][1]).all()
+    assert torch.isfinite(module.state.best_params["x"][1]).all()
     torch.testing.assert_close(torch.stack([l[0] for l in losses]), torch.stack([l[0] for l in clean]))
 
 

@@ -9,14 +9,18 @@ there are, and their regularizer.
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import lightning as L
+from omegaconf import DictConfig, OmegaConf
 import torch
 from torch import Tensor, nn
 
-from dia.engine import STATUS, AttackState, Schedule, advance
+from dia.engine import STATUS, AttackState, Layout, Schedule, advance
 from dia.gradients import problem_gradients
 from dia.losses import cosine_distance, total_variation
 from dia.models.dropout import Mode
@@ -37,6 +41,8 @@ class AttackConfig:
     early_stop_patience: int = 4000
     loss_threshold: float = 1e-5
     parallel: Any = "auto"  # problems optimized at once: an int, or auto (all on CPU)
+    compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
+    iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped
     log_every: int = 50  # iterations between logged training curves
 
@@ -59,6 +65,27 @@ INITS = {
 }
 
 
+class CompiledOrEager:
+    """`torch.compile(fn)`, falling back to `fn` (with one notice) when compilation fails and not `strict`."""
+
+    def __init__(self, fn: Any, *, strict: bool) -> None:
+        self.fn, self.strict = fn, strict
+        self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an unsupported op, ...
+            if self.strict:
+                raise
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                          "running eagerly (set attack.compile=false to skip the attempt)", stacklevel=2)
+            self.compiled = None
+            return self.fn(*args)
+
+
 class InvertingGradients(L.LightningModule):
     """IG: optimize dummies only; the attacker's copy of the model runs without dropout."""
 
@@ -70,9 +97,9 @@ class InvertingGradients(L.LightningModule):
         if problems.true_masks is not None and not self.needs_client_masks:
             raise ValueError(f"{type(self).__name__} must not see the client's dropout masks")
         self.automatic_optimization = False
-        self.model = model.eval().requires_grad_(False)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)  # the caller's model stays untouched
         self.problems = problems
-        self.cfg = cfg
+        self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg  # plain dataclass: cheap to read
         self.register_buffer("lower", lower.clone())
         self.register_buffer("upper", upper.clone())
         self.schedule = Schedule(
@@ -82,6 +109,7 @@ class InvertingGradients(L.LightningModule):
         )
         self.state: AttackState | None = None
         self.resume: dict[str, Tensor] | None = None  # a saved AttackState.as_dict() to continue from
+        self.done = 0  # iterations run so far (host-side copy of state.iteration: no sync to read it)
 
     # ---- what subclasses change ------------------------------------------------------------------
     def init_mask_params(self, generators: list[torch.Generator]) -> dict[str, Tensor]:
@@ -117,36 +145,64 @@ class InvertingGradients(L.LightningModule):
     def on_fit_start(self) -> None:
         self.problems = self.problems.to(self.device)
         self.model_params = {n: p.detach() for n, p in self.model.named_parameters()}
+        params = {n: t.to(self.device) for n, t in self.initial_params().items()}
         if self.resume is not None:
-            self.state = AttackState.from_dict(self.resume, self.device)
+            self.state = AttackState.from_dict(self.resume, Layout.of(params), self.device)
         else:
-            params = {n: t.to(self.device) for n, t in self.initial_params().items()}
             self.state = AttackState.create(params, self.cfg.lr)
             with torch.no_grad():
                 self.project(self.state.params)
+        self.signed_columns = self.state.layout.columns(self.schedule.signed, self.device)
+        self.done = 0 if self.resume is None else int(self.resume["iteration"])
+        self.gradient = self.gradient_program()
+
+    def gradient_program(self) -> Any:
+        """flat (K, D) -> (d sum(loss) / d flat, losses): the whole double-backward program, optionally compiled.
+
+        torch.func all the way down (grad of vmap of grad), so torch.compile captures it as one graph
+        and fuses its hundreds of small kernels: the attack is launch-bound, not compute-bound.
+        """
+        layout = self.state.layout
+
+        def total(flat: Tensor) -> tuple[Tensor, Tensor]:
+            losses = self.objective(layout.views(flat))
+            return losses.sum(), losses
+
+        program = torch.func.grad(total, has_aux=True)
+        if self.cfg.compile is False:
+            return program
+        return CompiledOrEager(program, strict=self.cfg.compile is True)
 
     def configure_optimizers(self) -> None:
         """None: the per-problem signed Adam and plateau schedule live in the AttackState (dia.engine)."""
         return None
 
     def train_dataloader(self) -> range:
-        """One 'batch' per iteration; the data are the captured gradients held by the module."""
+        """One 'batch' per `iterations_per_step` iterations; the data are the captured gradients held by the module."""
         start = 0 if self.resume is None else int(self.resume["iteration"])
-        return range(max(0, self.cfg.max_iterations - start))
+        return range(math.ceil(max(0, self.cfg.max_iterations - start) / self.cfg.iterations_per_step))
+
+    def step(self) -> Tensor:
+        """One iteration for all problems (objective, double backward, engine update); returns the losses."""
+        state = self.state
+        grad, losses = self.gradient(state.flat.detach())
+        advance(state, losses, grad, self.schedule, self.project, self.signed_columns)
+        return losses
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        state = self.state
-        trainables = list(state.params.values())
-        with torch.enable_grad():
-            losses = self.objective(state.params)
-            grads = torch.autograd.grad(losses.sum(), trainables)
-        advance(state, losses.detach(), dict(zip(state.params, grads)), self.schedule, self.project)
-        it = batch_idx + 1
-        if self.logger is not None and (it % self.cfg.log_every == 0 or it == 1):
-            self.log_dict(self.curves(losses.detach()), prog_bar=False, on_step=True, logger=True)
-        if it % self.cfg.check_every == 0:
-            self.log("loss", state.best_loss.mean(), prog_bar=True, on_step=True, logger=False)
-            if not bool(state.active.any()):
+        n = min(self.cfg.iterations_per_step, self.cfg.max_iterations - self.done)
+        for _ in range(n):
+            losses = self.step()
+        before, self.done = self.done, self.done + n
+
+        def crossed(every: int) -> bool:
+            return self.done // every > before // every or self.done == self.cfg.max_iterations
+
+        if self.logger is not None and (crossed(self.cfg.log_every) or before == 0):
+            self.log_dict(self.curves(losses), prog_bar=False, on_step=True, logger=True)
+        if crossed(self.cfg.check_every):  # the only host sync: is any problem still running?
+            self.log("loss", self.state.best_loss.mean(), prog_bar=True, on_step=True, logger=False)
+            if not bool(self.state.active.any()):
                 self.trainer.should_stop = True
 
     def curves(self, losses: Tensor) -> dict[str, Tensor]:
@@ -162,9 +218,10 @@ class InvertingGradients(L.LightningModule):
 
     def result(self) -> AttackResult:
         s = self.state
-        best_masks = self.masks({k: v for k, v in s.best.items()})
+        best = s.best_params
+        best_masks = self.masks(best)
         return AttackResult(
-            x=s.best["x"].detach().cpu(),
+            x=best["x"].detach().cpu(),
             masks=None if best_masks is None or self.needs_client_masks else {k: v.detach().cpu() for k, v in best_masks.items()},
             best_loss=s.best_loss.cpu(),
             best_iteration=s.best_iteration.cpu(),

@@ -33,6 +33,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_tensors: bool = True
     progress: bool = True  # progress bar
+    checkpoint_every: int = 500  # iterations between saves of the attack state (0: only on SIGUSR1/SIGTERM; -1: never)
 
 
 @dataclass

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.plugins.environments import LightningEnvironment
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dia import metrics as M
 from dia.attacks import ATTACKS, AttackResult, InvertingGradients
+from dia.checkpoint import Checkpoint, CheckpointEvery, Preempted
 from dia.data import load_victims, normalizer
 from dia.errors import UserError
 from dia.models import build_model
@@ -89,26 +91,47 @@ def auto_parallel(
 
 def attack(
     model: torch.nn.Module, problems: Problems, cfg: DictConfig, *, lower: torch.Tensor, upper: torch.Tensor,
-    device: torch.device, logger: Any = None, progress: bool = True,
+    device: torch.device, logger: Any = None, progress: bool = True, checkpoint: Checkpoint | None = None,
 ) -> AttackResult:
-    """Run the configured attack on every problem (in groups of `attack.parallel`) under a Lightning Trainer."""
+    """Run the configured attack on every problem (in groups of `attack.parallel`) under a Lightning Trainer.
+
+    With a `checkpoint`, finished groups are skipped, the running group resumes from its saved state, and
+    progress is saved every `run.checkpoint_every` iterations and on SIGUSR1/SIGTERM (then `Preempted`).
+    """
     cls: type[InvertingGradients] = ATTACKS.get(cfg.attack.name)
     parts: list[AttackResult] = []
-    size = cfg.attack.parallel
+    size = checkpoint.group_size if checkpoint is not None and checkpoint.group_size else cfg.attack.parallel
     if size == "auto":
         size = auto_parallel(cls, model, problems, cfg, lower=lower, upper=upper, device=device)
-    for index in chunks(problems.num_problems, int(size)):
+    if checkpoint is not None:
+        checkpoint.group_size = int(size)
+    for group, index in enumerate(chunks(problems.num_problems, int(size))):
+        if checkpoint is not None and group in checkpoint.done:
+            parts.append(checkpoint.done[group])
+            continue
         subset = problems.subset(index)
         module = cls(model, subset if cls.needs_client_masks else subset.public(), cfg.attack, lower=lower, upper=upper)
+        saver = None
+        if checkpoint is not None:
+            if checkpoint.running == group and checkpoint.state is not None:
+                module.resume = checkpoint.state
+                log.info("resuming group %d at iteration %d from %s", group, int(checkpoint.state["iteration"]), checkpoint.path)
+            saver = CheckpointEvery(checkpoint, group, cfg.run.checkpoint_every)
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
             max_epochs=1, logger=logger or False, enable_checkpointing=False, enable_model_summary=False,
             enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=cfg.attack.log_every,
-            callbacks=[AttackProgressBar(f"{cfg.attack.name.upper()} x{len(index)}", refresh_rate=cfg.attack.check_every)] if progress else [],
+            callbacks=([AttackProgressBar(f"{cfg.attack.name.upper()} x{len(index)}", refresh_rate=cfg.attack.check_every)] if progress else [])
+            + ([saver] if saver else []),
+            plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
         )
         trainer.fit(module)
+        if saver is not None and saver.preempted:
+            raise Preempted(f"stopped on a signal at iteration {module.done} of group {group}; progress saved in {checkpoint.path}")
         parts.append(module.result())
+        if checkpoint is not None:
+            checkpoint.finished(group, parts[-1])
     return AttackResult(
         x=torch.cat([p.x for p in parts]),
         masks=None if parts[0].masks is None else {k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
@@ -163,9 +186,11 @@ def run(cfg: DictConfig) -> RunOutput:
                         num_classes=cfg.data.num_classes, seed=cfg.run.seed)
     if victims.labels.max() >= cfg.data.num_classes:
         raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
-    folder = RunFolder(Path(cfg.run.output_dir), run_name(cfg))
+    folder = RunFolder(Path(cfg.run.output_dir), run_name(cfg), config_text=OmegaConf.to_yaml(cfg))
     try:
         return _run(cfg, device, victims, model, folder, started)
+    except Preempted:
+        raise  # keep the partial folder and its checkpoint: rerunning resumes
     except BaseException:
         folder.discard()
         raise
@@ -174,6 +199,7 @@ def run(cfg: DictConfig) -> RunOutput:
 def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Module, folder: RunFolder, started: float) -> RunOutput:
     name = folder.final.name
     write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    checkpoint = Checkpoint(folder / "checkpoint.pt") if cfg.run.checkpoint_every >= 0 else None
     L.seed_everything(cfg.run.seed, verbose=False)
     mean, std = normalizer(cfg.data)
     problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size, seed=cfg.run.seed)
@@ -181,7 +207,7 @@ def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Mo
         warnings.warn("the model has no dropout (p=0 everywhere): DIA has no masks to recover and behaves as IG", stacklevel=1)
     logger = wandb_logger(cfg, save_dir=folder.path, name=name, config=OmegaConf.to_container(cfg))
     result = attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=device,
-                    logger=logger, progress=cfg.run.progress)
+                    logger=logger, progress=cfg.run.progress, checkpoint=checkpoint)
     rows = evaluate(result, problems, victims.images, mean, std, lpips_fn=M.load_lpips("alex"))
     for row, index, label in zip(rows, victims.indices, victims.labels.tolist()):
         row.update(index=index, label=label)
@@ -203,6 +229,8 @@ def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Mo
                         title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}")
     wandb_dir = finish(logger, {f"final/{k}": v for k, v in summary["mean"].items() if v is not None} | {"status": status})
     write_json(folder / "metrics.json", summary)
+    if checkpoint is not None and checkpoint.path.exists():
+        checkpoint.path.unlink()  # the results are final; the attack state is not needed any more
     final = folder.finish()
     if wandb_dir:
         wandb_dir = str(final / Path(wandb_dir).relative_to(folder.final.parent / f".{name}.partial"))

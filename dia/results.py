@@ -54,13 +54,24 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 class RunFolder:
-    """A run's folder: built as `.<name>.partial` beside its final place and renamed there by `finish()`."""
+    """A run's folder: built as `.<name>.partial` beside its final place and renamed there by `finish()`.
 
-    def __init__(self, root: Path, name: str) -> None:
+    An unfinished folder of the same name and the same `config_text` is resumed (it keeps its checkpoint);
+    one with another config is replaced.
+    """
+
+    def __init__(self, root: Path, name: str, config_text: str | None = None) -> None:
         self.final = root / name
         self.path = root / f".{name}.partial"
+        self.resumed = False
         if self.final.exists():
             raise UserError(f"run.name: '{self.final}' already exists; choose another run.name")
+        if self.path.is_dir():
+            saved = self.path / "config.yaml"
+            if config_text is not None and saved.is_file() and saved.read_text() == config_text:
+                self.resumed = True
+                return
+            shutil.rmtree(self.path)
         try:
             root.mkdir(parents=True, exist_ok=True)
             if not os.access(root, os.W_OK):

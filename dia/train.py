@@ -68,9 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         if describe:
             return _describe(cfg)
+        from dia.checkpoint import Preempted, install_signal_handlers
         from dia.experiment import run
 
-        out = run(cfg)
+        install_signal_handlers()
+        try:
+            out = run(cfg)
+        except Preempted as exc:
+            print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
+            return 75  # EX_TEMPFAIL: a scheduler may requeue
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

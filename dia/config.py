@@ -221,6 +221,7 @@ CHECKS: list[Check] = [
     ("attack.early_stop_patience", lambda v: v > 0, "must be a positive integer"),
     ("attack.loss_threshold", lambda v: v >= 0, "must be >= 0"),
     ("attack.check_every", lambda v: v > 0, "must be a positive integer"),
+    ("attack.labels", lambda v: v in ("known", "infer"), "must be known or infer"),
     ("attack.compile", lambda v: v in ("auto", True, False), "must be true, false or auto"),
     ("attack.iterations_per_step", lambda v: v > 0, "must be a positive integer"),
     ("attack.log_every", lambda v: v > 0, "must be a positive integer"),

@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from dia.data import load_victims, normalizer
 from dia.errors import UserError
 from dia.models import build_model
 from dia.plotting import reconstruction_grid
-from dia.problems import Problems, simulate_clients
+from dia.problems import Problems, infer_labels, simulate_clients
 from dia.progress import AttackProgressBar
 from dia.results import RunFolder, save_tensors, write_json, write_text
 from dia.tracking import finish, wandb_logger
@@ -144,25 +144,34 @@ def attack(
 
 def evaluate(
     result: AttackResult, problems: Problems, originals: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, lpips_fn: Any
-) -> list[dict[str, Any]]:
-    """Per-victim metrics; victims of one problem share its loss, status and mask recovery."""
+) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Per-victim metrics and the matched normalized reconstructions (N, C, H, W), in victim order.
+
+    Victims of one problem share its loss, status and mask recovery.
+    """
     b = problems.input_shape[0]
-    rec_n = result.x.flatten(0, 1)
     orig_n = (originals - mean) / std
+    # A shared gradient does not say which reconstruction is which image: match them within each batch.
+    rec01 = (result.x * std + mean).clamp(0, 1)
+    perms = [M.match(rec01[k], originals[k * b : (k + 1) * b]) for k in range(result.x.shape[0])]
+    rec_n = torch.cat([result.x[k][p] for k, p in enumerate(perms)])
     rec, orig = (rec_n * std + mean).clamp(0, 1), originals
     values = {"mse": M.mse(rec_n, orig_n), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}
     values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
-    recovery = M.mask_recovery(result.masks, problems.true_masks) if result.masks and problems.true_masks else None
+    recovery = None
+    if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
+        ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
+        recovery = M.mask_recovery(ordered, problems.true_masks)
     rows = []
     for i in range(rec.shape[0]):
         k = i // b
         rows.append({
-            "problem": k, "status": result.status[k], "iterations": int(result.iterations[k]),
+            "problem": k, "matched_reconstruction": int(perms[k][i % b]), "status": result.status[k], "iterations": int(result.iterations[k]),
             "best_iteration": int(result.best_iteration[k]), "loss": float(result.best_loss[k]),
             **{m: (None if v is None else float(v[i])) for m, v in values.items()},
             "mask_recovery": None if recovery is None else float(recovery[k]),
         })
-    return rows
+    return rows, rec_n
 
 
 def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -203,24 +212,29 @@ def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Mo
     L.seed_everything(cfg.run.seed, verbose=False)
     mean, std = normalizer(cfg.data)
     problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size, seed=cfg.run.seed)
+    if cfg.attack.labels == "infer":
+        if cfg.batch_size != 1:
+            raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
+        problems = replace(problems, labels=infer_labels(problems.targets, cfg.data.num_classes).view(-1, 1))
     if cfg.attack.name == "dia" and not problems.rates:
         warnings.warn("the model has no dropout (p=0 everywhere): DIA has no masks to recover and behaves as IG", stacklevel=1)
     logger = wandb_logger(cfg, save_dir=folder.path, name=name, config=OmegaConf.to_container(cfg))
     result = attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=device,
                     logger=logger, progress=cfg.run.progress, checkpoint=checkpoint)
-    rows = evaluate(result, problems, victims.images, mean, std, lpips_fn=M.load_lpips("alex"))
-    for row, index, label in zip(rows, victims.indices, victims.labels.tolist()):
-        row.update(index=index, label=label)
+    rows, matched = evaluate(result, problems, victims.images, mean, std, lpips_fn=M.load_lpips("alex"))
+    for row, index, label, used in zip(rows, victims.indices, victims.labels.tolist(), problems.labels.flatten().tolist()):
+        row.update(index=index, label=label, attack_label=used)
     status = "diverged" if any(r["status"] == "diverged" for r in rows) else "completed"
     summary = {
         "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
-        "dropout": cfg.model.dropout, "mean": mean_metrics(rows),
+        "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
+        "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
         "iterations": max(r["iterations"] for r in rows), "wall_time_s": round(time.time() - started, 3),
         "device": str(device), "victims": rows,
     }
-    rec01 = (result.x.flatten(0, 1) * std + mean).clamp(0, 1)
+    rec01 = (matched * std + mean).clamp(0, 1)
     if cfg.run.save_tensors:
-        tensors = {"reconstructions": rec01, "reconstructions_normalized": result.x.flatten(0, 1),
+        tensors = {"reconstructions": rec01, "reconstructions_normalized": matched,
                    "originals": victims.images, "labels": victims.labels, "indices": torch.tensor(victims.indices)}
         tensors.update({f"masks/{k}": v for k, v in (result.masks or {}).items()})
         save_tensors(folder / "reconstructions.pt", tensors)

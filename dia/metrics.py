@@ -27,6 +27,26 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     return structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
 
 
+def match(reconstructions: Tensor, originals: Tensor) -> Tensor:
+    """Which reconstruction belongs to which original, for one batch of B images (order is lost in a gradient).
+
+    Optimal assignment (Hungarian, scipy) maximizing the total SSIM; returns perm with
+    reconstructions[perm[i]] matched to originals[i].
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    b = originals.shape[0]
+    if b == 1:
+        return torch.zeros(1, dtype=torch.long)
+    rec = reconstructions.repeat_interleave(b, dim=0)  # pairs (r, o) for all r, o
+    orig = originals.repeat(b, 1, 1, 1)
+    score = ssim(rec, orig).view(b, b)  # score[r, o]
+    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    perm = torch.empty(b, dtype=torch.long)
+    perm[torch.as_tensor(cols)] = torch.as_tensor(rows)
+    return perm
+
+
 def mask_recovery(recovered: Mapping[str, Tensor], true: Mapping[str, Tensor]) -> Tensor:
     """Fraction of mask entries that rounding the recovered masks gets right, per problem; (K, ...) -> (K,)."""
     hits = total = 0

@@ -79,3 +79,23 @@ def simulate_clients(model: nn.Module, images: Tensor, labels: Tensor, *, batch_
         seeds=[problem_seed(seed, j) for j in range(k)],
         true_masks={name: torch.stack([m[name] for m in masks]) for name in rates},
     )
+
+
+def infer_labels(targets: dict[str, Tensor], num_classes: int) -> Tensor:
+    """Each problem's label from its shared gradient, for batch size 1 (the last-layer sign rule of iDLG).
+
+    For cross-entropy, the last linear layer's weight gradient is (softmax - onehot) outer h: every class
+    row is a multiple of the same vector h, positive for wrong classes and negative for the true one. The
+    true label is the row whose direction disagrees with all others. Uses the last 2-D parameter with
+    `num_classes` rows (the classifier); returns (K,).
+    """
+    last = [g for g in targets.values() if g.dim() == 3 and g.shape[1] == num_classes]
+    if not last:
+        raise ValueError(f"no classifier weight with {num_classes} rows among the gradients")
+    rows = last[-1]  # (K, C, D)
+    anchor = rows.gather(1, rows.norm(dim=2).argmax(1).view(-1, 1, 1).expand(-1, 1, rows.shape[2]))
+    sign = torch.sign((rows * anchor).sum(2))  # (K, C): +1 along the anchor, -1 against it
+    against = sign < 0
+    # If the anchor is the true row, every other row is against it; else only the true row is.
+    only_one_against = against.sum(1) == 1
+    return torch.where(only_one_against, against.float().argmax(1), (~against).float().argmax(1))

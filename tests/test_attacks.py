@@ -62,3 +62,21 @@ def test_sigmoid_masks_stay_in_unit_interval_and_reconstruct(problems_factory):
                                          "attack.max_iterations=150"], victims=(0,))
     assert ssim.min() > 0.6, ssim
     assert all(((m > 0) & (m < 1)).all() for m in res.masks.values())
+
+
+@pytest.mark.parametrize("args", [["model=mlp"], ["model=vit", "data=cifar10", "model.dim=64", "model.heads=4"]])
+def test_labels_inferred_from_the_gradient_match_the_truth(problems_factory, args):
+    from dia.problems import infer_labels
+
+    cfg, _, problems, v, _, _ = problems_factory(args + ["model.dropout=0.25"], list(range(12)))
+    torch.testing.assert_close(infer_labels(problems.targets, cfg.data.num_classes), v.labels)
+
+
+def test_batches_are_matched_to_their_originals_before_scoring():
+    from dia.metrics import match
+
+    originals = torch.rand(3, 1, 28, 28)
+    shuffled = originals[torch.tensor([2, 0, 1])] + 0.01 * torch.randn(3, 1, 28, 28)
+    perm = match(shuffled.clamp(0, 1), originals)
+    assert perm.tolist() == [1, 2, 0]
+    torch.testing.assert_close(shuffled[perm], originals, atol=0.05, rtol=0)

@@ -134,3 +134,18 @@ def test_vit_on_cifar10_runs_end_to_end(tmp_path):
     assert main(args) == 0
     metrics = json.loads((_only_run(tmp_path) / "metrics.json").read_text())
     assert metrics["model"] == "vit" and metrics["victims"][0]["mask_recovery"] is not None
+
+
+def test_batches_of_two_are_matched_and_labels_can_be_inferred(tmp_path):
+    assert main(FAST + ["batch_size=2", "num_victims=4", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path / 'b'}"]) == 0
+    m = json.loads((_only_run(tmp_path / "b") / "metrics.json").read_text())
+    assert [v["problem"] for v in m["victims"]] == [0, 0, 1, 1]
+    assert sorted(v["matched_reconstruction"] for v in m["victims"][:2]) == [0, 1]
+    assert main(FAST + ["attack.labels=infer", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path / 'l'}"]) == 0
+    m = json.loads((_only_run(tmp_path / "l") / "metrics.json").read_text())
+    assert m["labels"] == "infer" and m["label_accuracy"] == 1.0
+
+
+def test_label_inference_refuses_batches(tmp_path, capsys):
+    assert main(["attack.labels=infer", "batch_size=2", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]) == 2
+    assert "batch_size=1 only" in capsys.readouterr().err

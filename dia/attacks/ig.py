@@ -41,6 +41,7 @@ class AttackConfig:
     early_stop_patience: int = 4000
     loss_threshold: float = 1e-5
     parallel: Any = "auto"  # problems optimized at once: an int, or auto (all on CPU)
+    labels: str = "known"  # known (as in the paper) | infer (from the gradient; batch_size=1)
     compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped

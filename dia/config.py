@@ -231,6 +231,7 @@ CHECKS: list[Check] = [
     ("attack.parallel", lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), "must be a positive integer or auto"),
     ("data.source", lambda v: v in SOURCES, f"must be one of: {', '.join(SOURCES.names())}"),
     ("data.image_size", lambda v: v > 0, "must be > 0"),
+    ("data.normalize", lambda v: v in ("dataset", "folder"), "must be dataset or folder"),
     ("data.channels", lambda v: v > 0, "must be > 0"),
     ("data.num_classes", lambda v: v > 1, "must be > 1"),
     ("batch_size", lambda v: v >= 1, "must be a positive integer"),
@@ -248,6 +249,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("mean", "std"):
         if len(cfg.data[key]) != cfg.data.channels:
             raise UserError(f"data.{key} has {len(cfg.data[key])} values but data.channels={cfg.data.channels}")
+    if cfg.data.normalize == "folder" and cfg.data.source != "imagefolder":
+        raise UserError(f"data.normalize=folder needs data.source=imagefolder (got {cfg.data.source})")
     if any(s <= 0 for s in cfg.data.std):
         raise UserError("data.std: every value must be > 0")
 

@@ -31,6 +31,8 @@ class DataConfig:
     channels: int = 1
     image_size: int = 28
     num_classes: int = 10
+    labels_file: Optional[str] = None  # imagefolder without class subfolders: CSV lines `file,label`
+    normalize: str = "dataset"  # dataset: the mean/std below | folder: computed from the images (saved with the run)
     mean: List[float] = field(default_factory=lambda: [0.1307])
     std: List[float] = field(default_factory=lambda: [0.3081])
 
@@ -107,33 +109,65 @@ def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, see
     return Victims(torch.stack([to_tensor(im) for im in images]), torch.tensor(labels, dtype=torch.long), idx)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _folder_samples(root: Path, labels_file: str | None) -> list[tuple[Path, int]]:
+    """(image, label) pairs: class subfolders (sorted names -> 0, 1, ...), else the images directly in
+    `root` with labels from `labels_file` (CSV lines `file,label`) or 0."""
+    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    if classes:
+        return [(f, c) for c, d in enumerate(classes) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    table: dict[str, int] = {}
+    if labels_file:
+        path = Path(labels_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.labels_file: no such file '{labels_file}'")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip() and not line.startswith("#"):
+                name, _, label = line.partition(",")
+                if not label.strip().lstrip("-").isdigit():
+                    raise UserError(f"data.labels_file: line {n} of '{labels_file}' is not 'file,label'")
+                table[name.strip()] = int(label)
+        missing = [f.name for f in files if f.name not in table]
+        if missing:
+            raise UserError(f"data.labels_file: no label for '{missing[0]}' in '{labels_file}'")
+    return [(f, table.get(f.name, 0)) for f in files]
+
+
 @SOURCES.register("imagefolder")
 def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, seed: int | None) -> Victims:
-    """An ImageFolder tree (class subfolders) under `data.root`, resized and center-cropped to `data.image_size`."""
-    import torchvision
+    """Your own images under `data.root` (class subfolders, or a flat folder with an optional label file),
+    resized and center-cropped to `data.image_size`."""
+    from PIL import Image
     from torchvision import transforms as T
 
     root = _require_root(cfg)
     if not root.is_dir():
         raise UserError(f"data.root: '{root}' is not a directory")
+    samples = _folder_samples(root, cfg.labels_file)
+    if not samples:
+        raise UserError(f"data.root: '{root}' holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in class subfolders or directly")
     tf = T.Compose([T.Resize(int(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), T.ToTensor()])
-    try:
-        ds = torchvision.datasets.ImageFolder(str(root), transform=tf)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise UserError(f"data.root: '{root}' holds no images in class subfolders ({str(exc).splitlines()[0]})") from None
-    idx = _select(len(ds), f"data={cfg.name} (ImageFolder '{root}')", indices, count, seed)
-    images, labels = [], []
+    idx = _select(len(samples), f"data={cfg.name} (folder '{root}')", indices, count, seed)
+    mode = "L" if cfg.channels == 1 else "RGB"
+    images = []
     for i in idx:
-        path = ds.samples[i][0]
+        path = samples[i][0]
         try:
-            image, label = ds[i]
+            with Image.open(path) as im:
+                images.append(tf(im.convert(mode)))
         except Exception as exc:  # noqa: BLE001 - a corrupt image is an input problem
             raise UserError(f"data.root: cannot read image '{path}' ({type(exc).__name__})") from None
-        if image.shape[0] != cfg.channels:
-            image = image.expand(cfg.channels, -1, -1) if image.shape[0] == 1 else image[: cfg.channels]
-        images.append(image)
-        labels.append(label)
-    return Victims(torch.stack(images), torch.tensor(labels, dtype=torch.long), idx)
+    return Victims(torch.stack(images), torch.tensor([samples[i][1] for i in idx], dtype=torch.long), idx)
+
+
+def folder_statistics(cfg: DataConfig, limit: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to `limit` images of an image folder (for `data.normalize=folder`)."""
+    n = len(_folder_samples(_require_root(cfg), cfg.labels_file))
+    images = load_imagefolder(cfg, list(range(min(n, limit))), 0, None).images
+    return images.mean(dim=(0, 2, 3)).tolist(), images.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
 
 
 def load_victims(cfg: DataConfig, *, indices: list[int] | None, count: int, seed: int | None) -> Victims:

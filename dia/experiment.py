@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dia import metrics as M
 from dia.attacks import ATTACKS, AttackResult, InvertingGradients
 from dia.checkpoint import Checkpoint, CheckpointEvery, Preempted
-from dia.data import load_victims, normalizer
+from dia.data import folder_statistics, load_victims, normalizer
 from dia.errors import UserError
 from dia.models import build_model
 from dia.plotting import reconstruction_grid
@@ -186,6 +186,9 @@ def run(cfg: DictConfig) -> RunOutput:
     """Everything `python -m dia.train` does, for one validated config."""
     started = time.time()
     device = resolve_device(cfg.run.device)
+    if cfg.data.normalize == "folder":  # computed once and written into the saved config
+        cfg.data.mean, cfg.data.std = folder_statistics(cfg.data)
+        cfg.data.normalize = "dataset"
     victims = load_victims(cfg.data, indices=None if cfg.victims is None else list(cfg.victims),
                            count=cfg.num_victims, seed=cfg.victim_seed)
     n = len(victims.indices)

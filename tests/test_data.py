@@ -38,3 +38,34 @@ def test_imagefolder_resizes_center_crops_and_labels_by_subfolder(tmp_path):
     v = load_victims(cfg, indices=[0, 1], count=2, seed=None)
     assert v.images.shape == (2, 3, 224, 224) and v.labels.tolist() == [0, 1]
     assert v.images[0, 0].mean() > 0.7 and v.images[1, 2].mean() > 0.7
+
+
+def test_flat_folder_with_label_file_and_statistics_saved_with_the_run(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from dia.train import main
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, value in enumerate((40, 120, 200)):
+        Image.fromarray(np.full((40, 50, 3), value, dtype=np.uint8)).save(images / f"p{i}.png")
+    (tmp_path / "labels.csv").write_text("p0.png,5\np1.png,7\np2.png,9\n")
+    out = tmp_path / "runs"
+    args = ["data=folder", f"data.root={images}", f"data.labels_file={tmp_path / 'labels.csv'}", "data.image_size=32",
+            "data.num_classes=10", "num_victims=3", "attack.max_iterations=3", "attack.compile=false",
+            "logger.wandb.mode=disabled", "run.progress=false", f"run.output_dir={out}"]
+    assert main(args) == 0
+    run = next(p for p in out.iterdir() if not p.name.startswith("."))
+    assert [v["label"] for v in json.loads((run / "metrics.json").read_text())["victims"]] == [5, 7, 9]
+    saved = OmegaConf.load(run / "config.yaml").data
+    assert saved.normalize == "dataset" and abs(saved.mean[0] - 120 / 255) < 1e-3  # computed from the folder
+
+
+def test_folder_without_labels_for_every_image_is_one_clear_error(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("b.png,1\n")
+    cfg = compose(["data=folder", f"data.root={tmp_path}", f"data.labels_file={tmp_path / 'labels.csv'}"]).data
+    with pytest.raises(UserError, match="no label for 'a.png'"):
+        load_victims(cfg, indices=None, count=1, seed=None)

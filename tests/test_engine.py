@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -85,3 +86,27 @@ def test_state_round_trip_resumes_bit_for_bit(problems_factory):
     second.resume = saved
     resumed = _drive(second, 4)
     torch.testing.assert_close(torch.stack(resumed), torch.stack(straight[6:]))
+
+
+def test_batchnorm_models_vectorize_with_the_clients_batch_statistics(problems_factory):
+    """The attacker's copy of a BatchNorm model uses batch statistics like the client in train mode, under vmap."""
+    from dia.gradients import client_gradients, problem_gradients
+    from dia.problems import Problems
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 26 * 26, 10))
+    x, y = torch.randn(2, 2, 1, 28, 28), torch.tensor([[1, 2], [3, 4]])
+    targets = [client_gradients(model, x[k], y[k])[0] for k in range(2)]
+    problems = Problems(targets={n: torch.stack([t[n] for t in targets]) for n in targets[0]}, labels=y,
+                        input_shape=(2, 1, 28, 28), mask_shapes={}, rates={}, seeds=[0, 1])
+    cfg, *_ = problems_factory(["attack=ig"], [0])
+    module = ATTACKS.get("ig")(model, problems, cfg.attack, lower=torch.tensor(-1.0), upper=torch.tensor(1.0))
+    module.on_fit_start()
+    params = {n: p.detach() for n, p in module.model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the sequential path
+        got = problem_gradients(module.model, params, x, y, None, "off")
+    for k in range(2):
+        for n, t in targets[k].items():
+            torch.testing.assert_close(got[n][k], t, rtol=1e-4, atol=1e-6)
+

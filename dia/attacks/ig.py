@@ -99,6 +99,9 @@ class InvertingGradients(L.LightningModule):
             raise ValueError(f"{type(self).__name__} must not see the client's dropout masks")
         self.automatic_optimization = False
         self.model = copy.deepcopy(model).eval().requires_grad_(False)  # the caller's model stays untouched
+        # The client normalizes with batch statistics (train mode); so does the attacker's copy, without
+        # running-stat updates (which vmap cannot batch).
+        torch.func.replace_all_batch_norm_modules_(self.model)
         self.problems = problems
         self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg  # plain dataclass: cheap to read
         self.register_buffer("lower", lower.clone())

@@ -1,4 +1,8 @@
-"""Model zoo: every model's dropout sites are `CapturableDropout` modules (see dia.models.dropout)."""
+"""Model zoo: every model's dropout sites are `CapturableDropout` modules (see dia.models.dropout).
+
+Our own models (`mlp`, `vit`, `cnn`) are written with capturable sites; timm models (`resnet18`, `vit_b16`,
+`timm`) are made capturable after they are built (dia.models.timm_zoo, `make_capturable`).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,26 @@ from torch import nn
 
 from dia.errors import UserError
 from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites
+from dia.models.cnn import CNNConfig, build_cnn
 from dia.models.mlp import MLPConfig, build_mlp
+from dia.models.timm_zoo import (
+    ResNet18Config,
+    TimmConfig,
+    ViTB16Config,
+    build_resnet18,
+    build_timm,
+    build_vit_b16,
+)
 from dia.models.vit import ViTConfig, build_vit
 from dia.registry import Registry
 
 MODELS: Registry = Registry("model")
 MODELS.register("mlp", schema=MLPConfig)(build_mlp)
 MODELS.register("vit", schema=ViTConfig)(build_vit)
+MODELS.register("cnn", schema=CNNConfig)(build_cnn)
+MODELS.register("resnet18", schema=ResNet18Config)(build_resnet18)
+MODELS.register("vit_b16", schema=ViTB16Config)(build_vit_b16)
+MODELS.register("timm", schema=TimmConfig)(build_timm)
 
 __all__ = ["MODELS", "build_model", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites"]
 
@@ -64,11 +81,16 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
 
 def describe_sites(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
-    """Name, p and per-sample mask shape of every dropout site, from one recorded pass on `example`."""
-    with dropout_control(model, "record") as ctl:
+    """Name, p, per-sample mask shape, kind and capture mechanism of every dropout site, from one recorded pass.
+
+    `kind` is how the site is captured: "module" (a dropout module), "drop_path" (stochastic depth, one
+    keep value per sample) or "functional" (a functional dropout call routed to a site); `captured_by`
+    says it in words (for functional sites: which call, where).
+    """
+    with torch.no_grad(), dropout_control(model, "record") as ctl:
         model(example)
     return [
         {"site": name, "p": site.p, "mask_shape": list(ctl.masks[name].shape[1:]) if name in ctl.masks else None,
-         "captured_by": "CapturableDropout module"}
+         "kind": site.kind, "captured_by": site.describe()}
         for name, site in dropout_sites(model).items()
     ]

@@ -11,19 +11,38 @@ exactly like `nn.Dropout`. Inside one, all sites of the model follow the block's
 
 Masks have the shape of the site's input, batch dimension included, and are applied with the usual
 1/(1-p) scaling. Sites with p == 0 never drop and hold no mask.
+
+Sites come in three kinds (`site.kind`), so that attacks and reports can tell them apart:
+
+* ``module``: a dropout module of the model (our own models' sites; `nn.Dropout` and `nn.Dropout1d/2d/3d`
+  modules of third-party models, replaced by `dia.models.capture.convert_dropout_modules`; channel dropout masks have
+  shape (B, C, 1, ...));
+* ``drop_path``: stochastic depth (timm's `DropPath`), dropout of whole residual branches: one keep value
+  per sample, mask shape (B, 1, 1, ...);
+* ``functional``: dropout applied functionally inside some module's forward (`F.dropout(...)`, or the
+  `dropout_p` of a fused `F.scaled_dot_product_attention`). `dia.models.capture.make_capturable` finds these call sites with
+  one probe pass and gives each a `FunctionalDropoutSite` child module of the module that makes the call;
+  inside a `dropout_control` block of such a model `F.dropout` and `F.scaled_dot_product_attention` are
+  routed to that site, identified by the calling module and the code location of the call (a stable key:
+  the same across calls, under `torch.func.vmap`/`grad`/`functional_call`, and in deep copies).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Mode = Literal["record", "replay", "off"]
+Kind = Literal["module", "drop_path", "functional"]
+
+# The real functional ops: sites call these, so routing never loops back into itself.
+_F_DROPOUT = F.dropout
+_F_SDPA = F.scaled_dot_product_attention
 
 
 @dataclass
@@ -31,10 +50,13 @@ class DropoutControl:
     mode: Mode
     masks: dict[str, Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    visited: Optional[set[str]] = None  # when a set: the names of the sites that ran (probe passes)
 
 
 class CapturableDropout(nn.Module):
     """`nn.Dropout` whose mask can be recorded or supplied (see module docstring)."""
+
+    kind: Kind = "module"
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -44,22 +66,105 @@ class CapturableDropout(nn.Module):
         self.site = ""  # set by name_sites(); the key of this site's mask
         self._control: DropoutControl | None = None
 
+    def mask_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The shape of this site's keep-mask for input `x` (batch dimension included)."""
+        return tuple(x.shape)
+
+    def scale(self) -> float:
+        """What kept values are multiplied by."""
+        return 1.0 / (1.0 - self.p)
+
+    def uncontrolled(self, x: Tensor) -> Tensor:
+        """The behaviour outside a `dropout_control` block."""
+        return _F_DROPOUT(x, self.p, self.training)
+
     def forward(self, x: Tensor) -> Tensor:
         ctl = self._control
         if ctl is None:
-            return F.dropout(x, self.p, self.training)
+            return self.uncontrolled(x)
+        if ctl.visited is not None:
+            ctl.visited.add(self.site)
         if ctl.mode == "off" or self.p == 0.0:
             return x
         if ctl.mode == "record":
-            keep = torch.full(x.shape, 1.0 - self.p, dtype=x.dtype, device=x.device)
+            keep = torch.full(self.mask_shape(x), 1.0 - self.p, dtype=x.dtype, device=x.device)
             mask = torch.bernoulli(keep, generator=ctl.generator)
             ctl.masks[self.site] = mask
         else:
             mask = ctl.masks[self.site]
-        return x * mask / (1.0 - self.p)
+        return x * mask * self.scale()
+
+    def describe(self) -> str:
+        """How this site is captured, for `describe_sites`."""
+        return "CapturableDropout module"
 
     def extra_repr(self) -> str:
         return f"p={self.p}, site={self.site!r}"
+
+
+class CapturableChannelDropout(CapturableDropout):
+    """`nn.Dropout1d/2d/3d`: whole channels dropped; mask shape (B, C, 1, ...)."""
+
+    def __init__(self, p: float = 0.5, dims: int = 2) -> None:
+        super().__init__(p)
+        self.dims = int(dims)
+
+    def mask_shape(self, x: Tensor) -> tuple[int, ...]:
+        return tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
+
+    def uncontrolled(self, x: Tensor) -> Tensor:
+        return getattr(F, f"dropout{self.dims}d")(x, self.p, self.training)
+
+    def describe(self) -> str:
+        return f"CapturableChannelDropout module (replaces nn.Dropout{self.dims}d)"
+
+
+class CapturableDropPath(CapturableDropout):
+    """Stochastic depth (timm's `DropPath`): a residual branch kept or dropped per sample, mask (B, 1, 1, ...)."""
+
+    kind: Kind = "drop_path"
+
+    def __init__(self, p: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__(p)
+        self.scale_by_keep = bool(scale_by_keep)
+
+    def mask_shape(self, x: Tensor) -> tuple[int, ...]:
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p) if self.scale_by_keep else 1.0
+
+    def uncontrolled(self, x: Tensor) -> Tensor:  # timm.layers.drop_path
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(self.mask_shape(x)).bernoulli_(1.0 - self.p)
+        return x * keep * self.scale()
+
+    def describe(self) -> str:
+        return "CapturableDropPath module (replaces timm DropPath)"
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, scale_by_keep={self.scale_by_keep}, site={self.site!r}"
+
+
+class FunctionalDropoutSite(CapturableDropout):
+    """The site of a functional dropout call (`F.dropout`, or the `dropout_p` of `F.scaled_dot_product_attention`).
+
+    A child of the module whose forward makes the call; `origin` says where the call is. It only acts
+    inside a `dropout_control` block (outside one, the model's own call runs untouched).
+    """
+
+    kind: Kind = "functional"
+
+    def __init__(self, p: float, origin: str = "") -> None:
+        super().__init__(p)
+        self.origin = origin
+
+    def describe(self) -> str:
+        return f"functional: {self.origin}"
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, site={self.site!r}, origin={self.origin!r}"
 
 
 def name_sites(model: nn.Module) -> nn.Module:
@@ -95,10 +200,17 @@ def dropout_control(
     """Put every dropout site of `model` under one mode for the duration of the block."""
     ctl = DropoutControl(mode, {} if masks is None else masks, generator)
     sites = list(dropout_sites(model).values())
+    routed = any(isinstance(site, FunctionalDropoutSite) for site in sites)
+    if routed:
+        from dia.models.capture import ROUTING  # only models with functional sites need the router
     for site in sites:
         site._control = ctl
+    if routed:
+        ROUTING.enter()
     try:
         yield ctl
     finally:
+        if routed:
+            ROUTING.exit()
         for site in sites:
             site._control = None

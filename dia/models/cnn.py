@@ -1,0 +1,69 @@
+"""A LeNet-style CNN: (conv 5x5 - ReLU - max-pool 2) x 2, then dense layers with dropout before and between them.
+
+For 1- or 3-channel inputs of any size from 28 px up (the flattened size is computed from the input size).
+Dropout sites: `drop0` on the flattened conv features (before the first dense layer) and `drop<i>` after
+each hidden dense layer (before the next one), all `CapturableDropout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from torch import Tensor, nn
+
+from dia.errors import UserError
+from dia.models.dropout import CapturableDropout
+
+MIN_SIZE = 28
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    dropout: float = 0.25
+    checkpoint: Optional[str] = None
+    conv1: int = 6  # channels of the first conv layer
+    conv2: int = 16  # channels of the second conv layer
+    kernel: int = 5
+    hidden: List[int] = field(default_factory=lambda: [120, 84])  # dense layers before the classifier
+
+
+def feature_size(image_size: int, kernel: int) -> int:
+    """Side of the last feature map: conv1 keeps the size (padding k//2), pool /2, conv2 (no padding) -k+1, pool /2."""
+    return ((image_size // 2) - kernel + 1) // 2
+
+
+class CNN(nn.Module):
+    def __init__(self, *, channels: int, image_size: int, num_classes: int, conv1: int, conv2: int, kernel: int,
+                 hidden: list[int], dropout: float) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, conv1, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, kernel), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        side = feature_size(image_size, kernel)
+        fan_in = conv2 * side * side
+        layers: list[nn.Module] = [CapturableDropout(dropout)]
+        for width in hidden:
+            layers += [nn.Linear(fan_in, width), nn.ReLU(), CapturableDropout(dropout)]
+            fan_in = width
+        layers.append(nn.Linear(fan_in, num_classes))
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_cnn(cfg: CNNConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    if image_size < MIN_SIZE:
+        raise UserError(f"model=cnn needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px, the data are {image_size}x{image_size}")
+    if cfg.kernel < 1 or cfg.kernel % 2 == 0:
+        raise UserError(f"model.kernel={cfg.kernel}: must be an odd positive integer")
+    if feature_size(image_size, cfg.kernel) < 1:
+        raise UserError(f"model.kernel={cfg.kernel} is too large for {image_size}x{image_size} inputs")
+    if min([cfg.conv1, cfg.conv2, *cfg.hidden], default=1) < 1:
+        raise UserError("model.conv1, model.conv2 and model.hidden must be positive")
+    return CNN(channels=channels, image_size=image_size, num_classes=num_classes, conv1=cfg.conv1, conv2=cfg.conv2,
+               kernel=cfg.kernel, hidden=list(cfg.hidden), dropout=cfg.dropout)

@@ -1,0 +1,251 @@
+"""timm models as zoo models: randomly initialised (never downloaded), every stochastic site capturable.
+
+* ``resnet18``: timm's ResNet-18; dropout before the classifier (timm's ``drop_rate``, applied with
+  ``F.dropout`` inside ``forward_head``: a functional site), optional stochastic depth.
+* ``vit_b16``: timm's ViT-B/16 layout (patch 16, width 768, depth 12, 12 heads, MLP 3072; all overridable)
+  at the data's image size, with dropout on the sites of our small ViT: after the position embedding
+  (``pos_drop``), on the attention weights (``attn.attn_drop``), the attention output (``attn.proj_drop``) and
+  both MLP sublayers (``mlp.drop1``, ``mlp.drop2``); optional stochastic depth.
+* ``timm``: any timm architecture, ``model.arch=<name>``. ``model.dropout`` is the p of every dropout site the
+  model has (timm's ``drop_rate``/``proj_drop_rate``/``pos_drop_rate`` and every other ``nn.Dropout``),
+  ``model.attn_dropout`` that of attention-weight sites (null: ``model.dropout``), ``model.drop_path`` timm's
+  ``drop_path_rate`` (stochastic depth, increasing linearly over the blocks as timm schedules it).
+
+How the sites are made capturable is `dia.models.capture.make_capturable`: dropout modules and ``DropPath``
+are replaced by capturable sites, fused attention is switched off (so attention dropout runs through the
+``attn_drop`` module), and functional ``F.dropout`` calls get a site of their own, found by a probe pass.
+
+BatchNorm (``model.batch_norm``): ``running`` (default) makes every BatchNorm normalize with its running
+statistics in train and eval mode alike and never update them (frozen statistics, as in fine-tuning with
+frozen BatchNorm): the client's training step and the attacker's copy are the same function for any batch
+size, including B=1 at 32 px, where the last ResNet stage is 1x1 and batch statistics do not exist.
+``native`` keeps PyTorch's BatchNorm: the client normalizes with its batch's statistics (train mode) and
+the attack's copy does the same (`torch.func.replace_all_batch_norm_modules_` in dia.attacks.ig); it
+needs more than one value per channel, i.e. B >= 2 for ResNet-18 on 32 px inputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from dia.errors import UserError
+from dia.models.capture import ModelInputError, UncapturableModel, make_capturable
+from dia.models.dropout import CapturableDropout, CapturableDropPath, FunctionalDropoutSite, dropout_sites
+
+BATCH_NORM = ("running", "native")
+
+
+@dataclass
+class ResNet18Config:
+    name: str = "resnet18"
+    dropout: float = 0.25  # timm's drop_rate: dropout on the pooled features, before the classifier
+    checkpoint: Optional[str] = None
+    drop_path: float = 0.0  # timm's drop_path_rate (stochastic depth)
+    batch_norm: str = "running"  # running | native (see dia.models.timm_zoo)
+
+
+@dataclass
+class ViTB16Config:
+    name: str = "vit_b16"
+    dropout: float = 0.25  # pos_drop, attn.proj_drop, mlp.drop1, mlp.drop2
+    checkpoint: Optional[str] = None
+    attn_dropout: Optional[float] = None  # attn.attn_drop; null: model.dropout
+    drop_path: float = 0.0
+    patch_size: int = 16
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+
+
+@dataclass
+class TimmConfig:
+    name: str = "timm"
+    arch: str = "resnet18"  # any name of timm.list_models()
+    dropout: float = 0.25  # every dropout site of the model
+    checkpoint: Optional[str] = None
+    attn_dropout: Optional[float] = None  # attention-weight sites; null: model.dropout
+    drop_path: float = 0.0  # timm's drop_path_rate
+    batch_norm: str = "running"  # running | native
+
+
+# ---- the three builders ----------------------------------------------------------------------------------
+
+
+def build_resnet18(cfg: ResNet18Config, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    _check_rates(cfg)
+    model = _create("resnet18", "model=resnet18", channels, image_size,
+                    dict(num_classes=num_classes, in_chans=channels, drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path))
+    return _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
+
+
+def build_vit_b16(cfg: ViTB16Config, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    _check_rates(cfg)
+    if image_size % cfg.patch_size:
+        raise UserError(f"model.patch_size={cfg.patch_size} does not divide the input size {image_size}; "
+                        f"choose a divisor of {image_size}")
+    if cfg.dim % cfg.heads:
+        raise UserError(f"model.heads={cfg.heads} does not divide model.dim={cfg.dim}")
+    attn = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
+    model = _create("vit_base_patch16_224", "model=vit_b16", channels, image_size, dict(
+        num_classes=num_classes, in_chans=channels, img_size=image_size, patch_size=cfg.patch_size,
+        embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim,
+        drop_rate=0.0, pos_drop_rate=cfg.dropout, proj_drop_rate=cfg.dropout, attn_drop_rate=attn,
+        drop_path_rate=cfg.drop_path,
+    ))
+    return _capturable(model, "model=vit_b16", channels, image_size, batch_norm="native")
+
+
+def build_timm(cfg: TimmConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    _check_rates(cfg)
+    arch = check_arch(cfg.arch)
+    what = f"model.arch={arch}"
+    attn = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
+    rates = dict(drop_rate=cfg.dropout, proj_drop_rate=cfg.dropout, pos_drop_rate=cfg.dropout, attn_drop_rate=attn,
+                 drop_path_rate=cfg.drop_path)
+    model = _create(arch, what, channels, image_size, dict(num_classes=num_classes, in_chans=channels,
+                                                           img_size=image_size, **rates),
+                    optional=("img_size", *rates))
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)) and patch and all(isinstance(s, int) and s > 0 for s in patch) \
+            and any(image_size % s for s in patch):
+        raise UserError(f"{what} has patch size {tuple(patch)}, which does not divide the input size {image_size}")
+    for name, module in model.named_modules():  # model.dropout / model.attn_dropout at every dropout module
+        if type(module) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
+            module.p = attn if _is_attention_site(name) else cfg.dropout
+    model = _capturable(model, what, channels, image_size, batch_norm=cfg.batch_norm)
+    sites = dropout_sites(model)
+    if cfg.drop_path > 0 and not any(s.kind == "drop_path" for s in sites.values()):
+        raise UserError(f"{what} has no stochastic depth (DropPath) sites; leave model.drop_path at 0")
+    if cfg.attn_dropout and not any(_is_attention_site(n) for n in sites):
+        raise UserError(f"{what} has no attention dropout sites; leave model.attn_dropout unset")
+    if cfg.dropout > 0 and not any(s.p > 0 and s.kind != "drop_path" for s in sites.values()):
+        warnings.warn(f"{what} has no dropout sites: model.dropout={cfg.dropout:g} has no effect", stacklevel=2)
+    return model
+
+
+# ---- shared machinery ------------------------------------------------------------------------------------
+
+
+def check_arch(arch: str) -> str:
+    """The timm architecture name, or a one-line UserError naming close matches."""
+    import timm
+
+    arch = str(arch)
+    if timm.is_model(arch):
+        return arch
+    names = timm.list_models()
+    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
+    if not close:  # a prefix or family name ('convnext', 'vit_tiny')
+        close = [n for n in names if n.startswith(arch)][:5]
+    hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models()"
+    raise UserError(f"model.arch: unknown timm model '{arch}'{hint}")
+
+
+def _check_rates(cfg: Any) -> None:
+    for key in ("attn_dropout", "drop_path"):
+        value = getattr(cfg, key, None)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"model.{key}={value!r}: must be in [0, 1)")
+    if getattr(cfg, "batch_norm", "running") not in BATCH_NORM:
+        raise UserError(f"model.batch_norm={cfg.batch_norm!r}: must be one of: {', '.join(BATCH_NORM)}")
+
+
+def _create(arch: str, what: str, channels: int, image_size: int, kwargs: dict[str, Any],
+            optional: tuple[str, ...] = ()) -> nn.Module:
+    """timm.create_model(arch, pretrained=False, **kwargs), leaving out `optional` arguments the model does not take."""
+    import timm
+
+    kwargs = dict(kwargs)
+    while True:
+        try:
+            return timm.create_model(arch, pretrained=False, **kwargs)
+        except TypeError as exc:
+            bad = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+            if bad and bad.group(1) in kwargs and bad.group(1) in optional:
+                kwargs.pop(bad.group(1))
+                continue
+            raise UserError(f"{what}: timm cannot build it with {_fmt(kwargs)} ({_line(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. an image size the architecture cannot take
+            raise UserError(f"{what} cannot be built for {channels}x{image_size}x{image_size} inputs ({_line(exc)})") from None
+
+
+def _capturable(model: nn.Module, what: str, channels: int, image_size: int, *, batch_norm: str) -> nn.Module:
+    if batch_norm == "running":
+        running_stats_batch_norm(model)
+    native_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in _RUNNING.values()
+                    for m in model.modules())
+    example = torch.randn(2 if native_bn else 1, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        return make_capturable(model, example, converters=[_drop_path])
+    except ModelInputError as exc:
+        raise UserError(f"{what} cannot take {channels}x{image_size}x{image_size} inputs ({exc})") from None
+    except UncapturableModel as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
+def _drop_path(module: nn.Module) -> nn.Module | None:
+    from timm.layers import DropPath
+
+    if isinstance(module, DropPath):
+        return CapturableDropPath(float(module.drop_prob), getattr(module, "scale_by_keep", True))
+    return None
+
+
+def _is_attention_site(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return "attn_drop" in leaf
+
+
+class _RunningStats:
+    """BatchNorm mixin: normalize with the running statistics in train mode too, and never update them.
+
+    `track_running_stats` is False on these modules (their statistics are fixed), which also tells
+    `torch.func.replace_all_batch_norm_modules_` (the attack's copy of the model) to leave them as they are.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.training
+        self.training = False
+        try:
+            return super().forward(x)  # type: ignore[misc]
+        finally:
+            self.training = training
+
+
+_RUNNING: dict[type, type] = {}
+
+
+def running_stats_batch_norm(model: nn.Module) -> int:
+    """Make every BatchNorm of `model` use its running statistics in train and eval mode (state dict unchanged)."""
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and cls not in _RUNNING.values():
+            if cls not in _RUNNING:
+                _RUNNING[cls] = type(f"RunningStats{cls.__name__}", (_RunningStats, cls), {"__module__": __name__})
+            module.__class__ = _RUNNING[cls]
+            if module.running_mean is not None:
+                module.track_running_stats = False
+            count += 1
+    return count
+
+
+def _fmt(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in kwargs.items())
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+__all__ = ["ResNet18Config", "ViTB16Config", "TimmConfig", "build_resnet18", "build_vit_b16", "build_timm",
+           "check_arch", "running_stats_batch_norm", "CapturableDropout", "FunctionalDropoutSite"]

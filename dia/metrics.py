@@ -48,10 +48,13 @@ def match(reconstructions: Tensor, originals: Tensor) -> Tensor:
 
 
 def mask_recovery(recovered: Mapping[str, Tensor], true: Mapping[str, Tensor]) -> Tensor:
-    """Fraction of mask entries that rounding the recovered masks gets right, per problem; (K, ...) -> (K,)."""
+    """Fraction of mask entries that rounding the recovered masks gets right, per problem; (K, ...) -> (K,).
+
+    Over the sites that were recovered (an attack may leave some, e.g. DropPath, unmodelled).
+    """
     hits = total = 0
-    for name, t in true.items():
-        r = recovered[name]
+    for name, r in recovered.items():
+        t = true[name]
         hits = hits + ((r >= 0.5).float() == t).flatten(1).sum(1)
         total = total + t[0].numel()
     return torch.as_tensor(hits, dtype=torch.float32) / total

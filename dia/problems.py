@@ -20,6 +20,7 @@ class Problems:
     input_shape: tuple[int, ...]  # (B, C, H, W) of one problem's batch
     mask_shapes: dict[str, tuple[int, ...]]  # per problem, batch included, for every site with p > 0
     rates: dict[str, float]  # dropout probability of each site with p > 0
+    kinds: dict[str, str]  # kind of each site with p > 0: module | functional | drop_path
     seeds: list[int]  # one seed per problem for the attacker's random initialisation
     true_masks: dict[str, Tensor] | None = None  # the client's masks {site: (K, B, ...)}: WIIG and evaluation only
 
@@ -67,7 +68,8 @@ def simulate_clients(model: nn.Module, images: Tensor, labels: Tensor, *, batch_
         g, m = client_gradients(model, images[sl], labels[sl], generator=gen)
         targets.append(g)
         masks.append(m)
-    rates = {name: site.p for name, site in dropout_sites(model, active_only=True).items()}
+    sites = dropout_sites(model, active_only=True)
+    rates = {name: site.p for name, site in sites.items()}
     with torch.no_grad(), dropout_control(model, "record") as probe:  # shapes are public: any input of the size works
         model(torch.zeros_like(images[:batch_size]))
     return Problems(
@@ -76,6 +78,7 @@ def simulate_clients(model: nn.Module, images: Tensor, labels: Tensor, *, batch_
         input_shape=tuple(images[:batch_size].shape),
         mask_shapes={name: tuple(probe.masks[name].shape) for name in rates},
         rates=rates,
+        kinds={name: site.kind for name, site in sites.items()},
         seeds=[problem_seed(seed, j) for j in range(k)],
         true_masks={name: torch.stack([m[name] for m in masks]) for name in rates},
     )

@@ -80,3 +80,16 @@ def test_batches_are_matched_to_their_originals_before_scoring():
     perm = match(shuffled.clamp(0, 1), originals)
     assert perm.tolist() == [1, 2, 0]
     torch.testing.assert_close(shuffled[perm], originals, atol=0.05, rtol=0)
+
+
+def test_dia_models_drop_path_only_when_asked(problems_factory):
+    args = ["attack=dia", "model=vit_b16", "data=cifar10", "model.dim=32", "model.depth=2", "model.heads=4",
+            "model.mlp_dim=64", "model.dropout=0.2", "model.drop_path=0.3"]
+    for flag, expect in (("false", False), ("true", True)):
+        cfg, model, problems, _, mean, std = problems_factory(args + [f"attack.model_drop_path={flag}"], [0])
+        module = ATTACKS.get("dia")(model, problems.public(), cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
+        module.on_fit_start()
+        modelled = {k.removeprefix("mask/") for k in module.state.params if k.startswith("mask/")}
+        paths = {s for s, kind in problems.kinds.items() if kind == "drop_path"}
+        assert paths and (paths <= modelled) == expect and (not paths & modelled) == (not expect)
+        assert torch.isfinite(module.step()).all()

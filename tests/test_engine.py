@@ -98,7 +98,7 @@ def test_batchnorm_models_vectorize_with_the_clients_batch_statistics(problems_f
     x, y = torch.randn(2, 2, 1, 28, 28), torch.tensor([[1, 2], [3, 4]])
     targets = [client_gradients(model, x[k], y[k])[0] for k in range(2)]
     problems = Problems(targets={n: torch.stack([t[n] for t in targets]) for n in targets[0]}, labels=y,
-                        input_shape=(2, 1, 28, 28), mask_shapes={}, rates={}, seeds=[0, 1])
+                        input_shape=(2, 1, 28, 28), mask_shapes={}, rates={}, kinds={}, seeds=[0, 1])
     cfg, *_ = problems_factory(["attack=ig"], [0])
     module = ATTACKS.get("ig")(model, problems, cfg.attack, lower=torch.tensor(-1.0), upper=torch.tensor(1.0))
     module.on_fit_start()

@@ -6,6 +6,9 @@ lambda * |(1 - mean(mask)) - p| per dropout site. Two parametrizations:
 * ``clip``: the mask values themselves, clipped to [0, 1] after each step (the paper's);
 * ``sigmoid``: mask = sigmoid(logits), logits initialised at +/- ``mask_init_logit``.
 
+DropPath (stochastic depth) sites drop whole residual branches per sample; like the paper, DIA does not
+model them unless ``model_drop_path`` (then their per-sample masks are optimized like any other).
+
 Mask gradients are not sign-replaced (only the dummies' are), as in the paper's code.
 """
 
@@ -29,6 +32,7 @@ class DIAConfig(AttackConfig):
     mask_weight: float = 1e-4
     mask_param: str = "clip"  # clip | sigmoid
     mask_init_logit: float = 3.0  # sigmoid only: |initial logit|
+    model_drop_path: bool = False  # also optimize DropPath (stochastic depth) masks; the paper does not
 
 
 MASK_PARAMS = ("clip", "sigmoid")
@@ -42,6 +46,8 @@ class DropoutInversionAttack(InvertingGradients):
     def init_mask_params(self, generators: list[torch.Generator]) -> dict[str, Tensor]:
         out = {}
         for site, shape in self.problems.mask_shapes.items():
+            if self.problems.kinds.get(site) == "drop_path" and not self.cfg.model_drop_path:
+                continue  # not modelled: the attacker's copy keeps every residual branch
             keep = torch.full(shape, 1.0 - self.problems.rates[site])
             draws = torch.stack([torch.bernoulli(keep, generator=g) for g in generators])
             if self.cfg.mask_param == "sigmoid":

@@ -91,7 +91,9 @@ class CapturableDropout(nn.Module):
             mask = torch.bernoulli(keep, generator=ctl.generator)
             ctl.masks[self.site] = mask
         else:
-            mask = ctl.masks[self.site]
+            mask = ctl.masks.get(self.site)
+            if mask is None:  # a site the attacker does not model (e.g. DropPath for DIA by default): no drop
+                return x
         return x * mask * self.scale()
 
     def describe(self) -> str:

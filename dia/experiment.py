@@ -25,7 +25,7 @@ from dia.plotting import reconstruction_grid
 from dia.problems import Problems, infer_labels, simulate_clients
 from dia.progress import AttackProgressBar
 from dia.results import RunFolder, save_tensors, write_json, write_text
-from dia.tracking import finish, wandb_logger
+from dia.tracking import finish, log_reconstructions, log_victim_table, wandb_logger
 
 log = logging.getLogger("dia")
 METRICS = ("mse", "psnr", "ssim", "lpips", "mask_recovery")
@@ -121,7 +121,8 @@ def attack(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
             max_epochs=1, logger=logger or False, enable_checkpointing=False, enable_model_summary=False,
-            enable_progress_bar=progress, num_sanity_val_steps=0, log_every_n_steps=cfg.attack.log_every,
+            enable_progress_bar=progress, num_sanity_val_steps=0,
+            log_every_n_steps=max(1, cfg.attack.log_every // cfg.attack.iterations_per_step),
             callbacks=([AttackProgressBar(f"{cfg.attack.name.upper()} x{len(index)}", refresh_rate=cfg.attack.check_every)] if progress else [])
             + ([saver] if saver else []),
             plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
@@ -244,6 +245,8 @@ def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Mo
     titles = [f"#{r['index']}  SSIM {r['ssim']:.2f}" for r in rows]
     reconstruction_grid(folder / "reconstructions.png", victims.images, rec01, titles,
                         title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}")
+    log_reconstructions(logger, victims.images, rec01, captions=titles)
+    log_victim_table(logger, rows)
     wandb_dir = finish(logger, {f"final/{k}": v for k, v in summary["mean"].items() if v is not None} | {"status": status})
     write_json(folder / "metrics.json", summary)
     if checkpoint is not None and checkpoint.path.exists():

@@ -21,6 +21,47 @@ def wandb_logger(cfg: Any, *, save_dir: Path, name: str, config: dict[str, Any])
     )
 
 
+VICTIM_COLUMNS = ("index", "label", "problem", "status", "iterations", "best_iteration", "loss", "mse", "psnr", "ssim",
+                  "lpips", "mask_recovery")
+
+
+def _run(logger: Any) -> Any:
+    """The wandb run behind a Lightning WandbLogger (or a wandb run itself)."""
+    return getattr(logger, "experiment", logger)
+
+
+def log_reconstructions(logger: Any, originals: Any, reconstructions: Any, *, captions: list[str] | None = None,
+                        key: str = "reconstructions", max_images: int = 16, caption: str | None = None) -> None:
+    """One image: originals (top row) above reconstructions (bottom row), images in [0, 1], (N, C, H, W).
+
+    Nothing happens when `logger` is None (logger.wandb.mode=disabled).
+    """
+    if logger is None:
+        return
+    import torch
+    import wandb
+    from torchvision.utils import make_grid
+
+    n = min(max_images, originals.shape[0])
+    both = torch.cat([originals[:n].detach().cpu().float(), reconstructions[:n].detach().cpu().float()]).clamp(0, 1)
+    image = make_grid(both, nrow=n, padding=2, pad_value=1.0)
+    text = caption or "top: originals, bottom: reconstructions"
+    if captions:
+        text += " | " + "  ".join(captions[:n])
+    _run(logger).log({key: wandb.Image(image, caption=text)})
+
+
+def log_victim_table(logger: Any, rows: list[dict[str, Any]], *, key: str = "victims",
+                     columns: tuple[str, ...] = VICTIM_COLUMNS) -> None:
+    """The per-victim metrics (metrics.json's `victims` rows) as a wandb.Table; None-safe like log_reconstructions."""
+    if logger is None:
+        return
+    import wandb
+
+    present = [c for c in columns if any(c in r for r in rows)]
+    _run(logger).log({key: wandb.Table(columns=present, data=[[r.get(c) for c in present] for r in rows])})
+
+
 def finish(logger: Any, summary: dict[str, Any]) -> str | None:
     """Write final metrics into the run summary, close the run, and return its local directory."""
     if logger is None:
@@ -81,3 +122,17 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
             summary.update({key(u): json.loads(u.value_json) for u in record.summary.update})
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
     return {"config": config, "history": history, "summary": summary}
+
+
+def read_offline_file(run_dir: Path, row: dict[str, Any], key: str) -> Any:
+    """A media value logged under `key` in a `read_offline_run` history (or summary) row: a table
+    (`table-file`) as {"columns", "data"}; an image (`image-file`) as the path of its PNG file."""
+    import json
+
+    entry = row[key] if isinstance(row.get(key), dict) else {k[len(key) + 1:]: v for k, v in row.items() if k.startswith(f"{key}/")}
+    if "path" not in entry:
+        raise KeyError(f"no media logged under '{key}'")
+    path = Path(run_dir) / "files" / entry["path"]
+    if entry.get("_type") == "image-file":
+        return path
+    return json.loads(path.read_text())

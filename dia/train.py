@@ -22,7 +22,7 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*number of training batches.*",
                     ".*`isinstance.*treespec.*", ".*Checkpoint directory.*", ".*returned `None`.*no optimizer.*",
-                    ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*"):
+                    ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*", ".*`srun` command is available.*"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     notices = logging.getLogger("dia")

@@ -45,6 +45,7 @@ def test_run_folder_holds_config_metrics_png_tensors_and_offline_wandb_run(tmp_p
     assert logged["summary"]["status"] == "completed"
     assert logged["summary"]["final/ssim"] == pytest.approx(metrics["mean"]["ssim"], rel=1e-6)
     assert any("attack/loss" in row for row in logged["history"])
+    assert any(0.5 < row.get("masks/keep_rate", 0) <= 1 for row in logged["history"])  # DIA's masks, keep-rate ~ 1-p
 
 
 def test_saved_config_reruns_the_same_result(tmp_path):

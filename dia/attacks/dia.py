@@ -66,6 +66,17 @@ class DropoutInversionAttack(InvertingGradients):
             return 0.0
         return self.cfg.mask_weight * keep_rate_penalty(masks, self.problems.rates)
 
+    def mask_curves(self) -> dict[str, Tensor]:
+        """Mean keep-rate of the current masks (the client's is 1 - p) and their share of undecided entries."""
+        masks = self.masks(self.state.params)
+        if not masks:
+            return {}
+        flat = torch.cat([m.detach().flatten(1) for m in masks.values()], dim=1)
+        return {
+            "masks/keep_rate": flat.mean(),
+            "masks/undecided": ((flat > 0.1) & (flat < 0.9)).float().mean(),
+        }
+
     def project(self, params: dict[str, Tensor]) -> None:
         super().project(params)
         if self.cfg.mask_param == "clip":

@@ -210,15 +210,19 @@ class InvertingGradients(L.LightningModule):
                 self.trainer.should_stop = True
 
     def curves(self, losses: Tensor) -> dict[str, Tensor]:
-        """What is worth plotting while an attack runs (means over problems still running)."""
-        running = self.state.active.float()
-        n = running.sum().clamp(min=1)
+        """What is worth plotting while an attack runs: means over all problems (stopped ones at their last value)."""
+        s = self.state
         return {
-            "attack/loss": torch.nan_to_num((losses * running).sum() / n, nan=float("inf")),
-            "attack/best_loss": self.state.best_loss.min(),
-            "attack/lr": (self.state.lr * running).sum() / n,
-            "attack/running": running.sum(),
+            "attack/loss": s.last_loss.mean(),
+            "attack/best_loss": s.best_loss.mean(),
+            "attack/lr": s.lr.mean(),
+            "attack/running": s.active.sum(),
+            **self.mask_curves(),
         }
+
+    def mask_curves(self) -> dict[str, Tensor]:
+        """Curves about the masks this attack optimizes (none for IG)."""
+        return {}
 
     def result(self) -> AttackResult:
         s = self.state

@@ -1,0 +1,287 @@
+"""`python -m dia.report RESULTS_DIR [--out DIR] [--no-montages]`: the paper's tables and figures from local results.
+
+Reads every run folder under RESULTS_DIR (a folder with metrics.json, as dia.train and dia.grid write them;
+no W&B needed) and every grid.json (dia.grid's description of a grid, to know which cells are missing).
+Writes to RESULTS_DIR/report/ (or --out):
+
+- table.md, table.csv: mean ± std over victims of SSIM, PSNR, LPIPS, MSE and mask recovery for each
+  dataset x model x dropout rate x attack, with the number of cells (finished/expected) and victims;
+  groups whose cells are all missing are listed with empty metrics, and every missing or unfinished cell
+  is listed under "Missing cells" (missing.csv) - nothing is dropped silently.
+- figures/<metric>_vs_dropout.png: the metric against the dropout rate, one line per attack, one panel
+  per dataset/model (error bars: std over victims).
+- montages/<run>.png: the originals above the reconstructions of each run (from reconstructions.pt,
+  loaded with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dia.errors import UserError
+
+METRICS = [("ssim", "SSIM", "↑"), ("psnr", "PSNR", "↑"), ("lpips", "LPIPS", "↓"), ("mse", "MSE", "↓"), ("mask_recovery", "mask rec.", "↑")]
+ORDER = {"data": ["mnist", "cifar10", "imagenet"], "model": ["mlp", "cnn", "vit", "vit_b16"], "attack": ["ig", "wiig", "dia"]}
+
+
+def _rank(kind: str, value: Any) -> tuple:
+    known = ORDER.get(kind, [])
+    return (known.index(value) if value in known else len(known), str(value))
+
+
+@dataclass
+class Group:
+    data: str
+    model: str
+    dropout: float
+    attack: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    expected: int = 0  # cells a grid expects (0: no grid.json knows this group)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (_rank("data", self.data), _rank("model", self.model), self.dropout, _rank("attack", self.attack))
+
+    def values(self, metric: str) -> list[float]:
+        return [v[metric] for r in self.runs for v in r["victims"] if v.get(metric) is not None and math.isfinite(v[metric])]
+
+    def stats(self, metric: str) -> tuple[float, float, int] | None:
+        vals = self.values(metric)
+        if not vals:
+            return None
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        return mean, std, len(vals)
+
+
+def _coords(overrides: dict[str, Any], config_defaults: dict[str, Any]) -> tuple[str, str, float, str]:
+    return (str(overrides.get("data", config_defaults["data"])), str(overrides.get("model", config_defaults["model"])),
+            float(overrides.get("model.dropout", config_defaults["dropout"])), str(overrides.get("attack", config_defaults["attack"])))
+
+
+def _defaults() -> dict[str, Any]:
+    """The dataset/model/rate/attack of a cell that does not set them: dia.train's defaults."""
+    try:
+        from dia.config import compose
+
+        cfg = compose([])
+        return {"data": cfg.data.name, "model": cfg.model.name, "dropout": cfg.model.dropout, "attack": cfg.attack.name}
+    except Exception:  # noqa: BLE001 - a report should not need a working config tree
+        return {"data": "mnist", "model": "mlp", "dropout": 0.25, "attack": "dia"}
+
+
+def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], list[dict[str, Any]]]:
+    """Groups of finished runs and the grids' missing cells under `root`."""
+    if not root.is_dir():
+        raise UserError(f"results dir '{root}' does not exist")
+    groups: dict[tuple, Group] = {}
+    runs: dict[Path, dict[str, Any]] = {}
+    for path in sorted(root.rglob("metrics.json")):
+        folder = path.parent
+        rel = folder.relative_to(root)
+        if any(p.startswith(".") for p in rel.parts) or (skip and skip in folder.parents):
+            continue
+        try:
+            m = json.loads(path.read_text())
+            key = (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"]))
+            m["victims"]
+        except (ValueError, KeyError, TypeError):
+            print(f"warning: {path} is not a dia metrics.json; skipped", file=sys.stderr)
+            continue
+        m["folder"] = folder
+        runs[folder.resolve()] = m
+        groups.setdefault(key, Group(*key)).runs.append(m)
+    missing: list[dict[str, Any]] = []
+    defaults = None
+    for gj in sorted(root.rglob("grid.json")):
+        if any(p.startswith(".") for p in gj.parent.relative_to(root).parts):
+            continue
+        try:
+            spec = json.loads(gj.read_text())
+            cells = spec["cells"]
+        except (ValueError, KeyError):
+            print(f"warning: {gj} is not a dia grid.json; skipped", file=sys.stderr)
+            continue
+        defaults = defaults or _defaults()
+        for cell in cells:
+            key = _coords(cell["overrides"], defaults)
+            group = groups.setdefault(key, Group(*key))
+            group.expected += 1
+            folder = (gj.parent / cell["id"]).resolve()
+            if folder not in runs:
+                state = "partial" if (gj.parent / f".{cell['id']}.partial").is_dir() else "pending"
+                entry = {"grid": spec.get("name"), "index": cell["index"], "id": cell["id"], "state": state,
+                         "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3]}
+                group.missing.append(entry)
+                missing.append(entry)
+    return groups, missing
+
+
+def _fmt(stats: tuple[float, float, int] | None, metric: str) -> str:
+    if stats is None:
+        return "—"
+    digits = 2 if metric == "psnr" else 3 if metric != "mse" else 4
+    return f"{stats[0]:.{digits}f} ± {stats[1]:.{digits}f}"
+
+
+def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[str, str, str]:
+    ordered = sorted(groups.values(), key=lambda g: g.key)
+    head = ["data", "model", "p", "attack", "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in METRICS]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["data", "model", "dropout", "attack", "cells_finished", "cells_expected", "victims", "diverged"]
+               + [f"{m}_{s}" for m, _, _ in METRICS for s in ("mean", "std", "n")])
+    for g in ordered:
+        expected = g.expected or len(g.runs)
+        n_victims = sum(len(r["victims"]) for r in g.runs)
+        diverged = sum(r.get("status") == "diverged" for r in g.runs)
+        md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, f"{len(g.runs)}/{expected}", str(n_victims),
+                                     str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in METRICS]) + " |")
+        row: list[Any] = [g.data, g.model, g.dropout, g.attack, len(g.runs), expected, n_victims, diverged]
+        for m, _, _ in METRICS:
+            s = g.stats(m)
+            row += ["", "", 0] if s is None else [f"{s[0]:.6g}", f"{s[1]:.6g}", s[2]]
+        w.writerow(row)
+    text = ["# Results", "", f"{sum(len(g.runs) for g in ordered)} finished runs in {len(ordered)} groups; "
+            "mean ± std over victims (std with n-1; 0 for one victim). cells: finished/expected.", ""] + md
+    text += ["", f"## Missing cells ({len(missing)})", ""]
+    if missing:
+        text += ["| grid | index | cell | state | data | model | p | attack |", "|---|---|---|---|---|---|---|---|"]
+        text += [f"| {m['grid']} | {m['index']} | {m['id']} | {m['state']} | {m['data']} | {m['model']} | {m['dropout']:g} | {m['attack']} |" for m in missing]
+    else:
+        text.append("none")
+    miss = io.StringIO()
+    mw = csv.DictWriter(miss, fieldnames=["grid", "index", "id", "state", "data", "model", "dropout", "attack"])
+    mw.writeheader()
+    mw.writerows(missing)
+    return "\n".join(text) + "\n", out.getvalue(), miss.getvalue()
+
+
+def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(g.data, g.model) for g in groups.values() if g.runs}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1])))
+    attacks = sorted({g.attack for g in groups.values() if g.runs}, key=lambda a: _rank("attack", a))
+    written = []
+    if not panels:
+        return written
+    out.mkdir(parents=True, exist_ok=True)
+    for metric, name, arrow in METRICS:
+        if not any(g.stats(metric) for g in groups.values()):
+            continue
+        cols = min(4, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+        for ax, (data, model) in zip(axes.flat, panels):
+            for attack in attacks:
+                pts = sorted((g.dropout, g.stats(metric)) for g in groups.values()
+                             if (g.data, g.model, g.attack) == (data, model, attack) and g.stats(metric))
+                if pts:
+                    ax.errorbar([p for p, _ in pts], [s[0] for _, s in pts], yerr=[s[1] for _, s in pts],
+                                marker="o", ms=3, capsize=2, label=attack.upper())
+            ax.set_title(f"{data} / {model}", fontsize=9)
+            ax.set_xlabel("dropout rate p", fontsize=8)
+            ax.set_ylabel(f"{name} {arrow}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = out / f"{metric}_vs_dropout.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    tensors_file = Path(run["folder"]) / "reconstructions.pt"
+    if not tensors_file.is_file():
+        return None
+    t = torch.load(tensors_file, map_location="cpu", weights_only=True)
+    orig, rec = t["originals"][:max_victims], t["reconstructions"][:max_victims]
+    n = orig.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 0.4, 3.0), squeeze=False)
+    for i in range(n):
+        for row, img in enumerate((orig[i], rec[i])):
+            ax = axes[row][i]
+            x = img.clamp(0, 1).permute(1, 2, 0).numpy()
+            ax.imshow(x[..., 0] if x.shape[2] == 1 else x, cmap="gray" if x.shape[2] == 1 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        v = run["victims"][i] if i < len(run["victims"]) else {}
+        axes[1][i].set_xlabel(f"SSIM {v['ssim']:.2f}" if v.get("ssim") is not None else "", fontsize=7)
+    axes[0][0].set_ylabel("original", fontsize=8)
+    axes[1][0].set_ylabel("reconstr.", fontsize=8)
+    fig.suptitle(f"{run['attack'].upper()} on {run['model']}/{run['data']}, p={run['dropout']:g}  ({Path(run['folder']).name})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[str, Any]:
+    root = Path(root)
+    out = Path(out) if out else root / "report"
+    groups, missing = collect(root, skip=out.resolve())
+    if not any(g.runs for g in groups.values()) and not missing:
+        raise UserError(f"no dia results (metrics.json or grid.json) under '{root}'")
+    md, table_csv, missing_csv = tables(groups, missing)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(md)
+    (out / "table.csv").write_text(table_csv)
+    (out / "missing.csv").write_text(missing_csv)
+    figs = figures(groups, out / "figures")
+    mont = []
+    if montages:
+        for g in groups.values():
+            for run in g.runs:
+                rel = Path(run["folder"]).resolve().relative_to(root.resolve())
+                p = montage(run, out / "montages" / ("__".join(rel.parts) + ".png"))
+                if p:
+                    mont.append(p)
+    return {"out": out, "groups": len(groups), "runs": sum(len(g.runs) for g in groups.values()), "missing": len(missing),
+            "figures": figs, "montages": mont}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dia.report", description="Tables and figures from local dia results.")
+    p.add_argument("results", help="a results dir (e.g. results/paper, or results/ with several grids, or runs/)")
+    p.add_argument("--out", default=None, help="where to write (default: RESULTS/report)")
+    p.add_argument("--no-montages", action="store_true", help="skip the per-run montages of originals and reconstructions")
+    p.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; see `python -m dia.report --help`"))  # type: ignore[method-assign]
+    try:
+        a = p.parse_args(argv)
+        r = build(Path(a.results), Path(a.out) if a.out else None, montages=not a.no_montages)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{r['runs']} runs in {r['groups']} groups, {r['missing']} missing cells -> {r['out']}/table.md table.csv "
+          f"missing.csv, {len(r['figures'])} figures, {len(r['montages'])} montages")
+    print((r["out"] / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

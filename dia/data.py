@@ -49,7 +49,7 @@ Loader = Callable[[DataConfig, list[int] | None, int, int | None], Victims]
 SOURCES: Registry[Loader] = Registry("data.source")
 
 
-def _select(n_available: int, what: str, indices: list[int] | None, count: int, seed: int | None) -> list[int]:
+def select_indices(n_available: int, what: str, indices: list[int] | None, count: int, seed: int | None) -> list[int]:
     """Explicit indices (checked), else the first `count` (seed None) or `count` distinct ones drawn with `seed`."""
     if indices is not None:
         if len(indices) == 0:
@@ -77,7 +77,7 @@ def load_embedded(cfg: DataConfig, indices: list[int] | None, count: int, seed: 
     except FileNotFoundError:
         shipped = sorted(p.name for p in resources.files("dia.assets").iterdir() if p.name.endswith(".npz"))
         raise UserError(f"data.embedded: no embedded set '{cfg.embedded}'; shipped: {', '.join(shipped)}") from None
-    idx = _select(len(labels), f"data={cfg.name} (embedded {cfg.embedded})", indices, count, seed)
+    idx = select_indices(len(labels), f"data={cfg.name} (embedded {cfg.embedded})", indices, count, seed)
     x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
     return Victims(x, torch.from_numpy(labels[idx]).long(), idx, [names[i] for i in idx] if names else None)
 
@@ -103,7 +103,7 @@ def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, see
     except Exception as exc:  # noqa: BLE001 - missing files or no network: the user's environment
         hint = "" if cfg.download else " (set data.download=true to fetch it)"
         raise UserError(f"data.root: cannot load {cls_name} from '{root}'{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    idx = _select(len(ds), f"data={cfg.name} ({cls_name} {cfg.split})", indices, count, seed)
+    idx = select_indices(len(ds), f"data={cfg.name} ({cls_name} {cfg.split})", indices, count, seed)
     to_tensor = torchvision.transforms.functional.to_tensor
     images, labels = zip(*(ds[i] for i in idx))
     return Victims(torch.stack([to_tensor(im) for im in images]), torch.tensor(labels, dtype=torch.long), idx)
@@ -150,7 +150,7 @@ def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, see
     if not samples:
         raise UserError(f"data.root: '{root}' holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in class subfolders or directly")
     tf = T.Compose([T.Resize(int(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), T.ToTensor()])
-    idx = _select(len(samples), f"data={cfg.name} (folder '{root}')", indices, count, seed)
+    idx = select_indices(len(samples), f"data={cfg.name} (folder '{root}')", indices, count, seed)
     mode = "L" if cfg.channels == 1 else "RGB"
     images = []
     for i in idx:

@@ -238,14 +238,14 @@ def _check_victims(cfg: Any, memo: dict[str, int]) -> None:
 
         import numpy as np
 
-        from dia.data import _select
+        from dia.data import select_indices
 
         if cfg.data.embedded not in memo:
             with resources.as_file(resources.files("dia.assets").joinpath(cfg.data.embedded)) as p, np.load(p) as npz:
                 memo[cfg.data.embedded] = len(npz["labels"])
     except (ImportError, FileNotFoundError, KeyError):
         return  # the run itself will report it
-    _select(memo[cfg.data.embedded], f"data={cfg.data.name} (embedded {cfg.data.embedded})",
+    select_indices(memo[cfg.data.embedded], f"data={cfg.data.name} (embedded {cfg.data.embedded})",
             None if cfg.victims is None else list(cfg.victims), cfg.num_victims, cfg.victim_seed)
 
 

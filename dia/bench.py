@@ -42,7 +42,7 @@ from dia.config import compose
 from dia.data import load_victims, normalizer
 from dia.experiment import attack as lightning_attack
 from dia.experiment import resolve_device
-from dia.models import build_model
+from dia.models import build_for
 from dia.problems import Problems, simulate_clients
 
 PAIRS = {"mlp": "mnist", "vit": "cifar10"}  # model -> victim data
@@ -60,8 +60,7 @@ def setup(model_name: str, n: int, device: torch.device) -> tuple[nn.Module, Pro
     cfg = config(model_name, "ig")
     victims = load_victims(cfg.data, indices=[i % EMBEDDED_VICTIMS for i in range(n)], count=n, seed=None)
     mean, std = normalizer(cfg.data)
-    model = build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
-                        num_classes=cfg.data.num_classes, seed=cfg.run.seed)
+    model = build_for(cfg)
     problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=1, seed=cfg.run.seed)
     return model.to(device), problems, ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
 
@@ -69,7 +68,7 @@ def setup(model_name: str, n: int, device: torch.device) -> tuple[nn.Module, Pro
 def engine_module(attack: str, model: nn.Module, problems: Problems, cfg: DictConfig, lower: Tensor, upper: Tensor,
                   device: torch.device) -> InvertingGradients:
     """An attack module with its state initialised on `device`, ready for `engine_steps`."""
-    module = ATTACKS.get(attack)(model, problems.public(), cfg.attack, lower=lower, upper=upper).to(device)
+    module = ATTACKS.get(attack).for_problems(model, problems, cfg.attack, lower=lower, upper=upper).to(device)
     module.on_fit_start()
     return module
 

@@ -20,7 +20,7 @@ from dia.attacks import ATTACKS, AttackResult, InvertingGradients
 from dia.checkpoint import Checkpoint, CheckpointEvery, Preempted
 from dia.data import folder_statistics, load_victims, normalizer
 from dia.errors import UserError
-from dia.models import build_model
+from dia.models import build_for
 from dia.plotting import reconstruction_grid
 from dia.problems import Problems, infer_labels, simulate_clients
 from dia.progress import AttackProgressBar
@@ -74,7 +74,7 @@ def auto_parallel(
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     subset = problems.subset(list(range(probe_n)))
-    probe = cls(model, subset if cls.needs_client_masks else subset.public(), cfg.attack, lower=lower, upper=upper).to(device)
+    probe = cls.for_problems(model, subset, cfg.attack, lower=lower, upper=upper).to(device)
     probe.on_fit_start()
     probe.gradient = getattr(probe.gradient, "fn", probe.gradient)  # eager: no compile just to measure
     probe.step()
@@ -110,7 +110,7 @@ def attack(
             parts.append(checkpoint.done[group])
             continue
         subset = problems.subset(index)
-        module = cls(model, subset if cls.needs_client_masks else subset.public(), cfg.attack, lower=lower, upper=upper)
+        module = cls.for_problems(model, subset, cfg.attack, lower=lower, upper=upper)
         saver = None
         if checkpoint is not None:
             if checkpoint.running == group and checkpoint.state is not None:
@@ -195,8 +195,7 @@ def run(cfg: DictConfig) -> RunOutput:
     n = len(victims.indices)
     if n % cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size}: {n} victims do not split into client batches of that size")
-    model = build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
-                        num_classes=cfg.data.num_classes, seed=cfg.run.seed)
+    model = build_for(cfg)
     if victims.labels.max() >= cfg.data.num_classes:
         raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
     folder = RunFolder(Path(cfg.run.output_dir), run_name(cfg), config_text=OmegaConf.to_yaml(cfg))

@@ -100,10 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 def _describe(cfg) -> int:
     import torch
 
-    from dia.models import build_model, describe_sites
+    from dia.models import build_for, describe_sites
 
-    model = build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
-                        num_classes=cfg.data.num_classes, seed=cfg.run.seed)
+    model = build_for(cfg)
     example = torch.zeros(cfg.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sites = describe_sites(model, example)
     n_params = sum(p.numel() for p in model.parameters())

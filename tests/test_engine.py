@@ -19,8 +19,7 @@ def _drive(module, iterations: int) -> list[torch.Tensor]:
 
 def _module(cfg, model, problems, mean, std):
     cls = ATTACKS.get(cfg.attack.name)
-    return cls(model, problems if cls.needs_client_masks else problems.public(), cfg.attack,
-               lower=(0 - mean) / std, upper=(1 - mean) / std)
+    return cls.for_problems(model, problems, cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
 
 
 def test_advance_follows_torch_adam_and_reduce_lr_on_plateau():

@@ -18,7 +18,7 @@ from torch import nn
 from dia.config import compose
 from dia.errors import UserError
 from dia.gradients import client_gradients, problem_gradients
-from dia.models import build_model, describe_sites, dropout_control, dropout_sites
+from dia.models import build_for, build_model, describe_sites, dropout_control, dropout_sites
 from dia.models.cnn import CNNConfig
 from dia.models.capture import UncapturableModel, make_capturable
 from dia.models.dropout import name_sites
@@ -115,8 +115,7 @@ def test_configs_build_every_zoo_model_from_the_command_line_groups():
     for args, shape in [(["model=cnn", "data=cifar10"], (1, 10)), (["model=resnet18", "data=mnist"], (1, 10)),
                         (["model=timm", "model.arch=convnext_atto", "data=cifar10", "model.drop_path=0.1"], (1, 10))]:
         cfg = compose(args)
-        model = build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
-                            num_classes=cfg.data.num_classes, seed=0)
+        model = build_for(cfg)
         assert model(torch.zeros(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)).shape == shape
 
 

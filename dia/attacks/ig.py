@@ -115,6 +115,11 @@ class InvertingGradients(L.LightningModule):
         self.resume: dict[str, Tensor] | None = None  # a saved AttackState.as_dict() to continue from
         self.done = 0  # iterations run so far (host-side copy of state.iteration: no sync to read it)
 
+    @classmethod
+    def for_problems(cls, model: nn.Module, problems: Problems, cfg: Any, *, lower: Tensor, upper: Tensor) -> "InvertingGradients":
+        """The attack on `problems` as the server sees them: the client's masks only for the oracle."""
+        return cls(model, problems if cls.needs_client_masks else problems.public(), cfg, lower=lower, upper=upper)
+
     # ---- what subclasses change ------------------------------------------------------------------
     def init_mask_params(self, generators: list[torch.Generator]) -> dict[str, Tensor]:
         """Extra trainables (K, ...) beyond the dummies, keyed 'mask/<site>'."""

@@ -35,7 +35,7 @@ MODELS.register("resnet18", schema=ResNet18Config)(build_resnet18)
 MODELS.register("vit_b16", schema=ViTB16Config)(build_vit_b16)
 MODELS.register("timm", schema=TimmConfig)(build_timm)
 
-__all__ = ["MODELS", "build_model", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites"]
+__all__ = ["MODELS", "build_model", "build_for", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites"]
 
 
 def build_model(cfg: Any, *, channels: int, image_size: int, num_classes: int, seed: int) -> nn.Module:
@@ -48,6 +48,12 @@ def build_model(cfg: Any, *, channels: int, image_size: int, num_classes: int, s
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
     return model
+
+
+def build_for(cfg: Any) -> nn.Module:
+    """The model of a whole run config (`cfg.model`) for its data (`cfg.data`), seeded with `cfg.run.seed`."""
+    return build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                       num_classes=cfg.data.num_classes, seed=cfg.run.seed)
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dia.config import compose
-from dia.experiment import run
+from dia.run import execute
 from dia.train import _quiet_libraries
 
 ROWS = [
@@ -49,7 +49,7 @@ def main() -> None:
             cfg = compose(base + extra + [f"attack={attack}", f"model.dropout={p}", f"attack.max_iterations={args.iterations}",
                                           f"num_victims={args.victims}", "logger.wandb.mode=disabled", "run.progress=false",
                                           f"run.output_dir={args.out / 'runs'}"])
-            out = run(cfg)
+            out = execute([cfg], progress=False)[0].output
             m = out.metrics["mean"]
             label = attack.upper() + (f" ({cfg.attack.mask_param})" if attack == "dia" else "")
             rec = "-" if m["mask_recovery"] is None else f"{m['mask_recovery']:.3f}"

@@ -11,7 +11,7 @@ victim-iterations per second and peak memory per victim (CUDA only; null on CPU)
 * ``vectorized``: our engine with K problems at once in a plain loop (objective -> grad -> advance);
 * ``compiled``: the vectorized engine with its gradient program under `torch.compile` (``--compile-ks``);
   the compile time is reported apart (``compile_s``), the rate is the steady state;
-* ``lightning``: the eager vectorized engine under the Lightning Trainer (`dia.experiment.attack`), largest K only: the
+* ``lightning``: the eager vectorized engine under the Lightning Trainer (`dia.run.pack.attack`), largest K only: the
   rate of a whole call (Trainer start-up included), and its overhead over the plain loop split into a
   fixed start-up and a per-iteration part (from a second, one-iteration call).
 
@@ -40,8 +40,8 @@ from dia.attacks import ATTACKS, InvertingGradients
 from dia.baseline import run_baseline
 from dia.config import compose
 from dia.data import load_victims, normalizer
-from dia.experiment import attack as lightning_attack
-from dia.experiment import resolve_device
+from dia.run.cell import resolve_device
+from dia.run.pack import attack as lightning_attack
 from dia.models import build_for
 from dia.problems import Problems, simulate_clients
 
@@ -171,7 +171,7 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
         row["compile_s"] = started["compile_s"]
         add(row)
 
-    # (d) the eager engine under the Lightning Trainer (dia.experiment.attack), largest K
+    # (d) the eager engine under the Lightning Trainer (dia.run.pack.attack), largest K
     if lightning:
         k = max(ks)
         sub = problems.subset(list(range(k)))
@@ -180,7 +180,7 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
             run_cfg = config(model_name, attack, f"attack.max_iterations={iters}", f"attack.parallel={k}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                lightning_attack(model, sub, run_cfg, lower=lower, upper=upper, device=device, logger=None, progress=False)
+                lightning_attack(model, sub, run_cfg, lower=lower, upper=upper, device=device, progress=False)
             model.to(device)  # the Trainer's teardown moves the module (and our model) back to the CPU
 
         s, peak = measure(device, lambda: fit(warmup), lambda _: fit(iterations))

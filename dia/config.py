@@ -34,6 +34,7 @@ class RunConfig:
     save_tensors: bool = True
     progress: bool = True  # progress bar
     checkpoint_every: int = 500  # iterations between saves of the attack state (0: only on SIGUSR1/SIGTERM; -1: never)
+    compile_cache: Optional[str] = None  # torch.compile's persistent cache: a folder, off, or null (<output_dir>/.compile-cache)
 
 
 @dataclass
@@ -51,6 +52,11 @@ class LoggerConfig:
 
 
 @dataclass
+class MetricsConfig:
+    lpips: str = "auto"  # auto (AlexNet LPIPS; null with one warning when its weights cannot be had) | off
+
+
+@dataclass
 class Config:
     attack: Any = None
     model: Any = None
@@ -58,6 +64,7 @@ class Config:
     victims: Optional[List[int]] = None  # explicit victim indices; None: use num_victims
     num_victims: int = 4  # without `victims`: the first N, or N drawn with victim_seed
     victim_seed: Optional[int] = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     batch_size: int = 1  # victims per client batch: one shared gradient comes from B images
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -237,6 +244,7 @@ CHECKS: list[Check] = [
     ("batch_size", lambda v: v >= 1, "must be a positive integer"),
     ("num_victims", lambda v: v >= 1, "must be a positive integer"),
     ("run.device", lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "must be auto, cpu, cuda or cuda:N"),
+    ("metrics.lpips", lambda v: v in ("auto", "off"), "must be auto or off"),
     ("logger.wandb.mode", lambda v: v in WANDB_MODES, f"must be one of: {', '.join(WANDB_MODES)}"),
 ]
 

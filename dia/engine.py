@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -204,3 +204,27 @@ def advance(
     status = torch.where(running & ~finite, DIVERGED, status)
     state.status = status
     state.iteration = i + 1
+
+
+@dataclass
+class AttackResult:
+    """Best iterate and bookkeeping per problem (all on CPU): what an attack hands back, and what a checkpoint keeps."""
+
+    x: Tensor  # (K, B, C, H, W) normalized
+    masks: Optional[dict[str, Tensor]]  # recovered masks (K, B, ...) for attacks that optimize them
+    best_loss: Tensor
+    best_iteration: Tensor
+    iterations: Tensor
+    status: list[str]
+
+    @classmethod
+    def cat(cls, parts: list["AttackResult"]) -> "AttackResult":
+        """Several results of consecutive problems as one."""
+        return cls(
+            x=torch.cat([p.x for p in parts]),
+            masks=None if parts[0].masks is None else {k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
+            best_loss=torch.cat([p.best_loss for p in parts]),
+            best_iteration=torch.cat([p.best_iteration for p in parts]),
+            iterations=torch.cat([p.iterations for p in parts]),
+            status=[s for p in parts for s in p.status],
+        )

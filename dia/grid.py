@@ -41,14 +41,13 @@ from typing import Any, Iterable
 
 import yaml
 
-from dia.errors import UserError
+from dia.errors import ExitCode, UserError
 
 WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "dia.train", "${args_no_hyphens}"]
 SWEEP_KEYS = {"name", "description", "program", "method", "metric", "parameters", "command", "project", "entity",
               "run_cap", "early_terminate", "dia"}
 RESERVED = ("run.output_dir", "run.name", "logger.wandb.group", "logger.wandb.tags")  # set by the grid per cell
 GROUP_KEYS = ("data", "model", "attack")
-EXIT_PREEMPTED, EXIT_DIVERGED, EXIT_BAD_INPUT = 75, 3, 2
 
 
 # ----------------------------------------------------------------------------------------------- values
@@ -329,17 +328,31 @@ def note(msg: str) -> None:
     print(f"[dia.grid] {msg}", file=sys.stderr, flush=True)
 
 
-def _devices(parallel: int) -> list[str | None]:
-    if parallel <= 1:
-        return [None]
+def _devices(parallel: int) -> list[str]:
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     visible = visible or [str(i) for i in range(parallel)]
     return [visible[i % len(visible)] for i in range(parallel)]
 
 
+WORST = [ExitCode.PREEMPTED, ExitCode.INTERRUPTED, ExitCode.BAD_INPUT, ExitCode.FAILED, ExitCode.DIVERGED, ExitCode.OK]
+
+
+def worst(codes: Iterable[int]) -> int:
+    """The exit code that matters most: a stop, then bad input, then a failure, then a divergence."""
+    codes = list(codes)
+    return min(codes, key=lambda c: WORST.index(c) if c in WORST else WORST.index(ExitCode.FAILED), default=ExitCode.OK)
+
+
 def run_cells(grid: Grid, folder: Path, cells: list[Cell], *, force: bool = False, parallel: int = 1,
-              python: str = sys.executable) -> int:
-    """Run `cells` (at most `parallel` at once, one GPU each); the worst exit code (75 > 2 > 1 > 3 > 0)."""
+              python: str = sys.executable, results_root: str | Path | None = None) -> int:
+    """Run the unfinished `cells`, packed into as few programs as their configs allow (dia.run.pack).
+
+    With `parallel` > 1 the cells are shared out (whole packs at a time) between that many child
+    processes, one GPU each. Returns the worst exit code (see `worst`).
+    """
+    from dia.config import compose
+    from dia.run import execute, signals
+
     todo: list[Cell] = []
     for cell in cells:
         st = status(grid, folder, cell)
@@ -351,52 +364,63 @@ def run_cells(grid: Grid, folder: Path, cells: list[Cell], *, force: bool = Fals
                 if p.exists():
                     note(f"--force: removing {p}")
                     shutil.rmtree(p)
-        elif (folder / cell.id).exists():
-            raise UserError(f"{folder / cell.id} exists without metrics.json; remove it or use --force")
         todo.append(cell)
-    free = _devices(parallel)
-    running: dict[subprocess.Popen, tuple[Cell, str | None]] = {}
-    codes: dict[int, int] = {}
-    stop = {"signal": None}
+    if not todo:
+        return ExitCode.OK
+    configs = [compose(train_args(grid, folder, c)) for c in todo]
+    if parallel > 1:
+        return _run_children(grid, todo, configs, parallel, python, results_root)
+    signals.install()
+    try:
+        outcomes = execute(configs, keep_going=True, note=note)
+    except signals.Stopped as exc:
+        left = sum(status(grid, folder, c) != "done" for c in todo)
+        note(f"{exc}; {left} cell(s) unfinished: rerun the same command to resume")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        note("interrupted: the last saved checkpoints are kept; rerun the same command to resume")
+        return ExitCode.INTERRUPTED
+    failed = [(c, o) for c, o in zip(todo, outcomes) if o.code not in (ExitCode.OK, ExitCode.DIVERGED)]
+    for cell, outcome in failed:
+        note(f"cell {cell.index} ({cell.id}): exit {int(outcome.code)}: {outcome.message}")
+    note(f"{len(todo) - len(failed)} of {len(todo)} cell(s) finished" + (f", {len(failed)} failed" if failed else ""))
+    return worst(o.code for o in outcomes)
+
+
+def _run_children(grid: Grid, todo: list[Cell], configs: list[Any], parallel: int, python: str,
+                  results_root: str | Path | None) -> int:
+    """Share `todo` between `parallel` child processes (`dia.grid --run`), keeping packable cells together."""
+    from dia.run.pack import pack_key_of
+
+    groups: dict[str, list[Cell]] = {}
+    for cell, cfg in zip(todo, configs):
+        groups.setdefault(pack_key_of(cfg), []).append(cell)
+    shares: list[list[Cell]] = [[] for _ in range(parallel)]
+    for group in sorted(groups.values(), key=len, reverse=True):
+        min(shares, key=len).extend(group)
+    procs: list[subprocess.Popen] = []
+    for device, share in zip(_devices(parallel), shares):
+        if not share:
+            continue
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+        args = [python, "-m", "dia.grid", str(grid.path), "--run", ",".join(str(c.index) for c in share)]
+        if results_root is not None:
+            args += ["--results-root", str(results_root)]
+        note(f"{len(share)} cell(s) on GPU {device}")
+        procs.append(subprocess.Popen(args, env=env))
 
     def forward(signum: int, _frame: Any) -> None:
-        stop["signal"] = signum
-        for proc in list(running):
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        queue = list(todo)
-        while queue or running:
-            while queue and free and stop["signal"] is None:
-                cell, device = queue.pop(0), free.pop(0)
-                env = dict(os.environ)
-                if device is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = device
-                verb = "resuming" if status(grid, folder, cell) == "partial" else "running"
-                note(f"{verb} cell {cell.index} ({cell.id})" + (f" on GPU {device}" if device is not None else ""))
-                proc = subprocess.Popen([python, "-m", "dia.train", *train_args(grid, folder, cell)], env=env)
-                running[proc] = (cell, device)
-            if stop["signal"] is not None and not running:
-                break
-            time.sleep(0.2)
-            for proc in [p for p in running if p.poll() is not None]:
-                cell, device = running.pop(proc)
-                free.append(device)
-                codes[cell.index] = proc.returncode
-                if proc.returncode not in (0, EXIT_DIVERGED):
-                    note(f"cell {cell.index} ({cell.id}) exited with code {proc.returncode}")
+        codes = [proc.wait() for proc in procs]
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if stop["signal"] is not None:
-        left = len(todo) - len([c for c in codes.values() if c in (0, EXIT_DIVERGED)])
-        note(f"stopped by signal {stop['signal']}: {left} cell(s) unfinished; rerun the same command to resume")
-        return EXIT_PREEMPTED
-    rank = {EXIT_PREEMPTED: 5, EXIT_BAD_INPUT: 4, EXIT_DIVERGED: 1, 0: 0}
-    worst = max(codes.values(), key=lambda c: rank.get(c, 3), default=0)
-    return worst
+    return worst(codes)
 
 
 def parse_indices(text: str, n: int) -> list[int]:
@@ -510,10 +534,10 @@ def main(argv: list[str] | None = None) -> int:
             cells = list(grid.cells)
         folder = prepare(grid, a.results_root, None if a.run_all else cells)
         parallel = a.parallel or (a.per_task if a.task is not None else 1)
-        return run_cells(grid, folder, cells, force=a.force, parallel=parallel)
+        return run_cells(grid, folder, cells, force=a.force, parallel=parallel, results_root=a.results_root)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
 
 
 if __name__ == "__main__":

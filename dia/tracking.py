@@ -1,4 +1,4 @@
-"""Weights & Biases through Lightning's logger: offline by default, never a login prompt."""
+"""Weights & Biases: offline by default, never a login prompt; one W&B run per dia run, written when it is done."""
 
 from __future__ import annotations
 
@@ -7,18 +7,45 @@ from pathlib import Path
 from typing import Any
 
 
-def wandb_logger(cfg: Any, *, save_dir: Path, name: str, config: dict[str, Any]):
-    """A `WandbLogger` for `cfg.logger.wandb`, or None when mode=disabled."""
+def has_login(host: str = "api.wandb.ai") -> bool:
+    """Whether W&B online mode can authenticate without a prompt (WANDB_API_KEY, or a netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def log_run(cfg: Any, save_dir: Path, *, name: str, run_id: str, curves: list[dict[str, Any]], originals: Any,
+            reconstructions: Any, captions: list[str], rows: list[dict[str, Any]], summary: dict[str, Any]) -> str | None:
+    """A run's whole W&B record, written once when the run is done: config, curves stepped by attack
+    iteration, the image grid, the per-victim table and the final summary. Resumes the run `run_id` if it
+    exists, so a cell is one W&B run however often it was interrupted. Returns the local run directory
+    (None when logger.wandb.mode=disabled)."""
     wb = cfg.logger.wandb
     if wb.mode == "disabled":
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
-    from lightning.pytorch.loggers import WandbLogger
+    import wandb
+    from omegaconf import OmegaConf
 
-    return WandbLogger(
-        name=name, save_dir=str(save_dir), project=wb.project, entity=wb.entity, group=wb.group,
-        tags=list(wb.tags) or None, mode=wb.mode, config=config, log_model=False,
-    )
+    run = wandb.init(dir=str(save_dir), id=run_id, resume="allow", name=name, project=wb.project, entity=wb.entity,
+                     group=wb.group, tags=list(wb.tags) or None, mode=wb.mode, config=OmegaConf.to_container(cfg),
+                     settings=wandb.Settings(console="off", silent=True))
+    try:
+        for point in curves:
+            values = {k: v for k, v in point.items() if k not in ("iteration", "group", "step")}
+            run.log(values, step=int(point.get("step", point.get("iteration", 0))))
+        log_reconstructions(run, originals, reconstructions, captions=captions)
+        log_victim_table(run, rows)
+        run.summary.update(summary)
+        directory = str(Path(run.dir).parent)
+    finally:
+        run.finish()
+    return directory
 
 
 VICTIM_COLUMNS = ("index", "label", "problem", "status", "iterations", "best_iteration", "loss", "mse", "psnr", "ssim",
@@ -60,17 +87,6 @@ def log_victim_table(logger: Any, rows: list[dict[str, Any]], *, key: str = "vic
 
     present = [c for c in columns if any(c in r for r in rows)]
     _run(logger).log({key: wandb.Table(columns=present, data=[[r.get(c) for c in present] for r in rows])})
-
-
-def finish(logger: Any, summary: dict[str, Any]) -> str | None:
-    """Write final metrics into the run summary, close the run, and return its local directory."""
-    if logger is None:
-        return None
-    run = logger.experiment
-    run.summary.update(summary)
-    directory = str(Path(run.dir).parent)
-    run.finish()
-    return directory
 
 
 def read_offline_run(run_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from dia.errors import UserError
+from dia.errors import ExitCode, UserError
 
 USAGE_HINT = "see `python -m dia.train --help`"
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if "-h" in args or "--help" in args:
             print(help_text([a for a in args if a not in ("-h", "--help")]))
-            return 0
+            return ExitCode.OK
         base = None
         if "--config" in args:
             i = args.index("--config")
@@ -68,21 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         if describe:
             return _describe(cfg)
-        from dia.checkpoint import Preempted, install_signal_handlers
-        from dia.experiment import run
+        from dia.run import execute, signals
 
-        install_signal_handlers()
+        signals.install()
         try:
-            out = run(cfg)
-        except Preempted as exc:
-            print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
-            return 75  # EX_TEMPFAIL: a scheduler may requeue
+            out = execute([cfg], progress=cfg.run.progress)[0].output
+        except signals.Stopped as exc:
+            print(f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; "
+                  "rerun the same command to resume", file=sys.stderr)
+            return exc.exit_code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted: nothing was written for this run", file=sys.stderr)
-        return 130
+        print("interrupted: the last saved checkpoint is kept; rerun the same command to resume", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except OSError as exc:  # a full disk, a vanished folder: the run's checkpoint stays as it was
+        print(f"error: {exc.strerror or exc} ({exc.filename or 'I/O'}); the run's folder and checkpoint are kept: "
+              "free space and rerun the same command to resume", file=sys.stderr)
+        return ExitCode.FAILED
     m = out.metrics
     print()
     print(_table(m["victims"]))
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.wandb_dir:
         print(f"W&B offline run: {out.wandb_dir} (upload with `wandb sync {out.wandb_dir}`)" if m and "offline" in out.wandb_dir
               else f"W&B run: {out.wandb_dir}")
-    return 0 if m["status"] == "completed" else 3
+    return ExitCode.OK if m["status"] == "completed" else ExitCode.DIVERGED
 
 
 def _describe(cfg) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from dia import metrics as M
 from dia.attacks import ATTACKS
-from dia.experiment import attack
+from dia.run.pack import attack
 
 BUDGET = ["attack.max_iterations=250", "logger.wandb.mode=disabled", "run.progress=false"]
 

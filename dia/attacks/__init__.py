@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dia.attacks.dia import DIAConfig, DropoutInversionAttack
-from dia.attacks.ig import AttackConfig, AttackResult, InvertingGradients
+from dia.attacks.ig import AttackConfig, InvertingGradients, Part
+from dia.engine import AttackResult
 from dia.attacks.wiig import WellInformedIG
 from dia.registry import Registry
 
@@ -12,4 +13,4 @@ ATTACKS.register("ig", schema=AttackConfig)(InvertingGradients)
 ATTACKS.register("wiig", schema=AttackConfig)(WellInformedIG)
 ATTACKS.register("dia", schema=DIAConfig)(DropoutInversionAttack)
 
-__all__ = ["ATTACKS", "AttackConfig", "DIAConfig", "AttackResult", "InvertingGradients", "WellInformedIG", "DropoutInversionAttack"]
+__all__ = ["ATTACKS", "AttackConfig", "DIAConfig", "AttackResult", "InvertingGradients", "Part", "WellInformedIG", "DropoutInversionAttack"]

@@ -19,11 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dia.attacks.ig import AttackConfig, InvertingGradients
-from dia.losses import keep_rate_penalty
-from dia.models.dropout import Mode
-
-PREFIX = "mask/"
+from dia.attacks.ig import AttackConfig, InvertingGradients, Part
 
 
 @dataclass
@@ -41,45 +37,25 @@ MASK_PARAMS = ("clip", "sigmoid")
 class DropoutInversionAttack(InvertingGradients):
     """IG plus one trainable mask per dropout site and problem."""
 
-    mask_mode: Mode = "replay"
+    @classmethod
+    def trains_masks(cls) -> bool:
+        return True
 
-    def init_mask_params(self, generators: list[torch.Generator]) -> dict[str, Tensor]:
-        out = {}
-        for site, shape in self.problems.mask_shapes.items():
-            if self.problems.kinds.get(site) == "drop_path" and not self.cfg.model_drop_path:
-                continue  # not modelled: the attacker's copy keeps every residual branch
-            keep = torch.full(shape, 1.0 - self.problems.rates[site])
-            draws = torch.stack([torch.bernoulli(keep, generator=g) for g in generators])
-            if self.cfg.mask_param == "sigmoid":
-                draws = (2 * draws - 1) * self.cfg.mask_init_logit
-            out[PREFIX + site] = draws
-        return out
+    @classmethod
+    def site_role(cls, part: Part, site: str) -> str | None:
+        if part.problems.kinds.get(site) == "drop_path" and not part.cfg.model_drop_path:
+            return None  # not modelled: the attacker's copy keeps every residual branch
+        return "train"
 
-    def masks(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        raw = {k[len(PREFIX):]: v for k, v in params.items() if k.startswith(PREFIX)}
-        if self.cfg.mask_param == "sigmoid":
-            return {k: torch.sigmoid(v) for k, v in raw.items()}
-        return raw
+    @classmethod
+    def init_mask(cls, part: Part, site: str, generators: list[torch.Generator]) -> Tensor:
+        """Bernoulli(1 - p) draws from each problem's generator (sigmoid: logits at +/- mask_init_logit)."""
+        keep = torch.full(part.problems.mask_shapes[site], 1.0 - part.problems.rates[site])
+        draws = torch.stack([torch.bernoulli(keep, generator=g) for g in generators])
+        if part.cfg.mask_param == "sigmoid":
+            draws = (2 * draws - 1) * part.cfg.mask_init_logit
+        return draws
 
-    def regularizer(self, masks: dict[str, Tensor] | None) -> Tensor | float:
-        if not masks:
-            return 0.0
-        return self.cfg.mask_weight * keep_rate_penalty(masks, self.problems.rates)
-
-    def mask_curves(self) -> dict[str, Tensor]:
-        """Mean keep-rate of the current masks (the client's is 1 - p) and their share of undecided entries."""
-        masks = self.masks(self.state.params)
-        if not masks:
-            return {}
-        flat = torch.cat([m.detach().flatten(1) for m in masks.values()], dim=1)
-        return {
-            "masks/keep_rate": flat.mean(),
-            "masks/undecided": ((flat > 0.1) & (flat < 0.9)).float().mean(),
-        }
-
-    def project(self, params: dict[str, Tensor]) -> None:
-        super().project(params)
-        if self.cfg.mask_param == "clip":
-            for k, v in params.items():
-                if k.startswith(PREFIX):
-                    v.clamp_(0.0, 1.0)
+    @classmethod
+    def mask_weight(cls, part: Part) -> float:
+        return part.cfg.mask_weight

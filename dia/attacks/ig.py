@@ -3,8 +3,10 @@
 "Training" optimizes K problems' dummy inputs at once (see dia.engine) so that their gradient matches the
 captured one: cosine gradient distance over all parameters + TV, signed Adam, images boxed to the valid
 range. The attacker's model runs without dropout (eval mode), as in the paper's IG baseline.
-Subclasses state only what differs: which masks the attacker's model applies, which extra trainables
-there are, and their regularizer.
+Subclasses state only what differs, per dropout site: whether the attacker's copy applies the client's
+mask there (WIIG) or a trainable one (DIA), how trainable masks start, and the weight of their regularizer.
+Because that is per problem, one module can attack a *pack*: IG, WIIG and DIA problems at several dropout
+rates of the same model, in one vectorized program (`InvertingGradients.pack`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,16 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Sequence
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 import torch
 from torch import Tensor, nn
 
-from dia.engine import STATUS, AttackState, Layout, Schedule, advance
+from dia.engine import STATUS, AttackResult, AttackState, Layout, Schedule, advance
 from dia.gradients import problem_gradients
-from dia.losses import cosine_distance, total_variation
-from dia.models.dropout import Mode
+from dia.losses import cosine_distance, keep_rate_penalty, total_variation
 from dia.problems import Problems
 
 
@@ -46,18 +47,6 @@ class AttackConfig:
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped
     log_every: int = 50  # iterations between logged training curves
-
-
-@dataclass
-class AttackResult:
-    """Best iterate and bookkeeping per problem (all on CPU)."""
-
-    x: Tensor  # (K, B, C, H, W) normalized
-    masks: Optional[dict[str, Tensor]]  # recovered masks (K, B, ...) for attacks that optimize them
-    best_loss: Tensor
-    best_iteration: Tensor
-    iterations: Tensor
-    status: list[str]
 
 
 INITS = {
@@ -87,23 +76,51 @@ class CompiledOrEager:
             return self.fn(*args)
 
 
-class InvertingGradients(L.LightningModule):
-    """IG: optimize dummies only; the attacker's copy of the model runs without dropout."""
+@dataclass(frozen=True)
+class Part:
+    """Problems of one attack inside a module: a module attacks one part, or several at once (a pack).
 
-    mask_mode: Mode = "off"
+    `problems` are as the server sees them (see `InvertingGradients.view`); `cfg` is the attack's config.
+    """
+
+    attack: type["InvertingGradients"]
+    problems: Problems
+    cfg: Any
+
+
+class InvertingGradients(L.LightningModule):
+    """IG: optimize dummies only; the attacker's copy of the model runs without dropout.
+
+    A module attacks the problems of one or more `Part`s in one vectorized program. Each row (problem) says
+    per dropout site what the attacker's copy applies there: nothing (IG), the client's mask (WIIG) or a
+    trained mask (DIA), at its own rate. So IG, WIIG and DIA at every rate of one model share one program.
+    """
+
     needs_client_masks = False  # True only for the oracle (WIIG)
 
-    def __init__(self, model: nn.Module, problems: Problems, cfg: Any, *, lower: Tensor, upper: Tensor) -> None:
+    def __init__(self, model: nn.Module, problems: Problems | None, cfg: Any, *, lower: Tensor, upper: Tensor,
+                 parts: Sequence[Part] | None = None) -> None:
         super().__init__()
-        if problems.true_masks is not None and not self.needs_client_masks:
-            raise ValueError(f"{type(self).__name__} must not see the client's dropout masks")
+        parts = list(parts) if parts else [Part(type(self), problems, cfg)]
+        for part in parts:
+            if part.problems.true_masks is not None and not part.attack.needs_client_masks:
+                raise ValueError(f"{part.attack.__name__} must not see the client's dropout masks")
+        self.parts = parts
         self.automatic_optimization = False
         self.model = copy.deepcopy(model).eval().requires_grad_(False)  # the caller's model stays untouched
         # The client normalizes with batch statistics (train mode); so does the attacker's copy, without
         # running-stat updates (which vmap cannot batch).
         torch.func.replace_all_batch_norm_modules_(self.model)
-        self.problems = problems
+        first = parts[0].problems
+        self.targets = {n: torch.cat([p.problems.targets[n] for p in parts]) for n in first.targets}
+        self.labels = torch.cat([p.problems.labels for p in parts])
+        self.seeds = [s for p in parts for s in p.problems.seeds]
+        self.input_shape = first.input_shape
+        cfg = parts[0].cfg  # a pack shares every setting but the attack's own (dia.run.pack checks it)
         self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg  # plain dataclass: cheap to read
+        trainer_cfg = next((p.cfg for p in parts if p.attack.trains_masks()), None)
+        self.mask_param = getattr(trainer_cfg, "mask_param", "clip")
+        self._rows(parts)
         self.register_buffer("lower", lower.clone())
         self.register_buffer("upper", upper.clone())
         self.schedule = Schedule(
@@ -116,52 +133,137 @@ class InvertingGradients(L.LightningModule):
         self.done = 0  # iterations run so far (host-side copy of state.iteration: no sync to read it)
 
     @classmethod
+    def view(cls, problems: Problems) -> Problems:
+        """`problems` as this attack's server sees them: the client's masks only for the oracle."""
+        return problems if cls.needs_client_masks else problems.public()
+
+    @classmethod
     def for_problems(cls, model: nn.Module, problems: Problems, cfg: Any, *, lower: Tensor, upper: Tensor) -> "InvertingGradients":
-        """The attack on `problems` as the server sees them: the client's masks only for the oracle."""
-        return cls(model, problems if cls.needs_client_masks else problems.public(), cfg, lower=lower, upper=upper)
+        """The attack on `problems` as the server sees them."""
+        return cls(model, cls.view(problems), cfg, lower=lower, upper=upper)
 
-    # ---- what subclasses change ------------------------------------------------------------------
-    def init_mask_params(self, generators: list[torch.Generator]) -> dict[str, Tensor]:
-        """Extra trainables (K, ...) beyond the dummies, keyed 'mask/<site>'."""
-        return {}
+    @staticmethod
+    def pack(model: nn.Module, parts: Sequence[Part], *, lower: Tensor, upper: Tensor) -> "InvertingGradients":
+        """One module for several parts (attacks, rates, victims) of the same model and attack settings."""
+        return InvertingGradients(model, None, None, lower=lower, upper=upper, parts=parts)
 
-    def masks(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        """The masks the attacker's model applies, {site: (K, B, ...)}; None for no dropout."""
+    # ---- what subclasses change: per dropout site, what the attacker's copy applies ---------------
+    @classmethod
+    def site_role(cls, part: Part, site: str) -> str | None:
+        """'train' (a trainable mask), 'client' (the client's mask) or None (no dropout at this site)."""
         return None
 
-    def regularizer(self, masks: dict[str, Tensor] | None) -> Tensor | float:
+    @classmethod
+    def trains_masks(cls) -> bool:
+        return False
+
+    @classmethod
+    def init_mask(cls, part: Part, site: str, generators: list[torch.Generator]) -> Tensor:
+        """Initial mask parameters (n, B, ...) of the part's rows at a trained site."""
+        return torch.ones(len(generators), *part.problems.mask_shapes[site])
+
+    @classmethod
+    def mask_weight(cls, part: Part) -> float:
+        """Weight of the keep-rate penalty for the part's rows."""
         return 0.0
 
     def project(self, params: dict[str, Tensor]) -> None:
-        """Keep trainables in their valid set (in place)."""
+        """Keep trainables in their valid set (in place): images in the box, clipped masks in [0, 1]."""
         if self.cfg.boxed:
             x = params["x"]
             x.copy_(torch.maximum(torch.minimum(x, self.upper), self.lower))
+        if self.mask_param == "clip":
+            for k, v in params.items():
+                if k.startswith(MASK):
+                    v.clamp_(0.0, 1.0)
+
+    # ---- rows ---------------------------------------------------------------------------------------
+    def _rows(self, parts: list[Part]) -> None:
+        """Per site, per row: whether the mask trains, the client's mask, the scale 1/(1-p), the target rate."""
+        roles = [{site: _role(part, site) for site in part.problems.mask_shapes} for part in parts]
+        sites: dict[str, tuple[int, ...]] = {}
+        for part, role in zip(parts, roles):
+            sites.update({s: part.problems.mask_shapes[s] for s, r in role.items() if r is not None and s not in sites})
+        self.sites = sites
+        self.trained_sites = [s for s in sites if any(r.get(s) == "train" for r in roles)]
+        self.train, self.client, self.scale, self.rate = {}, {}, {}, {}
+        for site, shape in sites.items():
+            train, client, scale, rate = [], [], [], []
+            for part, role in zip(parts, roles):
+                n, r, p = part.problems.num_problems, role.get(site), part.problems.rates.get(site, 0.0)
+                train.append(torch.full((n,), r == "train"))
+                scale.append(torch.full((n,), 1.0 / (1.0 - p) if r is not None else 1.0))
+                rate.append(torch.full((n,), p if r == "train" else 0.0))
+                client.append(part.problems.true_masks[site] if r == "client" else torch.ones(n, *shape))
+            self.train[site], self.scale[site], self.rate[site] = torch.cat(train), torch.cat(scale), torch.cat(rate)
+            if any(role.get(site) == "client" for role in roles):
+                self.client[site] = torch.cat(client)
+        self.weights = torch.cat([torch.full((p.problems.num_problems,), p.attack.mask_weight(p)) for p in parts])
+        self.mixed = {s: not bool(self.train[s].all()) for s in sites}  # rows that do not train this site
+
+    def masks(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The (unscaled) masks every row applies, {site: (K, B, ...)}; None when no row drops anything."""
+        if not self.sites:
+            return None
+        out = {}
+        for site in self.sites:
+            fixed = self.client.get(site)
+            raw = params.get(MASK + site)
+            if raw is None:  # no row trains this site: the client's masks where given (WIIG rows)
+                out[site] = fixed
+                continue
+            value = torch.sigmoid(raw) if self.mask_param == "sigmoid" else raw
+            if self.mixed[site]:
+                value = torch.where(_column(self.train[site], value), value, 1.0 if fixed is None else fixed)
+            out[site] = value
+        return out
+
+    def regularizer(self, masks: dict[str, Tensor] | None) -> Tensor | float:
+        if not self.trained_sites:
+            return 0.0
+        return self.weights * keep_rate_penalty({s: masks[s] for s in self.trained_sites}, self.rate)
 
     # ---- shared machinery ------------------------------------------------------------------------
     def initial_params(self) -> dict[str, Tensor]:
-        gens = [torch.Generator().manual_seed(s) for s in self.problems.seeds]
-        x = torch.stack([INITS[self.cfg.init](self.problems.input_shape, g) for g in gens])
-        return {"x": x, **self.init_mask_params(gens)}
+        """Per row, from its own seed: the dummies, then the masks of the sites its attack trains."""
+        out: dict[str, list[Tensor]] = {"x": []}
+        out.update({MASK + s: [] for s in self.trained_sites})
+        start = 0
+        for part in self.parts:
+            gens = [torch.Generator().manual_seed(s) for s in self.seeds[start : start + part.problems.num_problems]]
+            start += len(gens)
+            out["x"].append(torch.stack([INITS[self.cfg.init](self.input_shape, g) for g in gens]))
+            for site in self.trained_sites:
+                trains = _role(part, site) == "train"
+                out[MASK + site].append(part.attack.init_mask(part, site, gens) if trains
+                                        else torch.ones(len(gens), *self.sites[site]))
+        return {k: torch.cat(v) for k, v in out.items()}
 
     def objective(self, params: dict[str, Tensor]) -> Tensor:
         """Reconstruction loss per problem, (K,)."""
         masks = self.masks(params)
-        grads = problem_gradients(self.model, self.model_params, params["x"], self.problems.labels, masks, self.mask_mode)
-        loss = cosine_distance(grads, self.problems.targets) + self.cfg.tv_weight * total_variation(params["x"])
+        applied = None if masks is None else {s: m * _column(self.scale[s], m) for s, m in masks.items()}
+        grads = problem_gradients(self.model, self.model_params, params["x"], self.labels, applied,
+                                  "apply" if applied else "off")
+        loss = cosine_distance(grads, self.targets) + self.cfg.tv_weight * total_variation(params["x"])
         return loss + self.regularizer(masks)
 
     def on_fit_start(self) -> None:
-        self.problems = self.problems.to(self.device)
+        dev = self.device
+        self.targets = {n: t.to(dev) for n, t in self.targets.items()}
+        self.labels = self.labels.to(dev)
+        for table in (self.train, self.client, self.scale, self.rate):
+            table.update({s: t.to(dev) for s, t in table.items()})
+        self.weights = self.weights.to(dev)
         self.model_params = {n: p.detach() for n, p in self.model.named_parameters()}
-        params = {n: t.to(self.device) for n, t in self.initial_params().items()}
+        params = {n: t.to(dev) for n, t in self.initial_params().items()}
         if self.resume is not None:
-            self.state = AttackState.from_dict(self.resume, Layout.of(params), self.device)
+            self.state = AttackState.from_dict(self.resume, Layout.of(params), dev)
         else:
             self.state = AttackState.create(params, self.cfg.lr)
             with torch.no_grad():
                 self.project(self.state.params)
-        self.signed_columns = self.state.layout.columns(self.schedule.signed, self.device)
+        self.signed_columns = self.state.layout.columns(self.schedule.signed, dev)
         self.done = 0 if self.resume is None else int(self.resume["iteration"])
         self.gradient = self.gradient_program()
 
@@ -208,7 +310,8 @@ class InvertingGradients(L.LightningModule):
             return self.done // every > before // every or self.done == self.cfg.max_iterations
 
         if self.logger is not None and (crossed(self.cfg.log_every) or before == 0):
-            self.log_dict(self.curves(losses), prog_bar=False, on_step=True, logger=True)
+            # stepped by attack iteration (not by Lightning batch), so resumed runs continue their curves
+            self.logger.log_metrics({k: float(v) for k, v in self.curves(losses).items()}, step=self.done)
         if crossed(self.cfg.check_every):  # the only host sync: is any problem still running?
             self.log("loss", self.state.best_loss.mean(), prog_bar=True, on_step=True, logger=False)
             if not bool(self.state.active.any()):
@@ -217,27 +320,52 @@ class InvertingGradients(L.LightningModule):
     def curves(self, losses: Tensor) -> dict[str, Tensor]:
         """What is worth plotting while an attack runs: means over all problems (stopped ones at their last value)."""
         s = self.state
-        return {
+        out = {
             "attack/loss": s.last_loss.mean(),
             "attack/best_loss": s.best_loss.mean(),
             "attack/lr": s.lr.mean(),
             "attack/running": s.active.sum(),
-            **self.mask_curves(),
         }
+        if self.trained_sites:  # the trained masks' mean keep-rate (the client's is 1 - p) and undecided share
+            masks = self.masks(s.params)
+            flat = torch.cat([masks[k].detach()[self.train[k]].flatten() for k in self.trained_sites])
+            out["masks/keep_rate"] = flat.mean()
+            out["masks/undecided"] = ((flat > 0.1) & (flat < 0.9)).float().mean()
+        return out
 
-    def mask_curves(self) -> dict[str, Tensor]:
-        """Curves about the masks this attack optimizes (none for IG)."""
-        return {}
-
-    def result(self) -> AttackResult:
+    def results(self) -> list[AttackResult]:
+        """Each part's best iterates and bookkeeping, in part order."""
         s = self.state
         best = s.best_params
-        best_masks = self.masks(best)
-        return AttackResult(
-            x=best["x"].detach().cpu(),
-            masks=None if best_masks is None or self.needs_client_masks else {k: v.detach().cpu() for k, v in best_masks.items()},
-            best_loss=s.best_loss.cpu(),
-            best_iteration=s.best_iteration.cpu(),
-            iterations=s.iterations.cpu(),
-            status=[STATUS[int(c)] for c in s.status.cpu()],
-        )
+        masks = self.masks(best) if self.trained_sites else None
+        out, start = [], 0
+        for part in self.parts:
+            rows = slice(start, start + part.problems.num_problems)
+            start = rows.stop
+            own = [k for k in self.trained_sites if _role(part, k) == "train"]
+            out.append(AttackResult(
+                x=best["x"][rows].detach().cpu(),
+                masks={k: masks[k][rows].detach().cpu() for k in own} if own else None,
+                best_loss=s.best_loss[rows].cpu(),
+                best_iteration=s.best_iteration[rows].cpu(),
+                iterations=s.iterations[rows].cpu(),
+                status=[STATUS[int(c)] for c in s.status[rows].cpu()],
+            ))
+        return out
+
+    def result(self) -> AttackResult:
+        """All problems' result (one part, or the parts concatenated)."""
+        return AttackResult.cat(self.results())
+
+
+MASK = "mask/"  # trainable mask parameters are named mask/<site>
+
+
+def _role(part: Part, site: str) -> str | None:
+    """What `part`'s rows apply at `site`: nothing where the part's model does not drop there (p = 0)."""
+    return part.attack.site_role(part, site) if site in part.problems.mask_shapes else None
+
+
+def _column(per_row: Tensor, like: Tensor) -> Tensor:
+    """A (K,) tensor shaped to broadcast over `like` (K, ...)."""
+    return per_row.view(-1, *([1] * (like.dim() - 1)))

@@ -7,6 +7,8 @@ exactly like `nn.Dropout`. Inside one, all sites of the model follow the block's
   (the client);
 * ``replay``: apply the mask given for the site name (WIIG's oracle masks, DIA's optimized masks); masks
   may be fractional in [0, 1];
+* ``apply``: multiply by the mask given for the site name as it is (already scaled, whatever the site's p):
+  a pack of attack problems with different dropout rates runs one attacker model this way;
 * ``off``: no dropout at all (IG's attacker model, which runs in eval mode as in the paper's code).
 
 Masks have the shape of the site's input, batch dimension included, and are applied with the usual
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Mode = Literal["record", "replay", "off"]
+Mode = Literal["record", "replay", "apply", "off"]
 Kind = Literal["module", "drop_path", "functional"]
 
 # The real functional ops: sites call these, so routing never loops back into itself.
@@ -84,6 +86,9 @@ class CapturableDropout(nn.Module):
             return self.uncontrolled(x)
         if ctl.visited is not None:
             ctl.visited.add(self.site)
+        if ctl.mode == "apply":
+            given = ctl.masks.get(self.site)
+            return x if given is None else x * given
         if ctl.mode == "off" or self.p == 0.0:
             return x
         if ctl.mode == "record":

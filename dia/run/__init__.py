@@ -1,0 +1,145 @@
+"""One run, or many runs packed into few programs: the run contract.
+
+`execute(configs)` is the only way anything runs a configuration (dia.train for one, dia.grid for many):
+
+1. each run is checked, its folder locked and opened (`<root>/.<name>.partial`, resumed when it holds the
+   same config), before anything heavy happens;
+2. runs that can share a program (dia.run.pack) are packed, prepared just in time (victims -> clients ->
+   problems) and attacked; every run saves its own checkpoint rows;
+3. a run whose problems are all finished is scored and written, then its folder is renamed to its final
+   place (dia.run.cell.write).
+
+Signals (dia.run.signals) stop every pack at a step boundary with the checkpoints saved; a failure leaves
+every folder and checkpoint as it was. Exit codes are `dia.errors.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from dia.engine import AttackResult
+from dia.errors import ExitCode, UserError
+from dia.run import pack as packs
+from dia.run.cell import Cell, RunOutput, check, open_cell, prepare, release, trim_curves, write
+from dia.run.signals import STOP, Stopped
+
+log = logging.getLogger("dia")
+
+__all__ = ["Outcome", "execute", "check"]
+
+
+@dataclass
+class Outcome:
+    """How one run ended in this process."""
+
+    name: str
+    code: ExitCode
+    output: RunOutput | None = None
+    message: str | None = None
+
+
+def _limit(cells: list[Cell]) -> int:
+    """Problems per program: `attack.parallel`, or (auto) all on CPU and as many as fit on a GPU."""
+    parallel = cells[0].cfg.attack.parallel
+    if parallel != "auto":
+        return int(parallel)
+    if cells[0].device.type != "cuda":
+        return max(1, sum(c.num_problems for c in cells))
+    return packs.auto_limit([prepare(c) if c.problems is None else c for c in cells[:2]], total=sum(c.num_problems for c in cells))
+
+
+def execute(configs: list[DictConfig], *, progress: bool = True, keep_going: bool = False,
+            note: Callable[[str], None] = lambda msg: log.info(msg)) -> list[Outcome]:
+    """Run every config (packed where possible); one `Outcome` per config, in order.
+
+    Without `keep_going` the first bad input or failure raises (dia.train); with it (dia.grid) that run's
+    outcome records it and the others go on. A stop signal raises `Stopped` after saving everything.
+    """
+    outcomes: dict[int, Outcome] = {}
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(packs.pack_key_of(cfg), []).append(i)
+    for members in groups.values():
+        cells: dict[int, Cell] = {}
+        try:
+            for i in members:
+                try:
+                    cells[i] = open_cell(configs[i])
+                except UserError as exc:
+                    if not keep_going:
+                        raise
+                    outcomes[i] = Outcome(str(configs[i].run.name), ExitCode.BAD_INPUT, message=str(exc))
+                    note(f"{configs[i].run.name}: {exc}")
+            for cell in cells.values():
+                if cell.resumed:
+                    trim_curves(cell)
+            if cells:
+                _run_group(cells, outcomes, progress=progress, keep_going=keep_going, note=note)
+        finally:
+            for cell in cells.values():
+                release(cell)
+    return [outcomes[i] for i in range(len(configs))]
+
+
+def _finish(cell: Cell) -> Outcome:
+    parts = [cell.checkpoint.done[g] for g in sorted(cell.checkpoint.done)]
+    out = write(prepare(cell) if cell.problems is None else cell, AttackResult.cat(parts))
+    code = ExitCode.OK if out.metrics["status"] == "completed" else ExitCode.DIVERGED
+    return Outcome(cell.name, code, out)
+
+
+def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress: bool, keep_going: bool,
+               note: Callable[[str], None]) -> None:
+    index = {id(c): i for i, c in cells.items()}
+
+    def guarded(cell: Cell, work: Callable[[], object]) -> bool:
+        """Run `work` for `cell`; with keep_going a bad input or fault ends only this run (False)."""
+        try:
+            work()
+            return True
+        except (Stopped, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - bad input, out of memory, disk full: this run fails, its files stay
+            if not keep_going:
+                raise
+            code = ExitCode.BAD_INPUT if isinstance(exc, UserError) else ExitCode.FAILED
+            text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            outcomes[index[id(cell)]] = Outcome(cell.name, code, message=text)
+            note(f"{cell.name}: {text}")
+            return False
+
+    def finish(cell: Cell) -> None:
+        if guarded(cell, lambda: outcomes.__setitem__(index[id(cell)], _finish(cell))):
+            release(cell)
+
+    order = list(cells.values())
+    limit = _limit(order)
+    todo = [item for cell in order for item in packs.items(cell, limit)]
+    left = {id(c): sum(t.cell is c for t in todo) for c in order}
+    for cell in order:  # every group already finished (stopped while writing): write it now
+        if left[id(cell)] == 0:
+            finish(cell)
+    planned = list(packs.plan(todo, limit))
+    for number, pack in enumerate(planned, 1):
+        pack = [item for item in pack if index[id(item.cell)] not in outcomes
+                and (item.cell.problems is not None or guarded(item.cell, lambda c=item.cell: prepare(c)))]
+        for part in packs.split_compatible(pack):
+            note(f"pack {number}/{len(planned)}: {packs.describe(part)}")
+            results: list = []
+            if not guarded(part[0].cell, lambda p=part: results.append(packs.run(p, progress=progress))):
+                for item in part[1:]:
+                    outcomes[index[id(item.cell)]] = outcomes[index[id(part[0].cell)]]
+                continue
+            if results[0] is None:
+                names = sorted({i.cell.name for i in part})
+                raise STOP.exception(f"stopped on a signal; progress of {len(names)} run(s) saved in their checkpoints "
+                                     f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+            for item in part:
+                left[id(item.cell)] -= 1
+                if left[id(item.cell)] == 0:
+                    finish(item.cell)

@@ -1,0 +1,294 @@
+"""One run (a *cell* of a grid): its config, folder, checkpoint; its victims -> clients -> problems; its
+evaluation and result files. How its problems are attacked (alone or packed with other runs' problems)
+is dia.run.pack's business; this module is everything else a run owns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dia import metrics as M
+from dia.data import Victims, folder_statistics, load_victims, normalizer
+from dia.engine import AttackResult
+from dia.errors import UserError
+from dia.models import build_for
+from dia.plotting import reconstruction_grid
+from dia.problems import Problems, infer_labels, simulate_clients
+from dia.results import save_tensors, write_json, write_text
+from dia.run.checkpoint import Checkpoint
+from dia.run.folder import RunFolder, default_name
+from dia.run.summary import METRICS, mean_metrics
+from dia import tracking
+
+log = logging.getLogger("dia")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"run.device={name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"run.device={name}: CUDA is not available here; use run.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"run.device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def num_problems(cfg: DictConfig) -> int:
+    """How many problems (client gradients) a run attacks, from its config alone."""
+    n = len(cfg.victims) if cfg.victims is not None else cfg.num_victims
+    return n // cfg.batch_size
+
+
+@dataclass
+class Cell:
+    """One run: its config and folder; `problems` etc. are filled by `prepare` when its turn comes."""
+
+    cfg: DictConfig
+    folder: RunFolder
+    device: torch.device
+    config_text: str
+    checkpoint: Checkpoint | None = None  # what is finished and where the running group stands
+    resumed: bool = False
+    started: float = field(default_factory=time.time)
+    victims: Victims | None = None
+    model: torch.nn.Module | None = None
+    problems: Problems | None = None  # the client's truth included (evaluation only)
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def num_problems(self) -> int:
+        return num_problems(self.cfg)
+
+
+def check(cfg: DictConfig) -> None:
+    """What can be checked before anything is written: the device, the W&B login, the victims' split."""
+    resolve_device(cfg.run.device)
+    if cfg.logger.wandb.mode == "online" and not tracking.has_login():
+        raise UserError("logger.wandb.mode=online: no W&B login here (run `wandb login` or set WANDB_API_KEY), "
+                        "or use logger.wandb.mode=offline and `wandb sync` later")
+    n = len(cfg.victims) if cfg.victims is not None else cfg.num_victims
+    if n % cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size}: {n} victims do not split into client batches of that size")
+
+
+def use_compile_cache(cfg: DictConfig) -> Path | None:
+    """Point torch.compile's persistent caches (Inductor's FX graphs, AOTAutograd, Triton kernels) at
+    `run.compile_cache` (default `<run.output_dir>/.compile-cache`), so a later process, a resumed run or
+    the next cell of a grid compiles from cache. A TORCHINDUCTOR_CACHE_DIR set by the user wins; `off`
+    leaves torch's own default (under /tmp)."""
+    if cfg.run.compile_cache == "off" or cfg.attack.compile is False:
+        return None
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = Path(cfg.run.compile_cache or Path(cfg.run.output_dir) / ".compile-cache")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"run.compile_cache: cannot create '{folder}' ({exc.strerror or exc})") from None
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def open_cell(cfg: DictConfig) -> Cell:
+    """Check `cfg`, lock its run folder and open it (resuming an unfinished one of the same config)."""
+    check(cfg)
+    if cfg.data.normalize == "folder":  # computed once and written into the saved config
+        cfg.data.mean, cfg.data.std = folder_statistics(cfg.data)
+        cfg.data.normalize = "dataset"
+    text = OmegaConf.to_yaml(cfg)
+    name = cfg.run.name or default_name(cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, text)
+    folder = RunFolder(Path(cfg.run.output_dir), name)
+    if folder.state == "done":
+        raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
+    if not folder.acquire():
+        raise UserError(f"run.name={name}: being run by another process (pid {folder.holder()}, lock '{folder.lock_path}'); "
+                        "wait for it or choose another run.name")
+    try:
+        resumed = folder.open(text)
+        if not resumed:
+            write_text(folder / "config.yaml", text)
+        checkpoint = Checkpoint(folder / "checkpoint.pt", persist=cfg.run.checkpoint_every >= 0)
+        use_compile_cache(cfg)
+    except BaseException:
+        folder.release()
+        raise
+    return Cell(cfg=cfg, folder=folder, device=resolve_device(cfg.run.device), config_text=text,
+                checkpoint=checkpoint, resumed=resumed)
+
+
+def prepare(cell: Cell) -> Cell:
+    """Victims, the client's model, and the clients' gradients (the problems) of `cell`, in place."""
+    cfg = cell.cfg
+    victims = load_victims(cfg.data, indices=None if cfg.victims is None else list(cfg.victims),
+                           count=cfg.num_victims, seed=cfg.victim_seed)
+    model = build_for(cfg)
+    if victims.labels.max() >= cfg.data.num_classes:
+        raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
+    L.seed_everything(cfg.run.seed, verbose=False)
+    mean, std = normalizer(cfg.data)
+    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size, seed=cfg.run.seed)
+    if cfg.attack.labels == "infer":
+        if cfg.batch_size != 1:
+            raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
+        problems = replace(problems, labels=infer_labels(problems.targets, cfg.data.num_classes).view(-1, 1))
+    if cfg.attack.name == "dia" and not problems.rates:
+        warnings.warn(f"{cell.name}: the model has no dropout (p=0 everywhere): DIA has no masks to recover and behaves as IG",
+                      stacklevel=1)
+    cell.victims, cell.model, cell.problems, cell.mean, cell.std = victims, model, problems, mean, std
+    return cell
+
+
+def release(cell: Cell) -> None:
+    """Drop the cell's tensors and its lock."""
+    cell.victims = cell.model = cell.problems = None
+    cell.folder.release()
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+def evaluate(
+    result: AttackResult, problems: Problems, originals: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, lpips_fn: Any
+) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Per-victim metrics and the matched normalized reconstructions (N, C, H, W), in victim order.
+
+    Victims of one problem share its loss, status and mask recovery.
+    """
+    b = problems.input_shape[0]
+    orig_n = (originals - mean) / std
+    # A shared gradient does not say which reconstruction is which image: match them within each batch.
+    rec01 = (result.x * std + mean).clamp(0, 1)
+    perms = [M.match(rec01[k], originals[k * b : (k + 1) * b]) for k in range(result.x.shape[0])]
+    rec_n = torch.cat([result.x[k][p] for k, p in enumerate(perms)])
+    rec, orig = (rec_n * std + mean).clamp(0, 1), originals
+    values = {"mse": M.mse(rec_n, orig_n), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}
+    values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
+    recovery = None
+    if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
+        ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
+        recovery = M.mask_recovery(ordered, problems.true_masks)
+    rows = []
+    for i in range(rec.shape[0]):
+        k = i // b
+        rows.append({
+            "problem": k, "matched_reconstruction": int(perms[k][i % b]), "status": result.status[k], "iterations": int(result.iterations[k]),
+            "best_iteration": int(result.best_iteration[k]), "loss": float(result.best_loss[k]),
+            **{m: (None if v is None else float(v[i])) for m, v in values.items()},
+            "mask_recovery": None if recovery is None else float(recovery[k]),
+        })
+    return rows, rec_n
+
+
+@dataclass
+class RunOutput:
+    folder: Path
+    metrics: dict[str, Any]
+    wandb_dir: str | None
+
+
+def lpips_for(cfg: DictConfig) -> Any:
+    """The LPIPS function of `metrics.lpips` (auto: AlexNet, at most one download attempt per process)."""
+    return None if cfg.metrics.lpips == "off" else M.load_lpips("alex")
+
+
+def write(cell: Cell, result: AttackResult) -> RunOutput:
+    """Score `result`, write every result file into the partial folder, log the W&B run, then rename."""
+    cfg, victims, problems, mean, std = cell.cfg, cell.victims, cell.problems, cell.mean, cell.std
+    rows, matched = evaluate(result, problems, victims.images, mean, std, lpips_fn=lpips_for(cfg))
+    for row, index, label, used in zip(rows, victims.indices, victims.labels.tolist(), problems.labels.flatten().tolist()):
+        row.update(index=index, label=label, attack_label=used)
+    status = "diverged" if any(r["status"] == "diverged" for r in rows) else "completed"
+    summary = {
+        "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
+        "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
+        "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
+        "iterations": max(r["iterations"] for r in rows), "wall_time_s": round(time.time() - cell.started, 3),
+        "device": str(cell.device), "victims": rows,
+    }
+    rec01 = (matched * std + mean).clamp(0, 1)
+    if cfg.run.save_tensors:
+        tensors = {"reconstructions": rec01, "reconstructions_normalized": matched,
+                   "originals": victims.images, "labels": victims.labels, "indices": torch.tensor(victims.indices)}
+        tensors.update({f"masks/{k}": v for k, v in (result.masks or {}).items()})
+        save_tensors(cell.folder / "reconstructions.pt", tensors)
+    titles = [f"#{r['index']}  SSIM {r['ssim']:.2f}" for r in rows]
+    reconstruction_grid(cell.folder / "reconstructions.png", victims.images, rec01, titles,
+                        title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}")
+    wandb_dir = tracking.log_run(cfg, cell.folder.partial, name=cell.name, run_id=wandb_id(cell),
+                                 curves=read_curves(cell), originals=victims.images, reconstructions=rec01,
+                                 captions=titles, rows=rows,
+                                 summary={f"final/{k}": v for k, v in summary["mean"].items() if v is not None} | {"status": status})
+    write_json(cell.folder / "metrics.json", summary)
+    if cell.checkpoint is not None and cell.checkpoint.path.exists():
+        cell.checkpoint.path.unlink()  # the results are final; the attack state is not needed any more
+    final = cell.folder.finish()
+    if wandb_dir:
+        wandb_dir = str(final / Path(wandb_dir).relative_to(cell.folder.partial))
+    return RunOutput(final, summary, wandb_dir)
+
+
+# ---- curves and the W&B run id: files of the partial folder -------------------------------------------
+
+def wandb_id(cell: Cell) -> str:
+    """The cell's W&B run id, made once and kept in its folder, so every resume logs into the same run."""
+    path = cell.folder / "wandb-id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    write_text(path, run_id + "\n")
+    return run_id
+
+
+def append_curves(cell: Cell, rows: list[dict[str, Any]]) -> None:
+    """Add curve points ({"iteration": i, name: value, ...}) to the cell's curves.jsonl."""
+    with open(cell.folder / "curves.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def read_curves(cell: Cell, upto: int | None = None) -> list[dict[str, Any]]:
+    """The cell's curve points (only those at or before iteration `upto`; a torn last line is dropped)."""
+    path = cell.folder / "curves.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if upto is None or row.get("iteration", 0) <= upto:
+            out.append(row)
+    return out
+
+
+def trim_curves(cell: Cell) -> None:
+    """On resume: keep the points of finished groups and of the running group up to its checkpoint."""
+    ckpt = cell.checkpoint
+    done = set(ckpt.done) if ckpt is not None else set()
+    running, upto = (ckpt.running, ckpt.iteration) if ckpt is not None and ckpt.state is not None else (None, 0)
+    rows = [r for r in read_curves(cell)
+            if r.get("group", 0) in done or (r.get("group", 0) == running and r.get("iteration", 0) <= upto)]
+    write_text(cell.folder / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+__all__ = ["Cell", "RunOutput", "check", "open_cell", "prepare", "release", "evaluate", "write", "resolve_device",
+           "num_problems", "METRICS"]

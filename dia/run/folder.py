@@ -1,0 +1,112 @@
+"""A run's folder and its state on disk, under a lock.
+
+    <root>/<name>/            done: every result file, written last by one rename
+    <root>/.<name>.partial/   partial: config.yaml, checkpoint.pt, curves.jsonl, wandb-id (resumable)
+    <root>/.<name>.lock       held (flock) by the one process working on the run
+
+State is `done` (the final folder exists), `partial` (only the hidden folder) or `pending` (neither).
+A run folder is never deleted by a failure: only `finish()` (rename to the final place) and an explicit
+`--force` of dia.grid remove anything. The lock is an OS file lock: it dies with its process (kill -9
+included), so a stale lock never blocks a rerun.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from dia.errors import UserError
+
+DONE, PARTIAL, PENDING = "done", "partial", "pending"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,@-]{0,199}")
+
+
+def check_name(name: str) -> str:
+    """A run name is one plain path component: letters, digits and ._+=,@- (no separators, not hidden)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise UserError(f"run.name={name!r}: must be 1-200 characters of letters, digits and ._+=,@- starting with a "
+                        "letter or digit (no path separators, not absolute)")
+    return name
+
+
+def default_name(attack: str, model: str, data: str, dropout: float, config_text: str) -> str:
+    """The name of an unnamed run: readable coordinates plus a hash of its config, so rerunning the same
+    command finds (and resumes) its unfinished folder."""
+    digest = hashlib.sha256(config_text.encode()).hexdigest()[:8]
+    return f"{attack}-{model}-{data}-p{dropout:g}-{digest}"
+
+
+class RunFolder:
+    """One run's folders and lock (see the module docstring)."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = Path(root)
+        self.name = check_name(name)
+        self.final = self.root / name
+        self.partial = self.root / f".{name}.partial"
+        self.lock_path = self.root / f".{name}.lock"
+        self._lock: int | None = None
+
+    @property
+    def state(self) -> str:
+        if self.final.exists():
+            return DONE
+        return PARTIAL if self.partial.is_dir() else PENDING
+
+    def __truediv__(self, name: str) -> Path:
+        return self.partial / name
+
+    def acquire(self) -> bool:
+        """Take the run's lock without waiting; False when another process holds it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"run.output_dir: cannot write to '{self.root}' ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
+        return True
+
+    def holder(self) -> str:
+        """The pid written by the lock's holder, for messages."""
+        try:
+            return self.lock_path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None
+
+    def open(self, config_text: str) -> bool:
+        """Create the partial folder, or reopen it when it holds the same config; True when resuming.
+
+        Call with the lock held. A partial folder of another config is refused (never replaced: it may
+        hold someone's checkpoint).
+        """
+        saved = self.partial / "config.yaml"
+        if self.partial.is_dir():
+            if saved.is_file() and saved.read_text() == config_text:
+                return True
+            raise UserError(f"run.name={self.name}: '{self.partial}' holds an unfinished run of another config; "
+                            f"resume it with `python -m dia.train --config {saved}`, delete it, or choose another run.name")
+        try:
+            self.partial.mkdir()
+        except OSError as exc:
+            raise UserError(f"run.output_dir: cannot write to '{self.root}' ({exc.strerror or exc})") from None
+        return False
+
+    def finish(self) -> Path:
+        """Move the complete partial folder to its final place (one rename: readers see all or nothing)."""
+        os.replace(self.partial, self.final)
+        return self.final

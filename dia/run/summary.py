@@ -1,0 +1,20 @@
+"""The schema of a run's summary (metrics.json): the metric names and how they are averaged over victims.
+
+Read by dia.train's console table, dia.report and the W&B summary, so a metric is named here once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+METRICS = ("mse", "psnr", "ssim", "lpips", "mask_recovery")  # per-victim values, averaged into "mean"
+STATUSES = ("completed", "diverged")  # a finished run's "status"
+
+
+def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The mean of each metric over the victims that have it (None where none has)."""
+    out: dict[str, float | None] = {}
+    for m in METRICS:
+        vals = [r[m] for r in rows if r.get(m) is not None]
+        out[m] = sum(vals) / len(vals) if vals else None
+    return out

@@ -16,7 +16,7 @@ import torch
 
 from dia.config import compose
 from dia.run import execute
-from dia.train import _quiet_libraries
+from dia.console import quiet_libraries
 
 ROWS = [
     ("MNIST / MLP", ["model=mlp", "data=mnist"], [
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated row prefixes to run, e.g. 'MNIST'")
     ap.add_argument("--out", type=Path, default=Path("results"))
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [f"Device: {device}; {time.strftime('%Y-%m-%d')}; victims 0..{args.victims - 1} of the embedded set, "
              f"batch 1, all victims attacked at once, budget {args.iterations} iterations, seed 0.", "",

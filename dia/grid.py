@@ -310,11 +310,10 @@ def prepare(grid: Grid, results_root: str | Path, cells: list[Cell] | None = Non
 
 
 def status(grid: Grid, folder: Path, cell: Cell) -> str:
-    if (folder / cell.id / "metrics.json").is_file():
-        return "done"
-    if (folder / f".{cell.id}.partial").is_dir():
-        return "partial"
-    return "pending"
+    """done / partial / pending, as the run contract defines them (dia.run.folder)."""
+    from dia.run.folder import RunFolder
+
+    return RunFolder(folder, cell.id).state
 
 
 def train_args(grid: Grid, folder: Path, cell: Cell) -> list[str]:
@@ -351,8 +350,10 @@ def run_cells(grid: Grid, folder: Path, cells: list[Cell], *, force: bool = Fals
     processes, one GPU each. Returns the worst exit code (see `worst`).
     """
     from dia.config import compose
+    from dia.console import quiet_libraries
     from dia.run import execute, signals
 
+    quiet_libraries()
     todo: list[Cell] = []
     for cell in cells:
         st = status(grid, folder, cell)

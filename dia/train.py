@@ -5,32 +5,14 @@ Bad input ends with one line on stderr naming the problem and the valid choices,
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
+from dia.console import quiet_libraries
 from dia.errors import ExitCode, UserError
 
 USAGE_HINT = "see `python -m dia.train --help`"
-
-
-def _quiet_libraries() -> None:
-    """Keep Lightning's banner lines and known-harmless warnings out of the researcher's console."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*number of training batches.*",
-                    ".*`isinstance.*treespec.*", ".*Checkpoint directory.*", ".*returned `None`.*no optimizer.*",
-                    ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*", ".*`srun` command is available.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    notices = logging.getLogger("dia")
-    if not notices.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        notices.addHandler(handler)
-        notices.setLevel(logging.INFO)
 
 
 def _table(rows: list[dict]) -> str:
@@ -65,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"unknown option '{unknown[0]}'; {USAGE_HINT}")
         cfg = compose(args, base=base)
-        _quiet_libraries()
+        quiet_libraries()
         if describe:
             return _describe(cfg)
         from dia.run import execute, signals
@@ -83,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last saved checkpoint is kept; rerun the same command to resume", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    except OSError as exc:  # a full disk, a vanished folder: the run's checkpoint stays as it was
-        print(f"error: {exc.strerror or exc} ({exc.filename or 'I/O'}); the run's folder and checkpoint are kept: "
-              "free space and rerun the same command to resume", file=sys.stderr)
+    except Exception as exc:  # a fault (full disk, out of memory) or a bug: the run's folder stays as it was
+        if os.environ.get("DIA_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {first}; the run's folder and checkpoint are kept: fix the cause and rerun "
+              "the same command to resume (DIA_DEBUG=1 shows the traceback)", file=sys.stderr)
         return ExitCode.FAILED
     m = out.metrics
     print()

@@ -12,7 +12,9 @@ rates of the same model, in one vectorized program (`InvertingGradients.pack`).
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -56,17 +58,28 @@ INITS = {
 
 
 class CompiledOrEager:
-    """`torch.compile(fn)`, falling back to `fn` (with one notice) when compilation fails and not `strict`."""
+    """`torch.compile(fn)`, falling back to `fn` (with one notice) when compilation fails and not `strict`.
+
+    `compile_s` is the wall time of the first call (tracing + compiling, or loading from the persistent
+    cache, plus one run), logged as a notice.
+    """
 
     def __init__(self, fn: Any, *, strict: bool) -> None:
         self.fn, self.strict = fn, strict
         self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False)
+        self.compile_s: float | None = None
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.fn(*args)
         try:
-            return self.compiled(*args)
+            if self.compile_s is not None:
+                return self.compiled(*args)
+            started = time.perf_counter()
+            out = self.compiled(*args)
+            self.compile_s = time.perf_counter() - started
+            logging.getLogger("dia").info("torch.compile: first call %.1f s", self.compile_s)
+            return out
         except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an unsupported op, ...
             if self.strict:
                 raise

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel = a.parallel or (a.per_task if a.task is not None else 1)
         return run_cells(grid, folder, cells, force=a.force, parallel=parallel)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return EXIT_BAD_INPUT
 
 

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         a = p.parse_args(argv)
         r = build(Path(a.results), Path(a.out) if a.out else None, montages=not a.no_montages)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
     print(f"{r['runs']} runs in {r['groups']} groups, {r['missing']} missing cells -> {r['out']}/table.md table.csv "
           f"missing.csv, {len(r['figures'])} figures, {len(r['montages'])} montages")

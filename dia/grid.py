@@ -97,11 +97,15 @@ def check_results_dir(grid: Grid, folder: Path) -> dict[str, Any] | None:
 
 
 def write_grid_json(grid: Grid, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """<folder>/grid.json (written to a temporary name, then renamed)."""
     text = json.dumps(describe(grid) | {"validated": True}, indent=1) + "\n"
-    tmp = folder / f".grid.json.{uuid.uuid4().hex}"
-    tmp.write_text(text)
-    os.replace(tmp, folder / "grid.json")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".grid.json.{uuid.uuid4().hex}"
+        tmp.write_text(text)
+        os.replace(tmp, folder / "grid.json")
+    except OSError as exc:
+        raise UserError(f"--results-root: cannot write '{folder}' ({exc.strerror})") from None
 
 
 def prepare(grid: Grid, results_root: str | Path, cells: list[Cell] | None = None) -> Path:

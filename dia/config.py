@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import StringNode
@@ -118,8 +119,15 @@ def _typed_group(group: str, node: Any, where: str) -> DictConfig:
 
 
 def _parse(dotted: str, text: str, node: Any) -> Any:
-    """Command-line text for one key: kept as it is for a string key (`run.name=007` is '007'), else YAML."""
+    """Command-line text for one key: kept as it is for a string key (`run.name=007` is '007', surrounding quotes
+    removed: `data.root="a b"` is 'a b'; `null` is None where allowed), else parsed as YAML."""
     if isinstance(node, StringNode) and not (text == "null" and node._is_optional()):
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            try:
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return unquoted if isinstance(unquoted, str) else text
         return text
     try:
         value = OmegaConf.from_dotlist([f"v={text}"])["v"]

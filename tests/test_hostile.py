@@ -97,6 +97,16 @@ def test_run_names_keep_the_command_line_text(text):
     assert compose(["run.name=null"]).run.name is None
 
 
+def test_a_grid_cell_passes_strings_through_unchanged(tmp_path):
+    """dia.grid quotes strings with spaces or YAML meaning (`"off"`); a string key gets them back without quotes."""
+    from dia.sweep import Cell
+
+    for text in ("/data/my images", "off", "007", "a,b"):
+        cell = Cell(0, "x", {"data": "folder", "data.root": text, "logger.wandb.project": text}, {})
+        cfg = compose(cell.args())
+        assert cfg.data.root == text and cfg.logger.wandb.project == text
+
+
 def test_distinct_names_get_distinct_folders(tmp_path):
     for name in ("007", "7"):
         assert train(QUIET + [f"run.output_dir={tmp_path}", f"run.name={name}", "run.save_tensors=false"]) == 0

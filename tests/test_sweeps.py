@@ -129,3 +129,11 @@ def test_the_old_dia_section_is_refused_with_a_pointer(tmp_path, capsys):
     assert G.main([str(path), "--count"]) == 2
     err = capsys.readouterr().err
     assert "one folder" in err and err.count("\n") == 1
+
+
+def test_the_same_cell_in_two_files_is_refused(tmp_path, capsys):
+    _write(tmp_path / "g" / "a.yaml", {"attack": {"values": ["ig", "dia"]}})
+    _write(tmp_path / "g" / "b.yaml", {"attack": {"value": "dia"}, "logger.wandb.mode": {"value": "disabled"}})  # logging: same cell
+    assert G.main([str(tmp_path / "g"), "--validate", "--results-root", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert "cells 1 and 2 are the same cell" in err and err.count("\n") == 1

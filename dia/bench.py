@@ -28,8 +28,10 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -38,8 +40,9 @@ from torch import Tensor, nn
 
 from dia.attacks import ATTACKS, InvertingGradients
 from dia.baseline import run_baseline
-from dia.config import compose
+from dia.config import DEVICE, compose
 from dia.data import load_victims, normalizer
+from dia.errors import ExitCode, UserError
 from dia.run.cell import resolve_device
 from dia.run.pack import attack as lightning_attack
 from dia.models import build_for
@@ -238,8 +241,26 @@ def format_row(r: dict) -> str:
             f"{r['ms_per_iteration']:>9.2f} {mem:>11} {r['speedup_vs_baseline']:>7.2f}x {ratio:>6}{extra}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _ints(option: str, text: str, lo: int) -> list[int]:
+    """'1,8,32' as integers >= lo (a UserError naming the option otherwise)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not all(p.isdigit() and len(p) <= 9 and int(p) >= lo for p in parts):
+        raise UserError(f"{option} '{text}': expected comma-separated integers >= {lo}, e.g. 1,8,32")
+    return [int(p) for p in parts]
+
+
+def _names(option: str, text: str, valid: list[str]) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in valid]
+    if not names or bad:
+        raise UserError(f"{option} '{text}': unknown '{bad[0] if bad else text}'; choose from: {', '.join(valid)}")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked: every problem is one UserError line."""
     parser = argparse.ArgumentParser(prog="python -m dia.bench", description=__doc__.split("\n")[0])
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; see `python -m dia.bench --help`"))  # type: ignore[method-assign]
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iterations", type=int, default=30, help="timed iterations per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before timing")
@@ -252,6 +273,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    for name, lo in (("iterations", 1), ("warmup", 0), ("seq_problems", 1), ("threads", 1)):
+        v = getattr(args, name)
+        if v is not None and not lo <= v <= 10**9:
+            raise UserError(f"--{name.replace('_', '-')}={v}: must be an integer in {lo}..{10**9}")
+    args.ks = _ints("--ks", args.ks, 1)
+    if not args.ks:
+        raise UserError("--ks: give at least one K, e.g. --ks 1,8")
+    args.compile_ks = tuple(_ints("--compile-ks", args.compile_ks, 1))
+    args.models = _names("--models", args.models, list(PAIRS))
+    args.attacks = _names("--attacks", args.attacks, ATTACKS.names())
+    if not DEVICE.fullmatch(args.device):
+        raise UserError(f"--device '{args.device}': must be auto, cpu, mps, cuda or cuda:N")
+    try:
+        resolve_device(args.device)
+    except UserError:
+        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu") from None
+    if args.out is not None and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        raise UserError(f"--out '{args.out}': must be a file in an existing folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except UserError as exc:
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
+        return ExitCode.BAD_INPUT
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -261,16 +309,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# dropout p={DROPOUT}, {args.iterations} timed iterations after {args.warmup} warm-up; "
           f"speedup and mem are relative to the baseline (authors' loop, one victim) of the same model/attack")
     print(HEADER, flush=True)
-    out = benchmark(models=args.models.split(","), attacks=args.attacks.split(","),
-                    ks=[int(k) for k in args.ks.split(",")], iterations=args.iterations, warmup=args.warmup,
+    out = benchmark(models=args.models, attacks=args.attacks, ks=args.ks, iterations=args.iterations, warmup=args.warmup,
                     seq_problems=args.seq_problems, device=args.device, lightning=not args.no_lightning,
-                    compile_ks=tuple(int(k) for k in args.compile_ks.split(",") if k),
-                    report=lambda r: print(format_row(r), flush=True))
+                    compile_ks=args.compile_ks, report=lambda r: print(format_row(r), flush=True))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, args.out)
         print(f"# wrote {args.out}")
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

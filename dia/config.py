@@ -9,12 +9,15 @@ choice without new code. Every value is validated; problems surface as one-line 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import StringNode
 
 from dia.attacks import ATTACKS
 from dia.attacks.dia import MASK_PARAMS
@@ -23,13 +26,14 @@ from dia.data import SOURCES, DataConfig
 from dia.errors import UserError, did_you_mean
 from dia.models import MODELS
 from dia.registry import Registry
+from dia.sweep import AUTO_CELL, cell_id
 
 
 @dataclass
 class RunConfig:
     seed: int = 0  # seeds model weights, client dropout, attack initialisation
     output_dir: str = "runs"  # each run writes runs/<attack>-<model>-<data>-p<rate>-<id>/ under it
-    name: Optional[str] = None  # folder name instead of the generated one
+    name: Optional[str] = None  # folder name instead of the generated one; auto-cell: the grid cell id of the overrides
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_tensors: bool = True
     progress: bool = True  # progress bar
@@ -95,6 +99,10 @@ def _load_yaml(path: Path) -> DictConfig:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
         raise UserError(f"{path}: expected a mapping of keys to values")
+    try:
+        OmegaConf.resolve(cfg)  # interpolations (${...}, ${oc.env:...}) once, here: a cycle or unset variable is one line
+    except OmegaConfBaseException as exc:
+        raise UserError(f"{path}: cannot resolve an interpolation ({str(exc).splitlines()[0]})") from None
     return cfg
 
 
@@ -112,17 +120,35 @@ def _typed_group(group: str, node: Any, where: str) -> DictConfig:
     if not isinstance(node, DictConfig) or "name" not in node:
         raise UserError(f"{where}: the {group} section needs a 'name'")
     typed = OmegaConf.structured(_schema(group, node.name))
-    _merge(typed, node, prefix=group)
+    for key in node:
+        _set(typed, f"{group}.{key}", node[key], root_prefix=group)
     return typed
 
 
-def _merge(target: DictConfig, source: DictConfig, *, prefix: str) -> None:
-    for key in source:
-        _set(target, f"{prefix}.{key}" if prefix else str(key), source[key], root_prefix=prefix)
+def _parse(dotted: str, text: str, node: Any) -> Any:
+    """Command-line text for one key: kept as it is for a string key (`run.name=007` is '007', surrounding quotes
+    removed: `data.root="a b"` is 'a b'; `null` is None where allowed), else parsed as YAML."""
+    if isinstance(node, StringNode) and not (text == "null" and node._is_optional()):
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            try:
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return unquoted if isinstance(unquoted, str) else text
+        return text
+    try:
+        value = OmegaConf.from_dotlist([f"v={text}"])["v"]
+    except Exception:  # noqa: BLE001 - the parser's errors are many; all mean the same here
+        raise UserError(f"{dotted}: cannot parse value '{text}'") from None
+    return value
 
 
-def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "") -> None:
-    """Set one dotted key on a struct-mode config, translating OmegaConf's errors into one line."""
+def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "", *, text: bool = False) -> None:
+    """Set one dotted key on a config, recursing into sections, translating OmegaConf's errors into one line.
+
+    The one merge of the module: a section value (a DictConfig) is merged key by key into the section it
+    names. With `text`, `value` is command-line text, parsed by the key's type (`_parse`).
+    """
     key = dotted[len(root_prefix) + 1:] if root_prefix else dotted
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
@@ -132,6 +158,8 @@ def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "") -> Non
         here = f"{dotted.rpartition('.')[0]}." if "." in dotted else ""
         hint = did_you_mean(leaf, valid).replace("'", f"'{here}", 1) if did_you_mean(leaf, valid) else ""
         raise UserError(f"unknown key '{dotted}'{hint}; valid keys here: {', '.join(valid)}")
+    if text:
+        value = _parse(dotted, value, parent._get_node(leaf))
     try:
         if isinstance(value, DictConfig) and isinstance(parent[leaf], DictConfig):
             for sub in value:
@@ -145,10 +173,10 @@ def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "") -> Non
         raise UserError(f"{dotted}: invalid value {value!r} ({msg})") from None
 
 
-def parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
-    """Split `group=choice` selections from dotted `key=value` overrides (values parsed as YAML)."""
+def parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Split `group=choice` selections from dotted `key=value` overrides (their text, parsed by `_set`)."""
     selections: dict[str, str] = {}
-    overrides: list[tuple[str, Any]] = []
+    overrides: list[tuple[str, str]] = []
     for arg in args:
         if "=" not in arg:
             raise UserError(f"argument '{arg}' is not key=value; see --help")
@@ -157,17 +185,17 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
             raise UserError(f"argument '{arg}' has no key; see --help")
         if key in GROUPS:
             selections[key] = raw
-            continue
-        try:
-            value = OmegaConf.from_dotlist([f"v={raw}"])["v"]
-        except Exception:  # noqa: BLE001
-            raise UserError(f"{key}: cannot parse value '{raw}'") from None
-        overrides.append((key, value))
+        else:
+            overrides.append((key, raw))
     return selections, overrides
 
 
 def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
-    """The validated config for command-line `args`, starting from the defaults or a saved config `base`."""
+    """The validated config for command-line `args`, starting from the defaults or a saved config `base`.
+
+    `run.name=auto-cell` names the run with the grid cell id of the other arguments (`dia.sweep.cell_id`),
+    so a W&B agent's run and dia.grid's run of the same cell share a folder.
+    """
     selections, overrides = parse_args(args)
     cfg = OmegaConf.structured(Config)
     if base is not None:
@@ -193,67 +221,94 @@ def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
             where = str(base)
         cfg[group] = _typed_group(group, node, where)
     for key in list(start.keys()):  # top-level values; a group section here overrides the group file
-        if base is not None and key in GROUPS:
-            continue
-        if isinstance(start[key], DictConfig):
-            _merge_section(cfg, str(key), start[key])
-        else:
+        if base is None or key not in GROUPS:
             _set(cfg, str(key), start[key])
     OmegaConf.set_struct(cfg, True)
-    for key, value in overrides:
-        _set(cfg, key, value)
+    for key, raw in overrides:
+        _set(cfg, key, raw, text=True)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"the command line: cannot resolve an interpolation ({str(exc).splitlines()[0]})") from None
+    if cfg.run.name == AUTO_CELL:
+        cfg.run.name = cell_id(dict(a.split("=", 1) for a in args))
     validate(cfg)
     return cfg
 
 
-def _merge_section(cfg: DictConfig, key: str, node: DictConfig) -> None:
-    if key not in cfg:
-        raise UserError(f"unknown key '{key}'{did_you_mean(key, [str(k) for k in cfg.keys()])}; valid keys: {', '.join(str(k) for k in cfg.keys())}")
-    for sub in node:
-        value = node[sub]
-        if isinstance(value, DictConfig):
-            _merge_section(cfg[key], str(sub), value) if isinstance(cfg[key].get(sub), DictConfig) else _set(cfg, f"{key}.{sub}", value)
-        else:
-            _set(cfg, f"{key}.{sub}", value)
-
-
 Check = tuple[str, Callable[[Any], bool], str]
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+BIG = 10**9  # an upper bound for counts (iterations, patience, ...): larger is a typo, not a plan
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+
+
+def _count(lo: int = 1, hi: int = BIG) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
 CHECKS: list[Check] = [
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    ("attack.max_iterations", lambda v: v > 0, "must be a positive integer"),
-    ("attack.lr", lambda v: v > 0, "must be > 0"),
-    ("attack.tv_weight", lambda v: v >= 0, "must be >= 0"),
+    ("model.attn_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("model.drop_path", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    *[(f"model.{k}", _count(1, 10**6), "must be a positive integer (at most 1000000)")
+      for k in ("width", "depth", "patch_size", "dim", "heads", "mlp_dim", "dim_head", "conv1", "conv2", "kernel")],
+    ("model.hidden", lambda v: all(isinstance(h, int) and 1 <= h <= 10**6 for h in v), "must be positive integers"),
+    ("attack.max_iterations", _count(), f"must be a positive integer (at most {BIG})"),
+    ("attack.lr", lambda v: 0 < v < float("inf"), "must be > 0"),
+    ("attack.tv_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("attack.lr_factor", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("attack.lr_patience", lambda v: v >= 0, "must be >= 0"),
-    ("attack.early_stop_patience", lambda v: v > 0, "must be a positive integer"),
-    ("attack.loss_threshold", lambda v: v >= 0, "must be >= 0"),
-    ("attack.check_every", lambda v: v > 0, "must be a positive integer"),
+    ("attack.lr_patience", _count(0), f"must be an integer in 0..{BIG}"),
+    ("attack.early_stop_patience", _count(), f"must be a positive integer (at most {BIG})"),
+    ("attack.loss_threshold", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+    ("attack.check_every", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.labels", lambda v: v in ("known", "infer"), "must be known or infer"),
     ("attack.compile", lambda v: v in ("auto", True, False), "must be true, false or auto"),
-    ("attack.iterations_per_step", lambda v: v > 0, "must be a positive integer"),
-    ("attack.log_every", lambda v: v > 0, "must be a positive integer"),
+    ("attack.iterations_per_step", _count(), f"must be a positive integer (at most {BIG})"),
+    ("attack.log_every", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.init", lambda v: v in INITS, f"must be one of: {', '.join(INITS)}"),
     ("attack.mask_param", lambda v: v in MASK_PARAMS, f"must be one of: {', '.join(MASK_PARAMS)}"),
-    ("attack.mask_weight", lambda v: v >= 0, "must be >= 0"),
-    ("attack.parallel", lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), "must be a positive integer or auto"),
+    ("attack.mask_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+    ("attack.parallel", lambda v: v == "auto" or _count()(v), "must be a positive integer or auto"),
     ("data.source", lambda v: v in SOURCES, f"must be one of: {', '.join(SOURCES.names())}"),
-    ("data.image_size", lambda v: v > 0, "must be > 0"),
+    ("data.image_size", _count(1, 10**5), "must be a positive integer (at most 100000)"),
     ("data.normalize", lambda v: v in ("dataset", "folder"), "must be dataset or folder"),
-    ("data.channels", lambda v: v > 0, "must be > 0"),
-    ("data.num_classes", lambda v: v > 1, "must be > 1"),
-    ("batch_size", lambda v: v >= 1, "must be a positive integer"),
-    ("num_victims", lambda v: v >= 1, "must be a positive integer"),
-    ("run.device", lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "must be auto, cpu, cuda or cuda:N"),
+    ("data.channels", _count(1, 4096), "must be a positive integer"),
+    ("data.num_classes", _count(2, 10**7), "must be an integer > 1"),
+    ("batch_size", _count(1, 10**6), "must be a positive integer"),
+    ("num_victims", _count(1, 10**7), "must be a positive integer"),
+    ("victims", lambda v: all(isinstance(i, int) and 0 <= i < 2**63 for i in v), "must be a list of indices >= 0"),
+    ("victim_seed", _count(0, MAX_SEED), f"must be an integer in 0..{MAX_SEED}"),
+    ("run.seed", _count(0, MAX_SEED), f"must be an integer in 0..{MAX_SEED}"),
+    ("run.checkpoint_every", _count(-1), f"must be an integer in -1..{BIG}"),
+    ("run.device", lambda v: DEVICE.fullmatch(str(v)) is not None, "must be auto, cpu, mps, cuda or cuda:N"),
     ("metrics.lpips", lambda v: v in ("auto", "off"), "must be auto or off"),
     ("logger.wandb.mode", lambda v: v in WANDB_MODES, f"must be one of: {', '.join(WANDB_MODES)}"),
 ]
+MAX_NAME = 128
+
+
+def check_name(name: str, key: str = "run.name") -> None:
+    """A run name is one folder name: no separators, not absolute, not . or .., no leading dot, printable, short."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{key}: must be a non-empty name")
+    if len(name) > MAX_NAME:
+        raise UserError(f"{key}: {len(name)} characters; at most {MAX_NAME}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UserError(f"{key}={name!r}: control characters are not allowed in a folder name")
+    if "/" in name or "\\" in name or os.sep in name or os.path.isabs(name):
+        raise UserError(f"{key}={name!r}: must be a folder name, not a path (no '/'); set run.output_dir for the parent folder")
+    if name.startswith("."):
+        raise UserError(f"{key}={name!r}: must not start with '.' (hidden and in-progress folders do)")
 
 
 def validate(cfg: DictConfig) -> None:
+    """Ranges, types, names and devices: everything that needs no model and no data (see `dia.checks`)."""
     for key, ok, rule in CHECKS:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):
             raise UserError(f"{key}={value!r}: {rule}")
+    if cfg.run.name is not None:
+        check_name(cfg.run.name)
     for key in ("mean", "std"):
         if len(cfg.data[key]) != cfg.data.channels:
             raise UserError(f"data.{key} has {len(cfg.data[key])} values but data.channels={cfg.data.channels}")
@@ -261,6 +316,13 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"data.normalize=folder needs data.source=imagefolder (got {cfg.data.source})")
     if any(s <= 0 for s in cfg.data.std):
         raise UserError("data.std: every value must be > 0")
+    if cfg.attack.labels == "infer" and cfg.batch_size != 1:
+        raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
+    model = cfg.model
+    if "patch_size" in model and cfg.data.image_size % model.patch_size:
+        raise UserError(f"model.patch_size={model.patch_size} does not divide data.image_size={cfg.data.image_size}")
+    if "heads" in model and model.get("dim_head") is None and model.dim % model.heads:
+        raise UserError(f"model.heads={model.heads} does not divide model.dim={model.dim}")
 
 
 def help_text(args: list[str]) -> str:

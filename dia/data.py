@@ -42,7 +42,6 @@ class Victims:
     images: Tensor  # (N, C, H, W) in [0, 1]
     labels: Tensor  # (N,) int64
     indices: list[int]  # positions in the source dataset
-    names: list[str] | None = None
 
 
 Loader = Callable[[DataConfig, list[int] | None, int, int | None], Victims]
@@ -73,19 +72,28 @@ def load_embedded(cfg: DataConfig, indices: list[int] | None, count: int, seed: 
         ref = resources.files("dia.assets").joinpath(cfg.embedded)
         with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as npz:
             images, labels = npz["images"], npz["labels"]
-            names = [str(n) for n in npz["names"]] if "names" in npz.files else None
     except FileNotFoundError:
         shipped = sorted(p.name for p in resources.files("dia.assets").iterdir() if p.name.endswith(".npz"))
         raise UserError(f"data.embedded: no embedded set '{cfg.embedded}'; shipped: {', '.join(shipped)}") from None
     idx = select_indices(len(labels), f"data={cfg.name} (embedded {cfg.embedded})", indices, count, seed)
     x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
-    return Victims(x, torch.from_numpy(labels[idx]).long(), idx, [names[i] for i in idx] if names else None)
+    return Victims(x, torch.from_numpy(labels[idx]).long(), idx)
 
 
-def _require_root(cfg: DataConfig) -> Path:
+def require_root(cfg: DataConfig) -> Path:
+    """`data.root` as a path (a UserError if unset)."""
     if not cfg.root:
         raise UserError(f"data.root is required for data.source={cfg.source} (data={cfg.name})")
     return Path(cfg.root).expanduser()
+
+
+def require_folder(cfg: DataConfig) -> Path:
+    """`data.root` as an existing folder (a UserError naming what it is otherwise)."""
+    root = require_root(cfg)
+    if not root.is_dir():
+        what = "a file" if root.exists() else "it does not exist"
+        raise UserError(f"data.root: '{root}' is not a directory ({what}); give the folder that holds the images (data={cfg.name})")
+    return root
 
 
 @SOURCES.register("torchvision")
@@ -93,7 +101,7 @@ def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, see
     """A torchvision dataset's split under `data.root` (downloaded there when `data.download` and online)."""
     import torchvision
 
-    root = _require_root(cfg)
+    root = require_root(cfg)
     cls_name = cfg.torchvision_name or cfg.name.upper()
     cls = getattr(torchvision.datasets, cls_name, None)
     if cls is None:
@@ -112,7 +120,7 @@ def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, see
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def _folder_samples(root: Path, labels_file: str | None) -> list[tuple[Path, int]]:
+def folder_samples(root: Path, labels_file: str | None) -> list[tuple[Path, int]]:
     """(image, label) pairs: class subfolders (sorted names -> 0, 1, ...), else the images directly in
     `root` with labels from `labels_file` (CSV lines `file,label`) or 0."""
     classes = sorted(d for d in root.iterdir() if d.is_dir())
@@ -127,8 +135,8 @@ def _folder_samples(root: Path, labels_file: str | None) -> list[tuple[Path, int
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip() and not line.startswith("#"):
                 name, _, label = line.partition(",")
-                if not label.strip().lstrip("-").isdigit():
-                    raise UserError(f"data.labels_file: line {n} of '{labels_file}' is not 'file,label'")
+                if not label.strip().isdigit():
+                    raise UserError(f"data.labels_file: line {n} of '{labels_file}' is not 'file,label' with a label >= 0")
                 table[name.strip()] = int(label)
         missing = [f.name for f in files if f.name not in table]
         if missing:
@@ -143,10 +151,8 @@ def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, see
     from PIL import Image
     from torchvision import transforms as T
 
-    root = _require_root(cfg)
-    if not root.is_dir():
-        raise UserError(f"data.root: '{root}' is not a directory")
-    samples = _folder_samples(root, cfg.labels_file)
+    root = require_folder(cfg)
+    samples = folder_samples(root, cfg.labels_file)
     if not samples:
         raise UserError(f"data.root: '{root}' holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in class subfolders or directly")
     tf = T.Compose([T.Resize(int(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), T.ToTensor()])
@@ -165,7 +171,7 @@ def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, see
 
 def folder_statistics(cfg: DataConfig, limit: int = 512) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of up to `limit` images of an image folder (for `data.normalize=folder`)."""
-    n = len(_folder_samples(_require_root(cfg), cfg.labels_file))
+    n = len(folder_samples(require_folder(cfg), cfg.labels_file))
     images = load_imagefolder(cfg, list(range(min(n, limit))), 0, None).images
     return images.mean(dim=(0, 2, 3)).tolist(), images.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
 

@@ -21,12 +21,15 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dia.errors import UserError
+from dia.errors import ExitCode, UserError
 
 METRICS = [("ssim", "SSIM", "↑"), ("psnr", "PSNR", "↑"), ("lpips", "LPIPS", "↓"), ("mse", "MSE", "↓"), ("mask_recovery", "mask rec.", "↑")]
 ORDER = {"data": ["mnist", "cifar10", "imagenet"], "model": ["mlp", "cnn", "vit", "vit_b16"], "attack": ["ig", "wiig", "dia"]}
@@ -52,7 +55,8 @@ class Group:
         return (_rank("data", self.data), _rank("model", self.model), self.dropout, _rank("attack", self.attack))
 
     def values(self, metric: str) -> list[float]:
-        return [v[metric] for r in self.runs for v in r["victims"] if v.get(metric) is not None and math.isfinite(v[metric])]
+        return [v[metric] for r in self.runs for v in r["victims"]
+                if isinstance(v.get(metric), (int, float)) and not isinstance(v[metric], bool) and math.isfinite(v[metric])]
 
     def stats(self, metric: str) -> tuple[float, float, int] | None:
         vals = self.values(metric)
@@ -79,6 +83,45 @@ def _defaults() -> dict[str, Any]:
         return {"data": "mnist", "model": "mlp", "dropout": 0.25, "attack": "dia"}
 
 
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    """A run's metrics.json, or None (with one warning) when it is not one dia wrote."""
+    try:
+        m = json.loads(path.read_text())
+        key = (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"]))
+        if not isinstance(m["victims"], list) or not all(isinstance(v, dict) for v in m["victims"]):
+            raise TypeError("victims is not a list of per-victim rows")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warn(f"{path} is not a dia metrics.json ({type(exc).__name__}: {str(exc)[:80]}); run skipped")
+        return None
+    m["key"] = key
+    return m
+
+
+def _grid_cells(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """A grid.json's name and its well-formed cells; a broken grid.json or cell is skipped with one warning."""
+    try:
+        spec = json.loads(path.read_text())
+        cells = spec["cells"]
+        if not isinstance(cells, list):
+            raise TypeError("cells is not a list")
+    except (OSError, ValueError, KeyError, TypeError):
+        warn(f"{path} is not a dia grid.json; skipped")
+        return "", []
+    good = []
+    for i, cell in enumerate(cells):
+        ok = isinstance(cell, dict) and isinstance(cell.get("overrides"), dict) and isinstance(cell.get("id"), str) \
+            and isinstance(cell.get("index"), int) and "/" not in cell["id"] and not cell["id"].startswith(".")
+        if ok:
+            good.append(cell)
+        else:
+            warn(f"{path}: cell {i} has no id, index or overrides; skipped")
+    return str(spec.get("name")), good
+
+
 def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], list[dict[str, Any]]]:
     """Groups of finished runs and the grids' missing cells under `root`."""
     if not root.is_dir():
@@ -90,13 +133,10 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
         rel = folder.relative_to(root)
         if any(p.startswith(".") for p in rel.parts) or (skip and skip in folder.parents):
             continue
-        try:
-            m = json.loads(path.read_text())
-            key = (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"]))
-            m["victims"]
-        except (ValueError, KeyError, TypeError):
-            print(f"warning: {path} is not a dia metrics.json; skipped", file=sys.stderr)
+        m = _read_metrics(path)
+        if m is None:
             continue
+        key = m.pop("key")
         m["folder"] = folder
         runs[folder.resolve()] = m
         groups.setdefault(key, Group(*key)).runs.append(m)
@@ -105,21 +145,22 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
     for gj in sorted(root.rglob("grid.json")):
         if any(p.startswith(".") for p in gj.parent.relative_to(root).parts):
             continue
-        try:
-            spec = json.loads(gj.read_text())
-            cells = spec["cells"]
-        except (ValueError, KeyError):
-            print(f"warning: {gj} is not a dia grid.json; skipped", file=sys.stderr)
+        name, cells = _grid_cells(gj)
+        if not cells:
             continue
         defaults = defaults or _defaults()
         for cell in cells:
-            key = _coords(cell["overrides"], defaults)
+            try:
+                key = _coords(cell["overrides"], defaults)
+            except (TypeError, ValueError):
+                warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable model.dropout; skipped")
+                continue
             group = groups.setdefault(key, Group(*key))
             group.expected += 1
             folder = (gj.parent / cell["id"]).resolve()
             if folder not in runs:
                 state = "partial" if (gj.parent / f".{cell['id']}.partial").is_dir() else "pending"
-                entry = {"grid": spec.get("name"), "index": cell["index"], "id": cell["id"], "state": state,
+                entry = {"grid": name, "index": cell["index"], "id": cell["id"], "state": state,
                          "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3]}
                 group.missing.append(entry)
                 missing.append(entry)
@@ -218,8 +259,14 @@ def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | No
     tensors_file = Path(run["folder"]) / "reconstructions.pt"
     if not tensors_file.is_file():
         return None
-    t = torch.load(tensors_file, map_location="cpu", weights_only=True)
-    orig, rec = t["originals"][:max_victims], t["reconstructions"][:max_victims]
+    try:
+        t = torch.load(tensors_file, map_location="cpu", weights_only=True)
+        orig, rec = t["originals"][:max_victims], t["reconstructions"][:max_victims]
+        if orig.dim() != 4 or orig.shape != rec.shape or orig.shape[1] not in (1, 3):
+            raise ValueError(f"tensors of shapes {tuple(orig.shape)} and {tuple(rec.shape)}")
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: this montage only
+        warn(f"{tensors_file} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}); montage skipped")
+        return None
     n = orig.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 0.4, 3.0), squeeze=False)
     for i in range(n):
@@ -242,27 +289,51 @@ def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | No
 
 
 def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[str, Any]:
+    """Write the report to `out` (default RESULTS/report) atomically: built in a hidden folder beside it, then swapped in."""
     root = Path(root)
     out = Path(out) if out else root / "report"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder for the report")
     groups, missing = collect(root, skip=out.resolve())
     if not any(g.runs for g in groups.values()) and not missing:
         raise UserError(f"no dia results (metrics.json or grid.json) under '{root}'")
-    md, table_csv, missing_csv = tables(groups, missing)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(md)
-    (out / "table.csv").write_text(table_csv)
-    (out / "missing.csv").write_text(missing_csv)
-    figs = figures(groups, out / "figures")
-    mont = []
-    if montages:
-        for g in groups.values():
-            for run in g.runs:
-                rel = Path(run["folder"]).resolve().relative_to(root.resolve())
-                p = montage(run, out / "montages" / ("__".join(rel.parts) + ".png"))
-                if p:
-                    mont.append(p)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"--out '{out}': cannot write there ({exc.strerror})") from None
+    try:
+        md, table_csv, missing_csv = tables(groups, missing)
+        (tmp / "table.md").write_text(md)
+        (tmp / "table.csv").write_text(table_csv)
+        (tmp / "missing.csv").write_text(missing_csv)
+        figs = figures(groups, tmp / "figures")
+        mont = []
+        if montages:
+            for g in groups.values():
+                for run in g.runs:
+                    rel = Path(run["folder"]).resolve().relative_to(root.resolve())
+                    p = montage(run, tmp / "montages" / ("__".join(rel.parts) + ".png"))
+                    if p:
+                        mont.append(p)
+        _swap(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    moved = lambda ps: [out / p.relative_to(tmp) for p in ps]  # noqa: E731
     return {"out": out, "groups": len(groups), "runs": sum(len(g.runs) for g in groups.values()), "missing": len(missing),
-            "figures": figs, "montages": mont}
+            "figures": moved(figs), "montages": moved(mont)}
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put folder `new` at `out`: a rename, and for an existing report two (the old one is removed after)."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,12 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         a = p.parse_args(argv)
         r = build(Path(a.results), Path(a.out) if a.out else None, montages=not a.no_montages)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
+        return ExitCode.BAD_INPUT
     print(f"{r['runs']} runs in {r['groups']} groups, {r['missing']} missing cells -> {r['out']}/table.md table.csv "
           f"missing.csv, {len(r['figures'])} figures, {len(r['montages'])} montages")
     print((r["out"] / "table.md").read_text())
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

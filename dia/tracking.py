@@ -7,18 +7,6 @@ from pathlib import Path
 from typing import Any
 
 
-def has_login(host: str = "api.wandb.ai") -> bool:
-    """Whether W&B online mode can authenticate without a prompt (WANDB_API_KEY, or a netrc entry)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
 def log_run(cfg: Any, save_dir: Path, *, name: str, run_id: str, curves: list[dict[str, Any]], originals: Any,
             reconstructions: Any, captions: list[str], rows: list[dict[str, Any]], summary: dict[str, Any]) -> str | None:
     """A run's whole W&B record, written once when the run is done: config, curves stepped by attack

@@ -69,7 +69,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 write_config() {
   local cpus mem ports
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: not the node size
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 ))
   [[ -s $state/ports ]] || echo "$(free_port) $(free_port)" >"$state/ports"
   read -r ctld_port slurmd_port <"$state/ports"

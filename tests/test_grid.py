@@ -6,6 +6,7 @@ as dia.train does), so these tests take seconds; tests/test_slurm.py runs the re
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from dia import grid as G
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
-PAPER = ROOT / "sweeps" / "paper.yaml"
+PAPER = ROOT / "sweeps" / "paper"  # a folder: one grid, one plain W&B sweep file per block
 
 FAKE_TRAIN = """#!/usr/bin/env python3
 # a stand-in for `python -m dia.train`: writes <output_dir>/<name>/metrics.json (via .partial), or waits for a signal
@@ -77,8 +78,8 @@ def test_smoke_cells_are_a_stable_cartesian_product():
     assert grid.name == "smoke" and len(grid.cells) == 4
     assert [(c.overrides["model.dropout"], c.overrides["attack"]) for c in grid.cells] == [(0.25, "ig"), (0.25, "dia"), (0.5, "ig"), (0.5, "dia")]
     assert [c.id for c in grid.cells] == [c.id for c in G.load(SMOKE).cells]
-    assert grid.cells[1].id.startswith("p0.25-dia-") and len(set(c.id for c in grid.cells)) == 4
-    assert grid.spec["command"] == G.WANDB_COMMAND and grid.spec["method"] == "grid"
+    assert grid.cells[1].id.startswith("mnist-mlp-p0.25-dia-v0-1-") and len(set(c.id for c in grid.cells)) == 4
+    assert grid.blocks[0].spec["command"][:5] == G.WANDB_COMMAND and grid.blocks[0].spec["method"] == "grid"
 
 
 def test_cell_id_depends_on_the_overrides_not_on_their_order(tmp_path):
@@ -93,6 +94,7 @@ def test_cell_id_depends_on_the_overrides_not_on_their_order(tmp_path):
 
 def test_paper_grid_covers_the_paper_and_only_models_that_fit():
     grid = G.load(PAPER)
+    assert grid.name == "paper" and [b.path.name for b in grid.blocks] == ["imagenet.yaml", "mnist-cifar10.yaml"]
     cells = [c.overrides for c in grid.cells]
     pairs = {(c["data"], c["model"]) for c in cells}
     assert pairs == {("mnist", "mlp"), ("mnist", "vit"), ("mnist", "cnn"), ("cifar10", "mlp"), ("cifar10", "vit"),
@@ -100,28 +102,24 @@ def test_paper_grid_covers_the_paper_and_only_models_that_fit():
     assert {c["model.dropout"] for c in cells} == {0.0, 0.1, 0.25, 0.5, 0.75, 0.9}
     assert {c["attack"] for c in cells} == {"ig", "wiig", "dia"}
     assert all(c["attack.max_iterations"] == 20000 for c in cells)
-    for data in ("mnist", "cifar10"):
-        shards = {tuple(c["victims"]) for c in cells if c["data"] == data}
-        assert len(shards) == 8 and sorted(i for s in shards for i in s) == list(range(128))
-    assert len(grid.cells) == 2 * 3 * 6 * 3 * 8 + 2 * 6 * 3
-    # every (data, model, attack, rate) composes as dia.train would (victims shards are plain index lists)
-    one_each = {(c.overrides["data"], c.overrides["model"], c.overrides["attack"], c.overrides["model.dropout"]): c for c in grid.cells}
+    # a cell is a whole configuration: all 128 published victims (5 embedded photos for ImageNet), not shards
+    assert {(c["data"], c["num_victims"]) for c in cells} == {("mnist", 128), ("cifar10", 128), ("imagenet", 5)}
+    assert len(grid.cells) == 2 * 3 * 6 * 3 + 2 * 6 * 3
+    one_each = {(c.overrides["data"], c.overrides["model"], c.overrides["attack"]): c for c in grid.cells}
     G.validate(grid, one_each.values())
 
 
 def test_wandb_sweeps_export_is_exactly_the_grid(tmp_path):
-    spec = yaml.safe_load(PAPER.read_text())
-    spec["dia"]["exclude"] = [{"data": "cifar10", "model": "cnn", "attack": ["ig", "wiig"]}]
-    path = tmp_path / "paper.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    grid = G.load(path)
+    grid = G.load(PAPER)
     want = sorted(json.dumps(c.overrides, sort_keys=True) for c in grid.cells)
     got = []
-    for s in G.wandb_sweeps(grid):
-        assert "dia" not in s and s["method"] == "grid" and s["command"] == G.WANDB_COMMAND
+    paths = G._write_wandb_sweeps(grid, tmp_path / "out")
+    assert sorted(p.name for p in paths) == ["paper-imagenet.yaml", "paper-mnist-cifar10.yaml"]
+    for path in paths:
+        s = yaml.safe_load(path.read_text())
+        assert s["method"] == "grid" and s["command"][:5] == G.WANDB_COMMAND and "run.name=auto-cell" in s["command"]
         params = {k: v["values"] if "values" in v else [v["value"]] for k, v in s["parameters"].items()}
         assert params.pop("logger.wandb.mode") == ["online"] and params.pop("logger.wandb.group") == ["paper"]
-        import itertools
         got += [json.dumps(dict(zip(params, vals)), sort_keys=True) for vals in itertools.product(*params.values())]
     assert sorted(got) == want
 

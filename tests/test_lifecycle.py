@@ -16,7 +16,7 @@ import pytest
 
 ARGS = ["attack=dia", "model.width=32", "model.depth=2", "model.dropout=0.5", "num_victims=2", "attack.max_iterations=4000",
         "attack.loss_threshold=0", "attack.early_stop_patience=100000", "run.checkpoint_every=20",
-        "attack.compile=false", "logger.wandb.mode=disabled", "run.progress=false", "metrics.lpips=auto"]
+        "attack.compile=false", "logger.wandb.mode=disabled", "run.progress=false", "metrics.lpips=off"]
 
 
 def _train(out: Path, *extra: str, limit_file_size: int | None = None) -> subprocess.Popen:

@@ -49,19 +49,27 @@ def _wait(env: dict, job: str, timeout: float = 600, restarts: int = 0) -> None:
     """Until every task of `job` has ended (after at least `restarts` requeues); a requeued task is released at once."""
     deadline = time.time() + timeout
     tasks: list[dict[str, str]] = []
+    pending_since: dict[str, float] = {}
     while time.time() < deadline:
         tasks = _tasks(env, job)
         if tasks and all(t.get("JobState") in TERMINAL and int(t.get("Restarts", 0)) >= restarts for t in tasks):
             return
         for t in tasks:  # Slurm holds a requeued job back ~2 minutes (BeginTime): not in a test
             if t.get("JobState") == "PENDING" and int(t.get("Restarts", 0)) > 0:
-                subprocess.run(["scontrol", "update", f"JobId={t['JobId']}", "StartTime=now"], capture_output=True, env=env)
+                # but not at once: slurmd refuses to launch a job whose previous run it is still cleaning up
+                # ("Job credential revoked"), and the task would end FAILED
+                if time.time() - pending_since.setdefault(t["JobId"], time.time()) > 5:
+                    subprocess.run(["scontrol", "update", f"JobId={t['JobId']}", "StartTime=now"], capture_output=True, env=env)
         time.sleep(0.5)
     raise AssertionError(f"job {job} has not ended after {timeout} s: {[(t.get('JobId'), t.get('JobState')) for t in tasks]}")
 
 
+SMALL = ["--cpus-per-cell", "1", "--mem-per-cell", "1G"]  # the test cluster has 2 CPUs (the defaults: 4 and 32G per cell)
+
+
 def _sbatch(env: dict, cwd: Path, *args: str) -> str:
-    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    """sbatch the script directly (its #SBATCH lines, with 1 CPU and 1G: the command line beats #SBATCH)."""
+    done = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=1G", *args], capture_output=True, text=True, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
 
@@ -94,7 +102,7 @@ def test_grid_array_runs_skips_finished_cells_and_requeues_a_preempted_task(clus
 
     # 1. submit through dia.slurm: array sized from the grid, one fake GPU per task
     sub = subprocess.run([sys.executable, "-m", "dia.slurm", "submit", str(SMOKE), "--partition", "debug", "--time", "10",
-                          "--results-root", str(res)], capture_output=True, text=True, env=env, cwd=tmp_path)
+                          *SMALL, "--results-root", str(res)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip()
     assert "4 cells, 4 array tasks" in sub.stderr
@@ -111,7 +119,7 @@ def test_grid_array_runs_skips_finished_cells_and_requeues_a_preempted_task(clus
     # 2. resubmitting skips the finished cells (here as 2 tasks of 2 cells, the multi-GPU layout)
     stamps = {c.id: (res / "smoke" / c.id / "metrics.json").stat().st_mtime_ns for c in grid.cells}
     again = subprocess.run([sys.executable, "-m", "dia.slurm", "submit", str(SMOKE), "--partition", "debug", "--time", "10",
-                            "--cells-per-task", "2", "--results-root", str(res)], capture_output=True, text=True, env=env, cwd=tmp_path)
+                            "--cells-per-task", "2", *SMALL, "--results-root", str(res)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     _wait(env, again.stdout.strip())
     text = "".join(p.read_text() for p in sorted(logs.glob(f"slurm-{again.stdout.strip()}_*.out")))
@@ -141,6 +149,34 @@ def test_grid_array_runs_skips_finished_cells_and_requeues_a_preempted_task(clus
     _same(_metrics(res / "preempt" / pcell.id), _metrics(tmp_path / "local" / "preempt" / pcell.id))
 
 
+def test_scancel_cancels_for_good_and_keeps_the_progress(cluster, tmp_path):
+    """`dia.slurm cancel` (scancel: SIGTERM) stops a task without requeueing it."""
+    env = cluster
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = "cancel"
+    spec["parameters"].update({"attack": {"value": "dia"}, "model.dropout": {"value": 0.5}, "attack.max_iterations": {"value": 100000},
+                               "attack.early_stop_patience": {"value": 100000}, "attack.loss_threshold": {"value": 0.0}})
+    path = tmp_path / "cancel.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cell = G.load(path).cells[0]
+    res = tmp_path / "res"
+    job = _sbatch(env, tmp_path, "--array=0", str(GRID_SBATCH), str(path), "--results-root", str(res))
+    ckpt = res / "cancel" / f".{cell.id}.partial" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    done = subprocess.run([sys.executable, "-m", "dia.slurm", "cancel", job], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    _wait(env, job)
+    time.sleep(3)  # a requeue would show up as PENDING with Restarts=1 by now
+    tasks = _tasks(env, job)
+    assert [(t["JobState"], t.get("Restarts")) for t in tasks] == [("CANCELLED", "0")], tasks
+    log = (tmp_path / f"slurm-{job}_0.out").read_text()
+    assert "got SIGTERM" in log and "not requeueing" in log and "requeueing job" not in log, log
+    assert not (res / "cancel" / cell.id).exists()  # not finished: a resubmission (--only-unfinished) picks it up
+
+
 def test_grid_sbatch_outside_slurm_says_so_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run(["bash", str(GRID_SBATCH), str(SMOKE)], capture_output=True, text=True, env=env)
@@ -154,8 +190,44 @@ def test_submit_dry_run_renders_the_array(tmp_path):
     assert done.returncode == 0, done.stderr
     script = done.stdout
     for line in ("#SBATCH --array=0-1%2", "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00", "#SBATCH --gres=gpu:2",
-                 "#SBATCH --cpus-per-task=2", "#SBATCH --account=lab", "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue",
-                 "export DIA_CELLS_PER_TASK=2"):
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64G", "#SBATCH --account=lab", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --requeue", "export DIA_CELLS_PER_TASK=2", f"export DIA_PYTHON={sys.executable}"):
         assert line in script, line
-    assert script.count("#SBATCH --gres") == 1 and "scontrol requeue" in script
+    assert script.count("#SBATCH --gres") == 1 and script.count("#SBATCH --cpus-per-task") == 1 and "scontrol requeue" in script
     assert not (tmp_path / "smoke").exists()  # a dry run writes nothing
+    default = subprocess.run([sys.executable, "-m", "dia.slurm", "submit", str(SMOKE), "--time", "10", "--dry-run",
+                              "--cpus-per-cell", "2", "--mem-per-cell", "8000M", "--results-root", str(tmp_path)],
+                             capture_output=True, text=True)
+    for line in ("#SBATCH --array=0-3%16", "#SBATCH --cpus-per-task=2", "#SBATCH --mem=8000M"):  # a default throttle
+        assert line in default.stdout, line
+
+
+def test_only_unfinished_submits_the_unfinished_cells(tmp_path, capsys):
+    from dia import slurm
+
+    grid = G.load(SMOKE)
+    folder = G.prepare(grid, tmp_path)
+    for cell in (grid.cells[0], grid.cells[2]):  # two finished cells
+        (folder / cell.id).mkdir()
+        (folder / cell.id / "metrics.json").write_text("{}")
+    base = ["submit", str(SMOKE), "--time", "10", "--dry-run", "--results-root", str(tmp_path), "--only-unfinished"]
+    assert slurm.main(base) == 0
+    assert "#SBATCH --array=1,3%16" in capsys.readouterr().out
+    assert slurm.main(base + ["--cells-per-task", "2", "--max-parallel", "0"]) == 0
+    assert "#SBATCH --array=0-1\n" in capsys.readouterr().out  # tasks holding an unfinished cell: both, no throttle
+    for cell in (grid.cells[1], grid.cells[3]):
+        (folder / cell.id).mkdir()
+        (folder / cell.id / "metrics.json").write_text("{}")
+    assert slurm.main(base) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "nothing to submit" in out.err
+    assert slurm.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_agents_use_an_explicit_python_and_python_m_wandb(tmp_path, capsys):
+    from dia import slurm
+
+    assert slurm.main(["agents", "me/dia/abc123", "--time", "60", "--agents", "4", "--dry-run", "--logs", str(tmp_path)]) == 0
+    script = capsys.readouterr().out
+    assert f"export DIA_PYTHON={sys.executable}" in script and '"$python" -m wandb agent' in script
+    assert "#SBATCH --array=0-3%16" in script and "#SBATCH --mem=32G" in script

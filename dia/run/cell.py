@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dia import checks
 from dia import metrics as M
 from dia.data import Victims, folder_statistics, load_victims, normalizer
 from dia.engine import AttackResult
@@ -81,15 +82,11 @@ class Cell:
         return num_problems(self.cfg)
 
 
-def check(cfg: DictConfig) -> None:
-    """What can be checked before anything is written: the device, the W&B login, the victims' split."""
+def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
+    """What can be checked before anything is written (the same checks `dia.grid --validate` runs): the
+    device here, the data (victims in range, labels, batches) and the W&B login (dia.checks)."""
     resolve_device(cfg.run.device)
-    if cfg.logger.wandb.mode == "online" and not tracking.has_login():
-        raise UserError("logger.wandb.mode=online: no W&B login here (run `wandb login` or set WANDB_API_KEY), "
-                        "or use logger.wandb.mode=offline and `wandb sync` later")
-    n = len(cfg.victims) if cfg.victims is not None else cfg.num_victims
-    if n % cfg.batch_size:
-        raise UserError(f"batch_size={cfg.batch_size}: {n} victims do not split into client batches of that size")
+    checks.check(cfg, memo=memo)
 
 
 def use_compile_cache(cfg: DictConfig) -> Path | None:

@@ -15,21 +15,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import re
 from pathlib import Path
 
+from dia.config import check_name
 from dia.errors import UserError
 
 DONE, PARTIAL, PENDING = "done", "partial", "pending"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,@-]{0,199}")
-
-
-def check_name(name: str) -> str:
-    """A run name is one plain path component: letters, digits and ._+=,@- (no separators, not hidden)."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise UserError(f"run.name={name!r}: must be 1-200 characters of letters, digits and ._+=,@- starting with a "
-                        "letter or digit (no path separators, not absolute)")
-    return name
 
 
 def default_name(attack: str, model: str, data: str, dropout: float, config_text: str) -> str:
@@ -44,7 +35,8 @@ class RunFolder:
 
     def __init__(self, root: Path, name: str) -> None:
         self.root = Path(root)
-        self.name = check_name(name)
+        check_name(name)
+        self.name = name
         self.final = self.root / name
         self.partial = self.root / f".{name}.partial"
         self.lock_path = self.root / f".{name}.lock"

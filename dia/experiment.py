@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dia import metrics as M
 from dia.attacks import ATTACKS, AttackResult, InvertingGradients
 from dia.checkpoint import Checkpoint, CheckpointEvery, Preempted
+from dia import defenses
 from dia.data import folder_statistics, load_victims, normalizer
 from dia.errors import UserError
 from dia.models import build_for
@@ -214,7 +215,8 @@ def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Mo
     checkpoint = Checkpoint(folder / "checkpoint.pt") if cfg.run.checkpoint_every >= 0 else None
     L.seed_everything(cfg.run.seed, verbose=False)
     mean, std = normalizer(cfg.data)
-    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size, seed=cfg.run.seed)
+    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size,
+                                seed=cfg.run.seed, defense=cfg.defense)
     if cfg.attack.labels == "infer":
         if cfg.batch_size != 1:
             raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
@@ -231,6 +233,7 @@ def _run(cfg: DictConfig, device: torch.device, victims: Any, model: torch.nn.Mo
     summary = {
         "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
         "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
+        "defense": defenses.summary(cfg.defense, cfg.attack.model_defense),
         "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
         "iterations": max(r["iterations"] for r in rows), "wall_time_s": round(time.time() - started, 3),
         "device": str(device), "victims": rows,

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import torch
 from torch import Tensor, nn
 
+from dia.defenses import surviving
 from dia.engine import STATUS, AttackState, Layout, Schedule, advance
 from dia.gradients import problem_gradients
 from dia.losses import cosine_distance, total_variation
@@ -46,6 +47,7 @@ class AttackConfig:
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped
     log_every: int = 50  # iterations between logged training curves
+    model_defense: bool = False  # match only the entries the (defended) shared gradient kept nonzero (dia.defenses)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class InvertingGradients(L.LightningModule):
         """Reconstruction loss per problem, (K,)."""
         masks = self.masks(params)
         grads = problem_gradients(self.model, self.model_params, params["x"], self.problems.labels, masks, self.mask_mode)
+        grads = surviving(grads, self.problems.targets) if self.cfg.model_defense else grads
         loss = cosine_distance(grads, self.problems.targets) + self.cfg.tv_weight * total_variation(params["x"])
         return loss + self.regularizer(masks)
 

@@ -23,6 +23,7 @@ from dia.attacks import ATTACKS
 from dia.attacks.dia import MASK_PARAMS
 from dia.attacks.ig import INITS
 from dia.data import SOURCES, DataConfig
+from dia.defenses import DEFENSES, check_defense, stage_names
 from dia.errors import UserError, did_you_mean
 from dia.models import MODELS
 from dia.registry import Registry
@@ -65,6 +66,7 @@ class Config:
     attack: Any = None
     model: Any = None
     data: Any = None
+    defense: Any = None
     victims: Optional[List[int]] = None  # explicit victim indices; None: use num_victims
     num_victims: int = 4  # without `victims`: the first N, or N drawn with victim_seed
     victim_seed: Optional[int] = None
@@ -74,7 +76,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-GROUPS: dict[str, Registry | None] = {"attack": ATTACKS, "model": MODELS, "data": None}
+GROUPS: dict[str, Registry | None] = {"attack": ATTACKS, "model": MODELS, "data": None, "defense": DEFENSES}
+LIST_GROUPS = {"defense": "none"}  # groups whose choice may be a list applied in order (defense=[prune,dpsgd]): their default
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -210,14 +213,10 @@ def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
     for group in GROUPS:
         if group in selections or base is None:
             root = config_dir()
-            choice = selections.get(group, defaults.get(group))
-            valid = choices(group, root)
-            if choice not in valid:
-                raise UserError(f"unknown {group} '{choice}'{did_you_mean(str(choice), valid)}; choose one of: {', '.join(valid)}")
-            node = _load_yaml(root / group / f"{choice}.yaml")
-            where = str(root / group / f"{choice}.yaml")
+            choice = selections.get(group, defaults.get(group, LIST_GROUPS.get(group)))
+            node, where = _load_choice(group, choice, root)
         else:
-            node = start.get(group)
+            node = start.get(group, OmegaConf.create({"name": LIST_GROUPS[group]}) if group in LIST_GROUPS else None)
             where = str(base)
         cfg[group] = _typed_group(group, node, where)
     for key in list(start.keys()):  # top-level values; a group section here overrides the group file
@@ -233,7 +232,24 @@ def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
     if cfg.run.name == AUTO_CELL:
         cfg.run.name = cell_id(dict(a.split("=", 1) for a in args))
     validate(cfg)
+    check_defense(cfg.defense)
     return cfg
+
+
+def _load_choice(group: str, choice: Any, root: Path) -> tuple[DictConfig, str]:
+    """A group's choice file; for LIST_GROUPS a list `[a,b]` or `a+b` of choices, merged (name 'a+b')."""
+    valid = choices(group, root)
+    names = stage_names(choice) if group in LIST_GROUPS else [choice]
+    for name in names:
+        if name not in valid:
+            raise UserError(f"unknown {group} '{name}'{did_you_mean(str(name), valid)}; choose one of: {', '.join(valid)}")
+    nodes = [_load_yaml(root / group / f"{name}.yaml") for name in names]
+    where = ", ".join(str(root / group / f"{name}.yaml") for name in names)
+    if len(nodes) == 1:
+        return nodes[0], where
+    merged = OmegaConf.merge(*nodes)
+    merged.name = "+".join(str(n.get("name", name)) for n, name in zip(nodes, names))
+    return merged, where
 
 
 Check = tuple[str, Callable[[Any], bool], str]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dia.defenses import defend, per_example_gradients
 from dia.gradients import client_gradients
 from dia.models.dropout import dropout_control, dropout_sites
 
@@ -56,8 +58,14 @@ def problem_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
 
 
-def simulate_clients(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int, seed: int) -> Problems:
-    """Each consecutive group of `batch_size` (normalized) images is one client's batch and one problem."""
+def simulate_clients(
+    model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int, seed: int, defense: Any = None
+) -> Problems:
+    """Each consecutive group of `batch_size` (normalized) images is one client's batch and one problem.
+
+    `defense` (a `defense` config section, see dia.defenses) is applied to what each client sends, with
+    its own generator per client; None or `name: none` leaves the gradients as computed.
+    """
     n = images.shape[0]
     k = n // batch_size
     targets: list[dict[str, Tensor]] = []
@@ -66,6 +74,8 @@ def simulate_clients(model: nn.Module, images: Tensor, labels: Tensor, *, batch_
         sl = slice(j * batch_size, (j + 1) * batch_size)
         gen = torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 1)
         g, m = client_gradients(model, images[sl], labels[sl], generator=gen)
+        g = defend(g, defense, torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 2),
+                   None if batch_size == 1 else lambda: per_example_gradients(model, images[sl], labels[sl], m))
         targets.append(g)
         masks.append(m)
     sites = dropout_sites(model, active_only=True)

@@ -249,6 +249,89 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     return written
 
 
+STRENGTH = {"dpsgd": ("noise_multiplier", "noise multiplier σ"), "prune": ("ratio", "prune ratio"), "quantize": ("bits", "bits")}
+
+
+def _defense_point(d: dict[str, Any]) -> tuple[str, float, str]:
+    """(panel kind, strength, tick label) of a run's defense; sign-only is quantization to 1 bit."""
+    name = str(d["name"])
+    if name == "sign":
+        return "quantize", 1.0, "sign"
+    kind = name + ("/stochastic" if d.get("rounding") == "stochastic" else "")
+    key = next(STRENGTH[s][0] for s in reversed(name.split("+")) if s in STRENGTH)
+    value = float(d[key])
+    label = f"{value:g}" + (f"\nε={d['epsilon']:.3g}" if d.get("epsilon") is not None else "")
+    return kind, value, label
+
+
+def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
+    """figures/defense_<metric>_<data>_<model>.png: the metric against defense strength (runs with a `defense`).
+
+    One panel per defense x dropout rate, one line per attack (dashed: attack.model_defense), the undefended
+    run of the same cell as a dotted line; x: noise multiplier (with its epsilon), prune ratio, bits (stronger
+    to the right); error bars: std over victims.
+    """
+    runs = [r for g in groups.values() for r in g.runs if isinstance(r.get("defense"), dict)]
+    if not any(r["defense"].get("name") != "none" for r in runs):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    colors = {"ig": "tab:blue", "wiig": "tab:green", "dia": "tab:red"}
+    for data, model in sorted({(r["data"], r["model"]) for r in runs}):
+        mine = [r for r in runs if (r["data"], r["model"]) == (data, model)]
+        defended = [r for r in mine if r["defense"]["name"] != "none"]
+        kinds = sorted({_defense_point(r["defense"])[0] for r in defended}, key=lambda k: (k.count("+"), k))
+        rates = sorted({float(r["dropout"]) for r in defended})
+        attacks = sorted({r["attack"] for r in mine}, key=lambda a: _rank("attack", a))
+        for metric, name, arrow in METRICS[:3]:
+            if not any(v.get(metric) is not None for r in defended for v in r["victims"]):
+                continue
+            fig, axes = plt.subplots(len(kinds), len(rates), figsize=(3.8 * len(rates), 2.9 * len(kinds)), squeeze=False)
+            for row, kind in enumerate(kinds):
+                for col, rate in enumerate(rates):
+                    ax = axes[row][col]
+                    cell = [r for r in defended if float(r["dropout"]) == rate and _defense_point(r["defense"])[0] == kind]
+                    ticks = sorted({_defense_point(r["defense"])[1:] for r in cell}, reverse=kind.startswith("quantize"))
+                    pos = {v: i for i, (v, _) in enumerate(ticks)}
+                    for attack in attacks:
+                        for md in (False, True):
+                            pts = []
+                            for v, _ in ticks:
+                                vals = [x[metric] for r in cell if r["attack"] == attack and bool(r["defense"].get("model_defense")) == md
+                                        and _defense_point(r["defense"])[1] == v for x in r["victims"] if x.get(metric) is not None]
+                                if vals:
+                                    mean = sum(vals) / len(vals)
+                                    pts.append((pos[v], mean, math.sqrt(sum((x - mean) ** 2 for x in vals) / max(1, len(vals) - 1))))
+                            if pts:
+                                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
+                                            capsize=2, color=colors.get(attack), ls="--" if md else "-",
+                                            label=attack.upper() + (" (model_defense)" if md else ""))
+                        clear = [x[metric] for r in mine if r["defense"]["name"] == "none" and r["attack"] == attack
+                                 and float(r["dropout"]) == rate for x in r["victims"] if x.get(metric) is not None]
+                        if clear:
+                            ax.axhline(sum(clear) / len(clear), color=colors.get(attack), ls=":", lw=1)
+                    ax.set_xticks(range(len(ticks)), [t for _, t in ticks], fontsize=6)
+                    ax.set_title(f"{kind}, p={rate:g}", fontsize=9)
+                    ax.set_xlabel(STRENGTH[kind.split("/")[0].split("+")[-1]][1] + " (dotted: undefended)", fontsize=7)
+                    ax.set_ylabel(f"{name} {arrow}", fontsize=8)
+                    ax.tick_params(axis="y", labelsize=7)
+                    ax.grid(alpha=0.3)
+                    if row == 0 and col == 0:
+                        ax.legend(fontsize=6)
+            fig.suptitle(f"{data} / {model}: {name} against defense strength", fontsize=10)
+            fig.tight_layout()
+            path = out / f"defense_{metric}_{data}_{model}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
 def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | None:
     import matplotlib
 
@@ -307,7 +390,7 @@ def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[st
         (tmp / "table.md").write_text(md)
         (tmp / "table.csv").write_text(table_csv)
         (tmp / "missing.csv").write_text(missing_csv)
-        figs = figures(groups, tmp / "figures")
+        figs = figures(groups, tmp / "figures") + defense_figures(groups, tmp / "figures")
         mont = []
         if montages:
             for g in groups.values():

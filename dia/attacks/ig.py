@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import torch
 from torch import Tensor, nn
 
+from dia.defenses import surviving
 from dia.engine import STATUS, AttackResult, AttackState, Layout, Schedule, advance
 from dia.gradients import problem_gradients
 from dia.losses import cosine_distance, keep_rate_penalty, total_variation
@@ -49,6 +50,7 @@ class AttackConfig:
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped
     log_every: int = 50  # iterations between logged training curves
+    model_defense: bool = False  # match only the entries the (defended) shared gradient kept nonzero (dia.defenses)
 
 
 INITS = {
@@ -258,6 +260,7 @@ class InvertingGradients(L.LightningModule):
         applied = None if masks is None else {s: m * _column(self.scale[s], m) for s, m in masks.items()}
         grads = problem_gradients(self.model, self.model_params, params["x"], self.labels, applied,
                                   "apply" if applied else "off")
+        grads = surviving(grads, self.targets) if self.cfg.model_defense else grads
         loss = cosine_distance(grads, self.targets) + self.cfg.tv_weight * total_variation(params["x"])
         return loss + self.regularizer(masks)
 

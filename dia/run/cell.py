@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dia import checks
+from dia import checks, defenses
 from dia import metrics as M
 from dia.data import Victims, folder_statistics, load_victims, normalizer
 from dia.engine import AttackResult
@@ -143,7 +143,8 @@ def prepare(cell: Cell) -> Cell:
         raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
     L.seed_everything(cfg.run.seed, verbose=False)
     mean, std = normalizer(cfg.data)
-    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size, seed=cfg.run.seed)
+    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size,
+                                seed=cfg.run.seed, defense=cfg.defense)
     if cfg.attack.labels == "infer":
         if cfg.batch_size != 1:
             raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
@@ -217,6 +218,7 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     summary = {
         "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
         "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
+        "defense": defenses.summary(cfg.defense, cfg.attack.model_defense),
         "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
         "iterations": max(r["iterations"] for r in rows), "wall_time_s": round(time.time() - cell.started, 3),
         "device": str(cell.device), "victims": rows,

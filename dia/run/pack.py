@@ -38,11 +38,12 @@ log = logging.getLogger("dia")
 PER_ROW = ("name", "mask_weight")  # attack settings that may differ inside a pack
 ATTACK_ONLY = tuple(f.name for f in fields(DIAConfig) if f.name not in {g.name for g in fields(AttackConfig)})
 NOT_SHARED = ("victims", "num_victims", "victim_seed", "run.name", "run.output_dir", "run.progress", "run.save_tensors",
-              "logger", "metrics")
+              "logger", "metrics", "defense")  # the defense changes what the client sends (the targets), not the program
 
 
 def pack_key_of(config: Any) -> str:
-    """Runs with equal keys can share a program: everything but the attack, the rate and the victims."""
+    """Runs with equal keys can share a program: everything but the attack, the rate, the victims and the
+    client's defense (and what only concerns output: names, folders, logging, metrics)."""
     cfg = OmegaConf.to_container(config, resolve=True)
     attack = {k: v for k, v in cfg["attack"].items() if k not in PER_ROW}
     defaults = DIAConfig()

@@ -1,0 +1,283 @@
+"""Defenses a client applies to the gradient it sends: after dropout, before the server sees it.
+
+A defense is a choice of the `defense` config group (`configs/defense/<choice>.yaml`, registry below):
+
+* ``none``: the gradient as computed (the default; nothing changes, bit for bit);
+* ``dpsgd``: DP-SGD for one step: each example's gradient (with the dropout mask the client drew for that
+  example) clipped to L2 norm ``clip``, summed, Gaussian noise of std ``noise_multiplier * clip`` added
+  to the sum, divided by the batch size B (the client's loss is a mean over its batch, as opacus does);
+  the (epsilon, delta) of that release comes from opacus' RDP accountant (`privacy`);
+* ``prune``: per layer, the largest ``1 - ratio`` share of entries by magnitude kept, the rest zeroed;
+* ``quantize``: per layer, ``bits``-bit symmetric uniform quantization: 2^bits - 1 levels spanning
+  [-max|g|, max|g|], with ``nearest`` or unbiased ``stochastic`` rounding;
+* ``sign``: sign-only (signSGD), 1 bit per entry.
+
+Defenses compose in the order given: ``defense=[prune,dpsgd]`` (or ``defense=prune+dpsgd``; the saved
+config holds ``name: prune+dpsgd``). Stages listed before ``dpsgd`` act on each example's gradient
+(before clipping); ``dpsgd`` turns the per-example gradients into the one sent gradient; stages after it
+act on that (post-processing: the epsilon is unchanged). Without ``dpsgd`` every stage acts on the sent
+gradient, in order. Each stage's keys (``defense.clip``, ``defense.ratio``, ...) are in one flat section.
+
+Randomness (DP noise, stochastic rounding) comes only from the generator the caller passes in: one per
+client, seeded apart from the client's dropout and the attacker's initialisation (`dia.problems`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from dia.errors import UserError
+from dia.gradients import problem_gradients
+from dia.registry import Entry, Registry
+
+Grads = dict[str, Tensor]
+
+
+# ---- schemas -------------------------------------------------------------------------------------
+@dataclass
+class NoDefenseConfig:
+    name: str = "none"
+
+
+@dataclass
+class DPSGDConfig:
+    name: str = "dpsgd"
+    clip: float = 1.0  # C: every example's gradient is clipped to L2 norm <= C
+    noise_multiplier: float = 1.0  # sigma: the sum gets N(0, (sigma C)^2) noise per entry
+    delta: float = 1e-5  # the delta of the reported (epsilon, delta)
+
+
+@dataclass
+class PruneConfig:
+    name: str = "prune"
+    ratio: float = 0.9  # share of each layer's entries zeroed (the smallest by magnitude)
+
+
+@dataclass
+class QuantizeConfig:
+    name: str = "quantize"
+    bits: int = 4  # 2^bits - 1 levels per layer, symmetric around 0
+    rounding: str = "nearest"  # nearest | stochastic (unbiased)
+
+
+@dataclass
+class SignConfig:
+    name: str = "sign"
+
+
+ROUNDINGS = ("nearest", "stochastic")
+
+
+# ---- the defenses (pure functions of gradients, config and generator) -----------------------------
+def clip_per_example(per_example: Grads, clip: float) -> Grads:
+    """Scale each example's gradient (leading dim B) to L2 norm <= clip over all parameters (opacus' factor)."""
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_example.values()]).sum(0).sqrt()  # (B,)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {n: g * factor.view(-1, *([1] * (g.dim() - 1))) for n, g in per_example.items()}
+
+
+def dpsgd(per_example: Grads, cfg: Any, generator: torch.Generator) -> Grads:
+    """(sum_i clip(g_i) + N(0, (sigma C)^2 I)) / B: the per-example gradients (B, ...) -> the sent gradient."""
+    clipped = clip_per_example(per_example, cfg.clip)
+    std = cfg.noise_multiplier * cfg.clip
+    out = {}
+    for n, g in clipped.items():
+        noise = torch.randn(g.shape[1:], generator=generator, dtype=g.dtype, device=g.device)
+        out[n] = (g.sum(0) + std * noise) / g.shape[0]
+    return out
+
+
+def prune_mask(g: Tensor, ratio: float) -> Tensor:
+    """True at the round((1 - ratio) * numel) entries of largest magnitude."""
+    k = int(round((1.0 - ratio) * g.numel()))
+    keep = torch.zeros(g.numel(), dtype=torch.bool, device=g.device)
+    keep[g.flatten().abs().topk(k).indices] = True
+    return keep.view_as(g)
+
+
+def prune(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
+    """Per layer, keep the largest `1 - ratio` share of entries by magnitude, zero the rest."""
+    return {n: torch.where(prune_mask(g, cfg.ratio), g, torch.zeros_like(g)) for n, g in grads.items()}
+
+
+def quantize(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
+    """Per layer, round g / max|g| onto the 2^bits - 1 levels {-L..L}/L, L = 2^(bits-1) - 1, and scale back."""
+    levels = 2 ** (cfg.bits - 1) - 1
+    out = {}
+    for n, g in grads.items():
+        scale = g.abs().max()
+        if scale == 0:
+            out[n] = g.clone()
+            continue
+        v = g / scale * levels
+        if cfg.rounding == "stochastic":  # up with probability frac(v): unbiased
+            q = torch.floor(v + torch.rand(v.shape, generator=generator, dtype=v.dtype, device=v.device))
+        else:
+            q = torch.round(v)
+        out[n] = q.clamp(-levels, levels) * (scale / levels)
+    return out
+
+
+def sign(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
+    """Sign-only: every entry becomes -1, 0 or +1."""
+    return {n: torch.sign(g) for n, g in grads.items()}
+
+
+def identity(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
+    return grads
+
+
+# ---- registry -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One defense: `apply(grads, cfg, generator)`; `per_example` stages take (B, ...) gradients and aggregate."""
+
+    apply: Callable[[Grads, Any, torch.Generator], Grads]
+    per_example: bool = False
+
+
+class DefenseRegistry(Registry[Stage]):
+    """The `defense` registry; a name 'a+b' is the composition of a, then b (schema: the union of theirs)."""
+
+    def entry(self, name: str) -> Entry[Stage]:
+        parts = stage_names(name)
+        if len(parts) == 1:
+            return super().entry(parts[0])
+        entries = [Registry.entry(self, p) for p in parts]
+        check_composition(parts, entries)
+        fields: dict[str, tuple[Any, dataclasses.Field]] = {}
+        for e in entries:
+            for f in dataclasses.fields(e.schema):
+                if f.name != "name":
+                    fields[f.name] = (f.type, dataclasses.field(default=f.default))
+        joined = "+".join(parts)
+        schema = dataclasses.make_dataclass(
+            "DefenseConfig_" + "_".join(parts), [("name", str, dataclasses.field(default=joined))]
+            + [(k, t, f) for k, (t, f) in fields.items()])
+        return Entry(joined, entries[0].obj, schema)
+
+
+DEFENSES = DefenseRegistry("defense")
+DEFENSES.register("none", schema=NoDefenseConfig)(Stage(identity))
+DEFENSES.register("dpsgd", schema=DPSGDConfig)(Stage(dpsgd, per_example=True))
+DEFENSES.register("prune", schema=PruneConfig)(Stage(prune))
+DEFENSES.register("quantize", schema=QuantizeConfig)(Stage(quantize))
+DEFENSES.register("sign", schema=SignConfig)(Stage(sign))
+
+
+def stage_names(name: Any) -> list[str]:
+    """'prune+dpsgd', '[prune,dpsgd]' or ['prune', 'dpsgd'] -> ['prune', 'dpsgd'] (in application order)."""
+    if isinstance(name, str):
+        return [p.strip() for p in name.strip().strip("[]").replace("+", ",").split(",") if p.strip()] or [name]
+    return [str(p) for p in name]
+
+
+def check_composition(parts: list[str], entries: list[Entry[Stage]]) -> None:
+    if "none" in parts:
+        raise UserError(f"defense={'+'.join(parts)}: 'none' cannot be composed with other defenses")
+    if len(set(parts)) != len(parts):
+        raise UserError(f"defense={'+'.join(parts)}: a defense is listed twice")
+    if sum(e.obj.per_example for e in entries) > 1:
+        raise UserError(f"defense={'+'.join(parts)}: at most one per-example defense (dpsgd)")
+
+
+Check = tuple[str, Callable[[Any], bool], str]
+CHECKS: list[Check] = [
+    ("clip", lambda v: v > 0, "must be > 0"),
+    ("noise_multiplier", lambda v: v >= 0, "must be >= 0"),
+    ("delta", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("bits", lambda v: 2 <= v <= 16, "must be in 2..16 (1 bit: defense=sign)"),
+    ("rounding", lambda v: v in ROUNDINGS, f"must be one of: {', '.join(ROUNDINGS)}"),
+]
+
+
+def check_defense(cfg: Any) -> None:
+    """One-line `UserError` for an invalid value of the composed defense section."""
+    for key, ok, rule in CHECKS:
+        value = getattr(cfg, key, None) if not hasattr(cfg, "get") else cfg.get(key)
+        if value is not None and not ok(value):
+            raise UserError(f"defense.{key}={value!r}: {rule}")
+
+
+# ---- applying a defense -----------------------------------------------------------------------------
+def is_none(cfg: Any) -> bool:
+    return cfg is None or stage_names(cfg.name) == ["none"]
+
+
+def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor, masks: Mapping[str, Tensor]) -> Grads:
+    """Each example's gradient (B, ...) under the dropout masks the client drew for it (row i of every mask).
+
+    The gradient of the example's own cross-entropy, so their mean is the client's (mean-loss) gradient.
+    """
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise UserError("defense=dpsgd with batch_size > 1: per-example gradients are undefined for BatchNorm "
+                        "models (examples share batch statistics); use batch_size=1 or a model without BatchNorm")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    rows = {n: m.unsqueeze(1) for n, m in masks.items()}  # each example is a 'problem' with a batch of one
+    with torch.no_grad():
+        return problem_gradients(model, params, x.unsqueeze(1), y.unsqueeze(1), rows, "replay")
+
+
+def defend(
+    grads: Grads, cfg: Any, generator: torch.Generator,
+    per_example: Callable[[], Grads] | None = None,
+) -> Grads:
+    """The gradient the client sends: `grads` (its mean-loss gradient) through the stages of `cfg`, in order.
+
+    `per_example()` gives the (B, ...) per-example gradients; only a `dpsgd` stage asks for them.
+    """
+    if is_none(cfg):
+        return grads
+    stages = [DEFENSES.get(n) for n in stage_names(cfg.name)]
+    split = next((i for i, s in enumerate(stages) if s.per_example), None)
+    if split is None:
+        for stage in stages:
+            grads = stage.apply(grads, cfg, generator)
+        return grads
+    per = per_example() if per_example is not None else {n: g.unsqueeze(0) for n, g in grads.items()}
+    for stage in stages[:split]:  # before DP-SGD: on each example's gradient
+        rows = [stage.apply({n: g[i] for n, g in per.items()}, cfg, generator) for i in range(next(iter(per.values())).shape[0])]
+        per = {n: torch.stack([r[n] for r in rows]) for n in per}
+    grads = stages[split].apply(per, cfg, generator)
+    for stage in stages[split + 1:]:  # after DP-SGD: post-processing of the sent gradient
+        grads = stage.apply(grads, cfg, generator)
+    return grads
+
+
+def surviving(grads: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Grads:
+    """`attack.model_defense`: the attacker's gradient restricted to where the sent gradient is nonzero.
+
+    Pruning (and rounding to 0) is public in the zeros of what the client sends; matching only the
+    surviving entries stops the attack from chasing zeros its dense gradient cannot produce.
+    """
+    return {n: g * (targets[n] != 0).to(g.dtype) for n, g in grads.items()}
+
+
+def privacy(cfg: Any) -> dict[str, float | None] | None:
+    """The (epsilon, delta) of one client's release (one FedSGD step: sampling rate 1, one step), or None.
+
+    Example-level DP of the Gaussian mechanism, from opacus' RDP accountant; epsilon None for no noise.
+    """
+    if is_none(cfg) or "dpsgd" not in stage_names(cfg.name):
+        return None
+    if cfg.noise_multiplier == 0:
+        return {"epsilon": None, "delta": float(cfg.delta)}
+    from opacus.accountants import RDPAccountant  # imported here: only DP runs need it
+
+    accountant = RDPAccountant()
+    accountant.step(noise_multiplier=float(cfg.noise_multiplier), sample_rate=1.0)
+    return {"epsilon": float(accountant.get_epsilon(delta=float(cfg.delta))), "delta": float(cfg.delta)}
+
+
+def summary(cfg: Any, model_defense: bool = False) -> dict[str, Any]:
+    """What metrics.json records about the defense: its keys, the attacker's knowledge of it, (epsilon, delta)."""
+    params = {"name": "none"} if cfg is None else dict(OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else dataclasses.asdict(cfg))
+    dp = privacy(cfg)
+    return {**params, "model_defense": bool(model_defense), "epsilon": None if dp is None else dp["epsilon"]}

@@ -145,8 +145,7 @@ def test_an_unnamed_run_resumes_its_own_unfinished_folder(tmp_path):
 SWEEP = """
 name: faults
 method: grid
-program: dia.train
-command: [python, -m, dia.train]
+command: ["${env}", "${interpreter}", "-m", "dia.train", "${args_no_hyphens}"]
 parameters:
   attack: {values: [ig, dia]}
   model.width: {value: 32}

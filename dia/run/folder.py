@@ -17,6 +17,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import yaml
+
 from dia.config import check_name
 from dia.errors import UserError
 
@@ -28,6 +30,21 @@ def default_name(attack: str, model: str, data: str, dropout: float, config_text
     command finds (and resumes) its unfinished folder."""
     digest = hashlib.sha256(config_text.encode()).hexdigest()[:8]
     return f"{attack}-{model}-{data}-p{dropout:g}-{digest}"
+
+
+def same_config(a: str, b: str) -> bool:
+    """Two saved configs describe the same run: equal but for where the run folder lies (run.output_dir),
+    so a moved or copied results folder still resumes."""
+    def core(text: str) -> object:
+        data = yaml.safe_load(text)
+        if isinstance(data, dict) and isinstance(data.get("run"), dict):
+            data["run"].pop("output_dir", None)
+        return data
+
+    try:
+        return a == b or core(a) == core(b)
+    except yaml.YAMLError:
+        return False
 
 
 class RunFolder:
@@ -88,7 +105,7 @@ class RunFolder:
         """
         saved = self.partial / "config.yaml"
         if self.partial.is_dir():
-            if saved.is_file() and saved.read_text() == config_text:
+            if saved.is_file() and same_config(saved.read_text(), config_text):
                 return True
             raise UserError(f"run.name={self.name}: '{self.partial}' holds an unfinished run of another config; "
                             f"resume it with `python -m dia.train --config {saved}`, delete it, or choose another run.name")

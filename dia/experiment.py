@@ -20,7 +20,7 @@ from dia.attacks import ATTACKS, AttackResult, InvertingGradients
 from dia.checkpoint import Checkpoint, CheckpointEvery, Preempted
 from dia.data import folder_statistics, load_victims, normalizer
 from dia.errors import UserError
-from dia.models import build_for
+from dia.models import build_for, site_parts
 from dia.plotting import reconstruction_grid
 from dia.problems import Problems, infer_labels, simulate_clients
 from dia.progress import AttackProgressBar
@@ -28,7 +28,7 @@ from dia.results import RunFolder, save_tensors, write_json, write_text
 from dia.tracking import finish, log_reconstructions, log_victim_table, wandb_logger
 
 log = logging.getLogger("dia")
-METRICS = ("mse", "psnr", "ssim", "lpips", "mask_recovery")
+METRICS = ("mse", "psnr", "ssim", "lpips", *M.MASK_KEYS)  # and the per-part mask measures a row has
 
 
 @dataclass
@@ -159,10 +159,10 @@ def evaluate(
     rec, orig = (rec_n * std + mean).clamp(0, 1), originals
     values = {"mse": M.mse(rec_n, orig_n), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}
     values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
-    recovery = None
+    masks: dict[str, torch.Tensor] = {}
     if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
         ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
-        recovery = M.mask_recovery(ordered, problems.true_masks)
+        masks = M.mask_measures(ordered, problems.true_masks, site_parts(ordered), problems.rates)
     rows = []
     for i in range(rec.shape[0]):
         k = i // b
@@ -170,15 +170,15 @@ def evaluate(
             "problem": k, "matched_reconstruction": int(perms[k][i % b]), "status": result.status[k], "iterations": int(result.iterations[k]),
             "best_iteration": int(result.best_iteration[k]), "loss": float(result.best_loss[k]),
             **{m: (None if v is None else float(v[i])) for m, v in values.items()},
-            "mask_recovery": None if recovery is None else float(recovery[k]),
+            **dict.fromkeys(M.MASK_KEYS), **{m: (None if v[k].isnan() else float(v[k])) for m, v in masks.items()},
         })
     return rows, rec_n
 
 
 def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
-    for m in METRICS:
-        vals = [r[m] for r in rows if r[m] is not None]
+    for m in [*METRICS, *dict.fromkeys(k for r in rows for k in r if k.startswith("mask_"))]:
+        vals = [r[m] for r in rows if r.get(m) is not None]
         out[m] = sum(vals) / len(vals) if vals else None
     return out
 

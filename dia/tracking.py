@@ -22,7 +22,7 @@ def wandb_logger(cfg: Any, *, save_dir: Path, name: str, config: dict[str, Any])
 
 
 VICTIM_COLUMNS = ("index", "label", "problem", "status", "iterations", "best_iteration", "loss", "mse", "psnr", "ssim",
-                  "lpips", "mask_recovery")
+                  "lpips", "mask_bal_acc", "mask_recall", "mask_precision")
 
 
 def _run(logger: Any) -> Any:

@@ -39,7 +39,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [f"Device: {device}; {time.strftime('%Y-%m-%d')}; victims 0..{args.victims - 1} of the embedded set, "
              f"batch 1, all victims attacked at once, budget {args.iterations} iterations, seed 0.", "",
-             "| dataset / model | p | attack | SSIM | PSNR dB | MSE (normalized) | mask recovery | iterations | seconds |",
+             "| dataset / model | p | attack | SSIM | PSNR dB | MSE (normalized) | mask bal. acc. | iterations | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     records = []
     for title, base, cells in ROWS:
@@ -52,7 +52,7 @@ def main() -> None:
             out = execute([cfg], progress=False)[0].output
             m = out.metrics["mean"]
             label = attack.upper() + (f" ({cfg.attack.mask_param})" if attack == "dia" else "")
-            rec = "-" if m["mask_recovery"] is None else f"{m['mask_recovery']:.3f}"
+            rec = "-" if m.get("mask_bal_acc") is None else f"{m['mask_bal_acc']:.3f}"
             lines.append(f"| {title} | {p} | {label} | {m['ssim']:.3f} | {m['psnr']:.1f} | {m['mse']:.4g} | {rec} | "
                          f"{out.metrics['iterations']} | {out.metrics['wall_time_s']:.0f} |")
             records.append({"title": title, "p": p, "attack": label, **out.metrics})

@@ -39,6 +39,9 @@ class Schedule:
     early_stop_patience: int = 4000
     loss_threshold: float = 1e-5
     max_iterations: int = 20000
+    # Which iterate an improving loss keeps: "after_step" (the paper's code: the iterate the step produced
+    # from the one whose loss improved) or "at_loss" (the iterate the loss was computed at).
+    best_iterate: str = "after_step"
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,10 @@ def advance(
 ) -> None:
     """One iteration for all running problems, given their losses (K,) and the gradient (K, D) at `state.flat`.
 
-    Order as in the paper's code: keep the best iterate, (signed) Adam step, projection onto the valid
-    set, plateau schedule, stopping rules. Problems that are not running are left untouched.
+    Order as in the paper's code: note an improved loss, (signed) Adam step, projection onto the valid
+    set, keep the best iterate (by default the projected iterate after the improving step, as the paper's
+    code does; `schedule.best_iterate="at_loss"` keeps the one the loss was measured at), plateau
+    schedule, stopping rules. Problems that are not running are left untouched.
     `signed_columns` (D,) marks the columns whose gradient is replaced by its sign (default: from
     `schedule.signed`).
     """
@@ -164,7 +169,8 @@ def advance(
     step = running & finite
 
     improved = step & (losses < state.best_loss)
-    state.best = torch.where(_rows(improved), state.flat.detach(), state.best)
+    if schedule.best_iterate == "at_loss":
+        state.best = torch.where(_rows(improved), state.flat.detach(), state.best)
     state.best_loss = torch.where(improved, losses, state.best_loss)
     state.best_iteration = torch.where(improved, i, state.best_iteration)
     state.since_best = torch.where(improved, 0, state.since_best + step.long())
@@ -185,6 +191,8 @@ def advance(
     update = _rows(state.lr / bias1) * state.exp_avg / denom
     state.flat.sub_(torch.where(rows, update, 0.0))
     project(state.params)
+    if schedule.best_iterate == "after_step":
+        state.best = torch.where(_rows(improved), state.flat.detach(), state.best)
 
     # ReduceLROnPlateau(mode='min', threshold_mode='rel'), stepped on the loss of this iteration.
     better = step & (losses < state.plateau_best * (1 - schedule.plateau_threshold))

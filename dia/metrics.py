@@ -47,17 +47,58 @@ def match(reconstructions: Tensor, originals: Tensor) -> Tensor:
     return perm
 
 
-def mask_recovery(recovered: Mapping[str, Tensor], true: Mapping[str, Tensor]) -> Tensor:
-    """Fraction of mask entries that rounding the recovered masks gets right, per problem; (K, ...) -> (K,).
+MASK_MEASURES = ("recall", "precision", "bal_acc", "accuracy")
+# The keys `mask_measures` always returns: each measure, then its all-keep and initialisation baselines.
+MASK_KEYS = tuple(f"mask_{m}{s}" for m in MASK_MEASURES for s in ("", "_keep_all", "_init"))
 
-    Over the sites that were recovered (an attack may leave some, e.g. DropPath, unmodelled).
+
+def _confusion_measures(drop_pred: Tensor, drop_true: Tensor) -> dict[str, Tensor]:
+    """Measures of dropped-unit detection from (K, N) predicted drop probabilities (0/1 or expected) and truth.
+
+    Positives are dropped units. Counts may be expectations (a fractional `drop_pred`), which gives the
+    expected counts of a random prediction drawn independently of the truth. A ratio with a zero
+    denominator (precision when nothing is predicted dropped) is NaN.
     """
-    hits = total = 0
-    for name, r in recovered.items():
-        t = true[name]
-        hits = hits + ((r >= 0.5).float() == t).flatten(1).sum(1)
-        total = total + t[0].numel()
-    return torch.as_tensor(hits, dtype=torch.float32) / total
+    tp = (drop_pred * drop_true).sum(1)
+    fp = (drop_pred * (1 - drop_true)).sum(1)
+    pos = drop_true.sum(1)
+    neg = (1 - drop_true).sum(1)
+    tn = neg - fp
+    recall, specificity = tp / pos, tn / neg
+    return {"recall": recall, "precision": tp / (tp + fp), "bal_acc": (recall + specificity) / 2,
+            "accuracy": (tp + tn) / (pos + neg)}
+
+
+def mask_measures(
+    recovered: Mapping[str, Tensor], true: Mapping[str, Tensor], parts: Mapping[str, str], rates: Mapping[str, float]
+) -> dict[str, Tensor]:
+    """How well recovered dropout masks find the client's dropped units, per problem; {name: (K,)}.
+
+    `recovered` and `true` map site -> (K, ...) keep-masks (recovered ones may be fractional: rounded at
+    0.5), over the sites that were recovered; `parts` maps a site to the part of the network it belongs
+    to (e.g. "attention", "mlp"); `rates` gives each site's dropout probability p.
+
+    For the recovered masks: `mask_recall` (dropped units found), `mask_precision` (units predicted
+    dropped that were), `mask_bal_acc` (mean of the recall of dropped and of kept units: 0.5 for any mask
+    that ignores the truth), `mask_accuracy` (entries right, dominated by the kept majority) and
+    `mask_bal_acc_<part>` per part. Beside each overall measure two baselines, computed the same way:
+    `<measure>_keep_all` (nothing dropped) and `<measure>_init` (the expectation for a Bernoulli(1-p) draw,
+    DIA's initialisation).
+    """
+    names = list(recovered)
+    drop_true = torch.cat([(1 - true[n].float()).flatten(1) for n in names], dim=1)
+    drop_pred = torch.cat([(recovered[n] < 0.5).float().flatten(1) for n in names], dim=1)
+    drop_init = torch.cat([torch.full_like(true[n].float().flatten(1), rates[n]) for n in names], dim=1)
+    out: dict[str, Tensor] = {}
+    for suffix, pred in (("", drop_pred), ("_keep_all", torch.zeros_like(drop_pred)), ("_init", drop_init)):
+        for measure, value in _confusion_measures(pred, drop_true).items():
+            out[f"mask_{measure}{suffix}"] = value
+    for part in sorted(set(parts[n] for n in names)):
+        sites = [n for n in names if parts[n] == part]
+        t = torch.cat([(1 - true[n].float()).flatten(1) for n in sites], dim=1)
+        r = torch.cat([(recovered[n] < 0.5).float().flatten(1) for n in sites], dim=1)
+        out[f"mask_bal_acc_{part}"] = _confusion_measures(r, t)["bal_acc"]
+    return out
 
 
 LPIPSFn = Callable[[Tensor, Tensor], Tensor]

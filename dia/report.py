@@ -31,7 +31,10 @@ from typing import Any
 
 from dia.errors import ExitCode, UserError
 
-METRICS = [("ssim", "SSIM", "↑"), ("psnr", "PSNR", "↑"), ("lpips", "LPIPS", "↓"), ("mse", "MSE", "↓"), ("mask_recovery", "mask rec.", "↑")]
+METRICS = [("ssim", "SSIM", "↑"), ("psnr", "PSNR", "↑"), ("lpips", "LPIPS", "↓"), ("mse", "MSE", "↓"), ("mask_bal_acc", "mask bal. acc.", "↑"),
+           ("mask_bal_acc_init", "bal. acc. (init)", "↑"), ("mask_recall", "drop recall", "↑"),
+           ("mask_recall_init", "drop recall (init)", "↑"), ("mask_precision", "drop precision", "↑"),
+           ("mask_precision_init", "drop precision (init)", "↑")]
 ORDER = {"data": ["mnist", "cifar10", "imagenet"], "model": ["mlp", "cnn", "vit", "vit_b16"], "attack": ["ig", "wiig", "dia"]}
 
 

@@ -37,7 +37,7 @@ def log_run(cfg: Any, save_dir: Path, *, name: str, run_id: str, curves: list[di
 
 
 VICTIM_COLUMNS = ("index", "label", "problem", "status", "iterations", "best_iteration", "loss", "mse", "psnr", "ssim",
-                  "lpips", "mask_recovery")
+                  "lpips", "mask_bal_acc", "mask_recall", "mask_precision")
 
 
 def _run(logger: Any) -> Any:

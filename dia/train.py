@@ -18,9 +18,12 @@ USAGE_HINT = "see `python -m dia.train --help`"
 def _table(rows: list[dict]) -> str:
     cols = [("victim", "index", "{}"), ("label", "label", "{}"), ("status", "status", "{}"), ("iters", "iterations", "{}"),
             ("loss", "loss", "{:.2e}"), ("MSE", "mse", "{:.4f}"), ("PSNR", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"),
-            ("LPIPS", "lpips", "{:.3f}"), ("mask rec.", "mask_recovery", "{:.3f}")]
+            ("LPIPS", "lpips", "{:.3f}"), ("mask bal.acc", "mask_bal_acc", "{:.3f}"),
+            ("(keep-all)", "mask_bal_acc_keep_all", "{:.3f}"), ("(init)", "mask_bal_acc_init", "{:.3f}"),
+            ("drop recall", "mask_recall", "{:.3f}"), ("(init)", "mask_recall_init", "{:.3f}"),
+            ("drop prec.", "mask_precision", "{:.3f}"), ("(init)", "mask_precision_init", "{:.3f}")]
     cells = [[h for h, _, _ in cols]] + [
-        ["-" if r[k] is None else f.format(r[k]) for _, k, f in cols] for r in rows
+        ["-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols] for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)

@@ -83,8 +83,8 @@ def test_batches_are_matched_to_their_originals_before_scoring():
 
 
 def test_dia_models_drop_path_only_when_asked(problems_factory):
-    args = ["attack=dia", "model=vit_b16", "data=cifar10", "model.dim=32", "model.depth=2", "model.heads=4",
-            "model.mlp_dim=64", "model.dropout=0.2", "model.drop_path=0.3"]
+    args = ["attack=dia", "model=timm", "model.arch=vit_tiny_patch16_224", "data=cifar10", "model.dropout=0.2",
+            "model.drop_path=0.3"]
     for flag, expect in (("false", False), ("true", True)):
         cfg, model, problems, _, mean, std = problems_factory(args + [f"attack.model_drop_path={flag}"], [0])
         module = ATTACKS.get("dia")(model, problems.public(), cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)

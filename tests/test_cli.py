@@ -29,9 +29,9 @@ def test_run_folder_holds_config_metrics_png_tensors_and_offline_wandb_run(tmp_p
     assert run.name.startswith("dia-mlp-mnist-p0.25-")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    assert set(metrics["mean"]) == {"mse", "psnr", "ssim", "lpips", "mask_recovery"}
+    assert {"mse", "psnr", "ssim", "lpips", "mask_bal_acc", "mask_bal_acc_keep_all", "mask_bal_acc_init"} <= set(metrics["mean"])
     assert len(metrics["victims"]) == 2 and metrics["victims"][1]["index"] == 1
-    assert 0 < metrics["mean"]["ssim"] <= 1 and 0.5 < metrics["mean"]["mask_recovery"] <= 1
+    assert 0 < metrics["mean"]["ssim"] <= 1 and 0.5 < metrics["mean"]["mask_bal_acc"] <= 1
     assert metrics["iterations"] == 30 and metrics["wall_time_s"] > 0
     tensors = torch.load(run / "reconstructions.pt", weights_only=True)
     assert tensors["reconstructions"].shape == (2, 1, 28, 28) == tensors["originals"].shape
@@ -134,7 +134,7 @@ def test_vit_on_cifar10_runs_end_to_end(tmp_path):
             "run.progress=false", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]
     assert main(args) == 0
     metrics = json.loads((_only_run(tmp_path) / "metrics.json").read_text())
-    assert metrics["model"] == "vit" and metrics["victims"][0]["mask_recovery"] is not None
+    assert metrics["model"] == "vit" and metrics["victims"][0]["mask_bal_acc_attention"] is not None
 
 
 def test_batches_of_two_are_matched_and_labels_can_be_inferred(tmp_path):

@@ -109,3 +109,29 @@ def test_batchnorm_models_vectorize_with_the_clients_batch_statistics(problems_f
         for n, t in targets[k].items():
             torch.testing.assert_close(got[n][k], t, rtol=1e-4, atol=1e-6)
 
+
+
+def test_best_iterate_is_the_one_after_the_improving_step_as_in_the_papers_code():
+    """By default the best iterate is the (projected) iterate the improving step produced, as the authors' loop
+    keeps it; `best_iterate="at_loss"` keeps the iterate the improving loss was measured at."""
+    def run(mode: str, steps: int) -> tuple[AttackState, list[torch.Tensor]]:
+        sched = Schedule(lr=0.5, signed=frozenset(), early_stop_patience=10**6, max_iterations=10**6, best_iterate=mode)
+        state = AttackState.create({"w": torch.tensor([[2.0, -1.0], [0.3, 0.1]])}, lr=sched.lr)
+        trail = []
+        for _ in range(steps):
+            before = state.flat.detach().clone()
+            losses = (state.params["w"] - 0.2).pow(2).sum(-1)
+            (g,) = torch.autograd.grad(losses.sum(), [state.flat])
+            advance(state, losses.detach(), g, sched, lambda p: p["w"].data.clamp_(-1.5, 1.5))
+            trail.append((before, state.flat.detach().clone(), losses.detach()))
+        return state, trail
+
+    for mode in ("after_step", "at_loss"):
+        state, trail = run(mode, 12)
+        for k in range(2):
+            i = int(state.best_iteration[k])
+            assert float(state.best_loss[k]) == float(trail[i][2][k])  # the best loss is the loss of iteration i
+            kept = trail[i][1] if mode == "after_step" else trail[i][0]
+            torch.testing.assert_close(state.best[k], kept[k], rtol=0, atol=0)
+            assert not torch.equal(trail[i][0][k], trail[i][1][k])  # the two choices differ here
+        assert state.best[0].abs().max() <= 1.5  # after_step keeps a projected iterate

@@ -1,4 +1,4 @@
-"""Metrics: known values, mask recovery, and LPIPS both offline (null + one warning) and with a backbone."""
+"""Metrics: known values, mask measures and their baselines, and LPIPS both offline (null + one warning) and with a backbone."""
 
 from __future__ import annotations
 
@@ -21,10 +21,37 @@ def test_image_metrics_on_known_inputs():
     assert (M.ssim(torch.rand(3, 1, 28, 28), x) < 0.2).all()
 
 
-def test_mask_recovery_counts_rounded_entries_per_problem():
-    true = {"a": torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])}
-    got = {"a": torch.tensor([[0.9, 0.2, 0.4, 1.0], [0.1, 0.7, 0.6, 0.5]])}
-    torch.testing.assert_close(M.mask_recovery(got, true), torch.tensor([0.75, 0.75]))
+def test_mask_measures_count_dropped_units_per_problem_and_part():
+    # problem 0: units 1 (a) and 5 (b) dropped; predicted dropped (< 0.5): 1 and 4 -> 1 hit, 1 false alarm
+    # problem 1: units 0, 1 (a) and 5 (b) dropped; predicted dropped: 0 and 5 -> 2 hits, no false alarm
+    true = {"a": torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]), "b": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])}
+    got = {"a": torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.7, 0.6]]), "b": torch.tensor([[0.8, 0.3, 0.5], [0.5, 0.9, 0.2]])}
+    out = M.mask_measures(got, true, {"a": "attention", "b": "mlp"}, {"a": 0.5, "b": 0.25})
+    torch.testing.assert_close(out["mask_recall"], torch.tensor([1 / 2, 2 / 3]))
+    torch.testing.assert_close(out["mask_precision"], torch.tensor([1 / 2, 1.0]))
+    torch.testing.assert_close(out["mask_bal_acc"], torch.tensor([(1 / 2 + 3 / 4) / 2, (2 / 3 + 1) / 2]))
+    torch.testing.assert_close(out["mask_accuracy"], torch.tensor([4 / 6, 5 / 6]))
+    torch.testing.assert_close(out["mask_bal_acc_attention"], torch.tensor([1.0, (1 / 2 + 1) / 2]))
+    torch.testing.assert_close(out["mask_bal_acc_mlp"], torch.tensor([(0 + 1 / 2) / 2, 1.0]))
+    # keeping everything finds nothing: balanced accuracy exactly 0.5, accuracy = the kept share, precision undefined
+    torch.testing.assert_close(out["mask_bal_acc_keep_all"], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(out["mask_accuracy_keep_all"], torch.tensor([4 / 6, 3 / 6]))
+    assert out["mask_recall_keep_all"].eq(0).all() and out["mask_precision_keep_all"].isnan().all()
+    assert set(M.MASK_KEYS) <= set(out)
+
+
+def test_mask_init_baseline_is_the_expectation_of_bernoulli_draws():
+    """The `_init` baselines equal the mean of the measures over many Bernoulli(1-p) draws."""
+    g = torch.Generator().manual_seed(0)
+    rates = {"a": 0.25, "b": 0.5}
+    true = {n: torch.bernoulli(torch.full((1, 400), 1 - p), generator=g) for n, p in rates.items()}
+    expected = M.mask_measures(true, true, {"a": "x", "b": "y"}, rates)
+    draws = [M.mask_measures({n: torch.bernoulli(torch.full((1, 400), 1 - p), generator=g) for n, p in rates.items()},
+                             true, {"a": "x", "b": "y"}, rates) for _ in range(300)]
+    for m in ("recall", "precision", "bal_acc", "accuracy"):
+        mean = torch.stack([d[f"mask_{m}"] for d in draws]).mean()
+        torch.testing.assert_close(mean, expected[f"mask_{m}_init"][0], atol=0.01, rtol=0)
+    assert expected["mask_bal_acc"].eq(1).all()  # the true masks themselves score perfectly
 
 
 def test_lpips_offline_is_null_with_one_clear_warning(monkeypatch):

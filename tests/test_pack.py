@@ -40,7 +40,7 @@ def test_a_run_inside_a_pack_equals_the_run_alone(tmp_path):
             assert t["loss"] == pytest.approx(s["loss"], rel=1e-3, abs=1e-6), name
             assert t["ssim"] == pytest.approx(s["ssim"], abs=1e-3), name
             if a == "dia" and p > 0:
-                assert t["mask_recovery"] == pytest.approx(s["mask_recovery"], abs=1e-3)
+                assert t["mask_bal_acc"] == pytest.approx(s["mask_bal_acc"], abs=1e-3)
 
 
 def test_what_may_differ_inside_a_pack():

@@ -18,7 +18,7 @@ SMOKE = Path(__file__).resolve().parent.parent / "sweeps" / "smoke.yaml"
 def fake_run(folder: Path, attack: str, dropout: float, ssims: list[float], status: str = "completed") -> None:
     folder.mkdir(parents=True)
     victims = [{"index": i, "ssim": s, "psnr": 10 + 10 * s, "lpips": None, "mse": 1 - s,
-                "mask_recovery": 0.9 if attack == "dia" else None, "status": "max_iterations"} for i, s in enumerate(ssims)]
+                "mask_bal_acc": 0.9 if attack == "dia" else None, "status": "max_iterations"} for i, s in enumerate(ssims)]
     (folder / "metrics.json").write_text(json.dumps({"status": status, "attack": attack, "model": "mlp", "data": "mnist",
                                                      "dropout": dropout, "victims": victims}))
     n = len(ssims)
@@ -51,7 +51,7 @@ def test_table_has_mean_std_counts_and_lists_missing_cells(results, capsys):
     rows = list(csv.DictReader((root / "report" / "table.csv").open()))
     dia = next(r for r in rows if r["attack"] == "dia" and r["dropout"] == "0.25")
     assert float(dia["ssim_mean"]) == pytest.approx(0.85) and dia["victims"] == "2" and dia["lpips_n"] == "0"
-    assert float(dia["mask_recovery_mean"]) == pytest.approx(0.9)
+    assert float(dia["mask_bal_acc_mean"]) == pytest.approx(0.9)
     missing = list(csv.DictReader((root / "report" / "missing.csv").open()))
     assert [m["id"] for m in missing] == [grid.cells[2].id]
     assert "4 runs in 4 groups, 1 missing cells" in capsys.readouterr().out
@@ -61,7 +61,7 @@ def test_figures_and_montages_are_pngs(results):
     root, grid = results
     r = R.build(root)
     names = {p.name for p in r["figures"]}
-    assert {"ssim_vs_dropout.png", "psnr_vs_dropout.png", "mse_vs_dropout.png", "mask_recovery_vs_dropout.png"} <= names
+    assert {"ssim_vs_dropout.png", "psnr_vs_dropout.png", "mse_vs_dropout.png", "mask_bal_acc_vs_dropout.png"} <= names
     assert "lpips_vs_dropout.png" not in names  # no LPIPS values at all: no empty figure
     assert len(r["montages"]) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in r["figures"] + r["montages"])
     assert (root / "report" / "montages" / f"smoke__{grid.cells[1].id}.png").is_file()

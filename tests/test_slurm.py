@@ -79,7 +79,7 @@ def _metrics(folder: Path) -> dict:
 
 
 def _same(a: dict, b: dict) -> None:
-    keys = ("mse", "psnr", "ssim", "mask_recovery", "iterations", "loss", "status")
+    keys = ("mse", "psnr", "ssim", "mask_bal_acc", "iterations", "loss", "status")
     assert [{k: v[k] for k in keys} for v in a["victims"]] == [{k: v[k] for k in keys} for v in b["victims"]]
 
 

@@ -19,9 +19,9 @@ def test_images_and_victim_table_read_back_from_an_offline_run(tmp_path, monkeyp
     run = wandb.init(mode="offline", dir=str(tmp_path), project="dia-test", group="smoke", tags=["grid:smoke"],
                      config={"attack": {"name": "dia"}, "model": {"dropout": 0.5}})
     rows = [{"index": 0, "label": 7, "status": "max_iterations", "iterations": 20, "loss": 0.3, "mse": 0.7, "psnr": 11.5,
-             "ssim": 0.19, "lpips": None, "mask_recovery": 0.69},
+             "ssim": 0.19, "lpips": None, "mask_bal_acc": 0.69},
             {"index": 1, "label": 1, "status": "converged", "iterations": 12, "loss": 0.2, "mse": 0.5, "psnr": 12.8,
-             "ssim": 0.18, "lpips": None, "mask_recovery": 0.73}]
+             "ssim": 0.18, "lpips": None, "mask_bal_acc": 0.73}]
     log_reconstructions(run, torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28), captions=["#0 SSIM 0.19", "#1 SSIM 0.18"])
     log_victim_table(run, rows)
     run.summary.update({"final/ssim": 0.185, "status": "completed"})
@@ -44,7 +44,7 @@ def test_images_and_victim_table_read_back_from_an_offline_run(tmp_path, monkeyp
     assert table["victims/_type"] == "table-file" and table["victims/nrows"] == 2
     data = read_offline_file(run_dir, table, "victims")
     cols = data["columns"]
-    assert cols[:2] == ["index", "label"] and "mask_recovery" in cols and "best_iteration" not in cols
+    assert cols[:2] == ["index", "label"] and "mask_bal_acc" in cols and "best_iteration" not in cols
     assert [row[cols.index("ssim")] for row in data["data"]] == [0.19, 0.18]
     assert data["data"][0][cols.index("lpips")] is None
 

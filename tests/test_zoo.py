@@ -1,6 +1,6 @@
 """Model zoo: every model's client masks, replayed, reproduce the client's gradient (and withheld, do not).
 
-Covers our models (mlp, vit, cnn), the timm-based ones (resnet18, vit_b16, timm:<arch> for a ViT, a ResNet
+Covers our models (mlp, vit, vit_b16, cnn), the timm-based ones (resnet18, timm:<arch> for a ViT, a ResNet
 and a ConvNeXt), and the capture mechanisms behind them: module sites, drop-path sites and functional sites
 (`F.dropout` calls, fused attention).
 """
@@ -23,8 +23,9 @@ from dia.models.cnn import CNNConfig
 from dia.models.capture import UncapturableModel, make_capturable
 from dia.models.dropout import name_sites
 from dia.models.mlp import MLPConfig
-from dia.models.timm_zoo import ResNet18Config, TimmConfig, ViTB16Config
-from dia.models.vit import ViTConfig
+from dia.models import site_parts
+from dia.models.timm_zoo import ResNet18Config, TimmConfig
+from dia.models.vit import ViTB16Config, ViTConfig
 
 # name: (config, channels, image size, site kinds that must be present)
 ZOO = {
@@ -33,8 +34,7 @@ ZOO = {
     "cnn-mnist": (CNNConfig(dropout=0.3), 1, 28, {"module"}),
     "cnn-cifar": (CNNConfig(dropout=0.3), 3, 32, {"module"}),
     "resnet18": (ResNet18Config(dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
-    "vit_b16-small": (ViTB16Config(dropout=0.3, drop_path=0.2, dim=32, depth=2, heads=4, mlp_dim=64), 3, 32,
-                      {"module", "drop_path"}),
+    "vit_b16-small": (ViTB16Config(dropout=0.3, dim=32, depth=2, heads=4, mlp_dim=64), 3, 32, {"module"}),
     "timm-vit_tiny": (TimmConfig(arch="vit_tiny_patch16_224", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
     "timm-resnet10t": (TimmConfig(arch="resnet10t", dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
     "timm-convnext_atto": (TimmConfig(arch="convnext_atto", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
@@ -87,28 +87,83 @@ def test_native_batch_norm_replays_with_batch_statistics():
 
 
 def test_sites_are_named_like_the_models_and_described_by_kind():
-    vit = build_model(ViTB16Config(dim=32, depth=2, heads=4, mlp_dim=64, drop_path=0.1), channels=3, image_size=32,
+    vit = build_model(TimmConfig(arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
                       num_classes=10, seed=0)
     rows = {r["site"]: r for r in describe_sites(vit, torch.zeros(1, 3, 32, 32))}
     for site in ("pos_drop", "blocks.0.attn.attn_drop", "blocks.0.attn.proj_drop", "blocks.0.mlp.drop1", "blocks.0.mlp.drop2"):
         assert rows[site]["kind"] == "module" and rows[site]["p"] == 0.25
-    assert rows["blocks.0.attn.attn_drop"]["mask_shape"] == [4, 5, 5]  # heads, tokens, tokens
+    assert rows["blocks.0.attn.attn_drop"]["mask_shape"] == [3, 5, 5]  # heads, tokens, tokens
     assert rows["blocks.1.drop_path1"]["kind"] == "drop_path" and rows["blocks.1.drop_path1"]["mask_shape"] == [1, 1]
-    assert rows["head_drop"]["p"] == 0.0  # our small ViT has no dropout before the head: neither has vit_b16
     resnet = build_model(ResNet18Config(), channels=3, image_size=32, num_classes=10, seed=0)
     (head,) = [r for r in describe_sites(resnet, torch.zeros(1, 3, 32, 32)) if r["kind"] == "functional"]
     assert head["site"] == "functional_dropout" and head["mask_shape"] == [512] and "F.dropout in forward_head()" in head["captured_by"]
 
 
-def test_vit_b16_full_size_shapes():
-    model = build_model(ViTB16Config(), channels=3, image_size=224, num_classes=1000, seed=0)
-    assert 86_000_000 < sum(p.numel() for p in model.parameters()) < 87_000_000
+def test_site_parts_tell_embedding_attention_and_mlp_sites_apart():
+    ours = build_model(ViTConfig(dim=32, heads=4, depth=2, mlp_dim=32), channels=3, image_size=32, num_classes=10, seed=0)
+    timm_vit = build_model(TimmConfig(arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
+                           num_classes=10, seed=0)
+    mlp = build_model(MLPConfig(width=16), channels=1, image_size=28, num_classes=10, seed=0)
+    for model, depth in ((ours, 2), (timm_vit, 12)):
+        parts = site_parts(dropout_sites(model, active_only=True))
+        counts = {p: sum(v == p for v in parts.values()) for p in set(parts.values())}
+        assert counts["embedding"] == 1 and counts["attention"] == counts["attention_out"] == depth
+        assert counts["mlp"] == 2 * depth
+        for name, part in parts.items():  # the attention-weight sites are those whose masks are (heads, tokens, tokens)
+            assert (part == "attention") == name.endswith("attn_drop")
+    assert site_parts(dropout_sites(timm_vit, active_only=True))["blocks.1.drop_path1"] == "drop_path"
+    assert set(site_parts(dropout_sites(mlp)).values()) == {"hidden"}
+
+
+def _vit_b16_parameter_shapes(channels: int = 3, size: int = 224, classes: int = 1000) -> dict[str, tuple[int, ...]]:
+    """The paper's ViT-B/16 from its description: linear patch embedding, randn class token and position
+    embedding, 12 pre-norm blocks (LayerNorm, qkv without bias, output projection; LayerNorm, MLP 3072),
+    LayerNorm + linear head."""
+    dim, depth, mlp, tokens = 768, 12, 3072, (size // 16) ** 2 + 1
+    shapes = {"to_patch_embedding.weight": (dim, channels * 16 * 16), "to_patch_embedding.bias": (dim,),
+              "pos_embedding": (1, tokens, dim), "cls_token": (1, 1, dim)}
+    for i in range(depth):
+        a, f = f"blocks.{i}.0", f"blocks.{i}.1.net"
+        shapes |= {f"{a}.norm.weight": (dim,), f"{a}.norm.bias": (dim,), f"{a}.to_qkv.weight": (3 * dim, dim),
+                   f"{a}.to_out.weight": (dim, dim), f"{a}.to_out.bias": (dim,),
+                   f"{f}.0.weight": (dim,), f"{f}.0.bias": (dim,), f"{f}.1.weight": (mlp, dim), f"{f}.1.bias": (mlp,),
+                   f"{f}.4.weight": (dim, mlp), f"{f}.4.bias": (dim,)}
+    return shapes | {"head.0.weight": (dim,), "head.0.bias": (dim,), "head.1.weight": (classes, dim), "head.1.bias": (classes,)}
+
+
+def test_vit_b16_is_the_papers_model_at_b16_size():
+    cfg = compose(["model=vit_b16", "data=imagenet", "run.seed=43"])
+    model = build_for(cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes == _vit_b16_parameter_shapes()  # no qkv bias, no conv, no extra norms
+    assert sum(p.numel() for p in model.parameters()) == 86_540_008
+    assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, nn.LayerNorm))
+    assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
     sites = dropout_sites(model, active_only=True)
-    assert len(sites) == 1 + 12 * 4  # pos_drop; attn_drop, proj_drop, drop1, drop2 per block
-    with torch.no_grad(), dropout_control(model, "record") as ctl:
-        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
-    assert ctl.masks["blocks.11.attn.attn_drop"].shape == (1, 12, 197, 197)
-    assert ctl.masks["blocks.11.mlp.drop1"].shape == (1, 197, 3072)
+    assert len(sites) == 1 + 12 * 4 and {s.p for s in sites.values()} == {cfg.model.dropout}
+    parts = site_parts(sites)
+    assert [sum(v == p for v in parts.values()) for p in ("embedding", "attention", "attention_out", "mlp")] == [1, 12, 12, 24]
+    # randn class token and position embedding (not timm's truncated normal with std 0.02)
+    assert 0.9 < model.pos_embedding.std().item() < 1.1 and model.pos_embedding.abs().max() > 3
+
+
+def test_vit_b16_is_the_small_vits_builder_so_one_seed_gives_the_same_weights():
+    """ViT-B/16 and the small ViT are one builder: at equal sizes and seed, equal weights (so run.seed=43 gives
+    the authors' weights for both); a reduced-size B/16 runs and records its masks."""
+    sizes = dict(patch_size=16, dim=32, depth=2, heads=4, mlp_dim=64)
+    b16 = build_model(ViTB16Config(**sizes), channels=3, image_size=64, num_classes=10, seed=43)
+    small = build_model(ViTConfig(**sizes), channels=3, image_size=64, num_classes=10, seed=43)
+    for (n, a), b in zip(b16.state_dict().items(), small.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    with torch.no_grad(), dropout_control(b16, "record") as ctl:
+        assert b16(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+    assert ctl.masks["blocks.1.0.attn_drop"].shape == (2, 4, 17, 17) and ctl.masks["blocks.1.1.net.3"].shape == (2, 17, 64)
+
+
+def test_timm_vit_b16_stays_reachable():
+    cfg = compose(["model=timm", "model.arch=vit_base_patch16_224", "data=cifar10"])
+    names = {n for n, _ in build_for(cfg).named_parameters()}
+    assert "patch_embed.proj.weight" in names and "blocks.0.attn.qkv.bias" in names
 
 
 def test_configs_build_every_zoo_model_from_the_command_line_groups():

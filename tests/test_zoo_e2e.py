@@ -28,4 +28,4 @@ def test_smoke_run(tmp_path, model, data, attack):
     run = next(p for p in tmp_path.iterdir() if not p.name.startswith("."))
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "completed" and m["iterations"] == 2 and 0 <= m["mean"]["psnr"]
-    assert (m["mean"]["mask_recovery"] is not None) == (attack == "dia")
+    assert (m["mean"]["mask_bal_acc"] is not None) == (attack == "dia")

@@ -1,13 +1,13 @@
 """Model zoo: every model's dropout sites are `CapturableDropout` modules (see dia.models.dropout).
 
-Our own models (`mlp`, `vit`, `cnn`) are written with capturable sites; timm models (`resnet18`, `vit_b16`,
+Our own models (`mlp`, `vit`, `vit_b16`, `cnn`) are written with capturable sites; timm models (`resnet18`,
 `timm`) are made capturable after they are built (dia.models.timm_zoo, `make_capturable`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -16,15 +16,9 @@ from dia.errors import UserError
 from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites
 from dia.models.cnn import CNNConfig, build_cnn
 from dia.models.mlp import MLPConfig, build_mlp
-from dia.models.timm_zoo import (
-    ResNet18Config,
-    TimmConfig,
-    ViTB16Config,
-    build_resnet18,
-    build_timm,
-    build_vit_b16,
-)
-from dia.models.vit import ViTConfig, build_vit
+from dia.models import timm_zoo, vit
+from dia.models.timm_zoo import ResNet18Config, TimmConfig, build_resnet18, build_timm
+from dia.models.vit import ViTB16Config, ViTConfig, build_vit
 from dia.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -32,10 +26,21 @@ MODELS.register("mlp", schema=MLPConfig)(build_mlp)
 MODELS.register("vit", schema=ViTConfig)(build_vit)
 MODELS.register("cnn", schema=CNNConfig)(build_cnn)
 MODELS.register("resnet18", schema=ResNet18Config)(build_resnet18)
-MODELS.register("vit_b16", schema=ViTB16Config)(build_vit_b16)
+MODELS.register("vit_b16", schema=ViTB16Config)(build_vit)
 MODELS.register("timm", schema=TimmConfig)(build_timm)
 
-__all__ = ["MODELS", "build_model", "build_for", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites"]
+__all__ = ["MODELS", "build_model", "build_for", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites",
+           "site_parts"]
+
+# Rules naming the part of the network a dropout site is in, each next to its model's code (first match wins).
+_PART_RULES = (vit.site_part, timm_zoo.site_part)
+
+
+def site_parts(names: Iterable[str]) -> dict[str, str]:
+    """The part of the network each site is in, from its name: 'embedding', 'attention' (weights),
+    'attention_out', 'mlp' for the ViTs (ours and timm's), 'drop_path'; 'hidden' for other sites
+    (the MLP's and CNN's hidden layers, ResNet's pooled features)."""
+    return {n: next((p for rule in _PART_RULES if (p := rule(n)) is not None), "hidden") for n in names}
 
 
 def build_model(cfg: Any, *, channels: int, image_size: int, num_classes: int, seed: int) -> nn.Module:

@@ -25,7 +25,7 @@ from dia.models.dropout import (
     _F_SDPA,
     CapturableChannelDropout,
     CapturableDropout,
-    FunctionalDropoutSite,
+    Kind,
     dropout_control,
     name_sites,
 )
@@ -69,6 +69,27 @@ class _Routing:
 
 
 ROUTING = _Routing()
+
+
+class FunctionalDropoutSite(CapturableDropout):
+    """The site of a functional dropout call (`F.dropout`, or the `dropout_p` of `F.scaled_dot_product_attention`).
+
+    A child of the module whose forward makes the call; `origin` says where the call is. It only acts
+    inside a `dropout_control` block (outside one, the model's own call runs untouched).
+    """
+
+    kind: Kind = "functional"
+    router = ROUTING  # dropout_control routes F.dropout / F.scaled_dot_product_attention while it is active
+
+    def __init__(self, p: float, origin: str = "") -> None:
+        super().__init__(p)
+        self.origin = origin
+
+    def describe(self) -> str:
+        return f"functional: {self.origin}"
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, site={self.site!r}, origin={self.origin!r}"
 
 
 def _caller(frame: Any) -> tuple[nn.Module, CallKey] | None:

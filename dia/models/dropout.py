@@ -23,7 +23,7 @@ Sites come in three kinds (`site.kind`), so that attacks and reports can tell th
   per sample, mask shape (B, 1, 1, ...);
 * ``functional``: dropout applied functionally inside some module's forward (`F.dropout(...)`, or the
   `dropout_p` of a fused `F.scaled_dot_product_attention`). `dia.models.capture.make_capturable` finds these call sites with
-  one probe pass and gives each a `FunctionalDropoutSite` child module of the module that makes the call;
+  one probe pass and gives each a `dia.models.capture.FunctionalDropoutSite` child module of the module that makes the call;
   inside a `dropout_control` block of such a model `F.dropout` and `F.scaled_dot_product_attention` are
   routed to that site, identified by the calling module and the code location of the call (a stable key:
   the same across calls, under `torch.func.vmap`/`grad`/`functional_call`, and in deep copies).
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional
+from typing import Any, ClassVar, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,9 @@ class CapturableDropout(nn.Module):
     """`nn.Dropout` whose mask can be recorded or supplied (see module docstring)."""
 
     kind: Kind = "module"
+    # What must be active while the site is controlled, or None: an object with enter()/exit().
+    # Functional sites (dia.models.capture) route F.dropout calls to themselves through it.
+    router: ClassVar[Any] = None
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -154,26 +157,6 @@ class CapturableDropPath(CapturableDropout):
         return f"p={self.p}, scale_by_keep={self.scale_by_keep}, site={self.site!r}"
 
 
-class FunctionalDropoutSite(CapturableDropout):
-    """The site of a functional dropout call (`F.dropout`, or the `dropout_p` of `F.scaled_dot_product_attention`).
-
-    A child of the module whose forward makes the call; `origin` says where the call is. It only acts
-    inside a `dropout_control` block (outside one, the model's own call runs untouched).
-    """
-
-    kind: Kind = "functional"
-
-    def __init__(self, p: float, origin: str = "") -> None:
-        super().__init__(p)
-        self.origin = origin
-
-    def describe(self) -> str:
-        return f"functional: {self.origin}"
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, site={self.site!r}, origin={self.origin!r}"
-
-
 def name_sites(model: nn.Module) -> nn.Module:
     """Give every dropout site its module path as mask key; returns the model for chaining."""
     for name, module in model.named_modules():
@@ -191,12 +174,6 @@ def dropout_sites(model: nn.Module, *, active_only: bool = False) -> dict[str, C
     }
 
 
-def set_dropout_rate(model: nn.Module, p: float) -> None:
-    """Set p at every dropout site (`model.dropout` sets p everywhere)."""
-    for site in dropout_sites(model).values():
-        site.p = float(p)
-
-
 @contextmanager
 def dropout_control(
     model: nn.Module,
@@ -207,17 +184,15 @@ def dropout_control(
     """Put every dropout site of `model` under one mode for the duration of the block."""
     ctl = DropoutControl(mode, {} if masks is None else masks, generator)
     sites = list(dropout_sites(model).values())
-    routed = any(isinstance(site, FunctionalDropoutSite) for site in sites)
-    if routed:
-        from dia.models.capture import ROUTING  # only models with functional sites need the router
+    routers = list({id(s.router): s.router for s in sites if s.router is not None}.values())
     for site in sites:
         site._control = ctl
-    if routed:
-        ROUTING.enter()
+    for router in routers:
+        router.enter()
     try:
         yield ctl
     finally:
-        if routed:
-            ROUTING.exit()
+        for router in routers:
+            router.exit()
         for site in sites:
             site._control = None

@@ -2,14 +2,12 @@
 
 * ``resnet18``: timm's ResNet-18; dropout before the classifier (timm's ``drop_rate``, applied with
   ``F.dropout`` inside ``forward_head``: a functional site), optional stochastic depth.
-* ``vit_b16``: timm's ViT-B/16 layout (patch 16, width 768, depth 12, 12 heads, MLP 3072; all overridable)
-  at the data's image size, with dropout on the sites of our small ViT: after the position embedding
-  (``pos_drop``), on the attention weights (``attn.attn_drop``), the attention output (``attn.proj_drop``) and
-  both MLP sublayers (``mlp.drop1``, ``mlp.drop2``); optional stochastic depth.
 * ``timm``: any timm architecture, ``model.arch=<name>``. ``model.dropout`` is the p of every dropout site the
   model has (timm's ``drop_rate``/``proj_drop_rate``/``pos_drop_rate`` and every other ``nn.Dropout``),
   ``model.attn_dropout`` that of attention-weight sites (null: ``model.dropout``), ``model.drop_path`` timm's
   ``drop_path_rate`` (stochastic depth, increasing linearly over the blocks as timm schedules it).
+  timm's ViT-B/16 is ``model=timm model.arch=vit_base_patch16_224``; ``model=vit_b16`` is the paper's
+  (dia.models.vit).
 
 How the sites are made capturable is `dia.models.capture.make_capturable`: dropout modules and ``DropPath``
 are replaced by capturable sites, fused attention is switched off (so attention dropout runs through the
@@ -36,8 +34,8 @@ import torch
 from torch import nn
 
 from dia.errors import UserError
-from dia.models.capture import ModelInputError, UncapturableModel, make_capturable
-from dia.models.dropout import CapturableDropout, CapturableDropPath, FunctionalDropoutSite, dropout_sites
+from dia.models.capture import FunctionalDropoutSite, ModelInputError, UncapturableModel, make_capturable
+from dia.models.dropout import CapturableDropout, CapturableDropPath, dropout_sites
 
 BATCH_NORM = ("running", "native")
 
@@ -52,20 +50,6 @@ class ResNet18Config:
 
 
 @dataclass
-class ViTB16Config:
-    name: str = "vit_b16"
-    dropout: float = 0.25  # pos_drop, attn.proj_drop, mlp.drop1, mlp.drop2
-    checkpoint: Optional[str] = None
-    attn_dropout: Optional[float] = None  # attn.attn_drop; null: model.dropout
-    drop_path: float = 0.0
-    patch_size: int = 16
-    dim: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int = 3072
-
-
-@dataclass
 class TimmConfig:
     name: str = "timm"
     arch: str = "resnet18"  # any name of timm.list_models()
@@ -76,7 +60,7 @@ class TimmConfig:
     batch_norm: str = "running"  # running | native
 
 
-# ---- the three builders ----------------------------------------------------------------------------------
+# ---- the builders ----------------------------------------------------------------------------------
 
 
 def build_resnet18(cfg: ResNet18Config, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
@@ -84,23 +68,6 @@ def build_resnet18(cfg: ResNet18Config, *, channels: int, image_size: int, num_c
     model = _create("resnet18", "model=resnet18", channels, image_size,
                     dict(num_classes=num_classes, in_chans=channels, drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path))
     return _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
-
-
-def build_vit_b16(cfg: ViTB16Config, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
-    _check_rates(cfg)
-    if image_size % cfg.patch_size:
-        raise UserError(f"model.patch_size={cfg.patch_size} does not divide the input size {image_size}; "
-                        f"choose a divisor of {image_size}")
-    if cfg.dim % cfg.heads:
-        raise UserError(f"model.heads={cfg.heads} does not divide model.dim={cfg.dim}")
-    attn = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
-    model = _create("vit_base_patch16_224", "model=vit_b16", channels, image_size, dict(
-        num_classes=num_classes, in_chans=channels, img_size=image_size, patch_size=cfg.patch_size,
-        embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim,
-        drop_rate=0.0, pos_drop_rate=cfg.dropout, proj_drop_rate=cfg.dropout, attn_drop_rate=attn,
-        drop_path_rate=cfg.drop_path,
-    ))
-    return _capturable(model, "model=vit_b16", channels, image_size, batch_norm="native")
 
 
 def build_timm(cfg: TimmConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
@@ -247,5 +214,20 @@ def _line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
-__all__ = ["ResNet18Config", "ViTB16Config", "TimmConfig", "build_resnet18", "build_vit_b16", "build_timm",
+# Which part of the network a site of a timm ViT-style model is in (for per-part mask measures).
+_PARTS = (
+    (re.compile(r"(.*\.)?(pos_drop|patch_drop)"), "embedding"),
+    (re.compile(r".*attn\.attn_drop"), "attention"),
+    (re.compile(r".*attn\.(proj_drop|functional_attn_drop\w*)"), "attention_out"),
+    (re.compile(r".*mlp\.drop\d*"), "mlp"),
+    (re.compile(r".*drop_path\d*"), "drop_path"),
+)
+
+
+def site_part(name: str) -> str | None:
+    """The part of a timm model a site is in ('embedding', 'attention', 'attention_out', 'mlp', 'drop_path'), or None."""
+    return next((part for pattern, part in _PARTS if pattern.fullmatch(name)), None)
+
+
+__all__ = ["ResNet18Config", "TimmConfig", "build_resnet18", "build_timm", "site_part",
            "check_arch", "running_stats_batch_norm", "CapturableDropout", "FunctionalDropoutSite"]

@@ -1,12 +1,20 @@
-"""The paper's small Vision Transformer for 32x32 inputs (lucidrains' vit-pytorch layout, as in the paper's code).
+"""The paper's Vision Transformers (lucidrains' vit-pytorch layout, as in the paper's code), at two sizes.
 
-Pre-norm blocks; dropout on the embeddings, the attention weights, the attention output and after both
-MLP sublayers. Written out by hand (not timm) so that the five dropout sites sit exactly where the
-paper's model has them; timm-based models arrive with the model zoo.
+* ``vit``: the small ViT for 32x32 inputs (patch 4, width 256, depth 4, 16 heads, MLP 256);
+* ``vit_b16``: the same model at ViT-B/16 size (patch 16, width 768, depth 12, 12 heads, MLP 3072), the
+  paper's ImageNet model.
+
+Linear patch embedding, class token and position embedding drawn from randn, qkv without bias, pre-norm
+blocks (LayerNorm eps 1e-5), a LayerNorm + linear head on the class token. Dropout on the embeddings, the
+attention weights, the attention output and after both MLP sublayers. Written out by hand (not timm) so
+that the parameters are created in the paper's order (`run.seed=43` gives the authors' weights) and the
+five kinds of dropout site sit exactly where the paper's model has them. timm's ViT-B/16 (conv patch
+embedding, qkv bias, ...) is `model=timm model.arch=vit_base_patch16_224`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +36,33 @@ class ViTConfig:
     heads: int = 16
     mlp_dim: int = 256
     dim_head: Optional[int] = None  # None: dim // heads, as in the paper's code
+
+
+@dataclass
+class ViTB16Config(ViTConfig):
+    """The paper's ViT-B/16: the small ViT's model at ViT-B/16 size (224 px inputs)."""
+
+    name: str = "vit_b16"
+    patch_size: int = 16
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+
+
+# Which part of the network each dropout site is in (for per-part mask measures), from the site names
+# of these ViTs: the embeddings, the attention weights, the attention output, the MLP sublayers.
+_PARTS = (
+    (re.compile(r"emb_drop"), "embedding"),
+    (re.compile(r"blocks\.\d+\.0\.attn_drop"), "attention"),
+    (re.compile(r"blocks\.\d+\.0\.out_drop"), "attention_out"),
+    (re.compile(r"blocks\.\d+\.1\.net\.\d+"), "mlp"),
+)
+
+
+def site_part(name: str) -> str | None:
+    """'embedding', 'attention' (weights), 'attention_out' or 'mlp' for a site of these ViTs; None otherwise."""
+    return next((part for pattern, part in _PARTS if pattern.fullmatch(name)), None)
 
 
 class Attention(nn.Module):

@@ -24,7 +24,7 @@ from dia import metrics as M
 from dia.data import Victims, folder_statistics, load_victims, normalizer
 from dia.engine import AttackResult
 from dia.errors import UserError
-from dia.models import build_for
+from dia.models import build_for, site_parts
 from dia.plotting import reconstruction_grid
 from dia.problems import Problems, infer_labels, simulate_clients
 from dia.results import save_tensors, write_json, write_text
@@ -180,10 +180,10 @@ def evaluate(
     rec, orig = (rec_n * std + mean).clamp(0, 1), originals
     values = {"mse": M.mse(rec_n, orig_n), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}
     values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
-    recovery = None
+    masks: dict[str, torch.Tensor] = {}
     if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
         ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
-        recovery = M.mask_recovery(ordered, problems.true_masks)
+        masks = M.mask_measures(ordered, problems.true_masks, site_parts(ordered), problems.rates)
     rows = []
     for i in range(rec.shape[0]):
         k = i // b
@@ -191,7 +191,7 @@ def evaluate(
             "problem": k, "matched_reconstruction": int(perms[k][i % b]), "status": result.status[k], "iterations": int(result.iterations[k]),
             "best_iteration": int(result.best_iteration[k]), "loss": float(result.best_loss[k]),
             **{m: (None if v is None else float(v[i])) for m, v in values.items()},
-            "mask_recovery": None if recovery is None else float(recovery[k]),
+            **dict.fromkeys(M.MASK_KEYS), **{m: (None if v[k].isnan() else float(v[k])) for m, v in masks.items()},
         })
     return rows, rec_n
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-METRICS = ("mse", "psnr", "ssim", "lpips", "mask_recovery")  # per-victim values, averaged into "mean"
+from dia.metrics import MASK_KEYS
+
+METRICS = ("mse", "psnr", "ssim", "lpips", *MASK_KEYS)  # per-victim values, averaged into "mean"
 STATUSES = ("completed", "diverged")  # a finished run's "status"
 
 
 def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """The mean of each metric over the victims that have it (None where none has)."""
+    """The mean of each metric (and of each per-part mask measure a row has) over the victims that have it."""
     out: dict[str, float | None] = {}
-    for m in METRICS:
+    for m in [*METRICS, *dict.fromkeys(k for r in rows for k in r if k.startswith("mask_") and k not in METRICS)]:
         vals = [r[m] for r in rows if r.get(m) is not None]
         out[m] = sum(vals) / len(vals) if vals else None
     return out

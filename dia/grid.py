@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--wandb-sweeps", metavar="DIR", help="write the grid's files as W&B sweeps for agents (online, group <grid>)")
     p.add_argument("--per-task", type=int, default=1, metavar="P", help="cells per --task (default 1)")
     p.add_argument("--parallel", type=int, default=None, metavar="G",
-                   help="cells at once, one GPU each (CUDA_VISIBLE_DEVICES per child); default 1 (--task: --per-task)")
+                   help="processes at once, one GPU each (CUDA_VISIBLE_DEVICES per child), each packing its share of the cells; "
+                        "default 1 (--task: one per visible GPU)")
     p.add_argument("--force", action="store_true", help="recompute finished cells (their folders are removed first)")
     p.add_argument("--results-root", default=os.environ.get("DIA_RESULTS_ROOT", "results"),
                    help="results go to <results-root>/<grid name>/<cell id>/ (default: $DIA_RESULTS_ROOT or results)")
@@ -344,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cells = list(grid.cells)
         folder = prepare(grid, a.results_root, None if a.run_all else cells)
-        parallel = a.parallel or (a.per_task if a.task is not None else 1)
+        # an array task packs its cells on its GPUs: one process per visible GPU (Slurm sets CUDA_VISIBLE_DEVICES)
+        gpus = len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()])
+        parallel = a.parallel or (max(1, min(a.per_task, gpus)) if a.task is not None else 1)
         return run_cells(grid, folder, cells, force=a.force, parallel=parallel, results_root=a.results_root)
     except UserError as exc:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held

@@ -137,7 +137,7 @@ def submit(a: argparse.Namespace) -> int:
             print(f"[dia.slurm] grid '{grid.name}': every cell is finished; nothing to submit", file=sys.stderr)
             return ExitCode.OK
     array = array_spec(indices) + (f"%{a.max_parallel}" if a.max_parallel else "")
-    gpus = a.gpus_per_task * per
+    gpus = a.gpus_per_task
     amount, unit = _memory(a.mem_per_cell)
     options = [f"--array={array}", f"--job-name=dia-{grid.name}", f"--time={a.time}",
                f"--output={folder / 'logs' / 'slurm-%A_%a.out'}", f"--gres=gpu:{gpus}" if gpus else "--gres=",
@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sweep")
     common(s)
     s.add_argument("--cells-per-task", type=int, default=1, metavar="G",
-                   help="cells per array task, run at once with one GPU each (multi-GPU nodes); default 1")
+                   help="cells per array task, packed into one program per GPU of the task (e.g. 18: one (data, model) "
+                        "block of the paper grid, every rate and attack); default 1")
     s.add_argument("--only-unfinished", action="store_true", help="array tasks only for cells without results")
     s.add_argument("--results-root", default=os.environ.get("DIA_RESULTS_ROOT", "results"))
     s.add_argument("--force", action="store_true", help="recompute finished cells")

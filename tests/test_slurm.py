@@ -189,7 +189,7 @@ def test_submit_dry_run_renders_the_array(tmp_path):
                            "--extra-sbatch=--account=lab", "--results-root", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     script = done.stdout
-    for line in ("#SBATCH --array=0-1%2", "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00", "#SBATCH --gres=gpu:2",
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00", "#SBATCH --gres=gpu:1",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64G", "#SBATCH --account=lab", "#SBATCH --signal=B:USR1@120",
                  "#SBATCH --requeue", "export DIA_CELLS_PER_TASK=2", f"export DIA_PYTHON={sys.executable}"):
         assert line in script, line

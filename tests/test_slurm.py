@@ -175,6 +175,7 @@ def test_scancel_cancels_for_good_and_keeps_the_progress(cluster, tmp_path):
     log = (tmp_path / f"slurm-{job}_0.out").read_text()
     assert "got SIGTERM" in log and "not requeueing" in log and "requeueing job" not in log, log
     assert not (res / "cancel" / cell.id).exists()  # not finished: a resubmission (--only-unfinished) picks it up
+    assert ckpt.exists()  # and its progress is kept
 
 
 def test_grid_sbatch_outside_slurm_says_so_in_one_line(tmp_path):

@@ -96,6 +96,27 @@ def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path,
     print(f"  block of {len(settings)} settings x {n} victims: {wall:.0f} s", flush=True)
 
 
+def table(out: Path) -> str:
+    """Markdown: one row per defense setting, one column per (p, attack[, model_defense]): mean SSIM [min-max]."""
+    runs = [json.loads(f.read_text()) | {"tag": f.parent.name} for f in sorted(out.glob("*/metrics.json"))]
+    cols = sorted({(r["dropout"], r["attack"], r["defense"]["model_defense"]) for r in runs},
+                  key=lambda c: (c[0], ["ig", "wiig", "dia"].index(c[1]), c[2]))
+    order = [t for t, _ in SETTINGS]
+    settings = sorted({r["tag"].split("-", 2)[2].removesuffix("-md") for r in runs}, key=lambda t: order.index(t) if t in order else 99)
+    head = ["defense", "ε (δ=1e-5)"] + [f"p={p:g} {a.upper()}{' md' if md else ''}" for p, a, md in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for tag in settings:
+        mine = [r for r in runs if r["tag"].split("-", 2)[2].removesuffix("-md") == tag]
+        eps = next((r["defense"]["epsilon"] for r in mine if r["defense"]["epsilon"] is not None), None)
+        row = [tag, "-" if eps is None else f"{eps:.3g}"]
+        for p, a, md in cols:
+            r = next((r for r in mine if (r["dropout"], r["attack"], r["defense"]["model_defense"]) == (p, a, md)), None)
+            v = [x["ssim"] for x in r["victims"]] if r else []
+            row.append(f"{sum(v) / len(v):.2f} [{min(v):.2f}–{max(v):.2f}]" if v else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=1000)
@@ -106,7 +127,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated setting-tag prefixes, e.g. 'none,prune'")
     ap.add_argument("--extra", nargs="*", default=["model=mlp", "data=mnist"], help="more dia.train arguments")
     ap.add_argument("--out", type=Path, default=Path("results/defenses-cpu"))
+    ap.add_argument("--table-only", action="store_true", help="only (re)write OUT/table.md from the run folders")
     args = ap.parse_args()
+    if args.table_only:
+        (args.out / "table.md").write_text(table(args.out))
+        print(table(args.out))
+        return
     quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = [s for s in SETTINGS if not args.only or any(s[0].startswith(o) for o in args.only.split(","))]
@@ -121,6 +147,7 @@ def main() -> None:
                 public = [s for s in settings if s[0].startswith(PUBLIC)]
                 if public:
                     run_block(base + ["attack.model_defense=true"], public, args.out, device)
+    (args.out / "table.md").write_text(table(args.out))
     (args.out / "benchmark.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
                                                          "args": vars(args) | {"out": str(args.out)}}, indent=1) + "\n")
 

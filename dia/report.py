@@ -324,10 +324,10 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
                     ax.set_ylabel(f"{name} {arrow}", fontsize=8)
                     ax.tick_params(axis="y", labelsize=7)
                     ax.grid(alpha=0.3)
-                    if row == 0 and col == 0:
-                        ax.legend(fontsize=6)
-            fig.suptitle(f"{data} / {model}: {name} against defense strength", fontsize=10)
-            fig.tight_layout()
+            handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
+            fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=7, ncol=len(handles))
+            fig.suptitle(f"{data} / {model}: {name} against defense strength", fontsize=10, x=0.3)
+            fig.tight_layout(rect=(0, 0, 1, 0.98))
             path = out / f"defense_{metric}_{data}_{model}.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)

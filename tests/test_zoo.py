@@ -315,3 +315,16 @@ def test_timm_checkpoint_round_trip(tmp_path):
     other = build_model(cfg, channels=3, image_size=32, num_classes=10, seed=2)
     for (n, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_dropout_does_not_import_capture():
+    """dia.models.capture builds on dia.models.dropout, never the other way round (no import cycle)."""
+    import ast
+    import inspect
+
+    import dia.models.dropout as dropout_module
+
+    tree = ast.parse(inspect.getsource(dropout_module))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and "capture" in m for m in imported), imported

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     m = out.metrics
     print()
     print(_table(m["victims"]))
-    mean = {k: v for k, v in m["mean"].items() if v is not None}
+    mean = {k: m["mean"].get(k) for k in ("ssim", "psnr", "mse", "lpips", "mask_bal_acc") if m["mean"].get(k) is not None}
     print(f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}: status {m['status']}, "
           + ", ".join(f"mean {k} {v:.4g}" for k, v in mean.items()) + f", {m['wall_time_s']:.1f} s on {m['device']}")
     print(f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
 import stat
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,38 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 PAPER = ROOT / "sweeps" / "paper"  # a folder: one grid, one plain W&B sweep file per block
 
-FAKE_TRAIN = """#!/usr/bin/env python3
-# a stand-in for `python -m dia.train`: writes <output_dir>/<name>/metrics.json (via .partial), or waits for a signal
-import json, os, signal, sys, time
-args = dict(a.split("=", 1) for a in sys.argv[3:])
-out, name = args["run.output_dir"], args["run.name"]
-partial = os.path.join(out, "." + name + ".partial")
-os.makedirs(partial, exist_ok=True)
-resumed = os.path.exists(os.path.join(partial, "checkpoint.pt"))
-if os.environ.get("FAKE_WAIT") and not resumed:
-    stop = []
-    signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
-    open(os.path.join(partial, "checkpoint.pt"), "w").write("state")
-    while not stop:
-        time.sleep(0.05)
-    sys.exit(75)
-with open(os.path.join(partial, "metrics.json"), "w") as f:
-    json.dump({"args": args, "resumed": resumed, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}, f)
-if os.environ.get("FAKE_SLOW"):
-    time.sleep(float(os.environ["FAKE_SLOW"]))
-os.replace(partial, os.path.join(out, name))
-sys.exit(int(args.get("exit", 0)) if "exit" in args else 0)
+FAKE_GRID = """#!/usr/bin/env python3
+# a stand-in for `python -m dia.grid ...` children: records its arguments and its GPU
+import json, os, sys
+json.dump({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")},
+          open(os.path.join(os.environ["FAKE_OUT"], f"child-{os.getpid()}.json"), "w"))
 """
 
 
 @pytest.fixture
-def fake_python(tmp_path):
-    """An 'interpreter' whose `-m dia.train ARGS` runs FAKE_TRAIN."""
-    script = tmp_path / "fake_train.py"
-    script.write_text(FAKE_TRAIN)
+def fake_python(tmp_path, monkeypatch):
+    """An 'interpreter' whose `-m dia.grid ARGS` only records what it was asked (for --parallel)."""
+    script = tmp_path / "fake_grid.py"
+    script.write_text(FAKE_GRID)
     exe = tmp_path / "fake-python"
     exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("FAKE_OUT", str(tmp_path))
     return str(exe)
 
 
@@ -156,63 +137,40 @@ def test_index_outside_the_grid_and_foreign_results_dir_are_refused(tmp_path, ca
     assert "holds another grid" in err and err.count("\n") == 1
 
 
-def test_run_all_skips_finished_cells_and_force_recomputes(tmp_path, fake_python, capsys):
+def test_run_all_packs_cells_skips_finished_ones_and_force_recomputes(tmp_path, capsys):
     grid = G.load(SMOKE)
     folder = G.prepare(grid, tmp_path)
-    assert G.run_cells(grid, folder, grid.cells, python=fake_python) == 0
-    first = {c.id: json.loads((folder / c.id / "metrics.json").read_text()) for c in grid.cells}
-    args = first[grid.cells[3].id]["args"]
-    assert args["run.name"] == grid.cells[3].id and args["run.output_dir"] == str(folder)
-    assert args["logger.wandb.group"] == "smoke" and "attack:dia" in args["logger.wandb.tags"]
-    assert args["model.dropout"] == "0.5" and args["victims"] == "[0, 1]"
-    assert G.run_cells(grid, folder, grid.cells, python=fake_python) == 0
+    assert G.run_cells(grid, folder, grid.cells) == 0
+    err = capsys.readouterr().err
+    assert "pack 1/1: 4 runs: IGx4 DIAx4" in err  # the four cells, one program
+    cfg = yaml.safe_load((folder / grid.cells[3].id / "config.yaml").read_text())
+    assert cfg["run"]["name"] == grid.cells[3].id and cfg["run"]["output_dir"] == str(folder)
+    assert cfg["logger"]["wandb"]["group"] == "smoke" and "attack:dia" in cfg["logger"]["wandb"]["tags"]
+    assert cfg["model"]["dropout"] == 0.5 and cfg["victims"] == [0, 1]
+    stamps = {c.id: (folder / c.id / "metrics.json").stat().st_mtime_ns for c in grid.cells}
+    assert G.run_cells(grid, folder, grid.cells) == 0
     assert capsys.readouterr().err.count("is finished: skipped") == 4
-    assert {c.id: json.loads((folder / c.id / "metrics.json").read_text())["pid"] for c in grid.cells} == {k: v["pid"] for k, v in first.items()}
-    assert G.run_cells(grid, folder, grid.cells[:1], force=True, python=fake_python) == 0
-    assert json.loads((folder / grid.cells[0].id / "metrics.json").read_text())["pid"] != first[grid.cells[0].id]["pid"]
+    assert {c.id: (folder / c.id / "metrics.json").stat().st_mtime_ns for c in grid.cells} == stamps
+    assert G.run_cells(grid, folder, grid.cells[:1], force=True) == 0
+    assert (folder / grid.cells[0].id / "metrics.json").stat().st_mtime_ns != stamps[grid.cells[0].id]
     assert G.status(grid, folder, grid.cells[1]) == "done"
 
 
-def test_signal_is_forwarded_and_rerun_resumes(tmp_path, fake_python, monkeypatch, capsys):
-    grid = G.load(SMOKE)
-    folder = G.prepare(grid, tmp_path)
-    monkeypatch.setenv("FAKE_WAIT", "1")
-    cell = grid.cells[2]
-    ckpt = folder / f".{cell.id}.partial" / "checkpoint.pt"
-
-    def send() -> None:
-        deadline = time.time() + 30
-        while not ckpt.exists() and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    threading.Thread(target=send, daemon=True).start()
-    assert G.run_cells(grid, folder, [cell, grid.cells[3]], python=fake_python) == 75
-    assert "rerun the same command to resume" in capsys.readouterr().err
-    assert G.status(grid, folder, cell) == "partial" and G.status(grid, folder, grid.cells[3]) == "pending"
-    monkeypatch.delenv("FAKE_WAIT")
-    assert G.run_cells(grid, folder, [cell, grid.cells[3]], python=fake_python) == 0
-    assert "resuming cell 2" in capsys.readouterr().err
-    assert json.loads((folder / cell.id / "metrics.json").read_text())["resumed"] is True
-
-
-def test_parallel_cells_get_one_gpu_each(tmp_path, fake_python, monkeypatch):
-    grid = G.load(SMOKE)
+def test_parallel_shares_whole_packs_between_gpus(tmp_path, fake_python, monkeypatch):
+    grid = G.load(sweep(tmp_path, "two", model={"values": ["mlp", "cnn"]}))  # two packs of 4 cells
     folder = G.prepare(grid, tmp_path)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    monkeypatch.setenv("FAKE_SLOW", "1")
-    started = time.time()
     assert G.run_cells(grid, folder, grid.cells, parallel=2, python=fake_python) == 0
-    runs = [json.loads((folder / c.id / "metrics.json").read_text()) for c in grid.cells]
-    assert sorted(r["cuda"] for r in runs) == ["3", "3", "5", "5"]
-    assert time.time() - started < 4 * 1.0 + 3  # two at a time, not one after another
+    children = [json.loads(p.read_text()) for p in tmp_path.glob("child-*.json")]
+    assert sorted(c["cuda"] for c in children) == ["3", "5"]
+    shares = [sorted(int(i) for i in c["argv"][c["argv"].index("--run") + 1].split(",")) for c in children]
+    models = [{grid.cell(i).overrides["model"] for i in share} for share in shares]
+    assert sorted(i for share in shares for i in share) == list(range(8)) and all(len(m) == 1 for m in models)
 
 
-def test_task_runs_its_slice_and_exit_codes_rank(tmp_path, fake_python, monkeypatch):
+def test_indices_and_exit_codes_rank():
     assert G.parse_indices("0,2-3", 4) == [0, 2, 3]
     with pytest.raises(G.UserError):
         G.parse_indices("1-9", 4)
-    grid = G.load(sweep(tmp_path, "codes", attack={"values": ["ig", "dia"]}))
-    folder = G.prepare(grid, tmp_path)
-    diverged = G.Cell(99, "diverged-cell", {**grid.cells[0].overrides, "exit": 3}, {})
-    assert G.run_cells(grid, folder, [grid.cells[0], diverged], python=fake_python) == 3
+    assert G.worst([0, 3, 0]) == 3 and G.worst([3, 1]) == 1 and G.worst([1, 2]) == 2 and G.worst([2, 75]) == 75
+    assert G.worst([]) == 0 and G.worst([0, 130]) == 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 import warnings
@@ -121,6 +122,8 @@ def open_cell(cfg: DictConfig) -> Cell:
         raise UserError(f"run.name={name}: being run by another process (pid {folder.holder()}, lock '{folder.lock_path}'); "
                         "wait for it or choose another run.name")
     try:
+        if folder.state == "done":  # finished while we waited for the lock
+            raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
         resumed = folder.open(text)
         if not resumed:
             write_text(folder / "config.yaml", text)
@@ -134,7 +137,19 @@ def open_cell(cfg: DictConfig) -> Cell:
 
 
 def prepare(cell: Cell) -> Cell:
-    """Victims, the client's model, and the clients' gradients (the problems) of `cell`, in place."""
+    """Victims, the client's model, and the clients' gradients (the problems) of `cell`, in place.
+
+    Bad input found here (unreadable images, say) leaves nothing behind for a run that had just begun."""
+    try:
+        return _prepare(cell)
+    except UserError:
+        if not cell.resumed and not (cell.checkpoint is not None and cell.checkpoint.path.exists()):
+            shutil.rmtree(cell.folder.partial, ignore_errors=True)  # only its config.yaml: nothing ran yet
+            cell.folder.lock_path.unlink(missing_ok=True)  # we hold it; a waiting process finds no run
+        raise
+
+
+def _prepare(cell: Cell) -> Cell:
     cfg = cell.cfg
     victims = load_victims(cfg.data, indices=None if cfg.victims is None else list(cfg.victims),
                            count=cfg.num_victims, seed=cfg.victim_seed)

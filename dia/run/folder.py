@@ -2,7 +2,7 @@
 
     <root>/<name>/            done: every result file, written last by one rename
     <root>/.<name>.partial/   partial: config.yaml, checkpoint.pt, curves.jsonl, wandb-id (resumable)
-    <root>/.<name>.lock       held (flock) by the one process working on the run
+    <root>/.<name>.lock       held (flock) by the one process working on the run; removed when it is done
 
 State is `done` (the final folder exists), `partial` (only the hidden folder) or `pending` (neither).
 A run folder is never deleted by a failure: only `finish()` (rename to the final place) and an explicit
@@ -116,6 +116,8 @@ class RunFolder:
         return False
 
     def finish(self) -> Path:
-        """Move the complete partial folder to its final place (one rename: readers see all or nothing)."""
+        """Move the complete partial folder to its final place (one rename: readers see all or nothing),
+        and drop the lock file (a process that still gets the lock then finds the run done)."""
         os.replace(self.partial, self.final)
+        self.lock_path.unlink(missing_ok=True)
         return self.final

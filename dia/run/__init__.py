@@ -16,7 +16,6 @@ every folder and checkpoint as it was. Exit codes are `dia.errors.ExitCode`.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Callable
 

@@ -78,6 +78,13 @@ def _metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
+def _wait_for_file(path: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path.name} did not appear"
+        time.sleep(0.2)
+
+
 def _same(a: dict, b: dict) -> None:
     """The same run: equal up to float reassociation (a cell alone in a task vs packed with others locally)."""
     exact, close = ("iterations", "status"), ("mse", "psnr", "ssim", "mask_bal_acc", "loss")
@@ -133,10 +140,7 @@ def test_grid_array_runs_skips_finished_cells_and_requeues_a_preempted_task(clus
     # 3. a task signalled mid-run (as Slurm does before the time limit) checkpoints, requeues itself and resumes
     job = _sbatch(env, tmp_path, "--array=0", str(GRID_SBATCH), str(preempt), "--results-root", str(res))
     ckpt = res / "preempt" / f".{pcell.id}.partial" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+    _wait_for_file(ckpt)
     subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], check=True, env=env)
     _wait(env, job, restarts=1)
     assert [t["JobState"] for t in _tasks(env, job)] == ["COMPLETED"]
@@ -166,10 +170,7 @@ def test_scancel_cancels_for_good_and_keeps_the_progress(cluster, tmp_path):
     res = tmp_path / "res"
     job = _sbatch(env, tmp_path, "--array=0", str(GRID_SBATCH), str(path), "--results-root", str(res))
     ckpt = res / "cancel" / f".{cell.id}.partial" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+    _wait_for_file(ckpt)
     done = subprocess.run([sys.executable, "-m", "dia.slurm", "cancel", job], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     _wait(env, job)

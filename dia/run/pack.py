@@ -112,9 +112,9 @@ def compatible(cells: list[Cell]) -> list[list[Cell]]:
     sets: list[list[Cell]] = []
     for cell in cells:
         for s in sets:
-            ref = s[0].model
-            same_sites = set(dropout_sites(ref)) == set(dropout_sites(cell.model))
-            same = same_sites and all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), cell.model.state_dict().values()))
+            ref, mine = s[0].model.state_dict(), cell.model.state_dict()
+            same = (set(dropout_sites(s[0].model)) == set(dropout_sites(cell.model)) and ref.keys() == mine.keys()
+                    and all(torch.equal(ref[k], mine[k]) for k in ref))
             if same:
                 s.append(cell)
                 break

@@ -91,9 +91,9 @@ class AttackState:
     best_iteration: Tensor  # (K,)
     since_best: Tensor  # (K,) iterations without improvement (early stopping)
     last_loss: Tensor  # (K,)
-    iterations: Tensor  # (K,) iterations each problem ran
+    iterations: Tensor  # (K,) iterations each problem ran (its own step count: problems may start at different times)
     status: Tensor  # (K,) index into STATUS
-    iteration: Tensor  # () global step
+    iteration: Tensor  # () steps the program ran (problems count their own: `iterations`)
     layout: Layout
 
     @classmethod
@@ -133,6 +133,18 @@ class AttackState:
         """Flat name -> tensor dict (safe for `torch.save`, loadable with `weights_only=True`)."""
         return {f.name: getattr(self, f.name).detach().cpu() for f in fields(self) if f.name != "layout"}
 
+    def put(self, rows: Tensor, other: "AttackState") -> None:
+        """Overwrite rows `rows` (an index) with all rows of `other` (same layout): a problem enters a slot."""
+        for f in fields(self):
+            if f.name not in ("layout", "iteration"):
+                getattr(self, f.name).data[rows] = getattr(other, f.name).detach().to(self.flat.device)
+
+    def rows(self, rows: Tensor) -> "AttackState":
+        """A copy of rows `rows` (an index) as a state of their own."""
+        kwargs = {f.name: getattr(self, f.name).detach()[rows].clone() for f in fields(self)
+                  if f.name not in ("layout", "iteration")}
+        return AttackState(iteration=self.iteration.clone(), layout=self.layout, **kwargs)
+
     @classmethod
     def from_dict(cls, saved: dict[str, Tensor], layout: Layout, device: torch.device | str = "cpu") -> "AttackState":
         kwargs = {f.name: saved[f.name].to(device) for f in fields(cls) if f.name != "layout"}
@@ -163,7 +175,7 @@ def advance(
     `signed_columns` (D,) marks the columns whose gradient is replaced by its sign (default: from
     `schedule.signed`).
     """
-    i = state.iteration
+    i = state.iterations  # each problem's own step count (equal for problems that started together)
     running = state.active
     finite = torch.isfinite(losses)
     step = running & finite
@@ -176,8 +188,7 @@ def advance(
     state.since_best = torch.where(improved, 0, state.since_best + step.long())
     state.last_loss = torch.where(running, losses, state.last_loss)
 
-    # Adam (torch.optim.Adam's arithmetic) with a per-problem learning rate; all running problems have
-    # taken the same number of steps, i + 1.
+    # Adam (torch.optim.Adam's arithmetic) with a per-problem learning rate and step count i + 1.
     if signed_columns is None:
         signed_columns = state.layout.columns(schedule.signed, grad.device)
     g = torch.where(signed_columns, grad.sign(), grad)
@@ -187,7 +198,7 @@ def advance(
     rows = _rows(step)
     state.exp_avg = torch.where(rows, state.exp_avg * b1 + g * (1 - b1), state.exp_avg)
     state.exp_avg_sq = torch.where(rows, state.exp_avg_sq * b2 + g * g * (1 - b2), state.exp_avg_sq)
-    denom = state.exp_avg_sq.sqrt() / bias2.sqrt() + schedule.eps
+    denom = state.exp_avg_sq.sqrt() / _rows(bias2.sqrt()) + schedule.eps
     update = _rows(state.lr / bias1) * state.exp_avg / denom
     state.flat.sub_(torch.where(rows, update, 0.0))
     project(state.params)
@@ -211,7 +222,7 @@ def advance(
     status = torch.where(running & (state.best_loss < schedule.loss_threshold), CONVERGED, status)
     status = torch.where(running & ~finite, DIVERGED, status)
     state.status = status
-    state.iteration = i + 1
+    state.iteration = state.iteration + 1
 
 
 @dataclass

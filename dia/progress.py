@@ -17,13 +17,13 @@ class AttackProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         bar = self.train_progress_bar
-        bar.reset(total=pl_module.cfg.max_iterations)  # count iterations, not Lightning steps
+        bar.reset(total=pl_module.expected or pl_module.horizon)  # count iterations, not Lightning steps
         bar.update(pl_module.done)
         bar.set_description(self.title)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         bar = self.train_progress_bar
-        if pl_module.done - bar.n >= self.refresh_rate or pl_module.done >= pl_module.cfg.max_iterations:
+        if pl_module.done - bar.n >= self.refresh_rate or pl_module.done >= pl_module.horizon:
             bar.update(pl_module.done - bar.n)
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 

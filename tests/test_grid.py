@@ -142,7 +142,7 @@ def test_run_all_packs_cells_skips_finished_ones_and_force_recomputes(tmp_path, 
     folder = G.prepare(grid, tmp_path)
     assert G.run_cells(grid, folder, grid.cells) == 0
     err = capsys.readouterr().err
-    assert "pack 1/1: 4 runs: IGx4 DIAx4" in err  # the four cells, one program
+    assert "program: 4 runs: IGx4 DIAx4" in err  # the four cells, one program
     cfg = yaml.safe_load((folder / grid.cells[3].id / "config.yaml").read_text())
     assert cfg["run"]["name"] == grid.cells[3].id and cfg["run"]["output_dir"] == str(folder)
     assert cfg["logger"]["wandb"]["group"] == "smoke" and "attack:dia" in cfg["logger"]["wandb"]["tags"]

@@ -29,7 +29,7 @@ def test_a_run_inside_a_pack_equals_the_run_alone(tmp_path):
     notes: list[str] = []
     packed = execute(_configs(tmp_path / "packed"), progress=False, note=notes.append)
     assert [o.code for o in packed] == [0] * len(CELLS)
-    assert [n for n in notes if n.startswith("pack ")] == ["pack 1/1: 6 runs: IGx4 WIIGx4 DIAx4"]  # one program
+    assert [n for n in notes if n.startswith("program")] == ["program: 6 runs: IGx4 WIIGx4 DIAx4"]  # one program
     for cfg in _configs(tmp_path / "alone"):
         assert execute([cfg], progress=False)[0].code == 0
     for a, p in CELLS:
@@ -48,3 +48,70 @@ def test_what_may_differ_inside_a_pack():
     assert len(set(same)) == 1  # attack, rate, victims, names
     other = compose(BASE + ["attack=dia", "attack.lr=0.05"])
     assert pack_key_of(other) not in same  # a different schedule cannot share the program
+
+
+def _refill_configs(out, **extra):
+    # 6 runs x 2 problems in 4 rows: two runs start, the others wait and take the rows of stopped ones.
+    # Different budgets make runs stop at different times (a run's rows free up while others go on).
+    return [compose(BASE + [f"attack={a}", f"model.dropout={p}", f"run.output_dir={out}", f"run.name={a}-{p:g}",
+                            "attack.parallel=4"] + [f"{k}={v}" for k, v in extra.items()]) for a, p in CELLS]
+
+
+def test_waiting_runs_take_the_rows_of_stopped_ones_and_equal_the_runs_alone(tmp_path):
+    notes: list[str] = []
+    packed = execute(_refill_configs(tmp_path / "refill", **{"attack.loss_threshold": 0.005}), progress=False,
+                     note=notes.append)
+    assert [o.code for o in packed] == [0] * len(CELLS)
+    assert [n for n in notes if n.startswith("program")] == ["program: 2 runs: IGx4; 8 problems waiting"]  # one program
+    for cfg in _configs(tmp_path / "alone", **{"attack.loss_threshold": 0.005}):
+        assert execute([cfg], progress=False)[0].code == 0
+    stopped_early = 0
+    for a, p in CELLS:
+        name = f"{a}-{p:g}"
+        together, alone = _victims(tmp_path / "refill", name), _victims(tmp_path / "alone", name)
+        for t, s in zip(together, alone):
+            assert t["iterations"] == s["iterations"] and t["status"] == s["status"], name
+            assert t["loss"] == pytest.approx(s["loss"], rel=1e-3, abs=1e-6), name
+            assert t["ssim"] == pytest.approx(s["ssim"], abs=1e-3), name
+            stopped_early += s["iterations"] < 40
+    assert stopped_early > 0  # the test exercises problems that stop before the budget
+
+
+def test_without_refill_waiting_runs_wait_for_the_next_program(tmp_path):
+    notes: list[str] = []
+    out = execute(_refill_configs(tmp_path, **{"attack.refill": "false"}), progress=False, note=notes.append)
+    assert [o.code for o in out] == [0] * len(CELLS)
+    assert len([n for n in notes if n.startswith("program")]) == 3
+
+
+def test_a_refilled_program_stopped_and_resumed_equals_one_never_stopped(tmp_path, monkeypatch):
+    from dia.run import pack as packs
+    from dia.run.signals import STOP, Preempted
+
+    extra = {"run.checkpoint_every": 10, "attack.loss_threshold": 0.005}
+    whole = execute(_refill_configs(tmp_path / "whole", **extra), progress=False)
+    assert [o.code for o in whole] == [0] * len(CELLS)
+    fill = packs.Program.fill
+
+    def fill_then_stop(self):  # a signal lands right after waiting runs entered (rows at different iterations)
+        before = len(self.inside)
+        fill(self)
+        if len(self.inside) > before and self.module.done > 20:
+            STOP.set(Preempted, 15)
+
+    monkeypatch.setattr(packs.Program, "fill", fill_then_stop)
+    try:
+        with pytest.raises(Exception, match="stopped on a signal"):
+            execute(_refill_configs(tmp_path / "stopped", **extra), progress=False)
+    finally:
+        STOP.clear()
+    monkeypatch.setattr(packs.Program, "fill", fill)
+    unfinished = [c for c in _refill_configs(tmp_path / "stopped", **extra) if not (tmp_path / "stopped" / c.run.name).exists()]
+    assert 0 < len(unfinished) < len(CELLS)  # stopped with some runs written, some running, some waiting
+    resumed = execute(unfinished, progress=False)
+    assert [o.code for o in resumed] == [0] * len(unfinished)
+    for a, p in CELLS:
+        name = f"{a}-{p:g}"
+        for t, s in zip(_victims(tmp_path / "stopped", name), _victims(tmp_path / "whole", name)):
+            assert t["iterations"] == s["iterations"] and t["status"] == s["status"], name
+            assert t["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-7), name

@@ -48,7 +48,8 @@ class AttackConfig:
     labels: str = "known"  # known (as in the paper) | infer (from the gradient; batch_size=1)
     compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
-    check_every: int = 50  # iterations between host checks whether every problem has stopped
+    check_every: int = 50  # iterations between host checks whether every problem has stopped (and rows turn over)
+    refill: bool = True  # a pack larger than attack.parallel: waiting problems take the rows of stopped ones
     log_every: int = 50  # iterations between logged training curves
     model_defense: bool = False  # match only the entries the (defended) shared gradient kept nonzero (dia.defenses)
 
@@ -114,13 +115,14 @@ class InvertingGradients(L.LightningModule):
     needs_client_masks = False  # True only for the oracle (WIIG)
 
     def __init__(self, model: nn.Module, problems: Problems | None, cfg: Any, *, lower: Tensor, upper: Tensor,
-                 parts: Sequence[Part] | None = None) -> None:
+                 parts: Sequence[Part] | None = None, expect: Sequence[Part] = ()) -> None:
         super().__init__()
         parts = list(parts) if parts else [Part(type(self), problems, cfg)]
         for part in parts:
-            if part.problems.true_masks is not None and not part.attack.needs_client_masks:
-                raise ValueError(f"{part.attack.__name__} must not see the client's dropout masks")
-        self.parts = parts
+            _check_view(part)
+        self.parts = parts  # the parts now in the program, and their rows (see `admit`, `retire`)
+        sizes = [p.problems.num_problems for p in parts]
+        self.part_rows = [torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(parts))]
         self.automatic_optimization = False
         self.model = copy.deepcopy(model).eval().requires_grad_(False)  # the caller's model stays untouched
         # The client normalizes with batch statistics (train mode); so does the attacker's copy, without
@@ -129,13 +131,16 @@ class InvertingGradients(L.LightningModule):
         first = parts[0].problems
         self.targets = {n: torch.cat([p.problems.targets[n] for p in parts]) for n in first.targets}
         self.labels = torch.cat([p.problems.labels for p in parts])
-        self.seeds = [s for p in parts for s in p.problems.seeds]
         self.input_shape = first.input_shape
         cfg = parts[0].cfg  # a pack shares every setting but the attack's own (dia.run.pack checks it)
         self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg  # plain dataclass: cheap to read
         trainer_cfg = next((p.cfg for p in parts if p.attack.trains_masks()), None)
         self.mask_param = getattr(trainer_cfg, "mask_param", "clip")
-        self._rows(parts)
+        self._scheme(parts + list(expect))
+        tables = [self._tables(part) for part in parts]
+        self.train, self.scale, self.rate, self.client = ({s: torch.cat([t[i][s] for t in tables]) for s in tables[0][i]}
+                                                          for i in range(4))
+        self.weights = torch.cat([t[4] for t in tables])
         self.register_buffer("lower", lower.clone())
         self.register_buffer("upper", upper.clone())
         self.schedule = Schedule(
@@ -145,7 +150,10 @@ class InvertingGradients(L.LightningModule):
         )
         self.state: AttackState | None = None
         self.resume: dict[str, Tensor] | None = None  # a saved AttackState.as_dict() to continue from
-        self.done = 0  # iterations run so far (host-side copy of state.iteration: no sync to read it)
+        self.done = 0  # steps this program ran (host-side copy of state.iteration: no sync to read it)
+        self.horizon = cfg.max_iterations  # steps after which the program ends at the latest
+        self.expected: int | None = None  # steps it is expected to take (progress bar), when not the horizon
+        self.waiting = 0  # problems waiting for free rows (dia.run.pack): the program runs on while any wait
 
     @classmethod
     def view(cls, problems: Problems) -> Problems:
@@ -158,9 +166,11 @@ class InvertingGradients(L.LightningModule):
         return cls(model, cls.view(problems), cfg, lower=lower, upper=upper)
 
     @staticmethod
-    def pack(model: nn.Module, parts: Sequence[Part], *, lower: Tensor, upper: Tensor) -> "InvertingGradients":
-        """One module for several parts (attacks, rates, victims) of the same model and attack settings."""
-        return InvertingGradients(model, None, None, lower=lower, upper=upper, parts=parts)
+    def pack(model: nn.Module, parts: Sequence[Part], *, lower: Tensor, upper: Tensor,
+             expect: Sequence[Part] = ()) -> "InvertingGradients":
+        """One module for several parts (attacks, rates, victims) of the same model and attack settings;
+        `expect`: parts that may take rows later (`admit`)."""
+        return InvertingGradients(model, None, None, lower=lower, upper=upper, parts=parts, expect=expect)
 
     # ---- what subclasses change: per dropout site, what the attacker's copy applies ---------------
     @classmethod
@@ -192,29 +202,46 @@ class InvertingGradients(L.LightningModule):
                 if k.startswith(MASK):
                     v.clamp_(0.0, 1.0)
 
-    # ---- rows ---------------------------------------------------------------------------------------
-    def _rows(self, parts: list[Part]) -> None:
-        """Per site, per row: whether the mask trains, the client's mask, the scale 1/(1-p), the target rate."""
+    # ---- rows: a program's sites, and what each row applies there --------------------------------
+    def _scheme(self, parts: list[Part]) -> None:
+        """The program's sites and their shapes; those some row trains, those some row takes from the
+        client, and those where some row does not train (`mixed`). `parts` includes those expected later."""
         roles = [{site: _role(part, site) for site in part.problems.mask_shapes} for part in parts]
         sites: dict[str, tuple[int, ...]] = {}
         for part, role in zip(parts, roles):
             sites.update({s: part.problems.mask_shapes[s] for s, r in role.items() if r is not None and s not in sites})
         self.sites = sites
         self.trained_sites = [s for s in sites if any(r.get(s) == "train" for r in roles)]
-        self.train, self.client, self.scale, self.rate = {}, {}, {}, {}
-        for site, shape in sites.items():
-            train, client, scale, rate = [], [], [], []
-            for part, role in zip(parts, roles):
-                n, r, p = part.problems.num_problems, role.get(site), part.problems.rates.get(site, 0.0)
-                train.append(torch.full((n,), r == "train"))
-                scale.append(torch.full((n,), 1.0 / (1.0 - p) if r is not None else 1.0))
-                rate.append(torch.full((n,), p if r == "train" else 0.0))
-                client.append(part.problems.true_masks[site] if r == "client" else torch.ones(n, *shape))
-            self.train[site], self.scale[site], self.rate[site] = torch.cat(train), torch.cat(scale), torch.cat(rate)
-            if any(role.get(site) == "client" for role in roles):
-                self.client[site] = torch.cat(client)
-        self.weights = torch.cat([torch.full((p.problems.num_problems,), p.attack.mask_weight(p)) for p in parts])
-        self.mixed = {s: not bool(self.train[s].all()) for s in sites}  # rows that do not train this site
+        self.client_sites = [s for s in sites if any(r.get(s) == "client" for r in roles)]
+        self.mixed = {s: not all(r.get(s) == "train" for r in roles) for s in sites}
+
+    def _tables(self, part: Part) -> tuple[dict[str, Tensor], ...]:
+        """Per site, the part's rows: trains?, the scale 1/(1-p), the target rate, the client's mask
+        (client sites only); and the rows' regularizer weights."""
+        n = part.problems.num_problems
+        train, scale, rate, client = {}, {}, {}, {}
+        for site, shape in self.sites.items():
+            r, p = _role(part, site), part.problems.rates.get(site, 0.0)
+            train[site] = torch.full((n,), r == "train")
+            scale[site] = torch.full((n,), 1.0 / (1.0 - p) if r is not None else 1.0)
+            rate[site] = torch.full((n,), p if r == "train" else 0.0)
+            if site in self.client_sites:
+                client[site] = part.problems.true_masks[site] if r == "client" else torch.ones(n, *shape)
+        return train, scale, rate, client, torch.full((n,), part.attack.mask_weight(part))
+
+    def fits(self, part: Part) -> bool:
+        """Whether `part`'s problems can take rows of this program (`admit`) without changing its program:
+        each site it drops at exists with the same shape and role, and rows that do not train a trained
+        site are allowed there."""
+        for site in set(part.problems.mask_shapes) | set(self.sites):
+            r = _role(part, site)
+            if r is not None and self.sites.get(site) != part.problems.mask_shapes[site]:
+                return False
+            if (r == "train") != (site in self.trained_sites) and (r == "train" or not self.mixed[site]):
+                return False
+            if r == "client" and site not in self.client_sites:
+                return False
+        return True
 
     def masks(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """The (unscaled) masks every row applies, {site: (K, B, ...)}; None when no row drops anything."""
@@ -239,20 +266,20 @@ class InvertingGradients(L.LightningModule):
         return self.weights * keep_rate_penalty({s: masks[s] for s in self.trained_sites}, self.rate)
 
     # ---- shared machinery ------------------------------------------------------------------------
+    def initial_of(self, part: Part) -> dict[str, Tensor]:
+        """The part's rows' start, each from its own seed: the dummies, then the masks of the trained sites."""
+        gens = [torch.Generator().manual_seed(s) for s in part.problems.seeds]
+        out = {"x": torch.stack([INITS[self.cfg.init](self.input_shape, g) for g in gens])}
+        for site in self.trained_sites:
+            trains = _role(part, site) == "train"
+            out[MASK + site] = (part.attack.init_mask(part, site, gens) if trains
+                                else torch.ones(len(gens), *self.sites[site]))
+        return out
+
     def initial_params(self) -> dict[str, Tensor]:
-        """Per row, from its own seed: the dummies, then the masks of the sites its attack trains."""
-        out: dict[str, list[Tensor]] = {"x": []}
-        out.update({MASK + s: [] for s in self.trained_sites})
-        start = 0
-        for part in self.parts:
-            gens = [torch.Generator().manual_seed(s) for s in self.seeds[start : start + part.problems.num_problems]]
-            start += len(gens)
-            out["x"].append(torch.stack([INITS[self.cfg.init](self.input_shape, g) for g in gens]))
-            for site in self.trained_sites:
-                trains = _role(part, site) == "train"
-                out[MASK + site].append(part.attack.init_mask(part, site, gens) if trains
-                                        else torch.ones(len(gens), *self.sites[site]))
-        return {k: torch.cat(v) for k, v in out.items()}
+        """Every row's start, in row order (of the parts the program was built with)."""
+        starts = [self.initial_of(part) for part in self.parts]
+        return {k: torch.cat([s[k] for s in starts]) for k in starts[0]}
 
     def objective(self, params: dict[str, Tensor]) -> Tensor:
         """Reconstruction loss per problem, (K,)."""
@@ -280,7 +307,7 @@ class InvertingGradients(L.LightningModule):
             with torch.no_grad():
                 self.project(self.state.params)
         self.signed_columns = self.state.layout.columns(self.schedule.signed, dev)
-        self.done = 0 if self.resume is None else int(self.resume["iteration"])
+        self.done = 0
         self.gradient = self.gradient_program()
 
     def gradient_program(self) -> Any:
@@ -306,8 +333,7 @@ class InvertingGradients(L.LightningModule):
 
     def train_dataloader(self) -> range:
         """One 'batch' per `iterations_per_step` iterations; the data are the captured gradients held by the module."""
-        start = 0 if self.resume is None else int(self.resume["iteration"])
-        return range(math.ceil(max(0, self.cfg.max_iterations - start) / self.cfg.iterations_per_step))
+        return range(math.ceil(max(0, self.horizon) / self.cfg.iterations_per_step))
 
     def step(self) -> Tensor:
         """One iteration for all problems (objective, double backward, engine update); returns the losses."""
@@ -317,57 +343,84 @@ class InvertingGradients(L.LightningModule):
         return losses
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        n = min(self.cfg.iterations_per_step, self.cfg.max_iterations - self.done)
+        n = min(self.cfg.iterations_per_step, self.horizon - self.done)
         for _ in range(n):
-            losses = self.step()
+            self.step()
         before, self.done = self.done, self.done + n
-
-        def crossed(every: int) -> bool:
-            return self.done // every > before // every or self.done == self.cfg.max_iterations
-
-        if self.logger is not None and (crossed(self.cfg.log_every) or before == 0):
-            # stepped by attack iteration (not by Lightning batch), so resumed runs continue their curves
-            self.logger.log_metrics({k: float(v) for k, v in self.curves(losses).items()}, step=self.done)
-        if crossed(self.cfg.check_every):  # the only host sync: is any problem still running?
+        if self.done // self.cfg.check_every > before // self.cfg.check_every or self.done == self.horizon:
+            # the only host sync: is any problem still running (or waiting to enter)?
             self.log("loss", self.state.best_loss.mean(), prog_bar=True, on_step=True, logger=False)
-            if not bool(self.state.active.any()):
+            if not self.waiting and not bool(self.state.active.any()):
                 self.trainer.should_stop = True
 
-    def curves(self, losses: Tensor) -> dict[str, Tensor]:
-        """What is worth plotting while an attack runs: means over all problems (stopped ones at their last value)."""
+    # ---- a program's rows change hands: problems that stopped leave, waiting ones enter ----------------
+    def admit(self, part: Part, rows: Tensor, resume: AttackState | None = None) -> None:
+        """`part`'s problems take rows `rows` (whose problems have left) from their start, or from `resume`
+        (their saved state). Their trajectories are those they would have alone: every problem counts its
+        own steps. Call `fits` first."""
+        _check_view(part)
+        if not self.fits(part) or len(rows) != part.problems.num_problems:
+            raise ValueError(f"{part.attack.__name__}: these problems do not fit this program's rows")
+        dev = self.device
+        idx = rows.to(dev)
+        for name, t in part.problems.targets.items():
+            self.targets[name][idx] = t.to(dev)
+        self.labels[idx] = part.problems.labels.to(dev)
+        *tables, weights = self._tables(part)
+        for table, new in zip((self.train, self.scale, self.rate, self.client), tables):
+            for site, value in new.items():
+                table[site][idx] = value.to(dev)
+        self.weights[idx] = weights.to(dev)
+        if resume is None:
+            resume = AttackState.create({k: v.to(dev) for k, v in self.initial_of(part).items()}, self.cfg.lr)
+            with torch.no_grad():
+                self.project(resume.params)
+        self.state.put(idx, resume)
+        self.parts.append(part)
+        self.part_rows.append(rows.cpu())
+
+    def retire(self, part: Part) -> AttackResult:
+        """`part`'s result; its rows are free for `admit` (its problems must have stopped)."""
+        i = next(i for i, p in enumerate(self.parts) if p is part)
+        out = self.result_of(part, self.part_rows[i])
+        del self.parts[i], self.part_rows[i]
+        return out
+
+    def curves(self, rows: Tensor | slice = slice(None)) -> dict[str, Tensor]:
+        """What is worth plotting while an attack runs: means over `rows` (stopped ones at their last value)."""
         s = self.state
         out = {
-            "attack/loss": s.last_loss.mean(),
-            "attack/best_loss": s.best_loss.mean(),
-            "attack/lr": s.lr.mean(),
-            "attack/running": s.active.sum(),
+            "attack/loss": s.last_loss[rows].mean(),
+            "attack/best_loss": s.best_loss[rows].mean(),
+            "attack/lr": s.lr[rows].mean(),
+            "attack/running": s.active[rows].sum(),
         }
         if self.trained_sites:  # the trained masks' mean keep-rate (the client's is 1 - p) and undecided share
             masks = self.masks(s.params)
-            flat = torch.cat([masks[k].detach()[self.train[k]].flatten() for k in self.trained_sites])
-            out["masks/keep_rate"] = flat.mean()
-            out["masks/undecided"] = ((flat > 0.1) & (flat < 0.9)).float().mean()
+            flat = torch.cat([masks[k].detach()[rows][self.train[k][rows]].flatten() for k in self.trained_sites])
+            if flat.numel():
+                out["masks/keep_rate"] = flat.mean()
+                out["masks/undecided"] = ((flat > 0.1) & (flat < 0.9)).float().mean()
         return out
 
-    def results(self) -> list[AttackResult]:
-        """Each part's best iterates and bookkeeping, in part order."""
+    def result_of(self, part: Part, rows: Tensor) -> AttackResult:
+        """The best iterates and bookkeeping of `part`, whose problems are in rows `rows`."""
         s = self.state
-        best = s.best_params
-        masks = self.masks(best) if self.trained_sites else None
-        out, start = [], 0
-        for part in self.parts:
-            rows = slice(start, start + part.problems.num_problems)
-            start = rows.stop
-            own = [k for k in self.trained_sites if _role(part, k) == "train"]
-            out.append(AttackResult(
-                x=best["x"][rows].detach().cpu(),
-                masks={k: masks[k][rows].detach().cpu() for k in own} if own else None,
-                best_loss=s.best_loss[rows].cpu(),
-                best_iteration=s.best_iteration[rows].cpu(),
-                iterations=s.iterations[rows].cpu(),
-                status=[STATUS[int(c)] for c in s.status[rows].cpu()],
-            ))
-        return out
+        own = [k for k in self.trained_sites if _role(part, k) == "train"]
+        masks = self.masks(s.best_params) if own else None
+        rows = rows.to(s.flat.device)
+        return AttackResult(
+            x=s.best_params["x"][rows].detach().cpu(),
+            masks={k: masks[k][rows].detach().cpu() for k in own} if own else None,
+            best_loss=s.best_loss[rows].cpu(),
+            best_iteration=s.best_iteration[rows].cpu(),
+            iterations=s.iterations[rows].cpu(),
+            status=[STATUS[int(c)] for c in s.status[rows].cpu()],
+        )
+
+    def results(self) -> list[AttackResult]:
+        """Each part's result, in part order."""
+        return [self.result_of(part, rows) for part, rows in zip(self.parts, self.part_rows)]
 
     def result(self) -> AttackResult:
         """All problems' result (one part, or the parts concatenated)."""
@@ -375,6 +428,11 @@ class InvertingGradients(L.LightningModule):
 
 
 MASK = "mask/"  # trainable mask parameters are named mask/<site>
+
+
+def _check_view(part: Part) -> None:
+    if part.problems.true_masks is not None and not part.attack.needs_client_masks:
+        raise ValueError(f"{part.attack.__name__} must not see the client's dropout masks")
 
 
 def _role(part: Part, site: str) -> str | None:

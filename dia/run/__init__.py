@@ -123,22 +123,30 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
     for cell in order:  # every group already finished (stopped while writing): write it now
         if left[id(cell)] == 0:
             finish(cell)
-    planned = list(packs.plan(todo, limit))
-    for number, pack in enumerate(planned, 1):
-        pack = [item for item in pack if index[id(item.cell)] not in outcomes
-                and (item.cell.problems is not None or guarded(item.cell, lambda c=item.cell: prepare(c)))]
-        for part in packs.split_compatible(pack):
-            note(f"pack {number}/{len(planned)}: {packs.describe(part)}")
-            results: list = []
-            if not guarded(part[0].cell, lambda p=part: results.append(packs.run(p, progress=progress))):
-                for item in part[1:]:
-                    outcomes[index[id(item.cell)]] = outcomes[index[id(part[0].cell)]]
-                continue
-            if results[0] is None:
-                names = sorted({i.cell.name for i in part})
-                raise STOP.exception(f"stopped on a signal; progress of {len(names)} run(s) saved in their checkpoints "
-                                     f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-            for item in part:
-                left[id(item.cell)] -= 1
-                if left[id(item.cell)] == 0:
-                    finish(item.cell)
+
+    def enter(item: packs.Item) -> bool:
+        cell = item.cell
+        return index[id(cell)] not in outcomes and (cell.problems is not None or guarded(cell, lambda: prepare(cell)))
+
+    def finished(item: packs.Item) -> None:
+        left[id(item.cell)] -= 1
+        if left[id(item.cell)] == 0:
+            finish(item.cell)
+
+    while todo:
+        todo = [item for item in todo if index[id(item.cell)] not in outcomes]
+        if not todo:
+            break
+        first = todo[0].cell
+        rest: list = []
+        if not guarded(first, lambda: rest.append(packs.run(todo, limit, enter=enter, finished=finished,
+                                                               progress=progress, note=note))):
+            for item in todo:  # the program failed: every run in it fails with the same message
+                if left[id(item.cell)] > 0 and item.cell.problems is not None:
+                    outcomes.setdefault(index[id(item.cell)], outcomes[index[id(first)]])
+            continue
+        if rest[0] is None:
+            names = sorted({i.cell.name for i in todo})
+            raise STOP.exception(f"stopped on a signal; progress of the run(s) in this program saved in their checkpoints "
+                                 f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        todo = rest[0]

@@ -92,8 +92,8 @@ def state_rows(state: AttackState, rows: slice) -> dict[str, Tensor]:
         if f.name == "layout":
             continue
         value = getattr(state, f.name).detach()
-        if f.name == "iteration":
-            out[f.name] = value.cpu().clone()
+        if f.name == "iteration":  # the rows' own: where they resume
+            out[f.name] = state.iterations[rows].max().cpu().clone()
         elif f.name in WIDE:
             out.update({f"{f.name}/{n}": t.cpu().clone() for n, t in state.layout.views(value[rows]).items()})
         else:
@@ -108,7 +108,7 @@ def join_rows(saved: list[dict[str, Tensor]], layout: Layout, initial: dict[str,
     Adam moments: it belongs to another attack of the pack and never touches that block's rows.
     """
     sizes = [int(s["lr"].shape[0]) for s in saved]
-    out: dict[str, Tensor] = {"iteration": saved[0]["iteration"]}
+    out: dict[str, Tensor] = {"iteration": torch.stack([s["iteration"] for s in saved]).max()}
     narrow = [k for k in saved[0] if "/" not in k and k != "iteration"]
     out.update({k: torch.cat([s[k] for s in saved]) for k in narrow})
     for wide in WIDE:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+import math
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -26,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from dia.attacks import ATTACKS, DIAConfig, AttackConfig, InvertingGradients, Part
-from dia.engine import AttackResult, Layout
+from dia.engine import AttackResult, AttackState, Layout
 from dia.models import dropout_sites
 from dia.progress import AttackProgressBar
 from dia.run.cell import Cell, append_curves
@@ -84,22 +85,6 @@ def items(cell: Cell, limit: int) -> list[Item]:
     return [Item(cell, g, idx) for g, idx in enumerate(groups) if ckpt is None or g not in ckpt.done]
 
 
-def plan(todo: list[Item], limit: int) -> Iterator[list[Item]]:
-    """Greedy packs of at most `limit` problems from items with the same resume iteration, in order."""
-    by_iteration: dict[int, list[Item]] = {}
-    for item in todo:
-        by_iteration.setdefault(item.iteration, []).append(item)
-    for group in by_iteration.values():
-        pack: list[Item] = []
-        for item in group:
-            if pack and sum(len(i.index) for i in pack) + len(item.index) > limit:
-                yield pack
-                pack = []
-            pack.append(item)
-        if pack:
-            yield pack
-
-
 def split_compatible(pack: list[Item]) -> list[list[Item]]:
     """The pack's items in sub-packs whose runs' models are `compatible`."""
     sets = compatible(list({id(i.cell): i.cell for i in pack}.values()))
@@ -107,15 +92,11 @@ def split_compatible(pack: list[Item]) -> list[list[Item]]:
 
 
 def compatible(cells: list[Cell]) -> list[list[Cell]]:
-    """Split same-key cells into sets whose client models have equal weights and dropout sites (a safety net:
-    a model whose weights depend on its dropout rate, or whose sites appear only at some rates, runs apart)."""
+    """Split same-key cells into sets of `same_model` cells."""
     sets: list[list[Cell]] = []
     for cell in cells:
         for s in sets:
-            ref, mine = s[0].model.state_dict(), cell.model.state_dict()
-            same = (set(dropout_sites(s[0].model)) == set(dropout_sites(cell.model)) and ref.keys() == mine.keys()
-                    and all(torch.equal(ref[k], mine[k]) for k in ref))
-            if same:
+            if same_model(s[0].model, cell.model):
                 s.append(cell)
                 break
         else:
@@ -123,59 +104,158 @@ def compatible(cells: list[Cell]) -> list[list[Cell]]:
     return sets
 
 
+def same_model(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two runs' client models have equal weights and dropout sites (a safety net: a model whose
+    weights depend on its dropout rate, or whose sites appear only at some rates, runs apart)."""
+    if a is b:
+        return True
+    ref, mine = a.state_dict(), b.state_dict()
+    return (set(dropout_sites(a)) == set(dropout_sites(b)) and ref.keys() == mine.keys()
+            and all(torch.equal(ref[k], mine[k]) for k in ref))
+
+
 def attacker_model(cells: list[Cell]) -> torch.nn.Module:
     """The model the attacker's copy is made from: the one with the most dropout sites active."""
     return max((c.model for c in cells), key=lambda m: len(dropout_sites(m, active_only=True)))
 
 
-def build(pack: list[Item]) -> InvertingGradients:
-    """The attack module of a pack (resuming its items' saved rows, if any)."""
-    parts = []
-    for item in pack:
-        cls = ATTACKS.get(item.cell.cfg.attack.name)
-        parts.append(Part(cls, cls.view(item.cell.problems.subset(item.index)), item.cell.cfg.attack))
+def part_of(item: Item) -> Part:
+    """The item's problems as its attack's server sees them (its run must be prepared)."""
+    cls = ATTACKS.get(item.cell.cfg.attack.name)
+    return Part(cls, cls.view(item.cell.problems.subset(item.index)), item.cell.cfg.attack)
+
+
+def kind(item: Item) -> tuple[str, bool]:
+    """What decides which sites and roles an item's rows need: its attack, and whether its model drops."""
+    return str(item.cell.cfg.attack.name), float(item.cell.cfg.model.dropout) > 0
+
+
+def fresh_rows(module: InvertingGradients, part: Part) -> dict[str, torch.Tensor]:
+    """Saved-rows form (`state_rows`) of a part's start."""
+    state = AttackState.create(module.initial_of(part), module.cfg.lr)
+    with torch.no_grad():
+        module.project(state.params)
+    return state_rows(state, slice(None))
+
+
+def build(pack: list[Item], expect: list[Item] = ()) -> InvertingGradients:
+    """The attack module of a pack (resuming its items' saved rows, if any); `expect`: prepared items that
+    will enter later (their sites and roles shape the program)."""
+    parts = [part_of(item) for item in pack]
     cell = pack[0].cell
     lower, upper = (0 - cell.mean) / cell.std, (1 - cell.mean) / cell.std
-    module = InvertingGradients.pack(attacker_model([i.cell for i in pack]), parts, lower=lower, upper=upper)
-    if pack[0].iteration > 0:
+    module = InvertingGradients.pack(attacker_model([i.cell for i in list(pack) + list(expect)]), parts,
+                                     lower=lower, upper=upper, expect=[part_of(i) for i in expect])
+    if any(item.iteration > 0 for item in pack):
         initial = module.initial_params()
-        module.resume = join_rows([i.cell.checkpoint.state for i in pack], Layout.of(initial), initial)
-        log.info("resuming %s at iteration %d", ", ".join(sorted({i.cell.name for i in pack})), pack[0].iteration)
+        module.resume = join_rows([i.cell.checkpoint.state if i.iteration > 0 else fresh_rows(module, p)
+                                   for i, p in zip(pack, parts)], Layout.of(initial), initial)
+        log.info("resuming %s", ", ".join(f"{i.cell.name} at iteration {i.iteration}" for i in pack if i.iteration > 0))
     return module
 
 
-def rows_of(pack: list[Item]) -> Iterator[tuple[Item, slice]]:
-    start = 0
-    for item in pack:
-        yield item, slice(start, start + len(item.index))
-        start += len(item.index)
+class Program(Callback):
+    """The life of a pack in one program: which items hold which rows, and what waits.
 
+    Every `attack.check_every` iterations, items whose problems have all stopped leave (their result goes
+    to their run's checkpoint, then `finished(item)`), and with `refill` waiting items take the freed rows
+    (`enter(item)` prepares one; None drops it). An item that cannot share this program (another model,
+    other sites) is set aside in `left`. Every `every` iterations and on a stop signal, each item in the
+    program saves its rows in its run's checkpoint; every `log_every` iterations it appends its curves.
+    """
 
-class PackCallbacks(Callback):
-    """Per item: save its rows every `every` iterations and when asked to stop; log its curves."""
-
-    def __init__(self, pack: list[Item], every: int, log_every: int) -> None:
-        self.pack, self.every, self.log_every = pack, every, log_every
+    def __init__(self, module: InvertingGradients, inside: list[Item], waiting: list[Item], *, every: int,
+                 log_every: int, refill: bool, enter: Callable[[Item], bool], finished: Callable[[Item], None]) -> None:
+        self.module, self.every, self.log_every, self.refill = module, every, log_every, refill
+        self.enter, self.finished = enter, finished
+        self.inside = [(item, part, 0) for item, part in zip(inside, module.parts)]  # (item, part, step it entered at)
+        self.waiting, self.left = list(waiting), []
         self.stopped = False
+        self.model = inside[0].cell.model  # the client model every item must share
+        module.waiting = self.waiting_problems()
+
+    def waiting_problems(self) -> int:
+        return sum(len(i.index) for i in self.waiting) if self.refill else 0
+
+    def own_iteration(self, item: Item, entered: int) -> int:
+        return min(item.cell.cfg.attack.max_iterations, item.iteration + self.module.done - entered)
+
+    def rows(self, part: Part) -> torch.Tensor:
+        return self.module.part_rows[next(i for i, p in enumerate(self.module.parts) if p is part)]
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         done, n = module.done, module.cfg.iterations_per_step
 
         def crossed(every: int) -> bool:
-            return every > 0 and (done // every > (done - n) // every or done == module.cfg.max_iterations)
+            return every > 0 and (done // every > (done - n) // every or done == module.horizon)
 
         if crossed(self.log_every) or done <= n:
-            for item, rows in rows_of(self.pack):
-                point = {k: float(v) for k, v in module.curves(rows).items()}
-                max_its = item.cell.cfg.attack.max_iterations
-                append_curves(item.cell, [{"group": item.group, "iteration": done, "step": item.group * max_its + done, **point}])
+            for item, part, entered in self.inside:
+                point = {k: float(v) for k, v in module.curves(self.rows(part).to(module.device)).items()}
+                own = self.own_iteration(item, entered)
+                append_curves(item.cell, [{"group": item.group, "iteration": own,
+                                           "step": item.group * item.cell.cfg.attack.max_iterations + own, **point}])
         if STOP.is_set() or crossed(self.every):
-            for item, rows in rows_of(self.pack):
-                if item.cell.checkpoint is not None:
-                    item.cell.checkpoint.progress(item.group, state_rows(module.state, rows))
+            self.save()
         if STOP.is_set():
             self.stopped = True
             trainer.should_stop = True
+        elif crossed(module.cfg.check_every):
+            self.turnover()
+            if not self.waiting_problems() and not self.inside:
+                trainer.should_stop = True
+
+    def save(self) -> None:
+        for item, part, _ in self.inside:
+            if item.cell.checkpoint is not None:
+                item.cell.checkpoint.progress(item.group, state_rows(self.module.state, self.rows(part).to(self.module.device)))
+
+    def turnover(self) -> None:
+        """Items whose problems all stopped leave; waiting ones enter the freed rows (with `refill`)."""
+        module = self.module
+        running = module.state.active.cpu()
+        for entry in list(self.inside):
+            item, part, _ = entry
+            if not bool(running[self.rows(part)].any()):
+                item.cell.checkpoint.finished(item.group, module.retire(part))
+                self.inside.remove(entry)
+                self.finished(item)
+        if self.refill:
+            self.fill()
+        module.waiting = self.waiting_problems()
+
+    def fill(self) -> None:
+        module = self.module
+        taken = torch.zeros(module.state.num_problems, dtype=torch.bool)
+        for rows in module.part_rows:
+            taken[rows] = True
+        free = torch.nonzero(~taken).flatten()
+        busy = {id(item.cell) for item, _, _ in self.inside}  # a run's groups go one at a time, in order
+        for item in list(self.waiting):
+            mine = id(item.cell) in busy
+            busy.add(id(item.cell))
+            if mine or len(item.index) > len(free):
+                continue
+            self.waiting.remove(item)
+            if not self.enter(item):
+                continue
+            part = part_of(item)
+            if not same_model(self.model, item.cell.model) or not module.fits(part):
+                self.left.append(item)
+                continue
+            saved = item.cell.checkpoint.state if item.iteration > 0 else None
+            layout = module.state.layout
+            resume = None if saved is None else AttackState.from_dict(
+                join_rows([saved], layout, module.initial_of(part)), layout, module.device)
+            module.admit(part, free[: len(item.index)], resume)
+            free = free[len(item.index):]
+            self.inside.append((item, module.parts[-1], module.done))
+            if item.iteration > 0:
+                log.info("resuming %s at iteration %d", item.cell.name, item.iteration)
+
+    def close(self) -> None:
+        """After the program ended: every item still inside has stopped; record them."""
+        self.turnover()
 
 
 def describe(pack: list[Item]) -> str:
@@ -213,20 +293,48 @@ def attack(model: torch.nn.Module, problems: Any, cfg: Any, *, lower: torch.Tens
     return module.result()
 
 
-def run(pack: list[Item], *, progress: bool = True) -> list[AttackResult] | None:
-    """Attack a pack; each item's result, or None when stopped by a signal (each item's rows are then saved
-    in its run's checkpoint). Finished items are recorded in their runs' checkpoints."""
-    cfg = pack[0].cell.cfg
-    module = build(pack)
+def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished: Callable[[Item], None],
+        progress: bool = True, note: Callable[[str], None] = log.info) -> list[Item] | None:
+    """Attack `todo` in one program of `limit` rows (at least the largest item): the first items that fit
+    start, the others wait for rows to free up (`attack.refill`, else for the next program). `enter(item)`
+    prepares an item's run (False: drop it); `finished(item)` is called when an item's result is in its
+    run's checkpoint. Returns the items this program did not take, or None when stopped by a signal (each
+    item inside saved its rows)."""
+    cfg = todo[0].cell.cfg
+    limit = max(limit, max(len(i.index) for i in todo))
+    inside, waiting, used, busy = [], [], 0, set()
+    for item in todo:
+        fits = used + len(item.index) <= limit and id(item.cell) not in busy
+        busy.add(id(item.cell))
+        if fits and enter(item) and (not inside or same_model(inside[0].cell.model, item.cell.model)):
+            inside.append(item)
+            used += len(item.index)
+        elif item.cell.problems is not None or not fits:
+            waiting.append(item)
+    if not inside:
+        return [i for i in waiting]
+    scouts = []  # one prepared waiting item of each kind missing inside: the program must have its rows' sites
+    for item in waiting:
+        if cfg.attack.refill and kind(item) not in {kind(i) for i in inside + scouts} and enter(item) \
+                and same_model(inside[0].cell.model, item.cell.model):
+            scouts.append(item)
+    module = build(inside, scouts)
     every = cfg.run.checkpoint_every if cfg.run.checkpoint_every >= 0 else 0
-    callbacks = PackCallbacks(pack, every, cfg.attack.log_every)
-    fit(module, pack[0].cell.device, title=describe(pack), progress=progress, callbacks=[callbacks])
-    if callbacks.stopped or STOP.is_set():
+    program = Program(module, inside, waiting, every=every, log_every=cfg.attack.log_every,
+                      refill=cfg.attack.refill, enter=enter, finished=finished)
+    max_its = cfg.attack.max_iterations
+    left = [max_its - i.iteration for i in inside]
+    if program.refill and waiting:  # a bound (each step advances some item); the bar shows an estimate
+        module.horizon = sum(left) + sum(max_its - i.iteration + cfg.attack.check_every for i in waiting)
+        module.expected = max(left) + max_its * math.ceil(sum(len(i.index) for i in waiting) / limit)
+    else:
+        module.horizon = max(left)
+    note(f"program: {describe(inside)}" + (f"; {sum(len(i.index) for i in waiting)} problems waiting" if waiting else ""))
+    fit(module, todo[0].cell.device, title=describe(inside), progress=progress, callbacks=[program])
+    if program.stopped or STOP.is_set():
         return None
-    results = module.results()
-    for item, result in zip(pack, results):
-        item.cell.checkpoint.finished(item.group, result)
-    return results
+    program.close()
+    return program.left + program.waiting
 
 
 def auto_limit(cells: list[Cell], *, total: int, headroom: float = 0.7) -> int:

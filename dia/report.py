@@ -5,11 +5,14 @@ no W&B needed) and every grid.json (dia.grid's description of a grid, to know wh
 Writes to RESULTS_DIR/report/ (or --out):
 
 - table.md, table.csv: mean ± std over victims of SSIM, PSNR, LPIPS, MSE and mask recovery for each
-  dataset x model x dropout rate x attack, with the number of cells (finished/expected) and victims;
+  dataset x model x dropout rate x attack x defense, with the number of cells (finished/expected) and victims;
   groups whose cells are all missing are listed with empty metrics, and every missing or unfinished cell
-  is listed under "Missing cells" (missing.csv) - nothing is dropped silently.
+  is listed under "Missing cells" (missing.csv) - nothing is dropped silently. Defended and undefended runs
+  never share a row: the defense (a label such as `dpsgd σ=0.1 C=1`) and DP-SGD's ε are columns of the CSV,
+  and of the markdown when some run is defended.
 - figures/<metric>_vs_dropout.png: the metric against the dropout rate, one line per attack, one panel
-  per dataset/model (error bars: std over victims).
+  per dataset/model (error bars: std over victims), undefended runs;
+  figures/defense_<metric>_<data>_<model>.png: the metric against defense strength.
 - montages/<run>.png: the originals above the reconstructions of each run (from reconstructions.pt,
   loaded with weights_only=True).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -27,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from dia.errors import ExitCode, UserError
 
@@ -43,19 +47,64 @@ def _rank(kind: str, value: Any) -> tuple:
     return (known.index(value) if value in known else len(known), str(value))
 
 
+STRENGTH = {"dpsgd": ("noise_multiplier", "noise multiplier σ"), "prune": ("ratio", "prune ratio"), "quantize": ("bits", "bits")}
+DELTA = 1e-5  # dia.defenses.DPSGDConfig.delta: a DP-SGD label names its δ only when it is another
+STAGE_LABEL: dict[str, Callable[[dict[str, Any]], str]] = {  # one stage of a defense dict, as a table label
+    "dpsgd": lambda d: f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}" + ("" if d.get("delta", DELTA) == DELTA else f" δ={d['delta']:g}"),
+    "prune": lambda d: f"prune {d['ratio']:g}",
+    "quantize": lambda d: f"quantize {d['bits']}b" + (" stochastic" if d.get("rounding") == "stochastic" else ""),
+}
+
+
+class Defense(NamedTuple):
+    """A run's defense as the report shows it: in the defense figure (kind, strength, tick) and the table (label, epsilon)."""
+
+    kind: str  # the figure's panel: 'dpsgd', 'quantize/stochastic', 'prune+dpsgd', ... ('none': undefended)
+    strength: float  # the figure's x: noise multiplier, prune ratio or bits of the last stage that has one (sign: 1 bit)
+    tick: str  # the figure's tick: the strength, with the epsilon where there is one
+    label: str  # the table's row: every stage with its keys, '+'-joined, ' (md)' for attack.model_defense
+    epsilon: float | None  # of the DP-SGD release (inf: no noise); None without DP-SGD
+
+
+def describe_defense(d: dict[str, Any] | None) -> Defense:
+    """The `defense` dict of a metrics.json (dia.defenses.summary) as the figure and the table show it.
+
+    No dict (results from before defenses) is `none`. Sign-only is quantization to 1 bit. The label keeps
+    every key that changes what the client sends, so runs share a table row only when they share a defense.
+    """
+    d = d or {"name": "none"}
+    name = str(d["name"])
+    stages = name.split("+")
+    label = "+".join(STAGE_LABEL.get(s, lambda _, s=s: s)(d) for s in stages) + (" (md)" if d.get("model_defense") else "")
+    epsilon = d.get("epsilon")
+    epsilon = math.inf if epsilon is None and "dpsgd" in stages else epsilon
+    if name == "sign":
+        return Defense("quantize", 1.0, "sign", label, epsilon)
+    key = next((STRENGTH[s][0] for s in reversed(stages) if s in STRENGTH), None)
+    value = 0.0 if key is None else float(d[key])
+    tick = (f"{value:g}" + (f"\nε={d['epsilon']:.3g}" if d.get("epsilon") is not None else "")) if key else name
+    return Defense(name + ("/stochastic" if d.get("rounding") == "stochastic" else ""), value, tick, label, epsilon)
+
+
+NONE = describe_defense(None)
+
+
 @dataclass
 class Group:
     data: str
     model: str
     dropout: float
     attack: str
+    defense: Defense = NONE  # what the clients sent: runs with different defenses never share a group
     runs: list[dict[str, Any]] = field(default_factory=list)
     expected: int = 0  # cells a grid expects (0: no grid.json knows this group)
     missing: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple:
-        return (_rank("data", self.data), _rank("model", self.model), self.dropout, _rank("attack", self.attack))
+        d = self.defense
+        return (_rank("data", self.data), _rank("model", self.model), self.dropout, _rank("attack", self.attack),
+                d.kind != "none", d.kind.count("+"), d.kind, d.strength, d.label)
 
     def values(self, metric: str) -> list[float]:
         return [v[metric] for r in self.runs for v in r["victims"]
@@ -94,7 +143,7 @@ def _read_metrics(path: Path) -> dict[str, Any] | None:
     """A run's metrics.json, or None (with one warning) when it is not one dia wrote."""
     try:
         m = json.loads(path.read_text())
-        key = (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"]))
+        key = (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"])), describe_defense(m.get("defense"))
         if not isinstance(m["victims"], list) or not all(isinstance(v, dict) for v in m["victims"]):
             raise TypeError("victims is not a list of per-victim rows")
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -125,6 +174,36 @@ def _grid_cells(path: Path) -> tuple[str, list[dict[str, Any]]]:
     return str(spec.get("name")), good
 
 
+def _group(groups: dict[tuple, Group], coords: tuple[str, str, float, str], defense: Defense) -> Group:
+    """The group of a run or cell: its data, model, rate and attack, and its defense's label."""
+    return groups.setdefault((*coords, defense.label), Group(*coords, defense))
+
+
+def _cell_defense(overrides: dict[str, Any]) -> Defense:
+    """The defense a grid cell that has not run yet will record: its defense overrides (and its attack, whose
+    config holds model_defense's default), composed as dia.train does; none without any."""
+    from dia.sweep import format_value
+
+    keys = [k for k in overrides if k == "defense" or k.startswith("defense.") or k == "attack.model_defense"]
+    keys = ["attack"] * ("attack" in overrides and bool(keys)) + keys
+    return _composed_defense(tuple(f"{k}={format_value(overrides[k])}" for k in keys))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_defense(args: tuple[str, ...]) -> Defense:
+    """`describe_defense` of what dia.defenses.summary records for these overrides (cached: grid cells share them)."""
+    try:
+        from dia.config import compose
+        from dia.defenses import summary
+
+        cfg = compose(list(args))
+        return describe_defense(summary(cfg.defense, cfg.attack.model_defense))
+    except Exception as exc:  # noqa: BLE001 - a report should not need a working config tree for undefended cells
+        if args:
+            raise ValueError(" ".join(str(exc).split())) from None
+        return NONE
+
+
 def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], list[dict[str, Any]]]:
     """Groups of finished runs and the grids' missing cells under `root`."""
     if not root.is_dir():
@@ -139,10 +218,10 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
         m = _read_metrics(path)
         if m is None:
             continue
-        key = m.pop("key")
+        coords, defense = m.pop("key")
         m["folder"] = folder
         runs[folder.resolve()] = m
-        groups.setdefault(key, Group(*key)).runs.append(m)
+        _group(groups, coords, defense).runs.append(m)
     missing: list[dict[str, Any]] = []
     defaults = None
     for gj in sorted(root.rglob("grid.json")):
@@ -158,13 +237,18 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
             except (TypeError, ValueError):
                 warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable model.dropout; skipped")
                 continue
-            group = groups.setdefault(key, Group(*key))
-            group.expected += 1
             folder = (gj.parent / cell["id"]).resolve()
+            try:
+                defense = describe_defense(runs[folder].get("defense")) if folder in runs else _cell_defense(cell["overrides"])
+            except (KeyError, TypeError, ValueError) as exc:
+                warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable defense ({str(exc)[:80]}); skipped")
+                continue
+            group = _group(groups, key, defense)
+            group.expected += 1
             if folder not in runs:
                 state = "partial" if (gj.parent / f".{cell['id']}.partial").is_dir() else "pending"
                 entry = {"grid": name, "index": cell["index"], "id": cell["id"], "state": state,
-                         "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3]}
+                         "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3], "defense": defense.label}
                 group.missing.append(entry)
                 missing.append(entry)
     return groups, missing
@@ -177,46 +261,66 @@ def _fmt(stats: tuple[float, float, int] | None, metric: str) -> str:
     return f"{stats[0]:.{digits}f} ± {stats[1]:.{digits}f}"
 
 
+def _epsilon(eps: float | None) -> str:
+    return "—" if eps is None else "∞" if math.isinf(eps) else f"{eps:.3g}"
+
+
 def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """table.md, table.csv and missing.csv: one row per data x model x rate x attack x defense.
+
+    The markdown has its defense and ε columns only where some group is defended (reports of undefended
+    results read as before); the CSV always has them (defense, epsilon), right after `attack`.
+    """
     ordered = sorted(groups.values(), key=lambda g: g.key)
-    head = ["data", "model", "p", "attack", "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in METRICS]
+    defended = any(g.defense.label != "none" for g in ordered)  # every missing cell has its group
+    shown = ["defense", "ε"] if defended else []
+    head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in METRICS]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(["data", "model", "dropout", "attack", "cells_finished", "cells_expected", "victims", "diverged"]
+    w.writerow(["data", "model", "dropout", "attack", "defense", "epsilon", "cells_finished", "cells_expected", "victims", "diverged"]
                + [f"{m}_{s}" for m, _, _ in METRICS for s in ("mean", "std", "n")])
     for g in ordered:
         expected = g.expected or len(g.runs)
         n_victims = sum(len(r["victims"]) for r in g.runs)
         diverged = sum(r.get("status") == "diverged" for r in g.runs)
-        md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, f"{len(g.runs)}/{expected}", str(n_victims),
+        defense = [g.defense.label, _epsilon(g.defense.epsilon)] if defended else []
+        md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, *defense, f"{len(g.runs)}/{expected}", str(n_victims),
                                      str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in METRICS]) + " |")
-        row: list[Any] = [g.data, g.model, g.dropout, g.attack, len(g.runs), expected, n_victims, diverged]
+        eps = g.defense.epsilon
+        row: list[Any] = [g.data, g.model, g.dropout, g.attack, g.defense.label, "" if eps is None else f"{eps:.6g}",
+                          len(g.runs), expected, n_victims, diverged]
         for m, _, _ in METRICS:
             s = g.stats(m)
             row += ["", "", 0] if s is None else [f"{s[0]:.6g}", f"{s[1]:.6g}", s[2]]
         w.writerow(row)
+    note = " defense: what the clients sent ((md): attack.model_defense=true); ε: of one client's DP-SGD release, δ=1e-5 " \
+           "unless its label names δ (∞: no noise)." if defended else ""
     text = ["# Results", "", f"{sum(len(g.runs) for g in ordered)} finished runs in {len(ordered)} groups; "
-            "mean ± std over victims (std with n-1; 0 for one victim). cells: finished/expected.", ""] + md
+            "mean ± std over victims (std with n-1; 0 for one victim). cells: finished/expected." + note, ""] + md
     text += ["", f"## Missing cells ({len(missing)})", ""]
     if missing:
-        text += ["| grid | index | cell | state | data | model | p | attack |", "|---|---|---|---|---|---|---|---|"]
-        text += [f"| {m['grid']} | {m['index']} | {m['id']} | {m['state']} | {m['data']} | {m['model']} | {m['dropout']:g} | {m['attack']} |" for m in missing]
+        cols = ["grid", "index", "cell", "state", "data", "model", "p", "attack"] + ["defense"] * defended
+        text += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        text += ["| " + " | ".join([m["grid"], str(m["index"]), m["id"], m["state"], m["data"], m["model"], f"{m['dropout']:g}", m["attack"]]
+                                   + [m["defense"]] * defended) + " |" for m in missing]
     else:
         text.append("none")
     miss = io.StringIO()
-    mw = csv.DictWriter(miss, fieldnames=["grid", "index", "id", "state", "data", "model", "dropout", "attack"])
+    mw = csv.DictWriter(miss, fieldnames=["grid", "index", "id", "state", "data", "model", "dropout", "attack", "defense"])
     mw.writeheader()
     mw.writerows(missing)
     return "\n".join(text) + "\n", out.getvalue(), miss.getvalue()
 
 
 def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
+    """figures/<metric>_vs_dropout.png of the undefended groups (defended ones: `defense_figures`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = {k: g for k, g in groups.items() if g.defense.label == "none"}
     panels = sorted({(g.data, g.model) for g in groups.values() if g.runs}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1])))
     attacks = sorted({g.attack for g in groups.values() if g.runs}, key=lambda a: _rank("attack", a))
     written = []
@@ -252,21 +356,6 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     return written
 
 
-STRENGTH = {"dpsgd": ("noise_multiplier", "noise multiplier σ"), "prune": ("ratio", "prune ratio"), "quantize": ("bits", "bits")}
-
-
-def _defense_point(d: dict[str, Any]) -> tuple[str, float, str]:
-    """(panel kind, strength, tick label) of a run's defense; sign-only is quantization to 1 bit."""
-    name = str(d["name"])
-    if name == "sign":
-        return "quantize", 1.0, "sign"
-    kind = name + ("/stochastic" if d.get("rounding") == "stochastic" else "")
-    key = next(STRENGTH[s][0] for s in reversed(name.split("+")) if s in STRENGTH)
-    value = float(d[key])
-    label = f"{value:g}" + (f"\nε={d['epsilon']:.3g}" if d.get("epsilon") is not None else "")
-    return kind, value, label
-
-
 def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     """figures/defense_<metric>_<data>_<model>.png: the metric against defense strength (runs with a `defense`).
 
@@ -288,7 +377,7 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     for data, model in sorted({(r["data"], r["model"]) for r in runs}):
         mine = [r for r in runs if (r["data"], r["model"]) == (data, model)]
         defended = [r for r in mine if r["defense"]["name"] != "none"]
-        kinds = sorted({_defense_point(r["defense"])[0] for r in defended}, key=lambda k: (k.count("+"), k))
+        kinds = sorted({describe_defense(r["defense"]).kind for r in defended}, key=lambda k: (k.count("+"), k))
         rates = sorted({float(r["dropout"]) for r in defended})
         attacks = sorted({r["attack"] for r in mine}, key=lambda a: _rank("attack", a))
         for metric, name, arrow in METRICS[:3]:
@@ -298,15 +387,15 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
             for row, kind in enumerate(kinds):
                 for col, rate in enumerate(rates):
                     ax = axes[row][col]
-                    cell = [r for r in defended if float(r["dropout"]) == rate and _defense_point(r["defense"])[0] == kind]
-                    ticks = sorted({_defense_point(r["defense"])[1:] for r in cell}, reverse=kind.startswith("quantize"))
+                    cell = [r for r in defended if float(r["dropout"]) == rate and describe_defense(r["defense"]).kind == kind]
+                    ticks = sorted({(pt.strength, pt.tick) for pt in (describe_defense(r["defense"]) for r in cell)}, reverse=kind.startswith("quantize"))
                     pos = {v: i for i, (v, _) in enumerate(ticks)}
                     for attack in attacks:
                         for md in (False, True):
                             pts = []
                             for v, _ in ticks:
                                 vals = [x[metric] for r in cell if r["attack"] == attack and bool(r["defense"].get("model_defense")) == md
-                                        and _defense_point(r["defense"])[1] == v for x in r["victims"] if x.get(metric) is not None]
+                                        and describe_defense(r["defense"]).strength == v for x in r["victims"] if x.get(metric) is not None]
                                 if vals:
                                     mean = sum(vals) / len(vals)
                                     pts.append((pos[v], mean, math.sqrt(sum((x - mean) ** 2 for x in vals) / max(1, len(vals) - 1))))

@@ -1,26 +1,32 @@
-"""dia.report: the table (mean ± std per dataset x model x rate x attack), missing cells, figures, montages."""
+"""dia.report: the table (mean ± std per dataset x model x rate x attack x defense), missing cells, figures, montages."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from dia import defenses as D
 from dia import grid as G
 from dia import report as R
+from dia.config import compose
 
 SMOKE = Path(__file__).resolve().parent.parent / "sweeps" / "smoke.yaml"
 
 
-def fake_run(folder: Path, attack: str, dropout: float, ssims: list[float], status: str = "completed") -> None:
+def fake_run(folder: Path, attack: str, dropout: float, ssims: list[float], status: str = "completed",
+             defense: dict[str, Any] | None = None) -> None:
+    """A run folder as dia.train writes it; without `defense`, a metrics.json from before defenses existed."""
     folder.mkdir(parents=True)
     victims = [{"index": i, "ssim": s, "psnr": 10 + 10 * s, "lpips": None, "mse": 1 - s,
                 "mask_bal_acc": 0.9 if attack == "dia" else None, "status": "max_iterations"} for i, s in enumerate(ssims)]
     (folder / "metrics.json").write_text(json.dumps({"status": status, "attack": attack, "model": "mlp", "data": "mnist",
-                                                     "dropout": dropout, "victims": victims}))
+                                                     "dropout": dropout, "victims": victims} | ({"defense": defense} if defense else {})))
     n = len(ssims)
     torch.save({"originals": torch.rand(n, 1, 28, 28), "reconstructions": torch.rand(n, 1, 28, 28)}, folder / "reconstructions.pt")
 
@@ -55,6 +61,10 @@ def test_table_has_mean_std_counts_and_lists_missing_cells(results, capsys):
     missing = list(csv.DictReader((root / "report" / "missing.csv").open()))
     assert [m["id"] for m in missing] == [grid.cells[2].id]
     assert "4 runs in 4 groups, 1 missing cells" in capsys.readouterr().out
+    assert "| data | model | p | attack | cells | victims |" in md and "defense" not in md and "ε" not in md  # no defended run: no columns
+    assert next(csv.reader((root / "report" / "table.csv").open()))[:7] == \
+        ["data", "model", "dropout", "attack", "defense", "epsilon", "cells_finished"]
+    assert {(r["defense"], r["epsilon"]) for r in rows} == {("none", "")}
 
 
 def test_figures_and_montages_are_pngs(results):
@@ -74,3 +84,83 @@ def test_empty_or_missing_dir_is_one_line(tmp_path, capsys):
     assert R.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "no dia results" in err and err.count("\n") == 2
+
+
+def recorded(*overrides: str) -> dict[str, Any]:
+    """The `defense` dict dia.train writes into metrics.json for these overrides (dia.run.cell)."""
+    cfg = compose(list(overrides))
+    return D.summary(cfg.defense, cfg.attack.model_defense)
+
+
+SIGMAS = (0.1, 1.0, 10.0)
+
+
+@pytest.fixture
+def defended(tmp_path):
+    """One grid (two sweep files): mnist/mlp/p=0.25/IG without defense and under DP-SGD at σ = 0.1, 1, 10;
+    σ = 10 not run; beside it a run from before defenses (no `defense` key) of the same cell."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    base = "  data: {value: mnist}\n  model: {value: mlp}\n  model.dropout: {value: 0.25}\n  attack: {value: ig}\n" \
+           "  victims: {value: [0, 1]}\n"
+    (sweep / "a_none.yaml").write_text("method: grid\nparameters:\n" + base)
+    (sweep / "b_dpsgd.yaml").write_text("method: grid\nparameters:\n" + base + "  defense: {value: dpsgd}\n"
+                                        f"  defense.noise_multiplier: {{values: {list(SIGMAS)}}}\n")
+    grid = G.load(sweep)
+    folder = tmp_path / "results" / grid.name
+    G.write_grid_json(grid, folder)
+    none, *dp = grid.cells
+    assert [c.overrides.get("defense.noise_multiplier") for c in dp] == list(SIGMAS)
+    fake_run(folder / none.id, "ig", 0.25, [0.8, 0.9], defense=recorded("attack=ig"))
+    fake_run(folder / dp[0].id, "ig", 0.25, [0.5, 0.7], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=0.1"))
+    fake_run(folder / dp[1].id, "ig", 0.25, [0.1, 0.2], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=1.0"))
+    fake_run(tmp_path / "results" / "runs" / "old", "ig", 0.25, [0.7])  # no defense key: undefended
+    return tmp_path / "results", grid
+
+
+def test_defended_runs_get_their_own_rows_with_epsilon(defended):
+    root, grid = defended
+    r = R.build(root, montages=False)
+    md = (root / "report" / "table.md").read_text()
+    eps = [D.privacy(compose(["defense=dpsgd", f"defense.noise_multiplier={s}"]).defense)["epsilon"] for s in SIGMAS]
+    assert eps[0] > eps[1] > eps[2] > 0
+    rows = [  # the pooled mean over all 7 victims would be 0.557
+        "| mnist | mlp | 0.25 | ig | none | — | 2/1 | 3 | 0 | 0.800 ± 0.100 |",
+        f"| mnist | mlp | 0.25 | ig | dpsgd σ=0.1 C=1 | {eps[0]:.3g} | 1/1 | 2 | 0 | 0.600 ± 0.141 |",
+        f"| mnist | mlp | 0.25 | ig | dpsgd σ=1 C=1 | {eps[1]:.3g} | 1/1 | 2 | 0 | 0.150 ± 0.071 |",
+        f"| mnist | mlp | 0.25 | ig | dpsgd σ=10 C=1 | {eps[2]:.3g} | 0/1 | 0 | 0 | — |",  # not run: its own row, not none's
+    ]
+    lines = md.splitlines()
+    at = [next(i for i, line in enumerate(lines) if line.startswith(row)) for row in rows]
+    assert at == sorted(at), md  # undefended first, then stronger noise
+    assert "| data | model | p | attack | defense | ε | cells |" in md
+    assert f"| {grid.cells[3].id} | pending | mnist | mlp | 0.25 | ig | dpsgd σ=10 C=1 |" in md
+    table = {row["defense"]: row for row in csv.DictReader((root / "report" / "table.csv").open())}
+    assert list(table) == ["none", "dpsgd σ=0.1 C=1", "dpsgd σ=1 C=1", "dpsgd σ=10 C=1"]
+    assert [float(table[k]["ssim_mean"]) for k in list(table)[:3]] == pytest.approx([0.8, 0.6, 0.15])
+    assert table["none"]["epsilon"] == "" and [float(t["epsilon"]) for t in list(table.values())[1:]] == pytest.approx(eps, rel=1e-5)
+    assert [m["defense"] for m in csv.DictReader((root / "report" / "missing.csv").open())] == ["dpsgd σ=10 C=1"]
+    assert r["runs"] == 4 and r["groups"] == 4
+    assert {p.name for p in r["figures"]} >= {"ssim_vs_dropout.png", "defense_ssim_mnist_mlp.png"}
+
+
+@pytest.mark.parametrize("overrides, label, epsilon", [
+    ([], "none", None),
+    (["defense=dpsgd", "defense.noise_multiplier=0.5", "defense.clip=2"], "dpsgd σ=0.5 C=2", "accountant"),
+    (["defense=dpsgd", "defense.noise_multiplier=0"], "dpsgd σ=0 C=1", math.inf),  # no noise: no privacy
+    (["defense=dpsgd", "defense.delta=1e-6"], "dpsgd σ=1 C=1 δ=1e-06", "accountant"),
+    (["defense=prune"], "prune 0.9", None),
+    (["defense=prune", "attack.model_defense=true"], "prune 0.9 (md)", None),
+    (["defense=quantize"], "quantize 4b", None),
+    (["defense=quantize", "defense.bits=2", "defense.rounding=stochastic"], "quantize 2b stochastic", None),
+    (["defense=sign"], "sign", None),
+    (["defense=[prune,dpsgd]", "defense.ratio=0.99", "defense.noise_multiplier=0.1"], "prune 0.99+dpsgd σ=0.1 C=1", "accountant"),
+])
+def test_defense_label_keeps_every_setting(overrides, label, epsilon):
+    d = R.describe_defense(recorded(*overrides))
+    assert d.label == label
+    assert d.epsilon == (D.privacy(compose(overrides).defense)["epsilon"] if epsilon == "accountant" else epsilon)
+
+
+def test_default_delta_is_the_dpsgd_default():
+    assert R.DELTA == D.DPSGDConfig.delta

@@ -59,6 +59,7 @@ class LoggerConfig:
 @dataclass
 class MetricsConfig:
     lpips: str = "auto"  # auto (AlexNet LPIPS; null with one warning when its weights cannot be had) | off
+    curves_ssim: bool = True  # curves.jsonl (and W&B) get eval/ssim of the best iterates every attack.log_every iterations
 
 
 @dataclass

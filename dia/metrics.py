@@ -47,6 +47,17 @@ def match(reconstructions: Tensor, originals: Tensor) -> Tensor:
     return perm
 
 
+def problem_ssim(reconstructions: Tensor, originals: Tensor) -> Tensor:
+    """Mean SSIM per problem (K,) of reconstructions (K, B, C, H, W) in [0, 1] against their originals
+    (K * B, C, H, W), each batch matched (`match`) first."""
+    k, b = reconstructions.shape[:2]
+    out = torch.empty(k)
+    for j in range(k):
+        truth = originals[j * b : (j + 1) * b]
+        out[j] = ssim(reconstructions[j][match(reconstructions[j], truth)], truth).mean()
+    return out
+
+
 MASK_MEASURES = ("recall", "precision", "bal_acc", "accuracy")
 # The keys `mask_measures` always returns: each measure, then its all-keep and initialisation baselines.
 MASK_KEYS = tuple(f"mask_{m}{s}" for m in MASK_MEASURES for s in ("", "_keep_all", "_init"))

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -356,6 +357,65 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     return written
 
 
+def _ssim_curve(folder: Path) -> dict[int, list[float]]:
+    """{iteration: [eval/ssim of each group of problems]} from a run's curves.jsonl ({} without one;
+    unreadable lines are skipped: curves are a picture, not a result)."""
+    points: dict[int, list[float]] = {}
+    try:
+        lines = (folder / "curves.jsonl").read_text().splitlines()
+    except OSError:
+        return points
+    for line in lines:
+        try:
+            row = json.loads(line)
+            points.setdefault(int(row["iteration"]), []).append(float(row["eval/ssim"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return points
+
+
+def curve_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
+    """figures/ssim_vs_iteration_<data>_<model>.png: SSIM of the best iterate so far against attack
+    iterations (metrics.curves_ssim), one panel per dropout rate, one line per attack: the mean over runs'
+    groups of problems, shaded between the lowest and highest group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple, dict[int, list[float]]] = {}
+    for g in groups.values():
+        if g.defense.label != "none":
+            continue
+        for run in g.runs:
+            for it, values in _ssim_curve(Path(run["folder"])).items():
+                curves.setdefault((g.data, g.model, g.dropout, g.attack), {}).setdefault(it, []).extend(values)
+    written = []
+    for data, model in sorted({k[:2] for k in curves}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1]))):
+        rates = sorted({k[2] for k in curves if k[:2] == (data, model)})
+        fig, axes = plt.subplots(1, len(rates), figsize=(3.2 * len(rates), 2.8), squeeze=False, sharey=True)
+        for ax, rate in zip(axes.flat, rates):
+            for attack in sorted({k[3] for k in curves if k[:3] == (data, model, rate)}, key=lambda a: _rank("attack", a)):
+                pts = sorted(curves[(data, model, rate, attack)].items())
+                its = [i for i, _ in pts]
+                line, = ax.plot(its, [statistics.mean(v) for _, v in pts], label=attack.upper(), lw=1.2)
+                ax.fill_between(its, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
+            ax.set_title(f"p = {rate:g}", fontsize=9)
+            ax.set_xlabel("attack iteration", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        axes.flat[0].set_ylabel("SSIM of the best iterate", fontsize=8)
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{data} / {model}: SSIM against iterations", fontsize=10)
+        fig.tight_layout()
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"ssim_vs_iteration_{data}_{model}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     """figures/defense_<metric>_<data>_<model>.png: the metric against defense strength (runs with a `defense`).
 
@@ -482,7 +542,7 @@ def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[st
         (tmp / "table.md").write_text(md)
         (tmp / "table.csv").write_text(table_csv)
         (tmp / "missing.csv").write_text(missing_csv)
-        figs = figures(groups, tmp / "figures") + defense_figures(groups, tmp / "figures")
+        figs = figures(groups, tmp / "figures") + defense_figures(groups, tmp / "figures") + curve_figures(groups, tmp / "figures")
         mont = []
         if montages:
             for g in groups.values():

@@ -164,3 +164,21 @@ def test_defense_label_keeps_every_setting(overrides, label, epsilon):
 
 def test_default_delta_is_the_dpsgd_default():
     assert R.DELTA == D.DPSGDConfig.delta
+
+
+def test_ssim_curves_end_at_the_runs_ssim_and_are_drawn(tmp_path):
+    from dia.run import execute
+
+    base = ["model=mlp", "model.width=64", "model.depth=2", "num_victims=2", "attack.max_iterations=60", "attack.compile=false",
+            "attack.log_every=20", "run.progress=false", "logger.wandb.mode=disabled", "metrics.lpips=off",
+            f"run.output_dir={tmp_path}"]
+    cfgs = [compose(base + [f"attack={a}", "model.dropout=0.5", f"run.name={a}"]) for a in ("ig", "dia")]
+    assert [o.code for o in execute(cfgs, progress=False)] == [0, 0]
+    for name in ("ig", "dia"):
+        points = [json.loads(line) for line in (tmp_path / name / "curves.jsonl").read_text().splitlines()]
+        assert [p["iteration"] for p in points] == [10, 20, 40, 60]
+        final = json.loads((tmp_path / name / "metrics.json").read_text())["victims"]
+        # the last point is the SSIM of the returned reconstructions: the curve measures what the run reports
+        assert points[-1]["eval/ssim"] == pytest.approx(sum(v["ssim"] for v in final) / len(final), abs=1e-5)
+    report = R.build(tmp_path, montages=False)
+    assert any(Path(f).name == "ssim_vs_iteration_mnist_mlp.png" for f in report["figures"])

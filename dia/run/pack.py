@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from dia.attacks import ATTACKS, DIAConfig, AttackConfig, InvertingGradients, Part
 from dia.engine import AttackResult, AttackState, Layout
+from dia.metrics import problem_ssim
 from dia.models import dropout_sites
 from dia.progress import AttackProgressBar
 from dia.run.cell import Cell, append_curves
@@ -125,6 +126,10 @@ def part_of(item: Item) -> Part:
     return Part(cls, cls.view(item.cell.problems.subset(item.index)), item.cell.cfg.attack)
 
 
+def cell_batch(item: Item) -> int:
+    return int(item.cell.problems.input_shape[0])
+
+
 def kind(item: Item) -> tuple[str, bool]:
     """What decides which sites and roles an item's rows need: its attack, and whether its model drops."""
     return str(item.cell.cfg.attack.name), float(item.cell.cfg.model.dropout) > 0
@@ -191,7 +196,10 @@ class Program(Callback):
 
         if crossed(self.log_every) or done <= n:
             for item, part, entered in self.inside:
-                point = {k: float(v) for k, v in module.curves(self.rows(part).to(module.device)).items()}
+                rows = self.rows(part).to(module.device)
+                point = {k: float(v) for k, v in module.curves(rows).items()}
+                if item.cell.cfg.metrics.curves_ssim:
+                    point["eval/ssim"] = float(self.ssim(item, rows).mean())
                 own = self.own_iteration(item, entered)
                 append_curves(item.cell, [{"group": item.group, "iteration": own,
                                            "step": item.group * item.cell.cfg.attack.max_iterations + own, **point}])
@@ -204,6 +212,14 @@ class Program(Callback):
             self.turnover()
             if not self.waiting_problems() and not self.inside:
                 trainer.should_stop = True
+
+    def ssim(self, item: Item, rows: torch.Tensor) -> torch.Tensor:
+        """SSIM of the item's best iterates so far against its victims, per problem (the experimenter's view:
+        the attack never sees the victims)."""
+        cell, b = item.cell, cell_batch(item)
+        x = self.module.state.best_params["x"][rows].detach().cpu()
+        truth = torch.cat([cell.victims.images[j * b : (j + 1) * b] for j in item.index])
+        return problem_ssim((x * cell.std + cell.mean).clamp(0, 1), truth)
 
     def save(self) -> None:
         for item, part, _ in self.inside:

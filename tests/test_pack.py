@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dia.config import compose
 from dia.run import execute
@@ -115,3 +116,25 @@ def test_a_refilled_program_stopped_and_resumed_equals_one_never_stopped(tmp_pat
         for t, s in zip(_victims(tmp_path / "stopped", name), _victims(tmp_path / "whole", name)):
             assert t["iterations"] == s["iterations"] and t["status"] == s["status"], name
             assert t["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-7), name
+
+
+def test_a_program_takes_only_problems_that_fit_its_sites_and_roles(problems_factory):
+    from dia.attacks import ATTACKS
+    from dia.attacks.ig import InvertingGradients, Part
+
+    cfg, model, problems, _, mean, std = problems_factory(["attack=dia", "model.dropout=0.5"], [0, 1])
+    ig, dia, wiig = (ATTACKS.get(a) for a in ("ig", "dia", "wiig"))
+
+    def part(cls):
+        return Part(cls, cls.view(problems), cfg.attack)
+
+    box = dict(lower=(0 - mean) / std, upper=(1 - mean) / std)
+    only_ig = InvertingGradients.pack(model, [part(ig)], **box)
+    assert only_ig.fits(part(ig)) and not only_ig.fits(part(dia)) and not only_ig.fits(part(wiig))  # no mask rows
+    expecting = InvertingGradients.pack(model, [part(ig)], expect=[part(dia)], **box)
+    assert expecting.fits(part(dia)) and expecting.fits(part(ig)) and not expecting.fits(part(wiig))
+    only_dia = InvertingGradients.pack(model, [part(dia)], **box)
+    assert not only_dia.fits(part(ig))  # every row trains every site: an IG row would get trained masks
+    only_dia.on_fit_start()
+    with pytest.raises(ValueError, match="do not fit"):
+        only_dia.admit(part(ig), torch.tensor([0, 1]))

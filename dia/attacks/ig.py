@@ -134,13 +134,13 @@ class InvertingGradients(L.LightningModule):
         self.input_shape = first.input_shape
         cfg = parts[0].cfg  # a pack shares every setting but the attack's own (dia.run.pack checks it)
         self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg  # plain dataclass: cheap to read
-        trainer_cfg = next((p.cfg for p in parts if p.attack.trains_masks()), None)
+        trainer_cfg = next((p.cfg for p in parts + list(expect) if p.attack.trains_masks()), None)
         self.mask_param = getattr(trainer_cfg, "mask_param", "clip")
         self._scheme(parts + list(expect))
-        tables = [self._tables(part) for part in parts]
-        self.train, self.scale, self.rate, self.client = ({s: torch.cat([t[i][s] for t in tables]) for s in tables[0][i]}
-                                                          for i in range(4))
-        self.weights = torch.cat([t[4] for t in tables])
+        *tables, weights = zip(*[self._tables(part) for part in parts])  # per table, one dict per part
+        self.train, self.scale, self.rate, self.client = ({s: torch.cat([d[s] for d in table]) for s in table[0]}
+                                                          for table in tables)
+        self.weights = torch.cat(weights)
         self.register_buffer("lower", lower.clone())
         self.register_buffer("upper", upper.clone())
         self.schedule = Schedule(

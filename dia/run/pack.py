@@ -319,16 +319,17 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
     cfg = todo[0].cell.cfg
     limit = max(limit, max(len(i.index) for i in todo))
     inside, waiting, used, busy = [], [], 0, set()
-    for item in todo:
+    for item in todo:  # in order, what fits (a run's groups one at a time); a run that cannot be prepared is dropped
         fits = used + len(item.index) <= limit and id(item.cell) not in busy
         busy.add(id(item.cell))
-        if fits and enter(item) and (not inside or same_model(inside[0].cell.model, item.cell.model)):
-            inside.append(item)
-            used += len(item.index)
-        elif item.cell.problems is not None or not fits:
+        if not fits:
             waiting.append(item)
+        elif enter(item):
+            joins = not inside or same_model(inside[0].cell.model, item.cell.model)
+            (inside if joins else waiting).append(item)
+            used += len(item.index) if joins else 0
     if not inside:
-        return [i for i in waiting]
+        return waiting
     scouts = []  # one prepared waiting item of each kind missing inside: the program must have its rows' sites
     for item in waiting:
         if cfg.attack.refill and kind(item) not in {kind(i) for i in inside + scouts} and enter(item) \

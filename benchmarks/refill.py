@@ -1,18 +1,23 @@
-"""Does refilling pay? One block of runs (IG/WIIG/DIA x dropout rates) attacked in programs of `--rows` rows,
-once with `attack.refill=true` (waiting runs take the rows of stopped ones) and once without (waiting runs
-wait for the next program), side by side in one process on the same device.
+"""Does refilling pay? One block of runs (IG/WIIG/DIA x dropout rates) attacked three ways, side by side in
+one process on the same device: all problems in one program (what attack.parallel=auto gives on a GPU when
+they fit), programs of `--rows` rows one after the other (attack.refill=false), and programs of `--rows`
+rows whose stopped runs' rows are taken by waiting runs (attack.refill=true).
 
-    python benchmarks/refill.py --rows 24 --victims 4 model=mlp model.width=256 attack.max_iterations=2000
+    python benchmarks/refill.py --rows 24 --victims 4 model.width=256 attack.max_iterations=1000 \
+        attack.lr_patience=40 attack.early_stop_patience=200 attack.compile=false
 
-Prints the wall time of each mode, the problems' stopping statistics (what refill can exploit: problems
-that stop before the budget), and checks that both modes give every problem the same result. Extra
-arguments are config overrides for every run. A benchmark, not a test: nothing is asserted about speed.
+Prints the problems' stopping statistics (what refill can exploit: problems that stop before the budget),
+per mode the wall time and the row-iterations computed (program iterations x rows: stopped rows are
+computed too), and how far the modes' results are apart (rows of other programs round differently).
+Extra arguments are config overrides for every run (MNIST/MLP unless overridden). A benchmark, not a
+test: nothing is asserted about speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -35,15 +40,18 @@ def configs(out: Path, rows: int, victims: int, refill: bool, overrides: list[st
             for a in ATTACKS for p in RATES]
 
 
-def run(out: Path, rows: int, victims: int, refill: bool, overrides: list[str]) -> tuple[float, int, dict]:
+def run(out: Path, rows: int | str, victims: int, refill: bool, overrides: list[str]) -> tuple[float, int, int, dict]:
+    """Wall time, programs, program iterations x rows (the work done), and each run's per-victim results."""
     notes: list[str] = []
     started = time.perf_counter()
     outcomes = execute(configs(out, rows, victims, refill, overrides), progress=False, note=notes.append)
     wall = time.perf_counter() - started
     if any(o.code != 0 for o in outcomes):
         raise SystemExit(f"a run failed: {[(o.name, o.message) for o in outcomes if o.code != 0]}")
+    done = [re.match(r"program done: (\d+) iterations of (\d+) rows", n) for n in notes]
+    work = sum(int(m.group(1)) * int(m.group(2)) for m in done if m)
     victims_of = {o.name: json.loads((out / o.name / "metrics.json").read_text())["victims"] for o in outcomes}
-    return wall, sum(n.startswith("program") for n in notes), victims_of
+    return wall, sum(m is not None for m in done), work, victims_of
 
 
 def main() -> None:
@@ -52,22 +60,30 @@ def main() -> None:
     parser.add_argument("--victims", type=int, default=4, help="victims per run")
     args, overrides = parser.parse_known_args()
     quiet_libraries()
+    modes = {f"all {18 * args.victims} rows at once": (18 * args.victims, False), f"{args.rows} rows, no refill": (args.rows, False),
+             f"{args.rows} rows, refill": (args.rows, True)}
     with tempfile.TemporaryDirectory() as tmp:
-        on = run(Path(tmp) / "on", args.rows, args.victims, True, overrides)
-        off = run(Path(tmp) / "off", args.rows, args.victims, False, overrides)
-    problems = [v for vs in off[2].values() for v in vs]
+        results = {name: run(Path(tmp) / str(i), rows, args.victims, refill, overrides)
+                   for i, (name, (rows, refill)) in enumerate(modes.items())}
+    first = next(iter(results.values()))[3]
+    problems = [v for vs in first.values() for v in vs]
     budget = compose(overrides).attack.max_iterations
-    same = all(a["iterations"] == b["iterations"] and a["status"] == b["status"] and abs(a["ssim"] - b["ssim"]) < 1e-3
-               for name in on[2] for a, b in zip(on[2][name], off[2][name]))
+    pairs = [(a, b) for r in list(results.values())[1:] for name in first for a, b in zip(r[3][name], first[name])]
+    differ = sum(a["iterations"] != b["iterations"] or a["status"] != b["status"] for a, b in pairs)
+    delta = [abs(a["ssim"] - b["ssim"]) for a, b in pairs]
     its = [v["iterations"] for v in problems]
-    print(f"{len(problems)} problems (18 runs x {args.victims} victims) in programs of {args.rows} rows; "
-          f"budget {budget} iterations; overrides: {' '.join(overrides) or 'none'}")
+    print(f"{len(problems)} problems (18 runs x {args.victims} victims); budget {budget} iterations; "
+          f"overrides: {' '.join(overrides) or 'none'}")
     print(f"stopping: {dict(Counter(v['status'] for v in problems))}; iterations per problem: mean "
           f"{statistics.mean(its):.0f}, median {statistics.median(its):.0f}; "
-          f"{sum(its) / (len(its) * budget):.0%} of the budget used")
-    print("| mode | programs | wall (s) |\n|---|---|---|")
-    print(f"| refill | {on[1]} | {on[0]:.1f} |\n| no refill | {off[1]} | {off[0]:.1f} |")
-    print(f"refill / no refill wall time: {on[0] / off[0]:.2f}; results identical per problem: {same}")
+          f"{sum(its) / (len(its) * budget):.0%} of the budget used (problem-iterations needed: {sum(its)})")
+    print("| mode | programs | row-iterations computed | wall (s) | ms per row-iteration |\n|---|---|---|---|---|")
+    for name, (wall, programs, work, _) in results.items():
+        print(f"| {name} | {programs} | {work} | {wall:.1f} | {1000 * wall / max(work, 1):.3f} |")
+    # Rows of different programs round differently (other batch sizes, other kernels); over long attacks the
+    # difference can grow (a sign flips in the signed step), so compare the modes' results, do not expect bits.
+    print(f"against the first mode, per problem: mean |ΔSSIM| {statistics.mean(delta):.4f}, max {max(delta):.4f}; "
+          f"{differ} of {len(pairs)} problem results stopped at another iteration or status")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def _row(model: str, attack: str, mode: str, k: int, live: int, steps: int, vict
 
 def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, warmup: int, seq_problems: int,
                device: torch.device, lightning: bool = True, compile_ks: tuple[int, ...] = (),
-               report: Callable[[dict], None] = lambda r: None) -> list[dict]:
+               variants: tuple[str, ...] = ("default",), report: Callable[[dict], None] = lambda r: None) -> list[dict]:
     """All modes for one model/attack; rows with speed-up and memory ratio against the baseline."""
     model, problems, lower, upper = setup(model_name, max([*ks, *compile_ks, seq_problems]), device)
     cfg = config(model_name, attack, f"attack.max_iterations={warmup + iterations}")
@@ -157,22 +157,31 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
         add(_row(model_name, attack, "vectorized", k, k, iterations, k * iterations, s, peak))
         loop_rate[k] = rows[-1]["victim_its_per_s"]
 
-    # (c') the same with the gradient program compiled
-    compiled_cfg = config(model_name, attack, f"attack.max_iterations={warmup + iterations}", "attack.compile=true")
-    for k in compile_ks:
-        started = {}
+    # (c') the same with the gradient program compiled, in each variant (compile mode, matmul precision)
+    for variant in variants:
+        settings = variant_settings(variant)
+        compiled_cfg = config(model_name, attack, f"attack.max_iterations={warmup + iterations}", "attack.compile=true",
+                              *(f"attack.{k}={v}" for k, v in settings.items()))
+        for k in compile_ks:
+            started = {}
 
-        def prepare_compiled(k: int = k) -> InvertingGradients:
-            started["t"] = time.perf_counter()
-            module = engine_module(attack, model, problems.subset(list(range(k))), compiled_cfg, lower, upper, device)
-            engine_steps(module, warmup)
-            _sync(device)
-            started["compile_s"] = time.perf_counter() - started["t"]
-            return module
-        s, peak = measure(device, prepare_compiled, lambda module: engine_steps(module, iterations))
-        row = _row(model_name, attack, "compiled", k, k, iterations, k * iterations, s, peak)
-        row["compile_s"] = started["compile_s"]
-        add(row)
+            def prepare_compiled(k: int = k) -> InvertingGradients:
+                started["t"] = time.perf_counter()
+                module = engine_module(attack, model, problems.subset(list(range(k))), compiled_cfg, lower, upper, device)
+                engine_steps(module, warmup)
+                _sync(device)
+                started["compile_s"] = time.perf_counter() - started["t"]
+                return module
+            precision = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(settings.get("matmul_precision", "highest"))
+            try:
+                s, peak = measure(device, prepare_compiled, lambda module: engine_steps(module, iterations))
+            finally:
+                torch.set_float32_matmul_precision(precision)
+            mode = "compiled" if variant == "default" else f"compiled:{variant}"
+            row = _row(model_name, attack, mode, k, k, iterations, k * iterations, s, peak)
+            row["compile_s"] = started["compile_s"]
+            add(row)
 
     # (d) the eager engine under the Lightning Trainer (dia.run.pack.attack), largest K
     if lightning:
@@ -198,6 +207,17 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
     return rows
 
 
+VARIANTS = {"default": {}, "reduce-overhead": {"compile_mode": "reduce-overhead"}, "tf32": {"matmul_precision": "high"}}
+
+
+def variant_settings(variant: str) -> dict[str, str]:
+    """attack.* settings of a compiled variant: names of VARIANTS joined by '+' (e.g. reduce-overhead+tf32)."""
+    out: dict[str, str] = {}
+    for name in variant.split("+"):
+        out.update(VARIANTS[name])
+    return out
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -212,14 +232,14 @@ def device_name(device: torch.device) -> str:
 
 def benchmark(*, models: list[str], attacks: list[str], ks: list[int], iterations: int = 30, warmup: int = 3,
               seq_problems: int = 3, device: str = "cpu", lightning: bool = True, compile_ks: tuple[int, ...] = (),
-              report: Callable[[dict], None] = lambda r: None) -> dict[str, Any]:
+              variants: tuple[str, ...] = ("default",), report: Callable[[dict], None] = lambda r: None) -> dict[str, Any]:
     """The whole benchmark as a JSON-able dict: environment, settings and one row per (model, attack, mode, K)."""
     dev = resolve_device(device)
     rows: list[dict] = []
     for model_name in models:
         for attack in attacks:
             rows += bench_pair(model_name, attack, ks, iterations=iterations, warmup=warmup, seq_problems=seq_problems,
-                               device=dev, lightning=lightning, compile_ks=compile_ks, report=report)
+                               device=dev, lightning=lightning, compile_ks=compile_ks, variants=variants, report=report)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(dev),
             "torch": torch.__version__, "dropout": DROPOUT, "iterations": iterations, "warmup": warmup,
             "seq_problems": seq_problems, "ks": ks, "results": rows}
@@ -269,6 +289,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attacks", default="ig,dia")
     parser.add_argument("--seq-problems", type=int, default=3, help="problems run one after another in 'sequential'")
     parser.add_argument("--compile-ks", default="", help="K values to also run with the compiled gradient program")
+    parser.add_argument("--variants", default="default",
+                        help=f"compiled variants (comma-separated; '+' combines): {', '.join(VARIANTS)}")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning harness measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -281,6 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.ks:
         raise UserError("--ks: give at least one K, e.g. --ks 1,8")
     args.compile_ks = tuple(_ints("--compile-ks", args.compile_ks, 1))
+    args.variants = tuple(args.variants.split(","))
+    for v in args.variants:
+        _names("--variants", v.replace("+", ","), list(VARIANTS))
     args.models = _names("--models", args.models, list(PAIRS))
     args.attacks = _names("--attacks", args.attacks, ATTACKS.names())
     if not DEVICE.fullmatch(args.device):
@@ -311,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     out = benchmark(models=args.models, attacks=args.attacks, ks=args.ks, iterations=args.iterations, warmup=args.warmup,
                     seq_problems=args.seq_problems, device=args.device, lightning=not args.no_lightning,
-                    compile_ks=args.compile_ks, report=lambda r: print(format_row(r), flush=True))
+                    compile_ks=args.compile_ks, variants=args.variants, report=lambda r: print(format_row(r), flush=True))
     if args.out:
         tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
         tmp.write_text(json.dumps(out, indent=2))

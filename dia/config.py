@@ -256,6 +256,7 @@ def _load_choice(group: str, choice: Any, root: Path) -> tuple[DictConfig, str]:
 Check = tuple[str, Callable[[Any], bool], str]
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 BIG = 10**9  # an upper bound for counts (iterations, patience, ...): larger is a typo, not a plan
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 
 
@@ -280,6 +281,8 @@ CHECKS: list[Check] = [
     ("attack.check_every", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.labels", lambda v: v in ("known", "infer"), "must be known or infer"),
     ("attack.compile", lambda v: v in ("auto", True, False), "must be true, false or auto"),
+    ("attack.compile_mode", lambda v: v in COMPILE_MODES, f"must be one of: {', '.join(COMPILE_MODES)}"),
+    ("attack.matmul_precision", lambda v: v in ("highest", "high", "medium"), "must be highest, high or medium"),
     ("attack.iterations_per_step", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.log_every", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.init", lambda v: v in INITS, f"must be one of: {', '.join(INITS)}"),

@@ -60,3 +60,13 @@ def test_baseline_draws_the_engines_start(mlp_setup) -> None:
     )
     assert losses == []
     torch.testing.assert_close(x, module.initial_params()["x"][0])
+
+
+def test_compiled_variants_are_rows_of_their_own() -> None:
+    out = bench.benchmark(models=["mlp"], attacks=["ig"], ks=[2], iterations=2, warmup=1, seq_problems=1, device="cpu",
+                          lightning=False, compile_ks=(2,), variants=("default", "reduce-overhead+tf32"))
+    rows = out["results"]
+    assert [r["mode"] for r in rows][-2:] == ["compiled", "compiled:reduce-overhead+tf32"]
+    assert all(r["victim_its_per_s"] > 0 and r["compile_s"] > 0 for r in rows[-2:])
+    assert torch.get_float32_matmul_precision() == "highest"  # the variant's precision does not leak out
+    assert bench.variant_settings("reduce-overhead+tf32") == {"compile_mode": "reduce-overhead", "matmul_precision": "high"}

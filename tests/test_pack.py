@@ -138,3 +138,38 @@ def test_a_program_takes_only_problems_that_fit_its_sites_and_roles(problems_fac
     only_dia.on_fit_start()
     with pytest.raises(ValueError, match="do not fit"):
         only_dia.admit(part(ig), torch.tensor([0, 1]))
+
+
+def test_a_failing_program_fails_only_the_runs_it_was_working_on(tmp_path, monkeypatch):
+    from dia.run import pack as packs
+
+    fill, calls = packs.Program.fill, []
+
+    def fill_fails_once(self):  # e.g. out of memory while refilling, after the first runs were written
+        calls.append(1)
+        if len(calls) == 1 and any(code == 0 for code in written):
+            raise RuntimeError("boom")
+        fill(self)
+
+    written: list[int] = []
+    finish = packs.Program.retire_stopped
+
+    def note_written(self):
+        before = len(self.inside)
+        finish(self)
+        written.extend([0] * (before - len(self.inside)))
+
+    monkeypatch.setattr(packs.Program, "fill", fill_fails_once)
+    monkeypatch.setattr(packs.Program, "retire_stopped", note_written)
+    cfgs = _refill_configs(tmp_path, **{"attack.loss_threshold": 0.005, "run.checkpoint_every": 10})
+    out = execute(cfgs, progress=False, keep_going=True)
+    codes = {o.name: int(o.code) for o in out}
+    assert set(codes.values()) == {0, 1}, codes
+    for o in out:
+        if o.code == 1:  # the runs the program had prepared: their folders stay, to be resumed
+            assert o.message == "RuntimeError: boom" and (tmp_path / f".{o.name}.partial").is_dir()
+        else:
+            assert (tmp_path / o.name / "metrics.json").exists()
+    assert any((tmp_path / f".{n}.partial" / "checkpoint.pt").exists() for n, c in codes.items() if c == 1)
+    again = execute([c for c in cfgs if codes[c.run.name] == 1], progress=False)  # the rerun finishes them
+    assert {int(o.code) for o in again} == {0}

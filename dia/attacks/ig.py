@@ -44,9 +44,11 @@ class AttackConfig:
     lr_patience: int = 800
     early_stop_patience: int = 4000
     loss_threshold: float = 1e-5
-    parallel: Any = "auto"  # problems optimized at once: an int, or auto (all on CPU)
+    parallel: Any = "auto"  # rows of a program (problems at once): an int, or auto (24 on a CPU, what fits on a GPU)
     labels: str = "known"  # known (as in the paper) | infer (from the gradient; batch_size=1)
     compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    matmul_precision: str = "highest"  # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped (and rows turn over)
     refill: bool = True  # a pack larger than attack.parallel: waiting problems take the rows of stopped ones
@@ -67,9 +69,9 @@ class CompiledOrEager:
     cache, plus one run), logged as a notice.
     """
 
-    def __init__(self, fn: Any, *, strict: bool) -> None:
+    def __init__(self, fn: Any, *, strict: bool, mode: str = "default") -> None:
         self.fn, self.strict = fn, strict
-        self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False)
+        self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
         self.compile_s: float | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -325,7 +327,7 @@ class InvertingGradients(L.LightningModule):
         program = torch.func.grad(total, has_aux=True)
         if self.cfg.compile is False:
             return program
-        return CompiledOrEager(program, strict=self.cfg.compile is True)
+        return CompiledOrEager(program, strict=self.cfg.compile is True, mode=self.cfg.compile_mode)
 
     def configure_optimizers(self) -> None:
         """None: the per-problem signed Adam and plateau schedule live in the AttackState (dia.engine)."""

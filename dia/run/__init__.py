@@ -42,13 +42,19 @@ class Outcome:
     message: str | None = None
 
 
+# On a CPU the attack is compute-bound: every row of a program costs its share of every iteration, stopped
+# rows included, and large programs cost more per row. A few dozen rows, refilled as runs stop, did the same
+# work 2.0x faster than one program of all 72 problems of a block (docs/benchmarks.md, benchmarks/refill.py).
+CPU_ROWS = 24
+
+
 def _limit(cells: list[Cell]) -> int:
-    """Problems per program: `attack.parallel`, or (auto) all on CPU and as many as fit on a GPU."""
+    """Rows per program: `attack.parallel`, or (auto) CPU_ROWS on a CPU and as many as fit on a GPU."""
     parallel = cells[0].cfg.attack.parallel
     if parallel != "auto":
         return int(parallel)
     if cells[0].device.type != "cuda":
-        return max(1, sum(c.num_problems for c in cells))
+        return max(1, min(CPU_ROWS, sum(c.num_problems for c in cells)))
     return packs.auto_limit([prepare(c) if c.problems is None else c for c in cells[:2]], total=sum(c.num_problems for c in cells))
 
 
@@ -96,8 +102,9 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
                note: Callable[[str], None]) -> None:
     index = {id(c): i for i, c in cells.items()}
 
-    def guarded(cell: Cell, work: Callable[[], object]) -> bool:
-        """Run `work` for `cell`; with keep_going a bad input or fault ends only this run (False)."""
+    def guarded(cells: Cell | Callable[[], list[Cell]], work: Callable[[], object]) -> bool:
+        """Run `work` for `cells` (a run, or what returns the runs concerned when it fails); with keep_going a
+        bad input or fault ends only those runs (False)."""
         try:
             work()
             return True
@@ -108,8 +115,9 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
                 raise
             code = ExitCode.BAD_INPUT if isinstance(exc, UserError) else ExitCode.FAILED
             text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            outcomes[index[id(cell)]] = Outcome(cell.name, code, message=text)
-            note(f"{cell.name}: {text}")
+            for cell in cells() if callable(cells) else [cells]:
+                outcomes[index[id(cell)]] = Outcome(cell.name, code, message=text)
+                note(f"{cell.name}: {text}")
             return False
 
     def finish(cell: Cell) -> None:
@@ -137,13 +145,14 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
         todo = [item for item in todo if index[id(item.cell)] not in outcomes]
         if not todo:
             break
-        first = todo[0].cell
         rest: list = []
-        if not guarded(first, lambda: rest.append(packs.run(todo, limit, enter=enter, finished=finished,
-                                                               progress=progress, note=note))):
-            for item in todo:  # the program failed: every run in it fails with the same message
-                if left[id(item.cell)] > 0 and item.cell.problems is not None:
-                    outcomes.setdefault(index[id(item.cell)], outcomes[index[id(first)]])
+
+        def working_on() -> list[Cell]:  # a failed program fails the runs it had prepared and not yet written
+            unfinished = [c for c in {id(i.cell): i.cell for i in todo}.values() if index[id(c)] not in outcomes]
+            return [c for c in unfinished if c.problems is not None] or unfinished
+
+        if not guarded(working_on, lambda: rest.append(packs.run(todo, limit, enter=enter, finished=finished,
+                                                                   progress=progress, note=note))):
             continue
         if rest[0] is None:
             names = sorted({i.cell.name for i in todo})

@@ -17,6 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, fields
 import math
+import time
 from typing import Any, Callable, Iterator
 
 import lightning as L
@@ -228,6 +229,12 @@ class Program(Callback):
 
     def turnover(self) -> None:
         """Items whose problems all stopped leave; waiting ones enter the freed rows (with `refill`)."""
+        self.retire_stopped()
+        if self.refill:
+            self.fill()
+        self.module.waiting = self.waiting_problems()
+
+    def retire_stopped(self) -> None:
         module = self.module
         running = module.state.active.cpu()
         for entry in list(self.inside):
@@ -236,9 +243,6 @@ class Program(Callback):
                 item.cell.checkpoint.finished(item.group, module.retire(part))
                 self.inside.remove(entry)
                 self.finished(item)
-        if self.refill:
-            self.fill()
-        module.waiting = self.waiting_problems()
 
     def fill(self) -> None:
         module = self.module
@@ -270,8 +274,10 @@ class Program(Callback):
                 log.info("resuming %s at iteration %d", item.cell.name, item.iteration)
 
     def close(self) -> None:
-        """After the program ended: every item still inside has stopped; record them."""
-        self.turnover()
+        """After the program ended: record the items inside (all stopped: the horizon is a bound)."""
+        self.retire_stopped()
+        if self.inside:
+            raise RuntimeError(f"the program ended with {describe([i for i, _, _ in self.inside])} still running")
 
 
 def describe(pack: list[Item]) -> str:
@@ -295,10 +301,14 @@ def fit(module: InvertingGradients, device: torch.device, *, title: str, progres
         callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
         plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
     )
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(cfg.matmul_precision)  # the attacker's program only: clients computed at full precision
     try:
         trainer.fit(module)
     except SIGTERMException:  # Lightning's own reaction to SIGTERM, after our callback saved and stopped
         pass
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def attack(model: torch.nn.Module, problems: Any, cfg: Any, *, lower: torch.Tensor, upper: torch.Tensor,
@@ -347,10 +357,12 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
     else:
         module.horizon = max(left)
     note(f"program: {describe(inside)}" + (f"; {sum(len(i.index) for i in waiting)} problems waiting" if waiting else ""))
+    started = time.perf_counter()
     fit(module, todo[0].cell.device, title=describe(inside), progress=progress, callbacks=[program])
     if program.stopped or STOP.is_set():
         return None
     program.close()
+    note(f"program done: {module.done} iterations of {module.state.num_problems} rows in {time.perf_counter() - started:.1f} s")
     return program.left + program.waiting
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU measurements the docs quote and the open issues ask for, one section at a time, each logged with the
+# device under $OUT (default gpu-results/). Usage:
+#   bash benchmarks/gpu.sh [paper-lite] [bench] [compile-cache] [variants] [refill] [fidelity] [defenses]
+# (no argument: all, in that order; paper-lite is the issue-8 target: <= 10 min end to end on one H100/H200).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+py=${PYTHON:-python}
+sections=${*:-paper-lite bench compile-cache variants refill fidelity defenses}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+$py -c "import torch; print('torch', torch.__version__)" | tee -a "$out/device.txt"
+
+timed() {  # timed <name> <command...>: run, keep its output, note its wall time and exit code
+  local name=$1; shift
+  local t0; t0=$(date +%s)
+  "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
+}
+
+for s in $sections; do
+  case $s in
+    paper-lite) timed paper-lite bash -c "$py -m dia.grid sweeps/paper-lite.yaml --run-all --results-root '$out/results' \
+                  && $py -m dia.report '$out/results/paper-lite'" ;;
+    bench) timed bench $py -m dia.bench --models mlp,vit --attacks dia --ks 512 --compile-ks 512 \
+             --variants default,reduce-overhead,tf32 --no-lightning --out "$out/bench.json" ;;
+    compile-cache) timed compile-cache $py benchmarks/compile_cache.py model=vit data=cifar10 num_victims=16 ;;
+    variants) timed variants $py benchmarks/variants.py default reduce-overhead tf32 -- data=cifar10 model=vit \
+                model.dropout=0.25 num_victims=16 attack.max_iterations=3000 run.seed=43 ;;
+    refill) timed refill $py benchmarks/refill.py --rows 96 --victims 16 data=cifar10 model=vit attack.max_iterations=3000 ;;
+    fidelity) timed fidelity bash -c "$py -m dia.grid sweeps/fidelity-cifar10-vit.yaml --run-all --results-root '$out/results' \
+                && $py -m dia.report '$out/results/fidelity-cifar10-vit'" ;;
+    defenses) timed defenses bash -c "$py -m dia.grid sweeps/defenses --run-all --results-root '$out/results' \
+                && $py -m dia.report '$out/results/defenses'" ;;
+    *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses" >&2; exit 2 ;;
+  esac
+done

@@ -102,20 +102,22 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
                note: Callable[[str], None]) -> None:
     index = {id(c): i for i, c in cells.items()}
 
-    def guarded(cells: Cell | Callable[[], list[Cell]], work: Callable[[], object]) -> bool:
-        """Run `work` for `cells` (a run, or what returns the runs concerned when it fails); with keep_going a
-        bad input or fault ends only those runs (False)."""
+    def guarded(cell: Cell | None, work: Callable[[], object]) -> bool:
+        """Run `work` for `cell` (None: a program, whose failure names its runs); with keep_going a bad input
+        or fault ends only the runs concerned (False)."""
         try:
             work()
             return True
         except (Stopped, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - bad input, out of memory, disk full: this run fails, its files stay
+            failed = exc.runs if isinstance(exc, packs.ProgramFailed) else [cell]
+            exc = exc.cause if isinstance(exc, packs.ProgramFailed) else exc
             if not keep_going:
-                raise
+                raise exc
             code = ExitCode.BAD_INPUT if isinstance(exc, UserError) else ExitCode.FAILED
             text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            for cell in cells() if callable(cells) else [cells]:
+            for cell in failed:
                 outcomes[index[id(cell)]] = Outcome(cell.name, code, message=text)
                 note(f"{cell.name}: {text}")
             return False
@@ -146,13 +148,13 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
         if not todo:
             break
         rest: list = []
-
-        def working_on() -> list[Cell]:  # a failed program fails the runs it had prepared and not yet written
-            unfinished = [c for c in {id(i.cell): i.cell for i in todo}.values() if index[id(c)] not in outcomes]
-            return [c for c in unfinished if c.problems is not None] or unfinished
-
-        if not guarded(working_on, lambda: rest.append(packs.run(todo, limit, enter=enter, finished=finished,
-                                                                   progress=progress, note=note))):
+        # a failed program fails the runs it was working on (packs.ProgramFailed); the others go on
+        before = len(outcomes)
+        if not guarded(None, lambda: rest.append(packs.run(todo, limit, enter=enter, finished=finished,
+                                                             progress=progress, note=note))):
+            if len(outcomes) == before:  # it named no run: none of these can go on
+                for item in todo:
+                    outcomes.setdefault(index[id(item.cell)], Outcome(item.cell.name, ExitCode.FAILED, message="its program failed"))
             continue
         if rest[0] is None:
             names = sorted({i.cell.name for i in todo})

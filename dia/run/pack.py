@@ -34,7 +34,7 @@ from dia.models import dropout_sites
 from dia.progress import AttackProgressBar
 from dia.run.cell import Cell, append_curves
 from dia.run.checkpoint import join_rows, state_rows
-from dia.run.signals import STOP
+from dia.run.signals import STOP, Stopped
 
 log = logging.getLogger("dia")
 
@@ -160,6 +160,14 @@ def build(pack: list[Item], expect: list[Item] = ()) -> InvertingGradients:
     return module
 
 
+class ProgramFailed(Exception):
+    """A program failed (`cause`) while working on `runs`: the runs inside it, or the one entering it."""
+
+    def __init__(self, runs: list[Cell], cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.runs, self.cause = runs, cause
+
+
 class Program(Callback):
     """The life of a pack in one program: which items hold which rows, and what waits.
 
@@ -177,6 +185,7 @@ class Program(Callback):
         self.inside = [(item, part, 0) for item, part in zip(inside, module.parts)]  # (item, part, step it entered at)
         self.waiting, self.left = list(waiting), []
         self.stopped = False
+        self.entering: Item | None = None  # the item being prepared or admitted
         self.model = inside[0].cell.model  # the client model every item must share
         module.waiting = self.waiting_problems()
 
@@ -257,6 +266,7 @@ class Program(Callback):
             if mine or len(item.index) > len(free):
                 continue
             self.waiting.remove(item)
+            self.entering = item
             if not self.enter(item):
                 continue
             part = part_of(item)
@@ -272,6 +282,12 @@ class Program(Callback):
             self.inside.append((item, module.parts[-1], module.done))
             if item.iteration > 0:
                 log.info("resuming %s at iteration %d", item.cell.name, item.iteration)
+        self.entering = None
+
+    def working_on(self) -> list[Cell]:
+        """The runs a failure now concerns: those inside, else the one entering."""
+        cells = [i.cell for i, _, _ in self.inside] or ([self.entering.cell] if self.entering else [])
+        return list({id(c): c for c in cells}.values())
 
     def close(self) -> None:
         """After the program ended: record the items inside (all stopped: the horizon is a bound)."""
@@ -345,7 +361,10 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
         if cfg.attack.refill and kind(item) not in {kind(i) for i in inside + scouts} and enter(item) \
                 and same_model(inside[0].cell.model, item.cell.model):
             scouts.append(item)
-    module = build(inside, scouts)
+    try:
+        module = build(inside, scouts)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the runs it was to start fail, not the others
+        raise ProgramFailed([i.cell for i in inside], exc) from exc
     every = cfg.run.checkpoint_every if cfg.run.checkpoint_every >= 0 else 0
     program = Program(module, inside, waiting, every=every, log_every=cfg.attack.log_every,
                       refill=cfg.attack.refill, enter=enter, finished=finished)
@@ -358,10 +377,15 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
         module.horizon = max(left)
     note(f"program: {describe(inside)}" + (f"; {sum(len(i.index) for i in waiting)} problems waiting" if waiting else ""))
     started = time.perf_counter()
-    fit(module, todo[0].cell.device, title=describe(inside), progress=progress, callbacks=[program])
-    if program.stopped or STOP.is_set():
-        return None
-    program.close()
+    try:
+        fit(module, todo[0].cell.device, title=describe(inside), progress=progress, callbacks=[program])
+        if program.stopped or STOP.is_set():
+            return None
+        program.close()
+    except (Stopped, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - say which runs it hit; the caller decides what that means
+        raise ProgramFailed(program.working_on(), exc) from exc
     note(f"program done: {module.done} iterations of {module.state.num_problems} rows in {time.perf_counter() - started:.1f} s")
     return program.left + program.waiting
 

@@ -170,7 +170,7 @@ def test_ssim_curves_end_at_the_runs_ssim_and_are_drawn(tmp_path):
     from dia.run import execute
 
     base = ["model=mlp", "model.width=64", "model.depth=2", "num_victims=2", "attack.max_iterations=60", "attack.compile=false",
-            "attack.log_every=20", "run.progress=false", "logger.wandb.mode=disabled", "metrics.lpips=off",
+            "attack.log_every=20", "run.checkpoint_every=20", "run.progress=false", "logger.wandb.mode=disabled", "metrics.lpips=off",
             f"run.output_dir={tmp_path}"]
     cfgs = [compose(base + [f"attack={a}", "model.dropout=0.5", f"run.name={a}"]) for a in ("ig", "dia")]
     assert [o.code for o in execute(cfgs, progress=False)] == [0, 0]

@@ -182,7 +182,8 @@ class Program(Callback):
                  log_every: int, refill: bool, enter: Callable[[Item], bool], finished: Callable[[Item], None]) -> None:
         self.module, self.every, self.log_every, self.refill = module, every, log_every, refill
         self.enter, self.finished = enter, finished
-        self.inside = [(item, part, 0) for item, part in zip(inside, module.parts)]  # (item, part, step it entered at)
+        # (item, part, program step it entered at, its own iteration then): Item.iteration moves with every save
+        self.inside = [(item, part, 0, item.iteration) for item, part in zip(inside, module.parts)]
         self.waiting, self.left = list(waiting), []
         self.stopped = False
         self.entering: Item | None = None  # the item being prepared or admitted
@@ -192,8 +193,8 @@ class Program(Callback):
     def waiting_problems(self) -> int:
         return sum(len(i.index) for i in self.waiting) if self.refill else 0
 
-    def own_iteration(self, item: Item, entered: int) -> int:
-        return min(item.cell.cfg.attack.max_iterations, item.iteration + self.module.done - entered)
+    def own_iteration(self, item: Item, entered: int, start: int) -> int:
+        return min(item.cell.cfg.attack.max_iterations, start + self.module.done - entered)
 
     def rows(self, part: Part) -> torch.Tensor:
         return self.module.part_rows[next(i for i, p in enumerate(self.module.parts) if p is part)]
@@ -205,12 +206,12 @@ class Program(Callback):
             return every > 0 and (done // every > (done - n) // every or done == module.horizon)
 
         if crossed(self.log_every) or done <= n:
-            for item, part, entered in self.inside:
+            for item, part, entered, start in self.inside:
                 rows = self.rows(part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
                 if item.cell.cfg.metrics.curves_ssim:
                     point["eval/ssim"] = float(self.ssim(item, rows).mean())
-                own = self.own_iteration(item, entered)
+                own = self.own_iteration(item, entered, start)
                 append_curves(item.cell, [{"group": item.group, "iteration": own,
                                            "step": item.group * item.cell.cfg.attack.max_iterations + own, **point}])
         if STOP.is_set() or crossed(self.every):
@@ -232,7 +233,7 @@ class Program(Callback):
         return problem_ssim((x * cell.std + cell.mean).clamp(0, 1), truth)
 
     def save(self) -> None:
-        for item, part, _ in self.inside:
+        for item, part, _, _ in self.inside:
             if item.cell.checkpoint is not None:
                 item.cell.checkpoint.progress(item.group, state_rows(self.module.state, self.rows(part).to(self.module.device)))
 
@@ -247,7 +248,7 @@ class Program(Callback):
         module = self.module
         running = module.state.active.cpu()
         for entry in list(self.inside):
-            item, part, _ = entry
+            item, part, _, _ = entry
             if not bool(running[self.rows(part)].any()):
                 item.cell.checkpoint.finished(item.group, module.retire(part))
                 self.inside.remove(entry)
@@ -259,7 +260,7 @@ class Program(Callback):
         for rows in module.part_rows:
             taken[rows] = True
         free = torch.nonzero(~taken).flatten()
-        busy = {id(item.cell) for item, _, _ in self.inside}  # a run's groups go one at a time, in order
+        busy = {id(entry[0].cell) for entry in self.inside}  # a run's groups go one at a time, in order
         for item in list(self.waiting):
             mine = id(item.cell) in busy
             busy.add(id(item.cell))
@@ -279,21 +280,21 @@ class Program(Callback):
                 join_rows([saved], layout, module.initial_of(part)), layout, module.device)
             module.admit(part, free[: len(item.index)], resume)
             free = free[len(item.index):]
-            self.inside.append((item, module.parts[-1], module.done))
+            self.inside.append((item, module.parts[-1], module.done, item.iteration))
             if item.iteration > 0:
                 log.info("resuming %s at iteration %d", item.cell.name, item.iteration)
         self.entering = None
 
     def working_on(self) -> list[Cell]:
         """The runs a failure now concerns: those inside, else the one entering."""
-        cells = [i.cell for i, _, _ in self.inside] or ([self.entering.cell] if self.entering else [])
+        cells = [entry[0].cell for entry in self.inside] or ([self.entering.cell] if self.entering else [])
         return list({id(c): c for c in cells}.values())
 
     def close(self) -> None:
         """After the program ended: record the items inside (all stopped: the horizon is a bound)."""
         self.retire_stopped()
         if self.inside:
-            raise RuntimeError(f"the program ended with {describe([i for i, _, _ in self.inside])} still running")
+            raise RuntimeError(f"the program ended with {describe([entry[0] for entry in self.inside])} still running")
 
 
 def describe(pack: list[Item]) -> str:

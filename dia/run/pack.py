@@ -168,12 +168,23 @@ class ProgramFailed(Exception):
         self.runs, self.cause = runs, cause
 
 
+@dataclass
+class Slot:
+    """An item inside a program: its part (rows), the program step it entered at, its own iteration then
+    (Item.iteration moves with every checkpoint save)."""
+
+    item: Item
+    part: Part
+    entered: int
+    start: int
+
+
 class Program(Callback):
     """The life of a pack in one program: which items hold which rows, and what waits.
 
     Every `attack.check_every` iterations, items whose problems have all stopped leave (their result goes
     to their run's checkpoint, then `finished(item)`), and with `refill` waiting items take the freed rows
-    (`enter(item)` prepares one; None drops it). An item that cannot share this program (another model,
+    (`enter(item)` prepares one; False drops it). An item that cannot share this program (another model,
     other sites) is set aside in `left`. Every `every` iterations and on a stop signal, each item in the
     program saves its rows in its run's checkpoint; every `log_every` iterations it appends its curves.
     """
@@ -182,8 +193,7 @@ class Program(Callback):
                  log_every: int, refill: bool, enter: Callable[[Item], bool], finished: Callable[[Item], None]) -> None:
         self.module, self.every, self.log_every, self.refill = module, every, log_every, refill
         self.enter, self.finished = enter, finished
-        # (item, part, program step it entered at, its own iteration then): Item.iteration moves with every save
-        self.inside = [(item, part, 0, item.iteration) for item, part in zip(inside, module.parts)]
+        self.inside = [Slot(item, part, 0, item.iteration) for item, part in zip(inside, module.parts)]
         self.waiting, self.left = list(waiting), []
         self.stopped = False
         self.entering: Item | None = None  # the item being prepared or admitted
@@ -193,8 +203,8 @@ class Program(Callback):
     def waiting_problems(self) -> int:
         return sum(len(i.index) for i in self.waiting) if self.refill else 0
 
-    def own_iteration(self, item: Item, entered: int, start: int) -> int:
-        return min(item.cell.cfg.attack.max_iterations, start + self.module.done - entered)
+    def own_iteration(self, slot: Slot) -> int:
+        return min(slot.item.cell.cfg.attack.max_iterations, slot.start + self.module.done - slot.entered)
 
     def rows(self, part: Part) -> torch.Tensor:
         return self.module.part_rows[next(i for i, p in enumerate(self.module.parts) if p is part)]
@@ -206,12 +216,12 @@ class Program(Callback):
             return every > 0 and (done // every > (done - n) // every or done == module.horizon)
 
         if crossed(self.log_every) or done <= n:
-            for item, part, entered, start in self.inside:
-                rows = self.rows(part).to(module.device)
+            for slot in self.inside:
+                item, rows = slot.item, self.rows(slot.part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
                 if item.cell.cfg.metrics.curves_ssim:
                     point["eval/ssim"] = float(self.ssim(item, rows).mean())
-                own = self.own_iteration(item, entered, start)
+                own = self.own_iteration(slot)
                 append_curves(item.cell, [{"group": item.group, "iteration": own,
                                            "step": item.group * item.cell.cfg.attack.max_iterations + own, **point}])
         if STOP.is_set() or crossed(self.every):
@@ -233,9 +243,10 @@ class Program(Callback):
         return problem_ssim((x * cell.std + cell.mean).clamp(0, 1), truth)
 
     def save(self) -> None:
-        for item, part, _, _ in self.inside:
-            if item.cell.checkpoint is not None:
-                item.cell.checkpoint.progress(item.group, state_rows(self.module.state, self.rows(part).to(self.module.device)))
+        for slot in self.inside:
+            if slot.item.cell.checkpoint is not None:
+                rows = self.rows(slot.part).to(self.module.device)
+                slot.item.cell.checkpoint.progress(slot.item.group, state_rows(self.module.state, rows))
 
     def turnover(self) -> None:
         """Items whose problems all stopped leave; waiting ones enter the freed rows (with `refill`)."""
@@ -247,12 +258,11 @@ class Program(Callback):
     def retire_stopped(self) -> None:
         module = self.module
         running = module.state.active.cpu()
-        for entry in list(self.inside):
-            item, part, _, _ = entry
-            if not bool(running[self.rows(part)].any()):
-                item.cell.checkpoint.finished(item.group, module.retire(part))
-                self.inside.remove(entry)
-                self.finished(item)
+        for slot in list(self.inside):
+            if not bool(running[self.rows(slot.part)].any()):
+                slot.item.cell.checkpoint.finished(slot.item.group, module.retire(slot.part))
+                self.inside.remove(slot)
+                self.finished(slot.item)
 
     def fill(self) -> None:
         module = self.module
@@ -260,7 +270,7 @@ class Program(Callback):
         for rows in module.part_rows:
             taken[rows] = True
         free = torch.nonzero(~taken).flatten()
-        busy = {id(entry[0].cell) for entry in self.inside}  # a run's groups go one at a time, in order
+        busy = {id(slot.item.cell) for slot in self.inside}  # a run's groups go one at a time, in order
         for item in list(self.waiting):
             mine = id(item.cell) in busy
             busy.add(id(item.cell))
@@ -280,21 +290,21 @@ class Program(Callback):
                 join_rows([saved], layout, module.initial_of(part)), layout, module.device)
             module.admit(part, free[: len(item.index)], resume)
             free = free[len(item.index):]
-            self.inside.append((item, module.parts[-1], module.done, item.iteration))
+            self.inside.append(Slot(item, module.parts[-1], module.done, item.iteration))
             if item.iteration > 0:
                 log.info("resuming %s at iteration %d", item.cell.name, item.iteration)
         self.entering = None
 
     def working_on(self) -> list[Cell]:
         """The runs a failure now concerns: those inside, else the one entering."""
-        cells = [entry[0].cell for entry in self.inside] or ([self.entering.cell] if self.entering else [])
+        cells = [slot.item.cell for slot in self.inside] or ([self.entering.cell] if self.entering else [])
         return list({id(c): c for c in cells}.values())
 
     def close(self) -> None:
         """After the program ended: record the items inside (all stopped: the horizon is a bound)."""
         self.retire_stopped()
         if self.inside:
-            raise RuntimeError(f"the program ended with {describe([entry[0] for entry in self.inside])} still running")
+            raise RuntimeError(f"the program ended with {describe([slot.item for slot in self.inside])} still running")
 
 
 def describe(pack: list[Item]) -> str:

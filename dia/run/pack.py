@@ -382,7 +382,8 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
     max_its = cfg.attack.max_iterations
     left = [max_its - i.iteration for i in inside]
     if program.refill and waiting:  # a bound (each step advances some item); the bar shows an estimate
-        module.horizon = sum(left) + sum(max_its - i.iteration + cfg.attack.check_every for i in waiting)
+        lag = cfg.attack.check_every  # a stopped item leaves at the next check
+        module.horizon = sum(n + lag for n in left) + sum(max_its - i.iteration + lag for i in waiting)
         module.expected = max(left) + max_its * math.ceil(sum(len(i.index) for i in waiting) / limit)
     else:
         module.horizon = max(left)

@@ -393,7 +393,9 @@ def curve_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     written = []
     for data, model in sorted({k[:2] for k in curves}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1]))):
         rates = sorted({k[2] for k in curves if k[:2] == (data, model)})
-        fig, axes = plt.subplots(1, len(rates), figsize=(3.2 * len(rates), 2.8), squeeze=False, sharey=True)
+        cols = min(3, len(rates))
+        fig, axes = plt.subplots(math.ceil(len(rates) / cols), cols, figsize=(3.4 * cols, 2.7 * math.ceil(len(rates) / cols)),
+                                 squeeze=False, sharey=True)
         for ax, rate in zip(axes.flat, rates):
             for attack in sorted({k[3] for k in curves if k[:3] == (data, model, rate)}, key=lambda a: _rank("attack", a)):
                 pts = sorted(curves[(data, model, rate, attack)].items())
@@ -402,10 +404,14 @@ def curve_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
                 ax.fill_between(its, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
             ax.set_title(f"p = {rate:g}", fontsize=9)
             ax.set_xlabel("attack iteration", fontsize=8)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-        axes.flat[0].set_ylabel("SSIM of the best iterate", fontsize=8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("SSIM of the best iterate", fontsize=8)
         axes.flat[0].legend(fontsize=7)
+        for ax in list(axes.flat)[len(rates):]:
+            ax.axis("off")
         fig.suptitle(f"{data} / {model}: SSIM against iterations", fontsize=10)
         fig.tight_layout()
         out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from dia.config import DEVICE, compose
 from dia.data import load_victims, normalizer
 from dia.errors import ExitCode, UserError
 from dia.run.cell import resolve_device
-from dia.run.pack import attack as lightning_attack
+from dia.run.pack import attack as lightning_attack, matmul_precision
 from dia.models import build_for
 from dia.problems import Problems, simulate_clients
 
@@ -172,12 +172,8 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
                 _sync(device)
                 started["compile_s"] = time.perf_counter() - started["t"]
                 return module
-            precision = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision(settings.get("matmul_precision", "highest"))
-            try:
+            with matmul_precision(settings.get("matmul_precision", "highest")):
                 s, peak = measure(device, prepare_compiled, lambda module: engine_steps(module, iterations))
-            finally:
-                torch.set_float32_matmul_precision(precision)
             mode = "compiled" if variant == "default" else f"compiled:{variant}"
             row = _row(model_name, attack, mode, k, k, iterations, k * iterations, s, peak)
             row["compile_s"] = started["compile_s"]

@@ -139,12 +139,6 @@ class AttackState:
             if f.name not in ("layout", "iteration"):
                 getattr(self, f.name).data[rows] = getattr(other, f.name).detach().to(self.flat.device)
 
-    def rows(self, rows: Tensor) -> "AttackState":
-        """A copy of rows `rows` (an index) as a state of their own."""
-        kwargs = {f.name: getattr(self, f.name).detach()[rows].clone() for f in fields(self)
-                  if f.name not in ("layout", "iteration")}
-        return AttackState(iteration=self.iteration.clone(), layout=self.layout, **kwargs)
-
     @classmethod
     def from_dict(cls, saved: dict[str, Tensor], layout: Layout, device: torch.device | str = "cpu") -> "AttackState":
         kwargs = {f.name: saved[f.name].to(device) for f in fields(cls) if f.name != "layout"}

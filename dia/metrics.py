@@ -47,15 +47,18 @@ def match(reconstructions: Tensor, originals: Tensor) -> Tensor:
     return perm
 
 
+def match_problems(reconstructions: Tensor, originals: Tensor) -> list[Tensor]:
+    """`match` for every problem: reconstructions (K, B, C, H, W) in [0, 1], originals (K * B, C, H, W)."""
+    b = reconstructions.shape[1]
+    return [match(rec, originals[k * b : (k + 1) * b]) for k, rec in enumerate(reconstructions)]
+
+
 def problem_ssim(reconstructions: Tensor, originals: Tensor) -> Tensor:
     """Mean SSIM per problem (K,) of reconstructions (K, B, C, H, W) in [0, 1] against their originals
-    (K * B, C, H, W), each batch matched (`match`) first."""
-    k, b = reconstructions.shape[:2]
-    out = torch.empty(k)
-    for j in range(k):
-        truth = originals[j * b : (j + 1) * b]
-        out[j] = ssim(reconstructions[j][match(reconstructions[j], truth)], truth).mean()
-    return out
+    (K * B, C, H, W), each batch matched first (`match_problems`)."""
+    b = reconstructions.shape[1]
+    return torch.stack([ssim(rec[perm], originals[k * b : (k + 1) * b]).mean()
+                        for k, (rec, perm) in enumerate(zip(reconstructions, match_problems(reconstructions, originals)))])
 
 
 MASK_MEASURES = ("recall", "precision", "bal_acc", "accuracy")

@@ -373,20 +373,30 @@ class InvertingGradients(L.LightningModule):
             for site, value in new.items():
                 table[site][idx] = value.to(dev)
         self.weights[idx] = weights.to(dev)
-        if resume is None:
-            resume = AttackState.create({k: v.to(dev) for k, v in self.initial_of(part).items()}, self.cfg.lr)
-            with torch.no_grad():
-                self.project(resume.params)
-        self.state.put(idx, resume)
+        self.state.put(idx, self.fresh_state(part) if resume is None else resume)
         self.parts.append(part)
         self.part_rows.append(rows.cpu())
 
+    def fresh_state(self, part: Part) -> AttackState:
+        """The state of `part`'s rows at their start (projected into the valid set), on this module's device."""
+        state = AttackState.create({k: v.to(self.device) for k, v in self.initial_of(part).items()}, self.cfg.lr)
+        with torch.no_grad():
+            self.project(state.params)
+        return state
+
+    def rows_of(self, part: Part) -> Tensor:
+        """The rows (CPU index) that `part`, a part now in the program, holds."""
+        return self.part_rows[self._index(part)]
+
     def retire(self, part: Part) -> AttackResult:
         """`part`'s result; its rows are free for `admit` (its problems must have stopped)."""
-        i = next(i for i, p in enumerate(self.parts) if p is part)
+        i = self._index(part)
         out = self.result_of(part, self.part_rows[i])
         del self.parts[i], self.part_rows[i]
         return out
+
+    def _index(self, part: Part) -> int:
+        return next(i for i, p in enumerate(self.parts) if p is part)
 
     def curves(self, rows: Tensor | slice = slice(None)) -> dict[str, Tensor]:
         """What is worth plotting while an attack runs: means over `rows` (stopped ones at their last value)."""

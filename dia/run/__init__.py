@@ -111,7 +111,7 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
         except (Stopped, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - bad input, out of memory, disk full: this run fails, its files stay
-            failed = exc.runs if isinstance(exc, packs.ProgramFailed) else [cell]
+            failed = exc.runs if isinstance(exc, packs.ProgramFailed) else [cell] if cell is not None else []
             exc = exc.cause if isinstance(exc, packs.ProgramFailed) else exc
             if not keep_going:
                 raise exc

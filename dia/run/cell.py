@@ -190,7 +190,7 @@ def evaluate(
     orig_n = (originals - mean) / std
     # A shared gradient does not say which reconstruction is which image: match them within each batch.
     rec01 = (result.x * std + mean).clamp(0, 1)
-    perms = [M.match(rec01[k], originals[k * b : (k + 1) * b]) for k in range(result.x.shape[0])]
+    perms = M.match_problems(rec01, originals)
     rec_n = torch.cat([result.x[k][p] for k, p in enumerate(perms)])
     rec, orig = (rec_n * std + mean).clamp(0, 1), originals
     values = {"mse": M.mse(rec_n, orig_n), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}

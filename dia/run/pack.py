@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, fields
 import math
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import lightning as L
@@ -138,10 +139,7 @@ def kind(item: Item) -> tuple[str, bool]:
 
 def fresh_rows(module: InvertingGradients, part: Part) -> dict[str, torch.Tensor]:
     """Saved-rows form (`state_rows`) of a part's start."""
-    state = AttackState.create(module.initial_of(part), module.cfg.lr)
-    with torch.no_grad():
-        module.project(state.params)
-    return state_rows(state, slice(None))
+    return state_rows(module.fresh_state(part), slice(None))
 
 
 def build(pack: list[Item], expect: list[Item] = ()) -> InvertingGradients:
@@ -206,9 +204,6 @@ class Program(Callback):
     def own_iteration(self, slot: Slot) -> int:
         return min(slot.item.cell.cfg.attack.max_iterations, slot.start + self.module.done - slot.entered)
 
-    def rows(self, part: Part) -> torch.Tensor:
-        return self.module.part_rows[next(i for i, p in enumerate(self.module.parts) if p is part)]
-
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         done, n = module.done, module.cfg.iterations_per_step
 
@@ -217,7 +212,7 @@ class Program(Callback):
 
         if crossed(self.log_every) or done <= n:
             for slot in self.inside:
-                item, rows = slot.item, self.rows(slot.part).to(module.device)
+                item, rows = slot.item, self.module.rows_of(slot.part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
                 if item.cell.cfg.metrics.curves_ssim:
                     point["eval/ssim"] = float(self.ssim(item, rows).mean())
@@ -245,7 +240,7 @@ class Program(Callback):
     def save(self) -> None:
         for slot in self.inside:
             if slot.item.cell.checkpoint is not None:
-                rows = self.rows(slot.part).to(self.module.device)
+                rows = self.module.rows_of(slot.part).to(self.module.device)
                 slot.item.cell.checkpoint.progress(slot.item.group, state_rows(self.module.state, rows))
 
     def turnover(self) -> None:
@@ -259,7 +254,7 @@ class Program(Callback):
         module = self.module
         running = module.state.active.cpu()
         for slot in list(self.inside):
-            if not bool(running[self.rows(slot.part)].any()):
+            if not bool(running[self.module.rows_of(slot.part)].any()):
                 slot.item.cell.checkpoint.finished(slot.item.group, module.retire(slot.part))
                 self.inside.remove(slot)
                 self.finished(slot.item)
@@ -316,6 +311,17 @@ def describe(pack: list[Item]) -> str:
     return f"{runs} run{'s' if runs > 1 else ''}: " + " ".join(f"{k}x{v}" for k, v in counts.items())
 
 
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch's float32 matmul precision set to `precision` (attack.matmul_precision) inside, restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def fit(module: InvertingGradients, device: torch.device, *, title: str, progress: bool,
         callbacks: list[Callback] = ()) -> None:
     """Run `module`'s attack to its end (or a stop) under a Lightning Trainer on `device`."""
@@ -328,14 +334,11 @@ def fit(module: InvertingGradients, device: torch.device, *, title: str, progres
         callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
         plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
     )
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(cfg.matmul_precision)  # the attacker's program only: clients computed at full precision
-    try:
-        trainer.fit(module)
-    except SIGTERMException:  # Lightning's own reaction to SIGTERM, after our callback saved and stopped
-        pass
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    with matmul_precision(cfg.matmul_precision):  # the attacker's program only: clients computed at full precision
+        try:
+            trainer.fit(module)
+        except SIGTERMException:  # Lightning's own reaction to SIGTERM, after our callback saved and stopped
+            pass
 
 
 def attack(model: torch.nn.Module, problems: Any, cfg: Any, *, lower: torch.Tensor, upper: torch.Tensor,

@@ -31,8 +31,8 @@ from dia.run.pack import attack
 from dia.run.summary import mean_metrics
 from dia.models import build_for
 from dia.problems import Problems, simulate_clients
-from dia.results import write_json, write_text
-from dia.console import quiet_libraries
+from dia.run.files import write_json, write_text
+from dia.run.console import quiet_libraries
 
 # (tag, dia.train arguments) of each defense setting; the x of the figure is the defense's strength key.
 SETTINGS: list[tuple[str, list[str]]] = (

@@ -16,7 +16,7 @@ import torch
 
 from dia.config import compose
 from dia.run import execute
-from dia.console import quiet_libraries
+from dia.run.console import quiet_libraries
 
 ROWS = [
     ("MNIST / MLP", ["model=mlp", "data=mnist"], [

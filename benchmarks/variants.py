@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dia.bench import VARIANTS, variant_settings
 from dia.config import compose
-from dia.console import quiet_libraries
+from dia.run.console import quiet_libraries
 from dia.run import execute
 
 

@@ -27,7 +27,7 @@ from dia.defenses import DEFENSES, check_defense, stage_names
 from dia.errors import UserError, did_you_mean
 from dia.models import MODELS
 from dia.registry import Registry
-from dia.sweep import AUTO_CELL, cell_id
+from dia.grid.sweep import AUTO_CELL, cell_id
 
 
 @dataclass
@@ -197,7 +197,7 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
 def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
     """The validated config for command-line `args`, starting from the defaults or a saved config `base`.
 
-    `run.name=auto-cell` names the run with the grid cell id of the other arguments (`dia.sweep.cell_id`),
+    `run.name=auto-cell` names the run with the grid cell id of the other arguments (`dia.grid.sweep.cell_id`),
     so a W&B agent's run and dia.grid's run of the same cell share a folder.
     """
     selections, overrides = parse_args(args)
@@ -322,7 +322,7 @@ def check_name(name: str, key: str = "run.name") -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Ranges, types, names and devices: everything that needs no model and no data (see `dia.checks`)."""
+    """Ranges, types, names and devices: everything that needs no model and no data (see `dia.run.checks`)."""
     for key, ok, rule in CHECKS:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):

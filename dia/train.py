@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from dia.console import quiet_libraries
+from dia.run.console import quiet_libraries
 from dia.errors import ExitCode, UserError
 
 USAGE_HINT = "see `python -m dia.train --help`"

@@ -1,4 +1,4 @@
-"""The speed benchmark (dia.bench) and the authors'-loop baseline it compares against (dia.baseline)."""
+"""The speed benchmark (dia.bench) and the authors'-loop baseline it compares against (dia.bench.baseline)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dia import bench
-from dia.baseline import run_baseline
+from dia.bench.baseline import run_baseline
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dia.train import main
-from dia.tracking import read_offline_run
+from dia.run.tracking import read_offline_run
 
 FAST = ["attack.max_iterations=30", "num_victims=2", "run.progress=false", "attack.log_every=10", "attack.compile=false"]
 

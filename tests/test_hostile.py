@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from dia import bench, grid as G, report as R, slurm
-from dia.checks import check
+from dia.run.checks import check
 from dia.config import compose
 from dia.errors import ExitCode, UserError
 from dia.train import main as train
@@ -99,7 +99,7 @@ def test_run_names_keep_the_command_line_text(text):
 
 def test_a_grid_cell_passes_strings_through_unchanged(tmp_path):
     """dia.grid quotes strings with spaces or YAML meaning (`"off"`); a string key gets them back without quotes."""
-    from dia.sweep import Cell
+    from dia.grid.sweep import Cell
 
     for text in ("/data/my images", "off", "007", "a,b"):
         cell = Cell(0, "x", {"data": "folder", "data.root": text, "logger.wandb.project": text}, {})

@@ -74,7 +74,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_rerun_finishes_like_an_unbroken_run
     assert [v["mse"] for v in a] == [v["mse"] for v in b]
     runs = list((tmp_path / "broken" / "r" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # one W&B run across the interruption
-    from dia.tracking import read_offline_run
+    from dia.run.tracking import read_offline_run
 
     steps = [row["_step"] for row in read_offline_run(runs[0])["history"] if "attack/loss" in row]
     assert steps == sorted(set(steps)) and steps[-1] == 200  # curves stepped by attack iteration, none twice

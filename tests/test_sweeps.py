@@ -11,7 +11,7 @@ import yaml
 from sweeps import schema_violations_from_proposed_config
 
 from dia import grid as G
-from dia import sweep as S
+from dia.grid import sweep as S
 from dia.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def test_every_sweep_file_passes_wandb_validation(path):
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.relative_to(ROOT / "sweeps").as_posix())
 def test_every_cell_an_agent_can_get_runs(path):
-    """Every cell of every grid composes and passes dia.checks (victims in range, labels, batches)."""
+    """Every cell of every grid composes and passes dia.run.checks (victims in range, labels, batches)."""
     grid = G.load(path)
     assert G.validate(grid) == len(grid.cells) > 0
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from dia.tracking import log_reconstructions, log_victim_table, read_offline_file, read_offline_run
+from dia.run.tracking import log_reconstructions, log_victim_table, read_offline_file, read_offline_run
 
 
 def test_images_and_victim_table_read_back_from_an_offline_run(tmp_path, monkeypatch):

@@ -20,19 +20,20 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dia import checks, defenses
+from dia import defenses
+from dia.run import checks
 from dia import metrics as M
 from dia.data import Victims, folder_statistics, load_victims, normalizer
 from dia.engine import AttackResult
 from dia.errors import UserError
 from dia.models import build_for, site_parts
-from dia.plotting import reconstruction_grid
+from dia.run.plotting import reconstruction_grid
 from dia.problems import Problems, infer_labels, simulate_clients
-from dia.results import save_tensors, write_json, write_text
+from dia.run.files import save_tensors, write_json, write_text
 from dia.run.checkpoint import Checkpoint
 from dia.run.folder import RunFolder, default_name
 from dia.run.summary import METRICS, mean_metrics
-from dia import tracking
+from dia.run import tracking
 
 log = logging.getLogger("dia")
 
@@ -85,7 +86,7 @@ class Cell:
 
 def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
     """What can be checked before anything is written (the same checks `dia.grid --validate` runs): the
-    device here, the data (victims in range, labels, batches) and the W&B login (dia.checks)."""
+    device here, the data (victims in range, labels, batches) and the W&B login (dia.run.checks)."""
     resolve_device(cfg.run.device)
     checks.check(cfg, memo=memo)
 

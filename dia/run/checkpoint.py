@@ -19,7 +19,7 @@ from torch import Tensor
 
 from dia.engine import STATUS, AttackResult, AttackState, Layout
 from dia.errors import UserError
-from dia.results import save_tensors
+from dia.run.files import save_tensors
 
 WIDE = ("flat", "exp_avg", "exp_avg_sq", "best")  # the (K, D) fields, saved per trainable
 

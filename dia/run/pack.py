@@ -32,7 +32,7 @@ from dia.attacks import ATTACKS, DIAConfig, AttackConfig, InvertingGradients, Pa
 from dia.engine import AttackResult, AttackState, Layout
 from dia.metrics import problem_ssim
 from dia.models import dropout_sites
-from dia.progress import AttackProgressBar
+from dia.run.progress import AttackProgressBar
 from dia.run.cell import Cell, append_curves
 from dia.run.checkpoint import join_rows, state_rows
 from dia.run.signals import STOP, Stopped

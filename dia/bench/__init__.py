@@ -6,7 +6,7 @@
 For each model/data pair (mlp+mnist, vit+cifar10; dropout p=0.25) and attack (ig, dia) it measures
 victim-iterations per second and peak memory per victim (CUDA only; null on CPU) of
 
-* ``baseline``: the authors' loop on one victim (`dia.baseline.run_baseline`);
+* ``baseline``: the authors' loop on one victim (`dia.bench.baseline.run_baseline`);
 * ``sequential``: our engine with K=1, problem after problem;
 * ``vectorized``: our engine with K problems at once in a plain loop (objective -> grad -> advance);
 * ``compiled``: the vectorized engine with its gradient program under `torch.compile` (``--compile-ks``);
@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dia.attacks import ATTACKS, InvertingGradients
-from dia.baseline import run_baseline
+from dia.bench.baseline import run_baseline
 from dia.config import DEVICE, compose
 from dia.data import load_victims, normalizer
 from dia.errors import ExitCode, UserError
@@ -340,6 +340,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# wrote {args.out}")
     return ExitCode.OK
 
-
-if __name__ == "__main__":
-    sys.exit(main())

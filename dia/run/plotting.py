@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from dia.results import atomic_write  # noqa: E402
+from dia.run.files import atomic_write  # noqa: E402
 
 
 def reconstruction_grid(

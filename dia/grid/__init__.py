@@ -1,6 +1,6 @@
 """`python -m dia.grid SWEEP ...`: the cells of a W&B grid sweep file (or a folder of them), run one by one, resumable.
 
-The sweep-file model (files -> cells with stable ids, enumerated lazily) is `dia.sweep`; this module is the
+The sweep-file model (files -> cells with stable ids, enumerated lazily) is `dia.grid.sweep`; this module is the
 command line and the running. Cell I of grid G runs `python -m dia.train <overrides> run.output_dir=<results>/<G>
 run.name=<id> logger.wandb.group=<G> logger.wandb.tags=[...]` in a child process; a finished cell (its folder
 holds metrics.json) is skipped, an interrupted one resumes from its checkpoint (dia.train's own mechanism).
@@ -26,17 +26,17 @@ from typing import Any, Iterable
 import yaml
 
 from dia.errors import ExitCode, UserError
-from dia.sweep import WANDB_COMMAND, Cell, Grid, format_value, load, wandb_sweeps  # noqa: F401 - the grid's model
+from dia.grid.sweep import WANDB_COMMAND, Cell, Grid, format_value, load, wandb_sweeps  # noqa: F401 - the grid's model
 
 
 
 def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
-    """Compose every cell's config as dia.train would and run `dia.checks.check` on it (cached per data config).
+    """Compose every cell's config as dia.train would and run `dia.run.checks.check` on it (cached per data config).
 
     The first bad cell raises one UserError line; two cells with the same id (the same overrides in two
     files) too. Returns the number of cells checked.
     """
-    from dia.checks import check
+    from dia.run.checks import check
     from dia.config import compose
 
     memo: dict[str, Any] = {}
@@ -164,7 +164,7 @@ def run_cells(grid: Grid, folder: Path, cells: list[Cell], *, force: bool = Fals
     processes, one GPU each. Returns the worst exit code (see `worst`).
     """
     from dia.config import compose
-    from dia.console import quiet_libraries
+    from dia.run.console import quiet_libraries
     from dia.run import execute, signals
 
     quiet_libraries()
@@ -352,6 +352,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -183,7 +183,7 @@ def _group(groups: dict[tuple, Group], coords: tuple[str, str, float, str], defe
 def _cell_defense(overrides: dict[str, Any]) -> Defense:
     """The defense a grid cell that has not run yet will record: its defense overrides (and its attack, whose
     config holds model_defense's default), composed as dia.train does; none without any."""
-    from dia.sweep import format_value
+    from dia.grid.sweep import format_value
 
     keys = [k for k in overrides if k == "defense" or k.startswith("defense.") or k == "attack.model_defense"]
     keys = ["attack"] * ("attack" in overrides and bool(keys)) + keys
@@ -594,6 +594,3 @@ def main(argv: list[str] | None = None) -> int:
     print((r["out"] / "table.md").read_text())
     return ExitCode.OK
 
-
-if __name__ == "__main__":
-    sys.exit(main())

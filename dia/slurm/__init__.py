@@ -31,7 +31,7 @@ from pathlib import Path
 from dia import grid as G
 from dia.errors import ExitCode, UserError
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
 
 
 def template(name: str) -> str:
@@ -255,6 +255,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
 
-
-if __name__ == "__main__":
-    sys.exit(main())

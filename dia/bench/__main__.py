@@ -1,0 +1,5 @@
+import sys
+
+from dia.bench import main
+
+sys.exit(main())

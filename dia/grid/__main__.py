@@ -1,0 +1,5 @@
+import sys
+
+from dia.grid import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from dia.report import main
+
+sys.exit(main())

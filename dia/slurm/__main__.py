@@ -1,0 +1,5 @@
+import sys
+
+from dia.slurm import main
+
+sys.exit(main())

@@ -24,13 +24,12 @@ from omegaconf import OmegaConf
 
 from dia import defenses
 from dia.attacks import AttackResult
+from dia.api import simulate
 from dia.config import compose
-from dia.data import load_victims, normalizer
 from dia.run.cell import evaluate
 from dia.run.pack import attack
 from dia.run.summary import mean_metrics
-from dia.models import build_for
-from dia.problems import Problems, simulate_clients
+from dia.problems import Problems
 from dia.run.files import write_json, write_text
 from dia.run.console import quiet_libraries
 
@@ -67,13 +66,11 @@ def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path,
     """Attack all `settings` of one (rate, attack) at once; write one run folder per setting."""
     cfgs = [compose(base + args) for _, args in settings]
     cfg = cfgs[0]
-    victims = load_victims(cfg.data, indices=None, count=cfg.num_victims, seed=cfg.victim_seed)
-    mean, std = normalizer(cfg.data)
-    model = build_for(cfg)
     started = time.time()
-    parts = [simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=1, seed=cfg.run.seed,
-                              defense=c.defense) for c in cfgs]
-    result = attack(model, pack(parts), cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=device, progress=False)
+    sims = [simulate(config=c) for c in cfgs]  # the same victims and model; each setting's clients defend their own way
+    victims, model, mean, std = sims[0].victims, sims[0].model, sims[0].mean, sims[0].std
+    parts = [s.problems for s in sims]
+    result = attack(model, pack(parts), cfg, device=device, progress=False)
     wall = time.time() - started
     n = len(victims.indices)
     for i, ((tag, _), c, problems) in enumerate(zip(settings, cfgs, parts)):

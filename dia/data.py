@@ -6,35 +6,19 @@ Images are returned as float tensors in [0, 1], shape (N, C, H, W); the attack w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dia.config.schema import DataConfig
 from dia.errors import UserError
 from dia.registry import Registry
 
-
-@dataclass
-class DataConfig:
-    name: str = "mnist"
-    source: str = "embedded"  # embedded | torchvision | imagefolder
-    root: Optional[str] = None  # torchvision cache / ImageFolder root
-    download: bool = True  # torchvision: download when missing (needs the internet)
-    embedded: str = "mnist_128.npz"  # file under dia/assets for source=embedded
-    torchvision_name: Optional[str] = None  # torchvision.datasets class for source=torchvision
-    split: str = "test"
-    channels: int = 1
-    image_size: int = 28
-    num_classes: int = 10
-    labels_file: Optional[str] = None  # imagefolder without class subfolders: CSV lines `file,label`
-    normalize: str = "dataset"  # dataset: the mean/std below | folder: computed from the images (saved with the run)
-    mean: List[float] = field(default_factory=lambda: [0.1307])
-    std: List[float] = field(default_factory=lambda: [0.3081])
 
 
 @dataclass

@@ -32,45 +32,16 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from dia.config import run_checks, stage_names
 from dia.errors import UserError
 from dia.gradients import problem_gradients
-from dia.registry import Entry, Registry
+from dia.registry import Registry
 
 Grads = dict[str, Tensor]
 
 
-# ---- schemas -------------------------------------------------------------------------------------
-@dataclass
-class NoDefenseConfig:
-    name: str = "none"
-
-
-@dataclass
-class DPSGDConfig:
-    name: str = "dpsgd"
-    clip: float = 1.0  # C: every example's gradient is clipped to L2 norm <= C
-    noise_multiplier: float = 1.0  # sigma: the sum gets N(0, (sigma C)^2) noise per entry
-    delta: float = 1e-5  # the delta of the reported (epsilon, delta)
-
-
-@dataclass
-class PruneConfig:
-    name: str = "prune"
-    ratio: float = 0.9  # share of each layer's entries zeroed (the smallest by magnitude)
-
-
-@dataclass
-class QuantizeConfig:
-    name: str = "quantize"
-    bits: int = 4  # 2^bits - 1 levels per layer, symmetric around 0
-    rounding: str = "nearest"  # nearest | stochastic (unbiased)
-
-
-@dataclass
-class SignConfig:
-    name: str = "sign"
-
-
+# A defense's settings are its YAML, configs/defense/<name>.yaml (dia.config.schema); a composition has the
+# union of its stages' keys in one flat section.
 ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -136,54 +107,41 @@ def identity(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
 # ---- registry -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
-    """One defense: `apply(grads, cfg, generator)`; `per_example` stages take (B, ...) gradients and aggregate."""
+    """One defense: `apply(grads, cfg, generator)`; `per_example` stages take (B, ...) gradients and aggregate.
+
+    What a report shows of it is said here too: `label(settings)` names its settings in a table row, and
+    `strength` is the settings key that says how strong it is (the x axis of the defense figure, `axis` its
+    label; `stronger_when_smaller` for keys such as bits). A stage without a strength is one point.
+    """
 
     apply: Callable[[Grads, Any, torch.Generator], Grads]
     per_example: bool = False
+    label: Callable[[Mapping[str, Any]], str] = lambda d: str(d.get("name"))
+    strength: str | None = None
+    axis: str = ""
+    stronger_when_smaller: bool = False
 
 
-class DefenseRegistry(Registry[Stage]):
-    """The `defense` registry; a name 'a+b' is the composition of a, then b (schema: the union of theirs)."""
-
-    def entry(self, name: str) -> Entry[Stage]:
-        parts = stage_names(name)
-        if len(parts) == 1:
-            return super().entry(parts[0])
-        entries = [Registry.entry(self, p) for p in parts]
-        check_composition(parts, entries)
-        fields: dict[str, tuple[Any, dataclasses.Field]] = {}
-        for e in entries:
-            for f in dataclasses.fields(e.schema):
-                if f.name != "name":
-                    fields[f.name] = (f.type, dataclasses.field(default=f.default))
-        joined = "+".join(parts)
-        schema = dataclasses.make_dataclass(
-            "DefenseConfig_" + "_".join(parts), [("name", str, dataclasses.field(default=joined))]
-            + [(k, t, f) for k, (t, f) in fields.items()])
-        return Entry(joined, entries[0].obj, schema)
+DEFENSES: Registry[Stage] = Registry("defense")
+DEFENSES.register("none")(Stage(identity, label=lambda d: "none"))
+DEFENSES.register("dpsgd")(Stage(
+    dpsgd, per_example=True, strength="noise_multiplier", axis="noise multiplier σ",
+    label=lambda d: f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}" + ("" if d.get("delta", 1e-5) == 1e-5 else f" δ={d['delta']:g}")))
+DEFENSES.register("prune")(Stage(prune, strength="ratio", axis="prune ratio", label=lambda d: f"prune {d['ratio']:g}"))
+DEFENSES.register("quantize")(Stage(
+    quantize, strength="bits", axis="bits", stronger_when_smaller=True,
+    label=lambda d: f"quantize {d['bits']}b" + (" stochastic" if d.get("rounding") == "stochastic" else "")))
+DEFENSES.register("sign")(Stage(sign, label=lambda d: "sign"))
 
 
-DEFENSES = DefenseRegistry("defense")
-DEFENSES.register("none", schema=NoDefenseConfig)(Stage(identity))
-DEFENSES.register("dpsgd", schema=DPSGDConfig)(Stage(dpsgd, per_example=True))
-DEFENSES.register("prune", schema=PruneConfig)(Stage(prune))
-DEFENSES.register("quantize", schema=QuantizeConfig)(Stage(quantize))
-DEFENSES.register("sign", schema=SignConfig)(Stage(sign))
-
-
-def stage_names(name: Any) -> list[str]:
-    """'prune+dpsgd', '[prune,dpsgd]' or ['prune', 'dpsgd'] -> ['prune', 'dpsgd'] (in application order)."""
-    if isinstance(name, str):
-        return [p.strip() for p in name.strip().strip("[]").replace("+", ",").split(",") if p.strip()] or [name]
-    return [str(p) for p in name]
-
-
-def check_composition(parts: list[str], entries: list[Entry[Stage]]) -> None:
-    if "none" in parts:
+def check_composition(parts: list[str]) -> None:
+    """A composition's stages exist, none is 'none', and at most one aggregates per-example gradients."""
+    stages = [DEFENSES.get(p) for p in parts]
+    if len(parts) > 1 and "none" in parts:
         raise UserError(f"defense={'+'.join(parts)}: 'none' cannot be composed with other defenses")
     if len(set(parts)) != len(parts):
         raise UserError(f"defense={'+'.join(parts)}: a defense is listed twice")
-    if sum(e.obj.per_example for e in entries) > 1:
+    if sum(s.per_example for s in stages) > 1:
         raise UserError(f"defense={'+'.join(parts)}: at most one per-example defense (dpsgd)")
 
 
@@ -199,11 +157,9 @@ CHECKS: list[Check] = [
 
 
 def check_defense(cfg: Any) -> None:
-    """One-line `UserError` for an invalid value of the composed defense section."""
-    for key, ok, rule in CHECKS:
-        value = getattr(cfg, key, None) if not hasattr(cfg, "get") else cfg.get(key)
-        if value is not None and not ok(value):
-            raise UserError(f"defense.{key}={value!r}: {rule}")
+    """One-line `UserError` for an invalid composition or value of the composed defense section."""
+    check_composition(stage_names(cfg.name))
+    run_checks(cfg, CHECKS, prefix="defense.")
 
 
 # ---- applying a defense -----------------------------------------------------------------------------

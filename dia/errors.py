@@ -7,8 +7,9 @@ from enum import IntEnum
 from typing import Iterable
 
 
-class UserError(Exception):
-    """A problem with what the user asked for; the CLI prints it as one line and exits with code 2."""
+class UserError(ValueError):
+    """A problem with what the user asked for (a key, a value, a file, a tensor): one line that names it.
+    The commands print it and exit with code 2; the library (`dia.reconstruct`, ...) raises it."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -7,6 +7,7 @@ the paper's code reports it.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -64,6 +65,43 @@ def problem_ssim(reconstructions: Tensor, originals: Tensor) -> Tensor:
 MASK_MEASURES = ("recall", "precision", "bal_acc", "accuracy")
 # The keys `mask_measures` always returns: each measure, then its all-keep and initialisation baselines.
 MASK_KEYS = tuple(f"mask_{m}{s}" for m in MASK_MEASURES for s in ("", "_keep_all", "_init"))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-victim measure of a run: its key (metrics.json, curves, W&B), how tables and figures label it,
+    whether higher is better, and how one value is printed. `brief`: in one-line summaries; `column`: a
+    column of the tables (dia.train's console, dia.report); every metric is in metrics.json and W&B."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+    fmt: str
+    brief: bool = False
+    column: bool = True
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+    def format(self, value: float | None) -> str:
+        return "-" if value is None else self.fmt.format(value)
+
+
+_MASK_LABELS = {"recall": "drop recall", "precision": "drop precision", "bal_acc": "mask bal. acc.", "accuracy": "mask accuracy"}
+_BASELINES = {"": "", "_keep_all": " (keep-all)", "_init": " (init)"}
+# The one table of what a run reports per victim, in the order tables show it: dia.train's console,
+# metrics.json's means (dia.run.summary), dia.report's tables and figures and the W&B summary read it.
+METRICS: tuple[Metric, ...] = (
+    Metric("ssim", "SSIM", True, "{:.3f}", brief=True),
+    Metric("psnr", "PSNR", True, "{:.2f}", brief=True),
+    Metric("lpips", "LPIPS", False, "{:.3f}", brief=True),
+    Metric("mse", "MSE", False, "{:.4f}", brief=True),
+    *(Metric(f"mask_{m}{b}", _MASK_LABELS[m] + _BASELINES[b], True, "{:.3f}", brief=(m, b) == ("bal_acc", ""),
+             column=m != "accuracy" and (m == "bal_acc" or b != "_keep_all"))
+      for m in ("bal_acc", "recall", "precision", "accuracy") for b in _BASELINES),
+)
+METRIC = {m.key: m for m in METRICS}
 
 
 def _confusion_measures(drop_pred: Tensor, drop_true: Tensor) -> dict[str, Tensor]:

@@ -25,6 +25,8 @@ class Problems:
     kinds: dict[str, str]  # kind of each site with p > 0: module | functional | drop_path
     seeds: list[int]  # one seed per problem for the attacker's random initialisation
     true_masks: dict[str, Tensor] | None = None  # the client's masks {site: (K, B, ...)}: WIIG and evaluation only
+    lower: Tensor | None = None  # the valid image range in the attack's (normalized) space, (C, 1, 1): public
+    upper: Tensor | None = None
 
     @property
     def num_problems(self) -> int:
@@ -50,6 +52,8 @@ class Problems:
             targets={n: t.to(device) for n, t in self.targets.items()},
             labels=self.labels.to(device),
             true_masks=None if self.true_masks is None else {n: m.to(device) for n, m in self.true_masks.items()},
+            lower=None if self.lower is None else self.lower.to(device),
+            upper=None if self.upper is None else self.upper.to(device),
         )
 
 
@@ -59,9 +63,11 @@ def problem_seed(seed: int, index: int) -> int:
 
 
 def simulate_clients(
-    model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int, seed: int, defense: Any = None
+    model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int, seed: int, defense: Any = None,
+    lower: Tensor | None = None, upper: Tensor | None = None,
 ) -> Problems:
     """Each consecutive group of `batch_size` (normalized) images is one client's batch and one problem.
+    `lower`/`upper`: the valid image range in that normalized space (public: the attack keeps images in it).
 
     `defense` (a `defense` config section, see dia.defenses) is applied to what each client sends, with
     its own generator per client; None or `name: none` leaves the gradients as computed.
@@ -91,6 +97,8 @@ def simulate_clients(
         kinds={name: site.kind for name, site in sites.items()},
         seeds=[problem_seed(seed, j) for j in range(k)],
         true_masks={name: torch.stack([m[name] for m in masks]) for name in rates},
+        lower=lower,
+        upper=upper,
     )
 
 

@@ -1,8 +1,7 @@
-"""A tiny name -> builder registry (timm-style), so groups of choices are data, not if/elif chains."""
+"""A tiny name -> object registry (timm-style), so groups of choices are data, not if/elif chains."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 from dia.errors import UserError, did_you_mean
@@ -10,33 +9,31 @@ from dia.errors import UserError, did_you_mean
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Entry(Generic[T]):
-    name: str
-    obj: T
-    schema: type | None  # structured-config dataclass validated for this choice
-
-
 class Registry(Generic[T]):
-    """Maps a choice name (as used in `group=name` on the command line) to an object and its schema."""
+    """Maps a choice name (as used in `group=name` on the command line) to its code, in registration order.
+
+    A choice's settings are not here: they are its YAML (dia.config.schema), so composing a config never
+    imports the code.
+    """
 
     def __init__(self, group: str) -> None:
         self.group = group
-        self._entries: dict[str, Entry[T]] = {}
+        self._entries: dict[str, T] = {}
 
-    def register(self, name: str, *, schema: type | None = None) -> Callable[[T], T]:
+    def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            if name in self._entries:
+            if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.group} '{name}' registered twice")
-            self._entries[name] = Entry(name, obj, schema)
+            self._entries[name] = obj
             return obj
 
         return deco
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        """The registered names, in registration order."""
+        return list(self._entries)
 
-    def entry(self, name: str) -> Entry[T]:
+    def get(self, name: str) -> T:
         if name not in self._entries:
             raise UserError(
                 f"unknown {self.group} '{name}'{did_you_mean(str(name), self.names())}; "
@@ -44,8 +41,8 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
-    def get(self, name: str) -> T:
-        return self.entry(name).obj
-
     def __contains__(self, name: Any) -> bool:
         return name in self._entries
+
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._entries.items())

@@ -9,19 +9,19 @@ import os
 import sys
 from pathlib import Path
 
-from dia.run.console import quiet_libraries
+
 from dia.errors import ExitCode, UserError
 
 USAGE_HINT = "see `python -m dia.train --help`"
 
 
 def _table(rows: list[dict]) -> str:
+    """The per-victim rows as a console table: the run's bookkeeping, then the metrics table's columns."""
+    from dia.metrics import METRICS
+
     cols = [("victim", "index", "{}"), ("label", "label", "{}"), ("status", "status", "{}"), ("iters", "iterations", "{}"),
-            ("loss", "loss", "{:.2e}"), ("MSE", "mse", "{:.4f}"), ("PSNR", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"),
-            ("LPIPS", "lpips", "{:.3f}"), ("mask bal.acc", "mask_bal_acc", "{:.3f}"),
-            ("(keep-all)", "mask_bal_acc_keep_all", "{:.3f}"), ("(init)", "mask_bal_acc_init", "{:.3f}"),
-            ("drop recall", "mask_recall", "{:.3f}"), ("(init)", "mask_recall_init", "{:.3f}"),
-            ("drop prec.", "mask_precision", "{:.3f}"), ("(init)", "mask_precision_init", "{:.3f}")]
+            ("loss", "loss", "{:.2e}")]
+    cols += [(m.label, m.key, m.fmt) for m in METRICS if m.column and any(r.get(m.key) is not None for r in rows)]
     cells = [[h for h, _, _ in cols]] + [
         ["-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols] for r in rows
     ]
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"unknown option '{unknown[0]}'; {USAGE_HINT}")
         cfg = compose(args, base=base)
+        from dia.run.console import quiet_libraries
+
         quiet_libraries()
         if describe:
             return _describe(cfg)
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     m = out.metrics
     print()
     print(_table(m["victims"]))
-    mean = {k: m["mean"].get(k) for k in ("ssim", "psnr", "mse", "lpips", "mask_bal_acc") if m["mean"].get(k) is not None}
+    from dia.metrics import METRICS
+
+    mean = {k.key: m["mean"][k.key] for k in METRICS if k.brief and m["mean"].get(k.key) is not None}
     print(f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}: status {m['status']}, "
           + ", ".join(f"mean {k} {v:.4g}" for k, v in mean.items()) + f", {m['wall_time_s']:.1f} s on {m['device']}")
     print(f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"

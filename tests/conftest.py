@@ -10,20 +10,13 @@ import torch
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
-from dia.config import compose  # noqa: E402
-from dia.data import load_victims, normalizer  # noqa: E402
-from dia.models import build_for  # noqa: E402
-from dia.problems import simulate_clients  # noqa: E402
+from dia.api import simulate  # noqa: E402
 
 
 def setup_problems(args: list[str], victims: list[int]):
     """(cfg, model, problems, victims, mean, std) for a config given as command-line overrides."""
-    cfg = compose(["attack.compile=false"] + args + [f"victims={victims}"])
-    v = load_victims(cfg.data, indices=victims, count=len(victims), seed=None)
-    model = build_for(cfg)
-    mean, std = normalizer(cfg.data)
-    problems = simulate_clients(model, (v.images - mean) / std, v.labels, batch_size=cfg.batch_size, seed=cfg.run.seed)
-    return cfg, model, problems, v, mean, std
+    sim = simulate("attack.compile=false", *args, f"victims={victims}")
+    return sim.cfg, sim.model, sim.problems, sim.victims, sim.mean, sim.std
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_baseline_draws_the_engines_start(mlp_setup) -> None:
         attack="dia", iterations=0, lower=lower, upper=upper, seed=problems.seeds[0], input_shape=problems.input_shape,
     )
     assert losses == []
-    torch.testing.assert_close(x, module.initial_params()["x"][0])
+    torch.testing.assert_close(x, module.start()["x"][0])
 
 
 def test_compiled_variants_are_rows_of_their_own() -> None:

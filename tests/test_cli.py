@@ -61,7 +61,7 @@ def test_saved_config_reruns_the_same_result(tmp_path):
 def test_help_lists_groups_choices_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "attack   dia, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
+    assert "attack   dia, dlg, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
 
 
 def test_describe_model_lists_dropout_sites(capsys):
@@ -126,7 +126,7 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
 def test_the_real_process_prints_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "dia.train", "attack=foo"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown attack 'foo'; choose one of: dia, ig, wiig"
+    assert proc.stderr.strip() == "error: unknown attack 'foo'; choose one of: dia, dlg, ig, wiig"
 
 
 def test_vit_on_cifar10_runs_end_to_end(tmp_path):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from dia import defenses as D
 from dia import metrics as M
 from dia.attacks import ATTACKS
-from dia.config import compose
+from dia.config import compose, group_settings
 from dia.data import load_victims, normalizer
 from dia.errors import UserError
 from dia.run.pack import attack
@@ -57,7 +57,7 @@ def test_clipping_bounds_every_examples_norm_and_leaves_small_ones_alone():
 def test_dpsgd_noise_has_the_stated_std_on_the_sum_and_comes_from_the_given_generator():
     b, clip, sigma = 4, 0.5, 0.3
     per = {"w": torch.zeros(b, 400, 500)}  # zero gradients: what is sent is the noise / B
-    cfg = OmegaConf.structured(D.DPSGDConfig(clip=clip, noise_multiplier=sigma))
+    cfg = group_settings("defense", "dpsgd", clip=clip, noise_multiplier=sigma)
     sent = D.dpsgd(per, cfg, GEN(3))["w"] * b
     assert abs(sent.std().item() - sigma * clip) < 0.01 * sigma * clip
     assert abs(sent.mean().item()) < 0.01 * sigma * clip
@@ -75,7 +75,7 @@ def test_dpsgd_uses_each_examples_own_dropout_mask():
     wrong = D.per_example_gradients(model, x, v.labels, swapped)
     assert not all(torch.allclose(wrong[n].mean(0), g[n], atol=1e-4) for n in g)
     # no noise and a clip above every norm: DP-SGD sends exactly the client's gradient
-    dp = OmegaConf.structured(D.DPSGDConfig(clip=1e6, noise_multiplier=0.0))
+    dp = group_settings("defense", "dpsgd", clip=1e6, noise_multiplier=0.0)
     sent = D.defend(g, dp, GEN(0), lambda: per)
     assert all(torch.allclose(sent[n], g[n], atol=1e-6) for n in g)
 
@@ -86,7 +86,7 @@ def test_dpsgd_clips_a_real_batch():
     per = D.per_example_gradients(model, x, v.labels, masks)
     norms = torch.stack([t.flatten(1).pow(2).sum(1) for t in per.values()]).sum(0).sqrt()
     clip = float(norms.min()) / 2  # every example is clipped
-    sent = D.defend(g, OmegaConf.structured(D.DPSGDConfig(clip=clip, noise_multiplier=0.0)), GEN(0), lambda: per)
+    sent = D.defend(g, group_settings("defense", "dpsgd", clip=clip, noise_multiplier=0.0), GEN(0), lambda: per)
     expect = {n: (t / norms.view(-1, *[1] * (t.dim() - 1)) * clip).mean(0) for n, t in per.items()}
     assert all(torch.allclose(sent[n], expect[n], atol=1e-6) for n in g)
 
@@ -94,7 +94,7 @@ def test_dpsgd_clips_a_real_batch():
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9, 0.99])
 def test_pruning_keeps_exactly_the_stated_share_of_the_largest_entries(ratio):
     g = {"a": torch.randn(40, 50, generator=GEN(7)), "b": torch.randn(300, generator=GEN(8))}
-    out = D.prune(g, OmegaConf.structured(D.PruneConfig(ratio=ratio)), GEN())
+    out = D.prune(g, group_settings("defense", "prune", ratio=ratio), GEN())
     for n, t in g.items():
         kept = out[n] != 0
         assert int(kept.sum()) == round((1 - ratio) * t.numel())
@@ -108,12 +108,12 @@ def test_quantization_levels_nearest_and_stochastic(bits):
     levels = 2 ** (bits - 1) - 1
     g = {"a": torch.randn(64, 33, generator=GEN(9))}
     scale = g["a"].abs().max()
-    near = D.quantize(g, OmegaConf.structured(D.QuantizeConfig(bits=bits)), GEN())["a"]
+    near = D.quantize(g, group_settings("defense", "quantize", bits=bits), GEN())["a"]
     q = near / scale * levels
     assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= levels + 1e-4
     assert len(torch.unique(q.round())) <= 2 ** bits - 1
     assert (near - g["a"]).abs().max() <= scale / levels / 2 + 1e-6  # nearest level
-    cfg = OmegaConf.structured(D.QuantizeConfig(bits=bits, rounding="stochastic"))
+    cfg = group_settings("defense", "quantize", bits=bits, rounding="stochastic")
     gen = GEN(10)
     draws = torch.stack([D.quantize(g, cfg, gen)["a"] for _ in range(3000)])
     v = g["a"] / scale * levels

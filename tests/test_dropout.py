@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dia.config import group_settings
 from dia.gradients import client_gradients, problem_gradients
 from dia.models import build_model, dropout_control, dropout_sites
-from dia.models.mlp import MLPConfig
-from dia.models.vit import ViTConfig
+
+
+def model_settings(name: str, **settings):
+    return group_settings("model", name, **settings)
+
 
 MODELS = {
-    "mlp": (MLPConfig(dropout=0.3), 1, 28),
-    "vit": (ViTConfig(dropout=0.3, dim=32, heads=4, depth=2, mlp_dim=32), 3, 32),
+    "mlp": (model_settings("mlp", dropout=0.3), 1, 28),
+    "vit": (model_settings("vit", dropout=0.3, dim=32, heads=4, depth=2, mlp_dim=32), 3, 32),
 }
 
 

@@ -15,29 +15,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dia.config import compose
+from dia.config import compose, group_settings
 from dia.errors import UserError
 from dia.gradients import client_gradients, problem_gradients
 from dia.models import build_for, build_model, describe_sites, dropout_control, dropout_sites
-from dia.models.cnn import CNNConfig
 from dia.models.capture import UncapturableModel, make_capturable
 from dia.models.dropout import name_sites
-from dia.models.mlp import MLPConfig
 from dia.models import site_parts
-from dia.models.timm_zoo import ResNet18Config, TimmConfig
-from dia.models.vit import ViTB16Config, ViTConfig
+
+
+def model_settings(name: str, **settings):
+    return group_settings("model", name, **settings)
+
+
+def _unchecked(cfg, **values):
+    """Settings with values the config checks would refuse (the builder must refuse them too)."""
+    for k, v in values.items():
+        cfg[k] = v
+    return cfg
+
 
 # name: (config, channels, image size, site kinds that must be present)
 ZOO = {
-    "mlp": (MLPConfig(dropout=0.3, width=64), 1, 28, {"module"}),
-    "vit": (ViTConfig(dropout=0.3, dim=32, heads=4, depth=2, mlp_dim=32), 3, 32, {"module"}),
-    "cnn-mnist": (CNNConfig(dropout=0.3), 1, 28, {"module"}),
-    "cnn-cifar": (CNNConfig(dropout=0.3), 3, 32, {"module"}),
-    "resnet18": (ResNet18Config(dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
-    "vit_b16-small": (ViTB16Config(dropout=0.3, dim=32, depth=2, heads=4, mlp_dim=64), 3, 32, {"module"}),
-    "timm-vit_tiny": (TimmConfig(arch="vit_tiny_patch16_224", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
-    "timm-resnet10t": (TimmConfig(arch="resnet10t", dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
-    "timm-convnext_atto": (TimmConfig(arch="convnext_atto", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
+    "mlp": (model_settings("mlp", dropout=0.3, width=64), 1, 28, {"module"}),
+    "vit": (model_settings("vit", dropout=0.3, dim=32, heads=4, depth=2, mlp_dim=32), 3, 32, {"module"}),
+    "cnn-mnist": (model_settings("cnn", dropout=0.3), 1, 28, {"module"}),
+    "cnn-cifar": (model_settings("cnn", dropout=0.3), 3, 32, {"module"}),
+    "resnet18": (model_settings("resnet18", dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
+    "vit_b16-small": (model_settings("vit_b16", dropout=0.3, dim=32, depth=2, heads=4, mlp_dim=64), 3, 32, {"module"}),
+    "timm-vit_tiny": (model_settings("timm", arch="vit_tiny_patch16_224", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
+    "timm-resnet10t": (model_settings("timm", arch="resnet10t", dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
+    "timm-convnext_atto": (model_settings("timm", arch="convnext_atto", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
 }
 HEAVY = {"resnet18", "timm-convnext_atto"}  # one problem is enough to check them; saves CPU time
 
@@ -81,29 +89,29 @@ def test_zoo_replayed_masks_reproduce_client_gradient_and_withheld_masks_do_not(
 
 
 def test_native_batch_norm_replays_with_batch_statistics():
-    model = build_model(TimmConfig(arch="resnet10t", dropout=0.3, batch_norm="native"), channels=3, image_size=32,
+    model = build_model(model_settings("timm", arch="resnet10t", dropout=0.3, batch_norm="native"), channels=3, image_size=32,
                         num_classes=10, seed=0)
     _replay_check(model, torch.randn(1, 2, 3, 32, 32), torch.tensor([[3, 7]]), rtol=1e-4, atol=1e-5)
 
 
 def test_sites_are_named_like_the_models_and_described_by_kind():
-    vit = build_model(TimmConfig(arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
+    vit = build_model(model_settings("timm", arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
                       num_classes=10, seed=0)
     rows = {r["site"]: r for r in describe_sites(vit, torch.zeros(1, 3, 32, 32))}
     for site in ("pos_drop", "blocks.0.attn.attn_drop", "blocks.0.attn.proj_drop", "blocks.0.mlp.drop1", "blocks.0.mlp.drop2"):
         assert rows[site]["kind"] == "module" and rows[site]["p"] == 0.25
     assert rows["blocks.0.attn.attn_drop"]["mask_shape"] == [3, 5, 5]  # heads, tokens, tokens
     assert rows["blocks.1.drop_path1"]["kind"] == "drop_path" and rows["blocks.1.drop_path1"]["mask_shape"] == [1, 1]
-    resnet = build_model(ResNet18Config(), channels=3, image_size=32, num_classes=10, seed=0)
+    resnet = build_model(model_settings("resnet18"), channels=3, image_size=32, num_classes=10, seed=0)
     (head,) = [r for r in describe_sites(resnet, torch.zeros(1, 3, 32, 32)) if r["kind"] == "functional"]
     assert head["site"] == "functional_dropout" and head["mask_shape"] == [512] and "F.dropout in forward_head()" in head["captured_by"]
 
 
 def test_site_parts_tell_embedding_attention_and_mlp_sites_apart():
-    ours = build_model(ViTConfig(dim=32, heads=4, depth=2, mlp_dim=32), channels=3, image_size=32, num_classes=10, seed=0)
-    timm_vit = build_model(TimmConfig(arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
+    ours = build_model(model_settings("vit", dim=32, heads=4, depth=2, mlp_dim=32), channels=3, image_size=32, num_classes=10, seed=0)
+    timm_vit = build_model(model_settings("timm", arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
                            num_classes=10, seed=0)
-    mlp = build_model(MLPConfig(width=16), channels=1, image_size=28, num_classes=10, seed=0)
+    mlp = build_model(model_settings("mlp", width=16), channels=1, image_size=28, num_classes=10, seed=0)
     for model, depth in ((ours, 2), (timm_vit, 12)):
         parts = site_parts(dropout_sites(model, active_only=True))
         counts = {p: sum(v == p for v in parts.values()) for p in set(parts.values())}
@@ -151,8 +159,8 @@ def test_vit_b16_is_the_small_vits_builder_so_one_seed_gives_the_same_weights():
     """ViT-B/16 and the small ViT are one builder: at equal sizes and seed, equal weights (so run.seed=43 gives
     the authors' weights for both); a reduced-size B/16 runs and records its masks."""
     sizes = dict(patch_size=16, dim=32, depth=2, heads=4, mlp_dim=64)
-    b16 = build_model(ViTB16Config(**sizes), channels=3, image_size=64, num_classes=10, seed=43)
-    small = build_model(ViTConfig(**sizes), channels=3, image_size=64, num_classes=10, seed=43)
+    b16 = build_model(model_settings("vit_b16", **sizes), channels=3, image_size=64, num_classes=10, seed=43)
+    small = build_model(model_settings("vit", **sizes), channels=3, image_size=64, num_classes=10, seed=43)
     for (n, a), b in zip(b16.state_dict().items(), small.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     with torch.no_grad(), dropout_control(b16, "record") as ctl:
@@ -176,10 +184,10 @@ def test_configs_build_every_zoo_model_from_the_command_line_groups():
 
 def test_cnn_takes_any_size_from_28_up():
     for c, s in [(1, 28), (3, 32), (3, 64), (1, 45)]:
-        model = build_model(CNNConfig(), channels=c, image_size=s, num_classes=7, seed=0)
+        model = build_model(model_settings("cnn"), channels=c, image_size=s, num_classes=7, seed=0)
         assert model(torch.zeros(2, c, s, s)).shape == (2, 7)
     with pytest.raises(UserError, match="at least 28x28"):
-        build_model(CNNConfig(), channels=1, image_size=16, num_classes=10, seed=0)
+        build_model(model_settings("cnn"), channels=1, image_size=16, num_classes=10, seed=0)
 
 
 # ---- functional dropout ----------------------------------------------------------------------------------
@@ -273,7 +281,7 @@ def test_randomness_nobody_captures_is_refused():
 
 
 def test_drop_path_sites_keep_or_drop_whole_samples():
-    model = build_model(TimmConfig(arch="convnext_atto", drop_path=0.5), channels=3, image_size=32, num_classes=10, seed=0)
+    model = build_model(model_settings("timm", arch="convnext_atto", drop_path=0.5), channels=3, image_size=32, num_classes=10, seed=0)
     paths = {n: s for n, s in dropout_sites(model, active_only=True).items() if s.kind == "drop_path"}
     assert len(paths) == 11  # convnext_atto: 2+2+6+2 blocks, the first at rate 0
     with torch.no_grad(), dropout_control(model, "record", generator=torch.Generator().manual_seed(0)) as ctl:
@@ -287,19 +295,19 @@ def test_drop_path_sites_keep_or_drop_whole_samples():
 
 def test_unknown_timm_arch_is_one_line_with_suggestions():
     with pytest.raises(UserError) as err:
-        build_model(TimmConfig(arch="resnet_18"), channels=3, image_size=32, num_classes=10, seed=0)
+        build_model(model_settings("timm", arch="resnet_18"), channels=3, image_size=32, num_classes=10, seed=0)
     msg = str(err.value)
     assert "\n" not in msg and "unknown timm model 'resnet_18'" in msg and "resnet18" in msg
     with pytest.raises(UserError, match="convnext_atto"):
-        build_model(TimmConfig(arch="convnext_ato"), channels=3, image_size=32, num_classes=10, seed=0)
+        build_model(model_settings("timm", arch="convnext_ato"), channels=3, image_size=32, num_classes=10, seed=0)
 
 
 @pytest.mark.parametrize("cfg, size, match", [
-    (TimmConfig(arch="convnext_atto"), 28, "cannot take 1x28x28 inputs"),
-    (TimmConfig(arch="vit_tiny_patch16_224"), 28, "does not divide the input size 28"),
-    (ViTB16Config(dim=32, depth=1, heads=4, mlp_dim=32), 28, "does not divide the input size 28"),
-    (TimmConfig(arch="convnext_atto", attn_dropout=0.2), 32, "no attention dropout sites"),
-    (TimmConfig(arch="vit_tiny_patch16_224", drop_path=1.5), 32, "model.drop_path=1.5"),
+    (model_settings("timm", arch="convnext_atto"), 28, "cannot take 1x28x28 inputs"),
+    (model_settings("timm", arch="vit_tiny_patch16_224"), 28, "does not divide the input size 28"),
+    (model_settings("vit_b16", dim=32, depth=1, heads=4, mlp_dim=32), 28, "does not divide the input size 28"),
+    (model_settings("timm", arch="convnext_atto", attn_dropout=0.2), 32, "no attention dropout sites"),
+    (_unchecked(model_settings("timm", arch="vit_tiny_patch16_224"), drop_path=1.5), 32, "model.drop_path=1.5"),
 ])
 def test_inputs_a_model_cannot_take_are_user_errors(cfg, size, match):
     with pytest.raises(UserError, match=match) as err:
@@ -308,7 +316,7 @@ def test_inputs_a_model_cannot_take_are_user_errors(cfg, size, match):
 
 
 def test_timm_checkpoint_round_trip(tmp_path):
-    cfg = TimmConfig(arch="resnet10t", drop_path=0.1)
+    cfg = model_settings("timm", arch="resnet10t", drop_path=0.1)
     model = build_model(cfg, channels=3, image_size=32, num_classes=10, seed=1)
     torch.save(model.state_dict(), tmp_path / "w.pt")
     cfg.checkpoint = str(tmp_path / "w.pt")

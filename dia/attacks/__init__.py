@@ -1,16 +1,41 @@
-"""Attacks as LightningModules. IG is the base; WIIG adds oracle masks; DIA adds mask parameters."""
+"""Attacks as LightningModules. IG is the base; WIIG adds oracle masks; DIA adds mask parameters; DLG swaps
+the objective.
+
+An attack is one module of this package (its class, registered with `@register(name)`) and one YAML,
+`configs/attack/<name>.yaml` (its settings). Every module here is imported when the package is, so a new
+file is found without naming it anywhere else. An attack defined elsewhere (a notebook, a test) registers
+the same way and is then a choice of `attack=` in that process.
+"""
 
 from __future__ import annotations
 
-from dia.attacks.dia import DIAConfig, DropoutInversionAttack
-from dia.attacks.ig import AttackConfig, InvertingGradients, Part
-from dia.engine import AttackResult
-from dia.attacks.wiig import WellInformedIG
+import importlib
+import pkgutil
+from typing import Callable, TypeVar
+
 from dia.registry import Registry
 
-ATTACKS: Registry[type[InvertingGradients]] = Registry("attack")
-ATTACKS.register("ig", schema=AttackConfig)(InvertingGradients)
-ATTACKS.register("wiig", schema=AttackConfig)(WellInformedIG)
-ATTACKS.register("dia", schema=DIAConfig)(DropoutInversionAttack)
+ATTACKS: Registry = Registry("attack")
+A = TypeVar("A")
 
-__all__ = ["ATTACKS", "AttackConfig", "DIAConfig", "AttackResult", "InvertingGradients", "Part", "WellInformedIG", "DropoutInversionAttack"]
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator: make an attack class the code of `attack=<name>` (and set its `name`)."""
+    def deco(cls: A) -> A:
+        cls.name = name  # type: ignore[attr-defined]
+        return ATTACKS.register(name)(cls)
+
+    return deco
+
+
+from dia.attacks.rows import Part  # noqa: E402
+from dia.attacks.ig import InvertingGradients  # noqa: E402
+from dia.engine import AttackResult  # noqa: E402
+
+for _module in pkgutil.iter_modules(__path__):  # every attack of the package registers itself
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from dia.attacks.dia import DropoutInversionAttack  # noqa: E402
+from dia.attacks.wiig import WellInformedIG  # noqa: E402
+
+__all__ = ["ATTACKS", "register", "AttackResult", "InvertingGradients", "Part", "WellInformedIG", "DropoutInversionAttack"]

@@ -1,7 +1,8 @@
 """The Dropout Inversion Attack: optimize the dummies and the client's dropout masks jointly.
 
 Masks start as Bernoulli(1 - p) draws, stay in [0, 1] and are pulled toward the keep-rate 1 - p by
-lambda * |(1 - mean(mask)) - p| per dropout site. Two parametrizations:
+lambda * |(1 - mean(mask)) - p| per dropout site (`attack.mask_weight`). Two parametrizations
+(`attack.mask_param`):
 
 * ``clip``: the mask values themselves, clipped to [0, 1] after each step (the paper's);
 * ``sigmoid``: mask = sigmoid(logits), logits initialised at +/- ``mask_init_logit``.
@@ -9,37 +10,30 @@ lambda * |(1 - mean(mask)) - p| per dropout site. Two parametrizations:
 DropPath (stochastic depth) sites drop whole residual branches per sample; like the paper, DIA does not
 model them unless ``model_drop_path`` (then their per-sample masks are optimized like any other).
 
-Mask gradients are not sign-replaced (only the dummies' are), as in the paper's code.
+Mask gradients are not sign-replaced (only the dummies' are), as in the paper's code. Settings:
+configs/attack/dia.yaml.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from dia.attacks.ig import AttackConfig, InvertingGradients, Part
-
-
-@dataclass
-class DIAConfig(AttackConfig):
-    name: str = "dia"
-    mask_weight: float = 1e-4
-    mask_param: str = "clip"  # clip | sigmoid
-    mask_init_logit: float = 3.0  # sigmoid only: |initial logit|
-    model_drop_path: bool = False  # also optimize DropPath (stochastic depth) masks; the paper does not
-
+from dia.attacks import register
+from dia.attacks.ig import InvertingGradients, Part
 
 MASK_PARAMS = ("clip", "sigmoid")
 
 
+@register("dia")
 class DropoutInversionAttack(InvertingGradients):
     """IG plus one trainable mask per dropout site and problem."""
 
-    @classmethod
-    def trains_masks(cls) -> bool:
-        return True
+    checks = [
+        ("mask_param", lambda v: v in MASK_PARAMS, f"must be one of: {', '.join(MASK_PARAMS)}"),
+        ("mask_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+        ("mask_init_logit", lambda v: 0 < v < float("inf"), "must be > 0"),
+    ]
 
     @classmethod
     def site_role(cls, part: Part, site: str) -> str | None:
@@ -59,3 +53,7 @@ class DropoutInversionAttack(InvertingGradients):
     @classmethod
     def mask_weight(cls, part: Part) -> float:
         return part.cfg.mask_weight
+
+    @classmethod
+    def mask_parametrization(cls, part: Part) -> str:
+        return part.cfg.mask_param

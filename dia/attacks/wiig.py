@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dia.attacks import register
 from dia.attacks.ig import InvertingGradients, Part
 
 
+@register("wiig")
 class WellInformedIG(InvertingGradients):
     """IG whose model applies the client's recorded masks (an oracle no real server has)."""
 

@@ -38,15 +38,14 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dia.api import simulate
 from dia.attacks import ATTACKS, InvertingGradients
 from dia.bench.baseline import run_baseline
 from dia.config import DEVICE, compose
-from dia.data import load_victims, normalizer
 from dia.errors import ExitCode, UserError
 from dia.run.cell import resolve_device
 from dia.run.pack import attack as lightning_attack, matmul_precision
-from dia.models import build_for
-from dia.problems import Problems, simulate_clients
+from dia.problems import Problems
 
 PAIRS = {"mlp": "mnist", "vit": "cifar10"}  # model -> victim data
 DROPOUT = 0.25
@@ -60,12 +59,8 @@ def config(model: str, attack: str, *overrides: str) -> DictConfig:
 
 def setup(model_name: str, n: int, device: torch.device) -> tuple[nn.Module, Problems, Tensor, Tensor]:
     """The model (on `device`), n single-victim problems (victims 0..n-1 mod 128) and the valid box."""
-    cfg = config(model_name, "ig")
-    victims = load_victims(cfg.data, indices=[i % EMBEDDED_VICTIMS for i in range(n)], count=n, seed=None)
-    mean, std = normalizer(cfg.data)
-    model = build_for(cfg)
-    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=1, seed=cfg.run.seed)
-    return model.to(device), problems, ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
+    sim = simulate(config=config(model_name, "ig", f"victims={[i % EMBEDDED_VICTIMS for i in range(n)]}"))
+    return sim.model.to(device), sim.problems, sim.lower.to(device), sim.upper.to(device)
 
 
 def engine_module(attack: str, model: nn.Module, problems: Problems, cfg: DictConfig, lower: Tensor, upper: Tensor,

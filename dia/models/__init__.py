@@ -1,7 +1,8 @@
 """Model zoo: every model's dropout sites are `CapturableDropout` modules (see dia.models.dropout).
 
 Our own models (`mlp`, `vit`, `vit_b16`, `cnn`) are written with capturable sites; timm models (`resnet18`,
-`timm`) are made capturable after they are built (dia.models.timm_zoo, `make_capturable`).
+`timm`) are made capturable after they are built (dia.models.timm_zoo, `make_capturable`). A model's
+settings are its YAML (`configs/model/<name>.yaml`, typed by dia.config.schema); its builder reads them.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ from torch import nn
 
 from dia.errors import UserError
 from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites
-from dia.models.cnn import CNNConfig, build_cnn
-from dia.models.mlp import MLPConfig, build_mlp
+from dia.models.cnn import build_cnn
+from dia.models.mlp import build_mlp
 from dia.models import timm_zoo, vit
-from dia.models.timm_zoo import ResNet18Config, TimmConfig, build_resnet18, build_timm
-from dia.models.vit import ViTB16Config, ViTConfig, build_vit
+from dia.models.timm_zoo import build_resnet18, build_timm
+from dia.models.vit import build_vit
 from dia.registry import Registry
 
 MODELS: Registry = Registry("model")
-MODELS.register("mlp", schema=MLPConfig)(build_mlp)
-MODELS.register("vit", schema=ViTConfig)(build_vit)
-MODELS.register("cnn", schema=CNNConfig)(build_cnn)
-MODELS.register("resnet18", schema=ResNet18Config)(build_resnet18)
-MODELS.register("vit_b16", schema=ViTB16Config)(build_vit)
-MODELS.register("timm", schema=TimmConfig)(build_timm)
+MODELS.register("mlp")(build_mlp)
+MODELS.register("vit")(build_vit)
+MODELS.register("cnn")(build_cnn)
+MODELS.register("resnet18")(build_resnet18)
+MODELS.register("vit_b16")(build_vit)
+MODELS.register("timm")(build_timm)
 
 __all__ = ["MODELS", "build_model", "build_for", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites",
            "site_parts"]

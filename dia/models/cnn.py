@@ -7,8 +7,7 @@ each hidden dense layer (before the next one), all `CapturableDropout`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -16,17 +15,6 @@ from dia.errors import UserError
 from dia.models.dropout import CapturableDropout
 
 MIN_SIZE = 28
-
-
-@dataclass
-class CNNConfig:
-    name: str = "cnn"
-    dropout: float = 0.25
-    checkpoint: Optional[str] = None
-    conv1: int = 6  # channels of the first conv layer
-    conv2: int = 16  # channels of the second conv layer
-    kernel: int = 5
-    hidden: List[int] = field(default_factory=lambda: [120, 84])  # dense layers before the classifier
 
 
 def feature_size(image_size: int, kernel: int) -> int:
@@ -56,7 +44,7 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_cnn(cfg: CNNConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+def build_cnn(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     if image_size < MIN_SIZE:
         raise UserError(f"model=cnn needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px, the data are {image_size}x{image_size}")
     if cfg.kernel < 1 or cfg.kernel % 2 == 0:

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any
 
 from torch import Tensor, nn
 
 from dia.models.dropout import CapturableDropout
-
-
-@dataclass
-class MLPConfig:
-    name: str = "mlp"
-    dropout: float = 0.25
-    checkpoint: Optional[str] = None
-    width: int = 512
-    depth: int = 3
-    bias: bool = False
 
 
 class MLP(nn.Module):
@@ -35,7 +24,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def build_mlp(cfg: MLPConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+def build_mlp(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     return MLP(
         in_features=channels * image_size * image_size,
         num_classes=num_classes,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -40,37 +39,17 @@ from dia.models.dropout import CapturableDropout, CapturableDropPath, dropout_si
 BATCH_NORM = ("running", "native")
 
 
-@dataclass
-class ResNet18Config:
-    name: str = "resnet18"
-    dropout: float = 0.25  # timm's drop_rate: dropout on the pooled features, before the classifier
-    checkpoint: Optional[str] = None
-    drop_path: float = 0.0  # timm's drop_path_rate (stochastic depth)
-    batch_norm: str = "running"  # running | native (see dia.models.timm_zoo)
-
-
-@dataclass
-class TimmConfig:
-    name: str = "timm"
-    arch: str = "resnet18"  # any name of timm.list_models()
-    dropout: float = 0.25  # every dropout site of the model
-    checkpoint: Optional[str] = None
-    attn_dropout: Optional[float] = None  # attention-weight sites; null: model.dropout
-    drop_path: float = 0.0  # timm's drop_path_rate
-    batch_norm: str = "running"  # running | native
-
-
 # ---- the builders ----------------------------------------------------------------------------------
 
 
-def build_resnet18(cfg: ResNet18Config, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     _check_rates(cfg)
     model = _create("resnet18", "model=resnet18", channels, image_size,
                     dict(num_classes=num_classes, in_chans=channels, drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path))
     return _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
 
 
-def build_timm(cfg: TimmConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+def build_timm(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     _check_rates(cfg)
     arch = check_arch(cfg.arch)
     what = f"model.arch={arch}"
@@ -229,5 +208,5 @@ def site_part(name: str) -> str | None:
     return next((part for pattern, part in _PARTS if pattern.fullmatch(name)), None)
 
 
-__all__ = ["ResNet18Config", "TimmConfig", "build_resnet18", "build_timm", "site_part",
+__all__ = ["build_resnet18", "build_timm", "site_part",
            "check_arch", "running_stats_batch_norm", "CapturableDropout", "FunctionalDropoutSite"]

@@ -15,39 +15,13 @@ embedding, qkv bias, ...) is `model=timm model.arch=vit_base_patch16_224`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dia.errors import UserError
 from dia.models.dropout import CapturableDropout
-
-
-@dataclass
-class ViTConfig:
-    name: str = "vit"
-    dropout: float = 0.25
-    checkpoint: Optional[str] = None
-    patch_size: int = 4
-    dim: int = 256
-    depth: int = 4
-    heads: int = 16
-    mlp_dim: int = 256
-    dim_head: Optional[int] = None  # None: dim // heads, as in the paper's code
-
-
-@dataclass
-class ViTB16Config(ViTConfig):
-    """The paper's ViT-B/16: the small ViT's model at ViT-B/16 size (224 px inputs)."""
-
-    name: str = "vit_b16"
-    patch_size: int = 16
-    dim: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int = 3072
 
 
 # Which part of the network each dropout site is in (for per-part mask measures), from the site names
@@ -135,7 +109,7 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
-def build_vit(cfg: ViTConfig, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+def build_vit(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     if image_size % cfg.patch_size:
         raise UserError(
             f"model.patch_size={cfg.patch_size} does not divide the input size {image_size}; "

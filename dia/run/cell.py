@@ -11,24 +11,22 @@ import os
 import shutil
 import time
 import uuid
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dia import defenses
 from dia.run import checks
 from dia import metrics as M
-from dia.data import Victims, folder_statistics, load_victims, normalizer
+from dia.data import Victims, folder_statistics
 from dia.engine import AttackResult
 from dia.errors import UserError
-from dia.models import build_for, site_parts
+from dia.models import site_parts
 from dia.run.plotting import reconstruction_grid
-from dia.problems import Problems, infer_labels, simulate_clients
+from dia.problems import Problems
 from dia.run.files import save_tensors, write_json, write_text
 from dia.run.checkpoint import Checkpoint
 from dia.run.folder import RunFolder, default_name
@@ -58,7 +56,7 @@ def num_problems(cfg: DictConfig) -> int:
     return n // cfg.batch_size
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: hashable by identity
 class Cell:
     """One run: its config and folder; `problems` etc. are filled by `prepare` when its turn comes."""
 
@@ -151,24 +149,10 @@ def prepare(cell: Cell) -> Cell:
 
 
 def _prepare(cell: Cell) -> Cell:
-    cfg = cell.cfg
-    victims = load_victims(cfg.data, indices=None if cfg.victims is None else list(cfg.victims),
-                           count=cfg.num_victims, seed=cfg.victim_seed)
-    model = build_for(cfg)
-    if victims.labels.max() >= cfg.data.num_classes:
-        raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
-    L.seed_everything(cfg.run.seed, verbose=False)
-    mean, std = normalizer(cfg.data)
-    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size,
-                                seed=cfg.run.seed, defense=cfg.defense)
-    if cfg.attack.labels == "infer":
-        if cfg.batch_size != 1:
-            raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
-        problems = replace(problems, labels=infer_labels(problems.targets, cfg.data.num_classes).view(-1, 1))
-    if cfg.attack.name == "dia" and not problems.rates:
-        warnings.warn(f"{cell.name}: the model has no dropout (p=0 everywhere): DIA has no masks to recover and behaves as IG",
-                      stacklevel=1)
-    cell.victims, cell.model, cell.problems, cell.mean, cell.std = victims, model, problems, mean, std
+    from dia.api import simulate
+
+    sim = simulate(config=cell.cfg)
+    cell.victims, cell.model, cell.problems, cell.mean, cell.std = sim.victims, sim.model, sim.problems, sim.mean, sim.std
     return cell
 
 

@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+LIGHTNING = ("lightning.pytorch", "lightning.fabric", "lightning")
+HARMLESS = (".*does not have many workers.*", ".*LeafSpec.*", ".*number of training batches.*",
+            ".*`isinstance.*treespec.*", ".*Checkpoint directory.*", ".*returned `None`.*no optimizer.*",
+            ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*", ".*`srun` command is available.*",
+            ".*litlogger.*", ".*`Trainer.fit` stopped.*")
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Inside: Lightning's banners and known-harmless warnings are not shown (library use: restored after)."""
+    levels = {name: logging.getLogger(name).level for name in LIGHTNING}
+    for name in LIGHTNING:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for pattern in HARMLESS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def quiet_libraries() -> None:
-    """Keep Lightning's banner lines and known-harmless warnings out of the researcher's console."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    """Keep Lightning's banner lines and known-harmless warnings out of the researcher's console (commands)."""
+    for name in LIGHTNING:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*number of training batches.*",
-                    ".*`isinstance.*treespec.*", ".*Checkpoint directory.*", ".*returned `None`.*no optimizer.*",
-                    ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*", ".*`srun` command is available.*"):
+    for pattern in HARMLESS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     notices = logging.getLogger("dia")

@@ -28,31 +28,33 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-from dia.attacks import ATTACKS, DIAConfig, AttackConfig, InvertingGradients, Part
+from dia.attacks import ATTACKS, InvertingGradients, Part
+from dia.config.schema import AttackConfig
 from dia.engine import AttackResult, AttackState, Layout
 from dia.metrics import problem_ssim
 from dia.models import dropout_sites
 from dia.run.progress import AttackProgressBar
 from dia.run.cell import Cell, append_curves
+from dia.run.console import quiet
 from dia.run.checkpoint import join_rows, state_rows
 from dia.run.signals import STOP, Stopped
 
 log = logging.getLogger("dia")
 
-PER_ROW = ("name", "mask_weight")  # attack settings that may differ inside a pack
-ATTACK_ONLY = tuple(f.name for f in fields(DIAConfig) if f.name not in {g.name for g in fields(AttackConfig)})
+SHARED = tuple(f.name for f in fields(AttackConfig) if f.name != "name")  # the engine's settings: one per program
 NOT_SHARED = ("victims", "num_victims", "victim_seed", "run.name", "run.output_dir", "run.progress", "run.save_tensors",
               "logger", "metrics", "defense")  # the defense changes what the client sends (the targets), not the program
 
 
 def pack_key_of(config: Any) -> str:
-    """Runs with equal keys can share a program: everything but the attack, the rate, the victims and the
-    client's defense (and what only concerns output: names, folders, logging, metrics)."""
+    """Runs with equal keys can share a program: equal engine settings (the attack settings every attack
+    shares), attacks with the same objective (`InvertingGradients.program`), the same model but for its
+    rate, and equal settings otherwise. An attack's own settings (DIA's mask settings, ...) are per row,
+    as are the rate, the victims and the client's defense (and what only concerns output)."""
     cfg = OmegaConf.to_container(config, resolve=True)
-    attack = {k: v for k, v in cfg["attack"].items() if k not in PER_ROW}
-    defaults = DIAConfig()
-    attack.update({k: attack.get(k, getattr(defaults, k)) for k in ATTACK_ONLY})
-    cfg["attack"] = attack
+    cfg["attack"] = {k: v for k, v in cfg["attack"].items() if k in SHARED}
+    program = ATTACKS.get(config.attack.name).program()
+    cfg["program"] = f"{program.__module__}.{program.__qualname__}"
     cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "dropout"}
     for dotted in NOT_SHARED:
         head, _, tail = dotted.partition(".")
@@ -146,12 +148,10 @@ def build(pack: list[Item], expect: list[Item] = ()) -> InvertingGradients:
     """The attack module of a pack (resuming its items' saved rows, if any); `expect`: prepared items that
     will enter later (their sites and roles shape the program)."""
     parts = [part_of(item) for item in pack]
-    cell = pack[0].cell
-    lower, upper = (0 - cell.mean) / cell.std, (1 - cell.mean) / cell.std
     module = InvertingGradients.pack(attacker_model([i.cell for i in list(pack) + list(expect)]), parts,
-                                     lower=lower, upper=upper, expect=[part_of(i) for i in expect])
+                                     expect=[part_of(i) for i in expect])
     if any(item.iteration > 0 for item in pack):
-        initial = module.initial_params()
+        initial = module.start()
         module.resume = join_rows([i.cell.checkpoint.state if i.iteration > 0 else fresh_rows(module, p)
                                    for i, p in zip(pack, parts)], Layout.of(initial), initial)
         log.info("resuming %s", ", ".join(f"{i.cell.name} at iteration {i.iteration}" for i in pack if i.iteration > 0))
@@ -262,7 +262,7 @@ class Program(Callback):
     def fill(self) -> None:
         module = self.module
         taken = torch.zeros(module.state.num_problems, dtype=torch.bool)
-        for rows in module.part_rows:
+        for rows in module.rows.index:
             taken[rows] = True
         free = torch.nonzero(~taken).flatten()
         busy = {id(slot.item.cell) for slot in self.inside}  # a run's groups go one at a time, in order
@@ -282,7 +282,7 @@ class Program(Callback):
             saved = item.cell.checkpoint.state if item.iteration > 0 else None
             layout = module.state.layout
             resume = None if saved is None else AttackState.from_dict(
-                join_rows([saved], layout, module.initial_of(part)), layout, module.device)
+                join_rows([saved], layout, module.start_of(part)), layout, module.device)
             module.admit(part, free[: len(item.index)], resume)
             free = free[len(item.index):]
             self.inside.append(Slot(item, module.parts[-1], module.done, item.iteration))
@@ -326,25 +326,27 @@ def fit(module: InvertingGradients, device: torch.device, *, title: str, progres
         callbacks: list[Callback] = ()) -> None:
     """Run `module`'s attack to its end (or a stop) under a Lightning Trainer on `device`."""
     cfg = module.cfg
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else 1,
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=progress, num_sanity_val_steps=0,
-        callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
-        plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
-    )
-    with matmul_precision(cfg.matmul_precision):  # the attacker's program only: clients computed at full precision
+    with matmul_precision(cfg.matmul_precision), quiet():  # the attacker's program only: clients at full precision
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+            max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+            enable_progress_bar=progress, num_sanity_val_steps=0,
+            callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
+            plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
+        )
         try:
             trainer.fit(module)
         except SIGTERMException:  # Lightning's own reaction to SIGTERM, after our callback saved and stopped
             pass
 
 
-def attack(model: torch.nn.Module, problems: Any, cfg: Any, *, lower: torch.Tensor, upper: torch.Tensor,
-           device: torch.device, progress: bool = False) -> AttackResult:
-    """Attack `problems` with `cfg.attack` in memory (no run folder): for tests, benchmarks and notebooks."""
-    module = ATTACKS.get(cfg.attack.name).for_problems(model, problems, cfg.attack, lower=lower, upper=upper)
+def attack(model: torch.nn.Module, problems: Any, cfg: Any, *, device: torch.device, progress: bool = False,
+           lower: torch.Tensor | None = None, upper: torch.Tensor | None = None) -> AttackResult:
+    """Attack `problems` with the attack section `cfg.attack` in memory (no run folder), as its server sees
+    them: for tests, benchmarks and dia.api."""
+    cls = ATTACKS.get(cfg.attack.name)
+    module = cls(model, cls.view(problems), cfg.attack, lower=lower, upper=upper)
     fit(module, device, title=cfg.attack.name.upper(), progress=progress)
     return module.result()
 

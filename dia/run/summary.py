@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dia.metrics import MASK_KEYS
+from dia.metrics import METRICS as TABLE
 
-METRICS = ("mse", "psnr", "ssim", "lpips", *MASK_KEYS)  # per-victim values, averaged into "mean"
+METRICS = tuple(m.key for m in TABLE)  # per-victim values, averaged into "mean" (the table: dia.metrics.METRICS)
 STATUSES = ("completed", "diverged")  # a finished run's "status"
 
 

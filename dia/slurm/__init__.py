@@ -31,13 +31,14 @@ from pathlib import Path
 from dia import grid as G
 from dia.errors import ExitCode, UserError
 
-SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
+_HERE = Path(__file__).resolve().parent
+SLURM_DIR = _HERE / "templates" if (_HERE / "templates").is_dir() else _HERE.parent.parent / "slurm"  # wheel, else checkout
 
 
 def template(name: str) -> str:
     path = Path(os.environ.get("DIA_SLURM_DIR", SLURM_DIR)) / name
     if not path.is_file():
-        raise UserError(f"no {name} at '{path}'; run from a dia source checkout or set DIA_SLURM_DIR to its slurm/ folder")
+        raise UserError(f"no {name} at '{path}'; set DIA_SLURM_DIR to a dia slurm/ folder")
     return path.read_text()
 
 

@@ -1,93 +1,44 @@
-"""Configuration: a typed schema, the `configs/` tree, and `group=choice key=value` command-line overrides.
+"""Configuration: the `configs/` tree, `group=choice key=value` command-line overrides, validation, help.
 
 `configs/config.yaml` holds the top-level defaults and the default choice of each group;
-`configs/<group>/<choice>.yaml` holds one choice. The `name` inside a group file picks the code (and the
-schema) from that group's registry, so e.g. a `configs/model/vit_wide.yaml` with `name: vit` is a new
-choice without new code. Every value is validated; problems surface as one-line `UserError`s.
+`configs/<group>/<choice>.yaml` holds one choice. The `name` inside a group file picks the code, and the
+YAML of that name (`configs/<group>/<name>.yaml`) lists the code's own settings with their defaults
+(dia.config.schema), so e.g. a `configs/model/vit_wide.yaml` with `name: vit` is a new choice without new
+code. Every value is validated; problems surface as one-line `UserError`s.
+
+Composing a config imports neither torch nor Lightning (`--help` is instant). Checks that need the code
+(an attack's own settings, a defense composition, a data source) run in `check_code`, which `compose` calls
+unless asked not to.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import StringNode
 
-from dia.attacks import ATTACKS
-from dia.attacks.dia import MASK_PARAMS
-from dia.attacks.ig import INITS
-from dia.data import SOURCES, DataConfig
-from dia.defenses import DEFENSES, check_defense, stage_names
+from dia.config.schema import GROUPS, LIST_GROUPS, Config, schema
 from dia.errors import UserError, did_you_mean
-from dia.models import MODELS
-from dia.registry import Registry
 from dia.grid.sweep import AUTO_CELL, cell_id
 
-
-@dataclass
-class RunConfig:
-    seed: int = 0  # seeds model weights, client dropout, attack initialisation
-    output_dir: str = "runs"  # each run writes runs/<attack>-<model>-<data>-p<rate>-<id>/ under it
-    name: Optional[str] = None  # folder name instead of the generated one; auto-cell: the grid cell id of the overrides
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    save_tensors: bool = True
-    progress: bool = True  # progress bar
-    checkpoint_every: int = 500  # iterations between saves of the attack state (0: only on SIGUSR1/SIGTERM; -1: never)
-    compile_cache: Optional[str] = None  # torch.compile's persistent cache: a folder, off, or null (<output_dir>/.compile-cache)
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "dia"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-@dataclass
-class MetricsConfig:
-    lpips: str = "auto"  # auto (AlexNet LPIPS; null with one warning when its weights cannot be had) | off
-    curves_ssim: bool = True  # curves.jsonl (and W&B) get eval/ssim of the best iterates every attack.log_every iterations
-
-
-@dataclass
-class Config:
-    attack: Any = None
-    model: Any = None
-    data: Any = None
-    defense: Any = None
-    victims: Optional[List[int]] = None  # explicit victim indices; None: use num_victims
-    num_victims: int = 4  # without `victims`: the first N, or N drawn with victim_seed
-    victim_seed: Optional[int] = None
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    batch_size: int = 1  # victims per client batch: one shared gradient comes from B images
-    run: RunConfig = field(default_factory=RunConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-GROUPS: dict[str, Registry | None] = {"attack": ATTACKS, "model": MODELS, "data": None, "defense": DEFENSES}
-LIST_GROUPS = {"defense": "none"}  # groups whose choice may be a list applied in order (defense=[prune,dpsgd]): their default
 WANDB_MODES = ("offline", "online", "disabled")
 
 
 def config_dir() -> Path:
-    """The `configs/` tree: $DIA_CONFIG_DIR, else the one beside the package (a source checkout)."""
+    """The `configs/` tree: $DIA_CONFIG_DIR, else the one shipped inside the package (a wheel install), else
+    the one beside the package (a source checkout)."""
     env = os.environ.get("DIA_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    here = Path(__file__).resolve().parent.parent  # the dia package
+    path = Path(env) if env else next((p for p in (here / "configs", here.parent / "configs") if p.is_dir()), here / "configs")
     if not (path / "config.yaml").is_file():
-        raise UserError(f"configs: no config.yaml in '{path}'; set DIA_CONFIG_DIR to the configs/ folder of a dia checkout")
+        raise UserError(f"configs: no config.yaml in '{path}'; set DIA_CONFIG_DIR to a dia configs/ folder")
     return path
 
 
@@ -110,20 +61,45 @@ def _load_yaml(path: Path) -> DictConfig:
     return cfg
 
 
-def _schema(group: str, name: Any) -> type:
-    registry = GROUPS[group]
-    if registry is None:
-        return DataConfig
-    entry = registry.entry(str(name))
-    assert entry.schema is not None
-    return entry.schema
+def stage_names(name: Any) -> list[str]:
+    """A list-group choice as its stages, in application order: 'prune+dpsgd', '[prune,dpsgd]' or
+    ['prune', 'dpsgd'] -> ['prune', 'dpsgd']."""
+    if isinstance(name, str):
+        return [p.strip() for p in name.strip().strip("[]").replace("+", ",").split(",") if p.strip()] or [name]
+    return [str(p) for p in name]
 
 
-def _typed_group(group: str, node: Any, where: str) -> DictConfig:
-    """Validate one group's node against the schema its `name` selects."""
+def _registered(group: str, name: str) -> bool:
+    """Whether `name` is an attack registered in this process without a YAML of its own (e.g. a class a
+    notebook or test defined): its settings are then the shared ones. Never imports the attacks."""
+    attacks = sys.modules.get("dia.attacks")
+    return group == "attack" and attacks is not None and name in attacks.ATTACKS
+
+
+def _defaults(group: str, name: str, root: Path) -> dict[str, Any]:
+    """The settings of the code `name` of `group`, with their defaults: its YAML (every stage's, for a
+    composition), as plain data. An attack registered in this process without a YAML has the settings of
+    the nearest base class that has one (a subclass of DIA has DIA's). {} when none has."""
+    out: dict[str, Any] = {}
+    stages = stage_names(name) if group in LIST_GROUPS else [name]
+    if group == "attack" and not (root / group / f"{name}.yaml").is_file() and _registered(group, name):
+        cls = sys.modules["dia.attacks"].ATTACKS.get(name)
+        stages = [next((k.name for k in cls.__mro__ if "name" in vars(k) and (root / group / f"{k.name}.yaml").is_file()), name)]
+    for stage in stages:
+        path = root / group / f"{stage}.yaml"
+        if path.is_file():
+            out.update(OmegaConf.to_container(_load_yaml(path), resolve=True))
+    out.pop("name", None)
+    return out
+
+
+def _typed_group(group: str, node: Any, where: str, root: Path) -> DictConfig:
+    """One group's node, typed by the schema its `name` selects (dia.config.schema)."""
     if not isinstance(node, DictConfig) or "name" not in node:
         raise UserError(f"{where}: the {group} section needs a 'name'")
-    typed = OmegaConf.structured(_schema(group, node.name))
+    name = str(node.name)
+    defaults = _defaults(group, name, root) or OmegaConf.to_container(node, resolve=True)
+    typed = OmegaConf.structured(schema(group, name, defaults | {"name": name}))
     for key in node:
         _set(typed, f"{group}.{key}", node[key], root_prefix=group)
     return typed
@@ -194,32 +170,32 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     return selections, overrides
 
 
-def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
+def compose(args: list[str], *, base: Path | None = None, code_checks: bool = True) -> DictConfig:
     """The validated config for command-line `args`, starting from the defaults or a saved config `base`.
 
     `run.name=auto-cell` names the run with the grid cell id of the other arguments (`dia.grid.sweep.cell_id`),
-    so a W&B agent's run and dia.grid's run of the same cell share a folder.
+    so a W&B agent's run and dia.grid's run of the same cell share a folder. `code_checks=False` skips the
+    checks that import the code (`check_code`): composing then needs neither torch nor Lightning.
     """
     selections, overrides = parse_args(args)
     cfg = OmegaConf.structured(Config)
+    root = config_dir()
     if base is not None:
         if not base.is_file():
             raise UserError(f"--config: no such file '{base}'")
         start = _load_yaml(base)
         defaults: dict[str, Any] = {}
     else:
-        root = config_dir()
         start = _load_yaml(root / "config.yaml")
         defaults = dict(start.pop("defaults", {}) or {})
     for group in GROUPS:
         if group in selections or base is None:
-            root = config_dir()
             choice = selections.get(group, defaults.get(group, LIST_GROUPS.get(group)))
             node, where = _load_choice(group, choice, root)
         else:
             node = start.get(group, OmegaConf.create({"name": LIST_GROUPS[group]}) if group in LIST_GROUPS else None)
             where = str(base)
-        cfg[group] = _typed_group(group, node, where)
+        cfg[group] = _typed_group(group, node, where, root)
     for key in list(start.keys()):  # top-level values; a group section here overrides the group file
         if base is None or key not in GROUPS:
             _set(cfg, str(key), start[key])
@@ -233,17 +209,23 @@ def compose(args: list[str], *, base: Path | None = None) -> DictConfig:
     if cfg.run.name == AUTO_CELL:
         cfg.run.name = cell_id(dict(a.split("=", 1) for a in args))
     validate(cfg)
-    check_defense(cfg.defense)
+    if code_checks:
+        check_code(cfg)
     return cfg
 
 
 def _load_choice(group: str, choice: Any, root: Path) -> tuple[DictConfig, str]:
-    """A group's choice file; for LIST_GROUPS a list `[a,b]` or `a+b` of choices, merged (name 'a+b')."""
+    """A group's choice file; for LIST_GROUPS a list `[a,b]` or `a+b` of choices, merged (name 'a+b'). An attack
+    registered in this process without a YAML (`_registered`) is a choice too."""
     valid = choices(group, root)
-    names = stage_names(choice) if group in LIST_GROUPS else [choice]
+    names = stage_names(choice) if group in LIST_GROUPS else [str(choice)]
+    if len(names) == 1 and names[0] not in valid and _registered(group, names[0]):
+        return OmegaConf.create({"name": names[0]}), f"{group} {names[0]} (registered in this process)"
     for name in names:
         if name not in valid:
             raise UserError(f"unknown {group} '{name}'{did_you_mean(str(name), valid)}; choose one of: {', '.join(valid)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"{group}={'+'.join(names)}: a choice is listed twice")
     nodes = [_load_yaml(root / group / f"{name}.yaml") for name in names]
     where = ", ".join(str(root / group / f"{name}.yaml") for name in names)
     if len(nodes) == 1:
@@ -285,11 +267,7 @@ CHECKS: list[Check] = [
     ("attack.matmul_precision", lambda v: v in ("highest", "high", "medium"), "must be highest, high or medium"),
     ("attack.iterations_per_step", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.log_every", _count(), f"must be a positive integer (at most {BIG})"),
-    ("attack.init", lambda v: v in INITS, f"must be one of: {', '.join(INITS)}"),
-    ("attack.mask_param", lambda v: v in MASK_PARAMS, f"must be one of: {', '.join(MASK_PARAMS)}"),
-    ("attack.mask_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("attack.parallel", lambda v: v == "auto" or _count()(v), "must be a positive integer or auto"),
-    ("data.source", lambda v: v in SOURCES, f"must be one of: {', '.join(SOURCES.names())}"),
     ("data.image_size", _count(1, 10**5), "must be a positive integer (at most 100000)"),
     ("data.normalize", lambda v: v in ("dataset", "folder"), "must be dataset or folder"),
     ("data.channels", _count(1, 4096), "must be a positive integer"),
@@ -323,10 +301,7 @@ def check_name(name: str, key: str = "run.name") -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Ranges, types, names and devices: everything that needs no model and no data (see `dia.run.checks`)."""
-    for key, ok, rule in CHECKS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not ok(value):
-            raise UserError(f"{key}={value!r}: {rule}")
+    run_checks(cfg, CHECKS)
     if cfg.run.name is not None:
         check_name(cfg.run.name)
     for key in ("mean", "std"):
@@ -345,18 +320,76 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.heads={model.heads} does not divide model.dim={model.dim}")
 
 
+def run_checks(cfg: Any, checks: list[Check], prefix: str = "") -> None:
+    """Apply (key, ok, rule) checks to the keys of `cfg` that are set; a value of the wrong type fails its rule."""
+    for key, ok, rule in checks:
+        value = OmegaConf.select(cfg, key, default=None) if isinstance(cfg, DictConfig) else getattr(cfg, key, None)
+        if value is None:
+            continue
+        try:
+            good = bool(ok(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise UserError(f"{prefix}{key}={value!r}: {rule}")
+
+
+def check_code(cfg: DictConfig) -> None:
+    """The checks that need the code a config names (imports it): the attack's own settings
+    (`check_config` of its class), the defense composition and keys, the model's and data source's code."""
+    from dia.attacks import ATTACKS
+    from dia.data import SOURCES
+    from dia.defenses import check_defense
+    from dia.models import MODELS
+
+    ATTACKS.get(cfg.attack.name).check_config(cfg.attack)
+    MODELS.get(cfg.model.name)
+    if cfg.data.source not in SOURCES:
+        raise UserError(f"data.source={cfg.data.source!r}: must be one of: {', '.join(SOURCES.names())}")
+    check_defense(cfg.defense)
+
+
+def group_settings(group: str, name: str, **overrides: Any) -> DictConfig:
+    """The settings section of choice `name` of `group` (its YAML, typed), with keyword `overrides` (values, or
+    command-line text for string keys), checked like a composed config's. A choice without a YAML (an
+    attack registered in this process) has the group's shared settings."""
+    root = config_dir()
+    path = root / group / f"{name}.yaml"
+    node = _load_yaml(path) if path.is_file() else OmegaConf.create({"name": name})
+    typed = _typed_group(group, node, str(path), root)
+    for key, value in overrides.items():
+        _set(typed, f"{group}.{key}", value, root_prefix=group)
+    wrapped = OmegaConf.create({group: OmegaConf.to_container(typed)})
+    run_checks(wrapped, [c for c in CHECKS if c[0].startswith(f"{group}.")])
+    return typed
+
+
+def attack_settings(attack: Any, **overrides: Any) -> DictConfig:
+    """The settings of an attack (a registered name, or a class: its registered `name`'s YAML), with
+    keyword `overrides`, checked by the attack's own checks too."""
+    if isinstance(attack, str):
+        from dia.attacks import ATTACKS
+
+        cls = ATTACKS.get(attack)
+    else:
+        cls = attack
+    cfg = group_settings("attack", cls.name, **overrides)
+    cls.check_config(cfg)
+    return cfg
+
+
 def help_text(args: list[str]) -> str:
     """Groups with their choices, then every key with its value under the current selection."""
     root = config_dir()
     defaults = dict(_load_yaml(root / "config.yaml").get("defaults", {}) or {})
     try:
-        cfg = compose(args)
+        cfg = compose(args, code_checks=False)
     except UserError:
-        cfg = compose([])
+        cfg = compose([], code_checks=False)
     lines = [
         "usage: python -m dia.train [group=choice ...] [key=value ...] [--config FILE] [--describe-model]",
         "",
-        "Reconstruct client images from a dropout-perturbed gradient with IG, WIIG or DIA.",
+        "Reconstruct client images from a dropout-perturbed gradient (attacks: IG, WIIG, DIA, DLG, ...).",
         "",
         "groups (default first):",
     ]

@@ -1,0 +1,242 @@
+"""The rows of an attack program: which problems (of which attack, at which rate) sit in which row, and what
+the attacker's copy of the model applies at each dropout site for each row.
+
+A program optimizes K problems at once, one per row of the engine state (dia.engine). Problems come in
+*parts*: the problems of one attack with one config (a run, or a group of a run's problems). Per row and
+per dropout site, a part's attack says what the attacker's copy applies there (`site_role`):
+
+* None: nothing (IG: the attacker's model runs without dropout);
+* "client": the client's recorded mask (WIIG, an oracle);
+* "train": a trainable mask (DIA), parametrized as `clip` (the values, clipped to [0, 1]) or `sigmoid`.
+
+Masks are applied pre-scaled by 1/(1-p) of the row's own rate, so IG, WIIG and DIA problems at every rate
+of one model share one program (a *pack*). Rows change hands while a program runs (`admit`, `release`):
+stopped problems leave, waiting ones take their rows, and the tensors are written in place, so a compiled
+program is not recompiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import Tensor
+
+from dia.engine import STATUS, AttackResult, AttackState
+from dia.problems import Problems
+
+if TYPE_CHECKING:
+    from dia.attacks.ig import InvertingGradients
+
+MASK = "mask/"  # trainable mask parameters are named mask/<site>
+
+
+@dataclass(frozen=True)
+class Part:
+    """Problems of one attack inside a program (a program holds one part, or several: a pack).
+
+    `problems` are as the attack's server sees them (`InvertingGradients.view`); `cfg` is the attack's config.
+    """
+
+    attack: type["InvertingGradients"]
+    problems: Problems
+    cfg: Any
+
+    def role(self, site: str) -> str | None:
+        """What the part's rows apply at `site`: nothing where the part's model does not drop there (p = 0)."""
+        return self.attack.site_role(self, site) if site in self.problems.mask_shapes else None
+
+    def check_view(self) -> None:
+        if self.problems.true_masks is not None and not self.attack.needs_client_masks:
+            raise ValueError(f"{self.attack.__name__} must not see the client's dropout masks")
+
+
+class Rows:
+    """The program's sites and, per row, its part, labels, target and what it applies at each site.
+
+    Built from the parts a program starts with plus the parts expected to enter later (`expect`): together
+    they fix the sites, which of them some row trains or takes from the client, and where rows differ.
+    """
+
+    def __init__(self, parts: Sequence[Part], expect: Sequence[Part] = ()) -> None:
+        parts = list(parts)
+        for part in parts + list(expect):
+            part.check_view()
+        self._scheme(parts + list(expect))
+        sizes = [p.problems.num_problems for p in parts]
+        self.parts = parts
+        self.index = [torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(parts))]
+        first = parts[0].problems
+        self.input_shape = first.input_shape
+        self.targets = {n: torch.cat([p.problems.targets[n] for p in parts]) for n in first.targets}
+        self.labels = torch.cat([p.problems.labels for p in parts])
+        tables = [self._tables(part) for part in parts]
+        self.tables = {name: {s: torch.cat([t[name][s] for t in tables]) for s in tables[0][name]} for name in tables[0]}
+        self.weights = torch.cat([torch.full((p.problems.num_problems,), float(p.attack.mask_weight(p))) for p in parts])
+
+    # ---- the scheme: sites, and which rows do what there -------------------------------------------
+    def _scheme(self, parts: list[Part]) -> None:
+        roles = [{site: part.role(site) for site in part.problems.mask_shapes} for part in parts]
+        sites: dict[str, tuple[int, ...]] = {}
+        for part, role in zip(parts, roles):
+            sites.update({s: part.problems.mask_shapes[s] for s, r in role.items() if r is not None and s not in sites})
+        self.sites = sites
+        self.trained = [s for s in sites if any(r.get(s) == "train" for r in roles)]
+        self.from_client = [s for s in sites if any(r.get(s) == "client" for r in roles)]
+        self.mixed = {s: not all(r.get(s) == "train" for r in roles) for s in sites}  # some row does not train s
+        kinds = {p.attack.mask_parametrization(p) for p in parts if any(p.role(s) == "train" for s in self.trained)}
+        self.sigmoid_any = "sigmoid" in kinds
+        self.clip_any = "clip" in kinds
+
+    def _tables(self, part: Part) -> dict[str, dict[str, Tensor]]:
+        """Per site, the part's rows: trains?, scale 1/(1-p), target keep-rate's p (trained sites), sigmoid?,
+        and the client's mask (sites some row takes from the client)."""
+        n = part.problems.num_problems
+        sigmoid = part.attack.mask_parametrization(part) == "sigmoid"
+        out: dict[str, dict[str, Tensor]] = {"train": {}, "scale": {}, "rate": {}, "sigmoid": {}, "client": {}}
+        for site, shape in self.sites.items():
+            r, p = part.role(site), part.problems.rates.get(site, 0.0)
+            out["train"][site] = torch.full((n,), r == "train")
+            out["scale"][site] = torch.full((n,), 1.0 / (1.0 - p) if r is not None else 1.0)
+            out["rate"][site] = torch.full((n,), p if r == "train" else 0.0)
+            out["sigmoid"][site] = torch.full((n,), r == "train" and sigmoid)
+            if site in self.from_client:
+                out["client"][site] = part.problems.true_masks[site] if r == "client" else torch.ones(n, *shape)
+        return out
+
+    def fits(self, part: Part) -> bool:
+        """Whether `part` can take rows of this program without changing it: each site it drops at exists with
+        the same shape and role, rows that do not train a trained site are allowed there, and its mask
+        parametrization is one the program has."""
+        for site in set(part.problems.mask_shapes) | set(self.sites):
+            r = part.role(site)
+            if r is not None and self.sites.get(site) != part.problems.mask_shapes[site]:
+                return False
+            if (r == "train") != (site in self.trained) and (r == "train" or not self.mixed[site]):
+                return False
+            if r == "client" and site not in self.from_client:
+                return False
+        trains = any(part.role(s) == "train" for s in self.trained)
+        kind = part.attack.mask_parametrization(part)
+        return not trains or (self.sigmoid_any if kind == "sigmoid" else self.clip_any)
+
+    # ---- what each row applies -----------------------------------------------------------------------
+    def masks(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The (unscaled) masks every row applies, {site: (K, B, ...)}; None when no row drops anything."""
+        if not self.sites:
+            return None
+        out = {}
+        for site in self.sites:
+            fixed = self.tables["client"].get(site)
+            raw = params.get(MASK + site)
+            if raw is None:  # no row trains this site: the client's masks where given (WIIG rows)
+                out[site] = fixed
+                continue
+            value = raw
+            if self.sigmoid_any:
+                value = torch.sigmoid(raw) if not self.clip_any else torch.where(column(self.tables["sigmoid"][site], raw), torch.sigmoid(raw), raw)
+            if self.mixed[site]:
+                value = torch.where(column(self.tables["train"][site], value), value, 1.0 if fixed is None else fixed)
+            out[site] = value
+        return out
+
+    def applied(self, masks: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """`masks` scaled by each row's 1/(1-p): what the attacker's copy multiplies each site's input by."""
+        return None if masks is None else {s: m * column(self.tables["scale"][s], m) for s, m in masks.items()}
+
+    def clip_masks(self, params: dict[str, Tensor]) -> None:
+        """Keep clip-parametrized masks in [0, 1] (in place)."""
+        if not self.clip_any:
+            return
+        for site in self.trained:
+            v = params[MASK + site]
+            if self.sigmoid_any:
+                v.copy_(torch.where(column(self.tables["sigmoid"][site], v), v, v.clamp(0.0, 1.0)))
+            else:
+                v.clamp_(0.0, 1.0)
+
+    # ---- where problems start ----------------------------------------------------------------------
+    def start_of(self, part: Part, init: Any) -> dict[str, Tensor]:
+        """The part's rows' start, each from its own seed: the dummies (`init(shape, generator)`), then the
+        masks of the trained sites (the attack's `init_mask`; ones where the part does not train)."""
+        gens = [torch.Generator().manual_seed(s) for s in part.problems.seeds]
+        out = {"x": torch.stack([init(self.input_shape, g) for g in gens])}
+        for site in self.trained:
+            out[MASK + site] = (part.attack.init_mask(part, site, gens) if part.role(site) == "train"
+                                else torch.ones(len(gens), *self.sites[site]))
+        return out
+
+    # ---- rows change hands -----------------------------------------------------------------------------
+    def admit(self, part: Part, rows: Tensor, device: torch.device) -> None:
+        """`part`'s problems take rows `rows` (an index; call `fits` first): targets, labels, tables in place."""
+        part.check_view()
+        if not self.fits(part) or len(rows) != part.problems.num_problems:
+            raise ValueError(f"{part.attack.__name__}: these problems do not fit this program's rows")
+        idx = rows.to(device)
+        for name, t in part.problems.targets.items():
+            self.targets[name][idx] = t.to(device)
+        self.labels[idx] = part.problems.labels.to(device)
+        for name, table in self._tables(part).items():
+            for site, value in table.items():
+                self.tables[name][site][idx] = value.to(device)
+        self.weights[idx] = float(part.attack.mask_weight(part))
+        self.parts.append(part)
+        self.index.append(rows.cpu())
+
+    def rows_of(self, part: Part) -> Tensor:
+        """The rows (CPU index) that `part`, a part now in the program, holds."""
+        return self.index[self._position(part)]
+
+    def release(self, part: Part) -> Tensor:
+        """`part` leaves; returns the rows it held (now free)."""
+        i = self._position(part)
+        rows = self.index[i]
+        del self.parts[i], self.index[i]
+        return rows
+
+    def _position(self, part: Part) -> int:
+        return next(i for i, p in enumerate(self.parts) if p is part)
+
+    def to(self, device: torch.device) -> "Rows":
+        self.targets = {n: t.to(device) for n, t in self.targets.items()}
+        self.labels = self.labels.to(device)
+        self.tables = {name: {s: t.to(device) for s, t in table.items()} for name, table in self.tables.items()}
+        self.weights = self.weights.to(device)
+        return self
+
+    # ---- results -------------------------------------------------------------------------------------
+    def result(self, part: Part, state: AttackState) -> AttackResult:
+        """The best iterates and bookkeeping of `part` (its recovered masks only where it trains them)."""
+        rows = self.rows_of(part).to(state.flat.device)
+        own = [k for k in self.trained if part.role(k) == "train"]
+        masks = self.masks(state.best_params) if own else None
+        return AttackResult(
+            x=state.best_params["x"][rows].detach().cpu(),
+            masks={k: masks[k][rows].detach().cpu() for k in own} if own else None,
+            best_loss=state.best_loss[rows].cpu(),
+            best_iteration=state.best_iteration[rows].cpu(),
+            iterations=state.iterations[rows].cpu(),
+            status=[STATUS[int(c)] for c in state.status[rows].cpu()],
+        )
+
+    def curves(self, state: AttackState, rows: Tensor | slice = slice(None)) -> dict[str, Tensor]:
+        """What is worth plotting while an attack runs: means over `rows` (stopped ones at their last value)."""
+        out = {
+            "attack/loss": state.last_loss[rows].mean(),
+            "attack/best_loss": state.best_loss[rows].mean(),
+            "attack/lr": state.lr[rows].mean(),
+            "attack/running": state.active[rows].sum(),
+        }
+        if self.trained:  # the trained masks' mean keep-rate (the client's is 1 - p) and undecided share
+            masks = self.masks(state.params)
+            flat = torch.cat([masks[k].detach()[rows][self.tables["train"][k][rows]].flatten() for k in self.trained])
+            if flat.numel():
+                out["masks/keep_rate"] = flat.mean()
+                out["masks/undecided"] = ((flat > 0.1) & (flat < 0.9)).float().mean()
+        return out
+
+
+def column(per_row: Tensor, like: Tensor) -> Tensor:
+    """A (K,) tensor shaped to broadcast over `like` (K, ...)."""
+    return per_row.view(-1, *([1] * (like.dim() - 1)))

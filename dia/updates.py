@@ -1,0 +1,378 @@
+"""What a client sends, as the server receives it: reading it, capturing it, checking it.
+
+An update is what one client sent after training on its batch: its gradient (FedSGD), or its weights after
+the local step(s), or the difference of its weights. `as_gradients` turns any of these, in any of the forms
+a federated stack hands them over (a dict name -> tensor, a list of arrays in `model.parameters()` or
+`state_dict()` order as Flower's `parameters_to_ndarrays` gives, a `.pt` file loaded with
+`weights_only=True`, a `.npz`), into the gradient of the client's mean loss, checked against the model.
+
+`capture_update` plays a real client (one training step of your model on your batch, dropout active) and
+keeps, for evaluation only, the masks it drew; `check_update` recomputes a client's gradient at the true
+inputs and names the usual reasons when it does not match what was sent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dia.errors import UserError
+
+KINDS = ("gradient", "delta", "weights")  # what an update holds: see `as_gradients`
+Grads = dict[str, Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """One client's update: the gradient of its mean cross-entropy loss over its batch, the labels it used,
+    and, for evaluation only (a real server never has them), the dropout masks it drew and its images."""
+
+    gradient: Grads
+    labels: Tensor  # (B,)
+    masks: Grads | None = None  # {site: (B, ...)} keep-masks, evaluation (and WIIG) only
+    images: Tensor | None = None  # (B, C, H, W) the client's batch as its model took it, evaluation only
+    lr: float | None = None  # the local learning rate, when it stepped
+
+    def delta(self) -> Grads:
+        """w_0 - w_1 after one SGD step with `lr`: what a FedAvg client that trained one step sends."""
+        if self.lr is None:
+            raise UserError("ClientUpdate.delta: no learning rate (capture_update(..., lr=...))")
+        return {n: self.lr * g for n, g in self.gradient.items()}
+
+    def save(self, path: str | Path) -> Path:
+        """A `.pt` of tensors only (`gradient/<param>`, `labels`, `masks/<site>`, `images`, `lr`): readable with
+        `weights_only=True`, and by `dia.reconstruct` and `python -m dia.train update=FILE`."""
+        from dia.run.files import save_tensors
+
+        flat = {f"gradient/{n}": g for n, g in self.gradient.items()} | {"labels": self.labels}
+        flat |= {f"masks/{n}": m for n, m in (self.masks or {}).items()}
+        if self.images is not None:
+            flat["images"] = self.images
+        if self.lr is not None:
+            flat["lr"] = torch.tensor(float(self.lr))
+        return save_tensors(Path(path), flat)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClientUpdate":
+        """An update written by `save`."""
+        flat = _load_file(Path(path))
+        if not isinstance(flat, dict) or "labels" not in flat:
+            raise UserError(f"update '{path}': not a saved ClientUpdate (no 'labels'); give the gradient itself instead")
+        part = lambda prefix: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
+        lr = flat.get("lr")
+        return cls(part("gradient/"), flat["labels"], part("masks/") or None, flat.get("images"),
+                   None if lr is None else float(lr))
+
+
+# ---- reading updates ---------------------------------------------------------------------------------
+def clients_of(sent: Any) -> list[Any]:
+    """`sent` as a list of per-client updates: one update (a dict, a list of arrays, a file, a ClientUpdate)
+    is one client; a list of such updates is several."""
+    if isinstance(sent, (Mapping, ClientUpdate, str, Path)):
+        return [sent]
+    if isinstance(sent, (list, tuple)):
+        if not sent:
+            raise UserError("update: empty; give a gradient or weights (dict, list of arrays, .pt or .npz file)")
+        if all(isinstance(x, (np.ndarray, Tensor)) for x in sent):
+            return [sent]
+        if all(isinstance(x, (Mapping, ClientUpdate, str, Path, list, tuple)) for x in sent):
+            return list(sent)
+    raise UserError(f"update: a {type(sent).__name__} is not an update; give a dict name -> tensor, a list of arrays "
+                    "in model.parameters() order, a .pt/.npz file, a ClientUpdate, or a list of those (several clients)")
+
+
+def as_gradients(model: nn.Module, sent: Any, *, kind: str = "gradient", lr: float | None = None) -> list[Grads]:
+    """Each client's update in `sent` as the gradient of its mean loss, {param name: tensor} in the model's
+    parameter order, checked: every parameter present with its shape, floating point, finite.
+
+    `kind`: "gradient" (what FedSGD sends), "delta" (w_0 - w_1 after one local SGD step with `lr`) or
+    "weights" (the client's weights w_1 after that step, as a Flower client's fit returns them; w_0 are
+    `model`'s). A multi-step client's delta is attacked as such by the FedAvg client model (dia.config `client`).
+    """
+    if kind not in KINDS:
+        raise UserError(f"kind={kind!r}: must be one of: {', '.join(KINDS)}")
+    if kind != "gradient" and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"lr={lr!r}: kind={kind} needs the client's local learning rate, a finite number > 0")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    out = []
+    for k, raw in enumerate(clients_of(sent)):
+        where = f"update {k}" if isinstance(sent, (list, tuple)) and not all(isinstance(x, (np.ndarray, Tensor)) for x in sent) else "update"
+        values = _named(model, _unwrap(raw), where)
+        if kind == "gradient":
+            grads = values
+        elif kind == "delta":
+            grads = {n: v / lr for n, v in values.items()}
+        else:
+            grads = {n: (params[n].cpu() - v) / lr for n, v in values.items()}
+        out.append(grads)
+    return out
+
+
+def _unwrap(raw: Any) -> Any:
+    if isinstance(raw, ClientUpdate):
+        return raw.gradient
+    if isinstance(raw, (str, Path)):
+        flat = _load_file(Path(raw))
+        if isinstance(flat, dict) and any(str(k).startswith("gradient/") for k in flat):
+            return {k[len("gradient/"):]: v for k, v in flat.items() if str(k).startswith("gradient/")}
+        return flat
+    return raw
+
+
+def _load_file(path: Path) -> Any:
+    """A `.pt` (weights_only=True: tensors, dicts and lists only) or `.npz` (no pickles) update file."""
+    if not path.is_file():
+        raise UserError(f"update: no such file '{path}'")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                keys = list(npz.files)
+                if keys and all(k == f"arr_{i}" for i, k in enumerate(keys)):  # np.savez(*arrays): parameter order
+                    return [npz[k] for k in keys]
+                return {k: npz[k] for k in keys}
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, a pickle, not ours: the user's input
+        raise UserError(f"update: cannot read '{path}' as tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                        "give a .pt of tensors (torch.save of a dict or list) or a .npz") from None
+
+
+def _named(model: nn.Module, values: Any, where: str) -> Grads:
+    """`values` (a dict by parameter or state_dict name, or a list in parameters() or state_dict() order) as
+    {param name: float tensor}, checked against the model."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    buffers = {n for n, _ in model.named_buffers()}
+    if isinstance(values, Mapping):
+        keys = [str(k) for k in values]
+        extra = [k for k in keys if k not in shapes and k not in buffers]
+        missing = [n for n in names if n not in keys]
+        if extra or missing:
+            what = (f"unknown name{'s' * (len(extra) > 1)} {extra[:3]}" if extra else "") + \
+                   ("; " if extra and missing else "") + (f"missing {missing[:3]}" if missing else "")
+            raise UserError(f"{where}: does not fit this model: {what}{' ...' if len(extra) > 3 or len(missing) > 3 else ''} "
+                            f"(the model has {len(names)} parameters: {names[:3]}...); an update from another model?")
+        items = [(n, values[n]) for n in names]
+    elif isinstance(values, (list, tuple)):
+        order = names if len(values) == len(names) else list(model.state_dict()) if len(values) == len(model.state_dict()) else None
+        if order is None:
+            raise UserError(f"{where}: {len(values)} arrays, but the model has {len(names)} parameters "
+                            f"({len(model.state_dict())} state_dict entries); an update from another model?")
+        items = [(n, v) for n, v in zip(order, values) if n in shapes]
+    else:
+        raise UserError(f"{where}: a {type(values).__name__}; give a dict name -> tensor or a list of arrays")
+    out: Grads = {}
+    for name, value in items:
+        t = _tensor(value, f"{where}: '{name}'")
+        if tuple(t.shape) != shapes[name]:
+            raise UserError(f"{where}: '{name}' has shape {tuple(t.shape)}, the model's parameter has {shapes[name]}; "
+                            "an update from another model, or arrays in another order?")
+        out[name] = t
+    return out
+
+
+def _tensor(value: Any, where: str) -> Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise UserError(f"{where} is an object array; give numbers")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, Tensor):
+        raise UserError(f"{where} is a {type(value).__name__}, not an array")
+    if not value.is_floating_point():
+        raise UserError(f"{where} has dtype {value.dtype}; an update holds floating-point values")
+    if not bool(torch.isfinite(value).all()):
+        raise UserError(f"{where} holds NaN or inf")
+    return value.detach().to("cpu", torch.float32)
+
+
+def labels_of(labels: Any, clients: int, *, num_classes: int) -> Tensor:
+    """Labels given per client ((K, B), or (K * B,), or (B,) for one client) as a (K, B) int64 tensor, checked."""
+    try:
+        t = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels))
+    except (TypeError, ValueError):
+        raise UserError(f"labels: cannot read {type(labels).__name__} as integers") from None
+    if t.is_floating_point() and bool((t == t.round()).all()):
+        t = t.long()
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or t.numel() == 0:
+        raise UserError(f"labels: expected class indices (integers), got dtype {t.dtype} with {t.numel()} values")
+    if t.numel() % clients:
+        raise UserError(f"labels: {t.numel()} labels do not split over {clients} client(s)")
+    t = t.reshape(clients, -1).long()
+    if int(t.min()) < 0 or int(t.max()) >= num_classes:
+        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        raise UserError(f"labels: label {bad} out of range for a model with {num_classes} classes (valid 0..{num_classes - 1})")
+    return t
+
+
+# ---- a real client's step -------------------------------------------------------------------------------
+def capturable(model: nn.Module, example: Tensor) -> nn.Module:
+    """A copy of `model` whose stochastic sites (nn.Dropout*, DropPath, functional dropout) can record,
+    replay or be given masks (dia.models.capture); site names are module paths. The model itself is untouched."""
+    import copy
+
+    from dia.models.capture import ModelInputError, UncapturableModel, make_capturable
+    from dia.models.dropout import dropout_sites
+
+    twin = copy.deepcopy(model).cpu()
+    if dropout_sites(twin):
+        return twin
+    try:
+        return make_capturable(twin, example)
+    except ModelInputError as exc:
+        raise UserError(f"input_shape {tuple(example.shape[1:])}: the model cannot take it ({exc})") from None
+    except UncapturableModel as exc:
+        raise UserError(f"model: {str(exc).splitlines()[0]}") from None
+
+
+def capture_update(model: nn.Module, images: Tensor, labels: Any, *, lr: float | None = None,
+                   seed: int | None = None) -> ClientUpdate:
+    """What a client sends after one training step of `model` on its batch (`images` as the model takes them,
+    `labels`): the gradient of the mean cross-entropy with the model in train mode (dropout drawn at random,
+    from a generator seeded with `seed` if given), and for evaluation only the masks it drew. `model` is not
+    changed (the step runs on a copy)."""
+    from dia.gradients import client_gradients
+
+    images = _tensor(images, "images") if not isinstance(images, Tensor) else images.detach().cpu().float()
+    twin = capturable(model, images[:1])
+    num_classes = _num_classes(twin, images[:1])
+    y = labels_of(labels, 1, num_classes=num_classes).view(-1)
+    if len(y) != len(images):
+        raise UserError(f"labels: {len(y)} labels for {len(images)} images")
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    grads, masks = client_gradients(twin, images, y, generator=gen)
+    return ClientUpdate(grads, y, masks or None, images.clone(), lr)
+
+
+def _num_classes(model: nn.Module, example: Tensor) -> int:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(example)
+    model.train(was)
+    return int(out.shape[-1])
+
+
+# ---- checking an update against the truth ----------------------------------------------------------------
+@dataclass
+class UpdateCheck:
+    """How well a recomputation at the true inputs explains what a client sent: per parameter the cosine and
+    the relative error; `culprits`: the usual reasons that explain a mismatch, best first."""
+
+    layers: list[dict[str, Any]]
+    cosine: float
+    rel_error: float
+    culprits: list[str] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        return self.cosine > 0.9999 and self.rel_error < 1e-3
+
+    def __str__(self) -> str:
+        head = (f"update {'consistent' if self.consistent else 'NOT consistent'} with a recomputation at the true inputs: "
+                f"cosine {self.cosine:.6f}, relative error {self.rel_error:.2e}")
+        rows = [f"  {r['name']:<32} cosine {r['cosine']:.6f}  rel. error {r['rel_error']:.2e}" for r in self.layers]
+        why = [f"  likely: {c}" for c in self.culprits]
+        return "\n".join([head, *why, *rows])
+
+
+def check_update(model: nn.Module, update: Any, images: Tensor, labels: Any, *, masks: Mapping[str, Tensor] | None = None,
+                 kind: str = "gradient", lr: float | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> UpdateCheck:
+    """Recompute one client's gradient at its true inputs (`images` as its model took them, `labels`, its
+    dropout `masks` if you recorded them) and compare it with what it sent (`update`, read as in
+    `dia.reconstruct`). When they disagree, tries the usual culprits and names those that explain it: the loss
+    reduction (sum instead of mean), the learning rate of a weight update, train/eval mode (dropout or
+    BatchNorm), the dropout masks, the normalization (`mean`/`std`), the labels."""
+    from dia.gradients import client_gradients
+    from dia.models.dropout import dropout_control, dropout_sites
+
+    images = images.detach().cpu().float()
+    twin = capturable(model, images[:1])
+    y = labels_of(labels, 1, num_classes=_num_classes(twin, images[:1])).view(-1)
+    sent = as_gradients(twin, update, kind=kind, lr=lr)
+    if len(sent) != 1:
+        raise UserError(f"update: check_update takes one client's update, got {len(sent)}")
+    sent_g = sent[0]
+    sites = dropout_sites(twin, active_only=True)
+    if masks and not sites:
+        raise UserError("masks: given, but the model has no dropout")
+
+    def gradient(x: Tensor, y: Tensor, mode: str = "replay", m: Mapping[str, Tensor] | None = None, train: bool = True) -> Grads:
+        twin.train(train)
+        params = dict(twin.named_parameters())
+        with dropout_control(twin, mode, dict(m or {})):
+            loss = F.cross_entropy(twin(x), y)
+        return dict(zip(params, (g.detach() for g in torch.autograd.grad(loss, list(params.values())))))
+
+    mode = "replay" if masks else "off"
+    reference = gradient(images, y, mode, masks)
+    cos, rel, layers = _compare(sent_g, reference)
+    out = UpdateCheck(layers, cos, rel)
+    if out.consistent:
+        return out
+    b = len(y)
+    candidates: list[tuple[str, Grads]] = []
+    ratio = _norm(sent_g) / max(_norm(reference), 1e-30)
+    if cos > 0.9999 and abs(ratio - 1) > 1e-3:
+        if b > 1 and abs(ratio - b) / b < 1e-3:
+            candidates.append((f"loss reduction: the update is {b}x the mean-loss gradient (reduction='sum'); "
+                               "divide it by the batch size", {n: g * b for n, g in reference.items()}))
+        else:
+            candidates.append((f"scale: the update is {ratio:.4g}x the gradient; a wrong learning rate (lr) for a weight "
+                               "update, or another loss scaling", {n: g * ratio for n, g in reference.items()}))
+    if sites and not masks:
+        candidates.append(("dropout: the client's model drew dropout masks this check does not know; pass masks= "
+                           "(capture_update records them) to check exactly", reference))
+    if sites and masks:
+        candidates.append(("train/eval mode: the client ran without dropout (eval mode)", gradient(images, y, "off")))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in twin.modules()):
+        candidates.append(("BatchNorm: the client normalized with running statistics (eval mode)",
+                           gradient(images, y, mode, masks, train=False)))
+    if mean is not None and std is not None:
+        mu = torch.tensor(list(mean)).view(-1, 1, 1)
+        sd = torch.tensor(list(std)).view(-1, 1, 1)
+        candidates.append(("normalization: the client's model took (x - mean) / std of these images",
+                           gradient((images - mu) / sd, y, mode, masks)))
+        candidates.append(("normalization: the client's model took un-normalized images (x * std + mean)",
+                           gradient(images * sd + mu, y, mode, masks)))
+    if b == 1:
+        from dia.problems import infer_labels
+
+        guess = infer_labels({n: g.unsqueeze(0) for n, g in sent_g.items()}, _num_classes(twin, images[:1]))
+        if int(guess[0]) != int(y[0]):
+            candidates.append((f"labels: the gradient says label {int(guess[0])}, not {int(y[0])}", gradient(images, guess, mode, masks)))
+    scored = []
+    for text, g in candidates:
+        c, r, _ = _compare(sent_g, g)
+        if g is reference or r < min(rel / 10, 1e-2):  # explains (most of) the mismatch
+            scored.append((r if g is not reference else math.inf, text))
+    out.culprits = [t for _, t in sorted(scored)]
+    return out
+
+
+def _norm(g: Grads) -> float:
+    return math.sqrt(sum(float(v.pow(2).sum()) for v in g.values()))
+
+
+def _compare(sent: Grads, ref: Grads) -> tuple[float, float, list[dict[str, Any]]]:
+    layers = []
+    for n, r in ref.items():
+        s = sent[n].flatten().double()
+        r = r.flatten().double()
+        cos = float(torch.dot(s, r) / (s.norm() * r.norm() + 1e-30))
+        layers.append({"name": n, "cosine": cos, "rel_error": float((s - r).norm() / (r.norm() + 1e-30))})
+    s = torch.cat([sent[n].flatten().double() for n in ref])
+    r = torch.cat([ref[n].flatten().double() for n in ref])
+    return float(torch.dot(s, r) / (s.norm() * r.norm() + 1e-30)), float((s - r).norm() / (r.norm() + 1e-30)), layers
+
+
+def stack(grads: Iterable[Grads]) -> Grads:
+    """Per-client gradients as {name: (K, ...)}."""
+    grads = list(grads)
+    return {n: torch.stack([g[n] for g in grads]) for n in grads[0]}

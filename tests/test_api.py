@@ -1,0 +1,218 @@
+"""dia as a library: your own model, a gradient your own PyTorch code computed, every form an update arrives
+in, several clients, labels, capture/check/evaluate, and bad input as one-line UserErrors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dia
+from dia.data import load_victims
+from dia.config import group_settings
+from dia.updates import as_gradients, capturable
+
+MEAN, STD = 0.1307, 0.3081
+FAST = dict(compile=False, max_iterations=300)
+
+
+class Net(nn.Module):
+    """A researcher's own model: nn.Dropout layers, no dia anywhere."""
+
+    def __init__(self, p: float = 0.25, width: int = 128) -> None:
+        super().__init__()
+        self.fc1, self.drop1 = nn.Linear(784, width, bias=False), nn.Dropout(p)
+        self.fc2, self.drop2 = nn.Linear(width, width, bias=False), nn.Dropout(p)
+        self.out = nn.Linear(width, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(F.gelu(self.fc1(x.flatten(1))))
+        return self.out(self.drop2(F.gelu(self.fc2(x))))
+
+
+def victims(n: int = 1):
+    v = load_victims(group_settings("data", "mnist"), indices=list(range(n)), count=n, seed=None)
+    return v.images, v.labels
+
+
+def own_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> dict:
+    """What a client's own training code computes: train mode, dropout active, loss.backward()."""
+    model.train()
+    model.zero_grad()
+    F.cross_entropy(model((x - MEAN) / STD), y, reduction=reduction).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = Net()
+    x, y = victims(1)
+    return model, x, y, own_gradient(model, x, y)
+
+
+def test_reconstructs_your_own_model_from_your_own_gradient(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written unless a folder is asked for
+    model, x, y, grads = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = dia.reconstruct(model, grads, labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="dia", **FAST)
+    assert r.images.shape == (1, 1, 28, 28) and 0 <= float(r.images.min()) and float(r.images.max()) <= 1
+    assert set(r.masks) == {"drop1", "drop2"} and r.masks["drop1"].shape == (1, 1, 128)  # your module names
+    dia_ssim = dia.evaluate(r, x)["mean"]["ssim"]
+    ig = dia.reconstruct(model, grads, labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", **FAST)
+    ig_ssim = dia.evaluate(ig, x)["mean"]["ssim"]
+    assert dia_ssim > 0.8 and dia_ssim - ig_ssim > 0.3, (dia_ssim, ig_ssim)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # your model is untouched
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_form_of_an_update_reads_as_the_same_gradient(setup, tmp_path):
+    model, x, y, grads = setup
+    twin = capturable(model, x[:1])
+    ref = as_gradients(twin, grads)[0]
+    arrays = [g.numpy() for g in grads.values()]  # Flower's parameters_to_ndarrays, parameters() order
+    torch.save(grads, tmp_path / "g.pt")
+    torch.save(list(grads.values()), tmp_path / "list.pt")
+    np.savez(tmp_path / "named.npz", **{n: a for n, a in zip(grads, arrays)})
+    np.savez(tmp_path / "ordered.npz", *arrays)
+    lr = 0.05
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = {n: lr * g for n, g in grads.items()}
+    weights = [(w0[n] - lr * g).numpy() for n, g in grads.items()]
+    forms = [(arrays, {}), (tmp_path / "g.pt", {}), (str(tmp_path / "list.pt"), {}), (tmp_path / "named.npz", {}),
+             (tmp_path / "ordered.npz", {}), (delta, dict(kind="delta", lr=lr)), (weights, dict(kind="weights", lr=lr))]
+    for form, kw in forms:
+        got = as_gradients(twin, form, **kw)
+        assert len(got) == 1 and list(got[0]) == list(ref)
+        for n in ref:
+            torch.testing.assert_close(got[0][n], ref[n], rtol=1e-5, atol=1e-6 if "kind" not in kw else 1e-4)
+    assert len(as_gradients(twin, [grads, tmp_path / "g.pt", arrays])) == 3  # several clients
+
+
+def test_several_clients_in_one_program_and_labels_inferred(tmp_path):
+    torch.manual_seed(1)
+    model = Net(p=0.0, width=64)
+    x, y = victims(2)
+    grads = [own_gradient(model, x[i:i + 1], y[i:i + 1]) for i in range(2)]
+    r = dia.reconstruct(model, grads, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", out=tmp_path / "run",
+                        **FAST)
+    assert r.labels.flatten().tolist() == y.tolist()  # inferred from the gradients (batch size 1)
+    assert r.images.shape == (2, 1, 28, 28) and len(r.status) == 2
+    assert dia.evaluate(r, x)["mean"]["ssim"] > 0.9  # no dropout: IG recovers both
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.yaml", "metrics.json", "reconstructions.png",
+                                                             "reconstructions.pt"}
+    with pytest.raises(dia.UserError, match="already exists"):
+        dia.save(r, tmp_path / "run")
+
+
+def test_capture_check_and_evaluate_round_trip():
+    torch.manual_seed(2)
+    model = Net(p=0.5, width=32)
+    x, y = victims(2)
+    xn = (x - MEAN) / STD
+    update = dia.capture_update(model, xn, y, lr=0.1, seed=3)
+    assert set(update.masks) == {"drop1", "drop2"} and update.masks["drop1"].shape == (2, 32)
+    assert dia.check_update(model, update, xn, y, masks=update.masks).consistent
+    # the usual culprits are named
+    summed = {n: g * 2 for n, g in update.gradient.items()}
+    assert "reduction" in dia.check_update(model, summed, xn, y, masks=update.masks).culprits[0]
+    assert any("dropout" in c for c in dia.check_update(model, update, xn, y).culprits)
+    raw = dia.capture_update(model, x, y, seed=3)  # a client that forgot to normalize
+    check = dia.check_update(model, raw, xn, y, masks=raw.masks, mean=(MEAN,), std=(STD,))
+    assert not check.consistent and "un-normalized" in check.culprits[0], str(check)
+    eval_mode = model.eval()
+    model.zero_grad()
+    F.cross_entropy(eval_mode(xn), y).backward()
+    sent = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert "eval mode" in dia.check_update(model, sent, xn, y, masks=update.masks).culprits[0]
+    # WIIG with the recorded masks reconstructs almost exactly; evaluate reports mask recovery for DIA
+    wiig = dia.reconstruct(model, update.delta(), kind="delta", lr=0.1, labels=y, masks=update.masks, input_shape=(1, 28, 28),
+                           mean=(MEAN,), std=(STD,), attack="wiig", **FAST)
+    assert dia.evaluate(wiig, x)["mean"]["ssim"] > 0.9
+    r = dia.reconstruct(model, update, labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="dia",
+                        compile=False, max_iterations=20)
+    scores = dia.evaluate(r, x, masks=update.masks)
+    assert scores["mean"]["mask_bal_acc"] is not None and len(scores["victims"]) == 2
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "missing \\['out.weight'\\]"),
+    ("extra", "unknown name \\['head.weight'\\]"),
+    ("shape", "'fc2.weight' has shape \\(4, 4\\)"),
+    ("nan", "'fc1.weight' holds NaN or inf"),
+    ("int", "'fc1.weight' has dtype torch.int64"),
+    ("count", "2 arrays, but the model has 3 parameters"),
+    ("labels", "label 12 out of range for a model with 10 classes"),
+    ("no_dropout_masks", "masks: given, but the model has no dropout"),
+    ("wiig_without_masks", "needs the client's dropout masks"),
+    ("setting", "unknown key 'attack.mask_wieght'"),
+    ("setting_value", "attack.max_iterations=0"),
+    ("attack", "unknown attack 'dai'"),
+    ("kind", "kind='grad'"),
+    ("lr", "lr=0: kind=delta needs"),
+    ("file", "no such file"),
+    ("pickle", "cannot read"),
+    ("shape_input", "input_shape=\\(28, 28\\)"),
+    ("std", "std=\\(0.0,\\)"),
+])
+def test_bad_input_is_one_line_naming_it(setup, tmp_path, case, match):
+    model, x, y, grads = setup
+    kw = dict(labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", compile=False, max_iterations=1)
+    update: object = dict(grads)
+    if case == "missing":
+        update.pop("out.weight")
+    elif case == "extra":
+        update["head.weight"] = torch.zeros(3)
+    elif case == "shape":
+        update["fc2.weight"] = torch.zeros(4, 4)
+    elif case == "nan":
+        update["fc1.weight"] = torch.full_like(grads["fc1.weight"], float("nan"))
+    elif case == "int":
+        update["fc1.weight"] = torch.zeros_like(grads["fc1.weight"], dtype=torch.long)
+    elif case == "count":
+        update = [g.numpy() for g in list(grads.values())[:2]]
+    elif case == "labels":
+        kw["labels"] = torch.tensor([12])
+    elif case == "no_dropout_masks":
+        model, update = Net(p=0.0), own_gradient(Net(p=0.0), x, y)
+        kw["masks"] = {"drop1": torch.ones(1, 128)}
+    elif case == "wiig_without_masks":
+        kw["attack"] = "wiig"
+    elif case == "setting":
+        kw["attack"], kw["mask_wieght"] = "dia", 1.0
+    elif case == "setting_value":
+        kw["max_iterations"] = 0
+    elif case == "attack":
+        kw["attack"] = "dai"
+    elif case == "kind":
+        kw["kind"] = "grad"
+    elif case == "lr":
+        kw.update(kind="delta", lr=0)
+    elif case == "file":
+        update = tmp_path / "nope.pt"
+    elif case == "pickle":
+        torch.save({"w": object()}, tmp_path / "p.pt")
+        update = tmp_path / "p.pt"
+    elif case == "shape_input":
+        kw["input_shape"] = (28, 28)
+    elif case == "std":
+        kw["std"] = (0.0,)
+    with pytest.raises(dia.UserError, match=match) as err:
+        dia.reconstruct(model, update, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_import_dia_loads_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, dia; heavy = [m for m in ('torch', 'lightning', 'wandb', 'timm', 'torchmetrics') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import sys; from dia.config import help_text; help_text([]); print([m for m in ('torch', 'lightning', 'wandb', 'timm') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -191,17 +191,21 @@ def test_disabled_wandb_and_help_import_nothing_from_wandb(tmp_path):
 def test_a_sweep_agents_run_is_grouped_by_its_sweep_and_tagged(tmp_path, monkeypatch, lookup):
     """What `wandb agent` does for our sweep files, without the internet: it sets WANDB_SWEEP_ID, WANDB_RUN_ID
     and WANDB_SWEEP_PARAM_PATH (the cell's parameters, written with W&B's own config writer) and runs the
-    file's command; the sweep's name is asked from W&B's API (here a stand-in)."""
+    file's command; the sweep's name is asked from W&B's API (here a stand-in). With `answers`, the agent's
+    run is stopped by a signal and a later agent run (another W&B run id) resumes the cell."""
     import wandb
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
     from wandb.sdk.lib import config_util
 
     from dia.grid.sweep import load
+    from dia.run import pack as packs
+    from dia.run.signals import STOP, Preempted
 
     cell = load(Path(__file__).parent.parent / "sweeps" / "smoke.yaml").cell(3)
     params = {k: {"value": v} for k, v in cell.overrides.items()} | {"logger.wandb.mode": {"value": "offline"},
                                                                           "metrics.lpips": {"value": "off"}}
-    config_util.save_config_file_from_dict(str(tmp_path / "config-agentrun1.yaml"), params)
+    if lookup == "fails":  # as in the files `dia.grid --wandb-sweeps` writes: the grid is the group
+        params["logger.wandb.group"] = {"value": "smoke-grid"}
     asked: list[str] = []
 
     class Sweep:
@@ -212,23 +216,48 @@ def test_a_sweep_agents_run_is_grouped_by_its_sweep_and_tagged(tmp_path, monkeyp
             self.name = "smoke-block"
 
     monkeypatch.setattr(wandb, "Api", lambda **kw: type("Api", (), {"sweep": lambda self, path: Sweep(path)})())
-    for key, value in {"WANDB_SWEEP_ID": "sw33p", "WANDB_RUN_ID": "agentrun1", "WANDB_PROJECT": "dia",
-                       "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "config-agentrun1.yaml")}.items():
-        monkeypatch.setenv(key, value)
-    wandb.teardown()  # W&B reads these at its setup, once per process (the agent starts a fresh process)
-    try:
-        out = tmp_path / "results" / "smoke"
-        args = create_sweep_command_args({"args": params})["args_no_hyphens"]  # what ${args_no_hyphens} gives
-        assert main(args + ["run.name=auto-cell", f"run.output_dir={out}"]) == 0
-    finally:
-        for key in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_SWEEP_PARAM_PATH"):
-            monkeypatch.delenv(key)
-        wandb.teardown()
+    out = tmp_path / "results" / "smoke"
+
+    def agent_runs(run_id: str) -> int:
+        config_util.save_config_file_from_dict(str(tmp_path / f"config-{run_id}.yaml"), params)
+        env = {"WANDB_SWEEP_ID": "sw33p", "WANDB_RUN_ID": run_id, "WANDB_PROJECT": "dia",
+               "WANDB_SWEEP_PARAM_PATH": str(tmp_path / f"config-{run_id}.yaml")}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        wandb.teardown()  # W&B reads these at its setup, once per process (the agent starts a fresh process)
+        try:
+            args = create_sweep_command_args({"args": params})["args_no_hyphens"]  # what ${args_no_hyphens} gives
+            return main(args + ["run.name=auto-cell", f"run.output_dir={out}"])
+        finally:
+            for key in env:
+                monkeypatch.delenv(key)
+            wandb.teardown()
+
+    if lookup == "answers":  # the time limit: SIGTERM at iteration 10 (after its point)
+        step_end = packs.Program.on_train_batch_end
+
+        def stopped(self, trainer, module, *rest):
+            if module.done == 10:
+                STOP.set(Preempted, 15)
+            step_end(self, trainer, module, *rest)
+
+        monkeypatch.setattr(packs.Program, "on_train_batch_end", stopped)
+        assert agent_runs("agentrun0") == 75
+        monkeypatch.setattr(packs.Program, "on_train_batch_end", step_end)
+    assert agent_runs("agentrun1") == 0
     folder = next(p for p in out.iterdir() if not p.name.startswith("."))
-    (record,) = read_offline_runs(folder / "wandb")
+    *before, record = read_offline_runs(folder / "wandb")
     run = record["run"]
-    assert asked == ["dia/sw33p"] and run["run_id"] == "agentrun1" == (folder / "wandb-id").read_text().strip()
-    assert run["sweep_id"] == "sw33p" and run["run_group"] == ("smoke-block" if lookup == "answers" else "smoke")
+    assert set(asked) == {"dia/sw33p"} and run["run_id"] == "agentrun1" == (folder / "wandb-id").read_text().strip()
+    assert run["sweep_id"] == "sw33p"
+    if lookup == "answers":  # grouped by the sweep's name (a grid, or a grid's block)
+        assert run["run_group"] == run["job_type"] == "smoke-block"
+        (first,) = before  # the stopped agent run; the second W&B run got the points so far, then its own
+        assert first["run"]["run_id"] == "agentrun0" and first["exit_code"] == 75
+        assert [r["_step"] for r in first["history"] if "attack/loss" in r] == [10]
+    else:  # the group set; the job type is the grid's results folder when W&B cannot name the sweep
+        assert run["run_group"] == "smoke-grid" and run["job_type"] == "smoke" and not before
+    assert [r["_step"] for r in record["history"] if "attack/loss" in r] == _curve_steps(folder) == [10, 20]
     assert {"attack:dia", "model:mlp", "data:mnist", "model.dropout:0.5"} <= set(run["tags"])
     assert record["config"]["attack"] == "dia" and record["config"]["model.dropout"] == 0.5  # the sweep's own keys
     assert record["config"]["attack.lr"] == 0.1 and record["config"]["run.name"] == folder.name  # ours, beside them

@@ -16,9 +16,11 @@ preempting, 130); a failure with 1.
 W&B is never the record: the run folder is. Any W&B failure costs one warning; the run goes on without W&B
 and its W&B run stays as far as it got. `logger.wandb.mode=disabled` imports nothing from wandb.
 
-Under a W&B sweep agent (`WANDB_SWEEP_ID` set, as `wandb agent` does for the sweeps/ files), the agent's run
-id is used (W&B ignores any other), the run is grouped by the sweep's name (the grid or grid-block, looked
-up from W&B) unless `logger.wandb.group` is set, and the config goes in as dotted keys beside the sweep's own.
+Every run is tagged with its coordinates (`attack:dia`, `model:mlp`, `data:mnist`, `model.dropout:0.25`) beside
+`logger.wandb.tags`. Under a W&B sweep agent (`WANDB_SWEEP_ID` set, as `wandb agent` does for the sweeps/
+files), the agent's run id is used (W&B ignores any other), the sweep's name (the grid, or grid-block, looked
+up from W&B) is the run's job type and, unless `logger.wandb.group` is set, its group; the config goes in as
+dotted keys beside the sweep's own (which W&B sets and locks).
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ class LiveRun:
         wb = self.cfg.logger.wandb
         sweep = os.environ.get("WANDB_SWEEP_ID")
         config = OmegaConf.to_container(self.cfg, resolve=True)
-        group = wb.group or (sweep_group(self.cfg, sweep) if sweep else None)
+        block = sweep_name(self.cfg, sweep) if sweep else None  # the sweep: a grid, or one block of it
+        group = wb.group or block
         if sweep:  # W&B fixes the run id, project and entity, and the sweep's keys; ours go beside them
             taken = set(_sweep_parameters())
             config = {k: v for k, v in _dotted(config).items() if k not in taken}
@@ -142,7 +145,7 @@ class LiveRun:
             where = {"id": self.saved_id or uuid.uuid4().hex[:12], "project": wb.project, "entity": wb.entity}
         # several dia runs may be live in one process (a pack): each is its own W&B run (reinit="create_new")
         settings = wandb.Settings(**({} if "WANDB_SILENT" in os.environ else {"silent": True}))
-        run = wandb.init(dir=str(self.folder), name=self.name, group=group, tags=tags_of(self.cfg) or None,
+        run = wandb.init(dir=str(self.folder), name=self.name, group=group, job_type=block, tags=tags_of(self.cfg) or None,
                          mode=wb.mode, config=config, resume="allow", reinit="create_new", settings=settings, **where)
         self.run = run
         if run.id != self.saved_id:  # a W&B run this dia run never had: give it the points so far
@@ -187,10 +190,10 @@ def tags_of(cfg: Any) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
-def sweep_group(cfg: Any, sweep_id: str) -> str:
-    """The group of a sweep agent's run: the sweep's name (a grid, or a grid's block: `paper-mnist-cifar10`),
-    asked from W&B with the ids the agent sets; if W&B cannot say, the results folder the sweep files' command
-    writes to (`run.output_dir=results/<grid>`: dia.grid's group for the same cells)."""
+def sweep_name(cfg: Any, sweep_id: str) -> str:
+    """The name of the sweep a W&B agent's run belongs to (a grid, or a grid's block: `paper-mnist-cifar10`),
+    asked from W&B with the ids the agent sets (the agent passes no name); if W&B cannot say, the results folder
+    the sweep files' command writes to (`run.output_dir=results/<grid>`: dia.grid's group for the same cells)."""
     import wandb
 
     path = "/".join(p for p in (os.environ.get("WANDB_ENTITY"), os.environ.get("WANDB_PROJECT"), sweep_id) if p)

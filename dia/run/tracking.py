@@ -145,8 +145,9 @@ class LiveRun:
             where = {"id": self.saved_id or uuid.uuid4().hex[:12], "project": wb.project, "entity": wb.entity}
         # several dia runs may be live in one process (a pack): each is its own W&B run (reinit="create_new")
         settings = wandb.Settings(**({} if "WANDB_SILENT" in os.environ else {"silent": True}))
-        run = wandb.init(dir=str(self.folder), name=self.name, group=group, job_type=block, tags=tags_of(self.cfg) or None,
-                         mode=wb.mode, config=config, resume="allow", reinit="create_new", settings=settings, **where)
+        run = wandb.init(dir=str(self.folder), name=self.name, group=group, job_type=block,
+                         tags=tags_of(self.cfg) or None, mode=wb.mode, config=config, resume="allow",
+                         reinit="create_new", settings=settings, **where)
         self.run = run
         if run.id != self.saved_id:  # a W&B run this dia run never had: give it the points so far
             from dia.run.files import write_text
@@ -164,8 +165,9 @@ class LiveRun:
         except Exception as exc:  # noqa: BLE001 - W&B must never cost a run: its files are the record
             self.failed = True
             run, self.run = self.run, None
-            warnings.warn(f"{self.name}: W&B failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                          "the run goes on and its folder has every result; its W&B run stops here", stacklevel=3)
+            text = str(exc).splitlines()[0][:200] if str(exc) else ""
+            warnings.warn(f"{self.name}: W&B failed ({type(exc).__name__}: {text}); the run goes on and its folder "
+                          "has every result; its W&B run stops here", stacklevel=3)
             if run is not None:
                 try:
                     run.finish(exit_code=1)

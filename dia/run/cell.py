@@ -261,7 +261,7 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     return RunOutput(final, summary, wandb_dir)
 
 
-# ---- curves: a file of the partial folder (also sent to the live W&B run) -------------------------------------------
+# ---- curves: a file of the partial folder (also sent to the live W&B run) -----------------------------
 
 def append_curves(cell: Cell, rows: list[dict[str, Any]]) -> None:
     """Add curve points ({"iteration": i, name: value, ...}) to the cell's curves.jsonl."""

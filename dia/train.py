@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
           + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else ""))
     if out.wandb_dir:
-        print(f"W&B offline run: {out.wandb_dir} (upload with `wandb sync {out.wandb_dir}`)" if m and "offline" in out.wandb_dir
+        print(f"W&B offline run: {out.wandb_dir} (upload with `wandb sync {Path(out.wandb_dir).parent}`, which holds every process's part of it)" if m and "offline" in out.wandb_dir
               else f"W&B run: {out.wandb_dir}")
     return ExitCode.OK if m["status"] == "completed" else ExitCode.DIVERGED
 

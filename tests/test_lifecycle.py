@@ -72,12 +72,16 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_rerun_finishes_like_an_unbroken_run
     straight.communicate(timeout=300)
     a, b = (json.loads((tmp_path / d / "r" / "metrics.json").read_text())["victims"] for d in ("straight", "broken"))
     assert [v["mse"] for v in a] == [v["mse"] for v in b]
-    runs = list((tmp_path / "broken" / "r" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1  # one W&B run across the interruption
-    from dia.run.tracking import read_offline_run
+    from dia.run.tracking import read_offline_runs
 
-    steps = [row["_step"] for row in read_offline_run(runs[0])["history"] if "attack/loss" in row]
-    assert steps == sorted(set(steps)) and steps[-1] == 200  # curves stepped by attack iteration, none twice
+    parts = read_offline_runs(tmp_path / "broken" / "r" / "wandb")  # one offline directory per process, as W&B resumes
+    assert len({p["run"]["run_id"] for p in parts}) == 1 and [p["exit_code"] for p in parts] == [130, 0]  # one W&B run
+
+    def steps(records):
+        return [row["_step"] for r in records for row in r["history"] if "attack/loss" in row]
+
+    straight_steps = steps(read_offline_runs(tmp_path / "straight" / "r" / "wandb"))
+    assert steps(parts) == straight_steps and straight_steps[-1] == 200  # the points of the unbroken run, none twice
 
 
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(stopped, tmp_path):

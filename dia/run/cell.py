@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,7 @@ class Cell:
     problems: Problems | None = None  # the client's truth included (evaluation only)
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    wandb: tracking.LiveRun | None = None  # the run's live W&B run (dia.run.tracking); None: logger.wandb.mode=disabled
 
     @property
     def name(self) -> str:
@@ -132,7 +132,7 @@ def open_cell(cfg: DictConfig) -> Cell:
         folder.release()
         raise
     return Cell(cfg=cfg, folder=folder, device=resolve_device(cfg.run.device), config_text=text,
-                checkpoint=checkpoint, resumed=resumed)
+                checkpoint=checkpoint, resumed=resumed, wandb=tracking.open_run(cfg, folder.partial, name))
 
 
 def prepare(cell: Cell) -> Cell:
@@ -159,6 +159,8 @@ def _prepare(cell: Cell) -> Cell:
 def release(cell: Cell) -> None:
     """Drop the cell's tensors and its lock."""
     cell.victims = cell.model = cell.problems = None
+    if cell.wandb is not None:
+        cell.wandb.close()  # left open: the run stopped (75/130) or failed (1); a written run's is finished already
     cell.folder.release()
 
 
@@ -232,10 +234,8 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     titles = [f"#{r['index']}  SSIM {r['ssim']:.2f}" for r in rows]
     reconstruction_grid(cell.folder / "reconstructions.png", victims.images, rec01, titles,
                         title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}")
-    wandb_dir = tracking.log_run(cfg, cell.folder.partial, name=cell.name, run_id=wandb_id(cell),
-                                 curves=read_curves(cell), originals=victims.images, reconstructions=rec01,
-                                 captions=titles, rows=rows,
-                                 summary={f"final/{k}": v for k, v in summary["mean"].items() if v is not None} | {"status": status})
+    wandb_dir = None if cell.wandb is None else cell.wandb.finish(
+        summary, figure=cell.folder / "reconstructions.png", originals=victims.images, reconstructions=rec01)
     write_json(cell.folder / "metrics.json", summary)
     if cell.checkpoint is not None and cell.checkpoint.path.exists():
         cell.checkpoint.path.unlink()  # the results are final; the attack state is not needed any more
@@ -245,22 +245,14 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     return RunOutput(final, summary, wandb_dir)
 
 
-# ---- curves and the W&B run id: files of the partial folder -------------------------------------------
-
-def wandb_id(cell: Cell) -> str:
-    """The cell's W&B run id, made once and kept in its folder, so every resume logs into the same run."""
-    path = cell.folder / "wandb-id"
-    if path.is_file():
-        return path.read_text().strip()
-    run_id = uuid.uuid4().hex[:12]
-    write_text(path, run_id + "\n")
-    return run_id
-
+# ---- curves: a file of the partial folder (also sent to the live W&B run) -----------------------------
 
 def append_curves(cell: Cell, rows: list[dict[str, Any]]) -> None:
     """Add curve points ({"iteration": i, name: value, ...}) to the cell's curves.jsonl."""
     with open(cell.folder / "curves.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    if cell.wandb is not None:
+        cell.wandb.log(rows)  # and to the live W&B run
 
 
 def read_curves(cell: Cell, upto: int | None = None) -> list[dict[str, Any]]:

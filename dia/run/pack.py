@@ -194,6 +194,7 @@ class Program(Callback):
         self.inside = [Slot(item, part, 0, item.iteration) for item, part in zip(inside, module.parts)]
         self.waiting, self.left = list(waiting), []
         self.stopped = False
+        self.before = 0  # `module.done` at the previous step's end
         self.entering: Item | None = None  # the item being prepared or admitted
         self.model = inside[0].cell.model  # the client model every item must share
         module.waiting = self.waiting_problems()
@@ -201,17 +202,27 @@ class Program(Callback):
     def waiting_problems(self) -> int:
         return sum(len(i.index) for i in self.waiting) if self.refill else 0
 
-    def own_iteration(self, slot: Slot) -> int:
-        return min(slot.item.cell.cfg.attack.max_iterations, slot.start + self.module.done - slot.entered)
+    def own_iteration(self, slot: Slot, done: int | None = None) -> int:
+        done = self.module.done if done is None else done
+        return min(slot.item.cell.cfg.attack.max_iterations, slot.start + done - slot.entered)
+
+    def logs(self, slot: Slot, before: int) -> bool:
+        """Whether the slot's run reached, since program step `before`, an iteration an unbroken run logs
+        (its first step, every `log_every`, its last): resumed and late-entering runs log on the same grid."""
+        own, last = self.own_iteration(slot), self.own_iteration(slot, max(before, slot.entered))
+        every = self.log_every
+        return own > last and (last == 0 or (every > 0 and own // every > last // every)
+                               or own == slot.item.cell.cfg.attack.max_iterations)
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         done, n = module.done, module.cfg.iterations_per_step
+        before, self.before = self.before, done
 
         def crossed(every: int) -> bool:
             return every > 0 and (done // every > (done - n) // every or done == module.horizon)
 
-        if crossed(self.log_every) or done <= n:
-            for slot in self.inside:
+        for slot in self.inside:
+            if self.logs(slot, before):
                 item, rows = slot.item, self.module.rows_of(slot.part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
                 if item.cell.cfg.metrics.curves_ssim:

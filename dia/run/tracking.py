@@ -1,139 +1,356 @@
-"""Weights & Biases: offline by default, never a login prompt; one W&B run per dia run, written when it is done."""
+"""Weights & Biases: one W&B run per dia run, live while the attack runs, continued across resumes.
+
+A run's W&B run opens at its first curve point and gets every point as it lands in `curves.jsonl` (stepped
+by attack iteration, `attack.log_every` apart, from the log points the program already has: no extra host
+sync); W&B records system metrics and the console as it does by default. When the run is done it gets the
+reconstructions (the run's `reconstructions.png`), the per-victim table (with each victim's original and
+reconstruction) and the summary, at the run's last iteration, and is finished before the folder is renamed.
+
+Its id is kept in the run folder (`wandb-id`), so a resumed run continues it: online, W&B resumes the run
+(`resume="allow"`); offline, each process writes its own `wandb/offline-run-*` directory with that id, and
+`wandb sync` uploads them as one run, in start order (W&B's own mechanism for resumed offline runs). Points
+an earlier process already sent (up to the last line of `curves.jsonl` when this process started) are not
+sent again, so the steps only increase. A stop signal finishes the W&B run with the exit code (75 marked
+preempting, 130); a failure with 1.
+
+W&B is never the record: the run folder is. Any W&B failure costs one warning; the run goes on without W&B
+and its W&B run stays as far as it got. `logger.wandb.mode=disabled` imports nothing from wandb.
+
+Every run is tagged with its coordinates (`attack:dia`, `model:mlp`, `data:mnist`, `model.dropout:0.25`) beside
+`logger.wandb.tags`. Under a W&B sweep agent (`WANDB_SWEEP_ID` set, as `wandb agent` does for the sweeps/
+files), the agent's run id is used (W&B ignores any other), the sweep's name (the grid, or grid-block, looked
+up from W&B) is the run's job type and, unless `logger.wandb.group` is set, its group; the config goes in as
+dotted keys beside the sweep's own (which W&B sets and locks).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import uuid
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+ID_FILE = "wandb-id"  # in the run folder: the W&B run id every process of the run logs into
+COORDINATES = (("attack", "attack.name"), ("model", "model.name"), ("data", "data.name"), ("model.dropout", "model.dropout"))
 
-def log_run(cfg: Any, save_dir: Path, *, name: str, run_id: str, curves: list[dict[str, Any]], originals: Any,
-            reconstructions: Any, captions: list[str], rows: list[dict[str, Any]], summary: dict[str, Any]) -> str | None:
-    """A run's whole W&B record, written once when the run is done: config, curves stepped by attack
-    iteration, the image grid, the per-victim table and the final summary. Resumes the run `run_id` if it
-    exists, so a cell is one W&B run however often it was interrupted. Returns the local run directory
-    (None when logger.wandb.mode=disabled)."""
-    wb = cfg.logger.wandb
-    if wb.mode == "disabled":
-        return None
-    os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
+
+def open_run(cfg: Any, folder: Path, name: str) -> LiveRun | None:
+    """The W&B run of the dia run in `folder` (its partial folder, locked), None when logger.wandb.mode=disabled.
+
+    Nothing is started yet: W&B opens at the first point. Call before `curves.jsonl` is trimmed on resume,
+    so that the points an earlier process sent are known."""
+    return None if cfg.logger.wandb.mode == "disabled" else LiveRun(cfg, Path(folder), name)
+
+
+class LiveRun:
+    """One dia run's W&B run (see the module docstring); every method is a no-op once W&B has failed."""
+
+    def __init__(self, cfg: Any, folder: Path, name: str) -> None:
+        self.cfg, self.folder, self.name = cfg, folder, name
+        self.run: Any = None
+        self.failed = False
+        path = folder / ID_FILE
+        self.saved_id = path.read_text().strip() if path.is_file() else None
+        points = _read_points(folder / "curves.jsonl")
+        self.floor = max((_step(p) for p in points), default=-1)  # sent by an earlier process (if W&B was working)
+        self.last = -1  # the last step this process sent
+
+    # ---- while the attack runs ----------------------------------------------------------------------
+    def log(self, points: list[dict[str, Any]]) -> None:
+        """Send curve points ({"step", "iteration", "group", name: value}) that W&B does not have yet."""
+        if self._open() is None:
+            return
+        self._guard(lambda: self._send(points))
+
+    def _send(self, points: list[dict[str, Any]]) -> None:
+        for point in points:
+            step = _step(point)
+            if step <= max(self.floor, self.last):
+                continue
+            self.run.log({k: v for k, v in point.items() if k not in ("iteration", "group", "step")}, step=step)
+            self.last = step
+
+    # ---- the end -------------------------------------------------------------------------------------
+    def finish(self, metrics: dict[str, Any], *, figure: Path, originals: Any, reconstructions: Any,
+               caption: str = "originals above reconstructions, each titled with its SSIM") -> str | None:
+        """Log the reconstructions (`figure`, the run's PNG, with `caption`), the per-victim table (images in
+        [0, 1], (N, C, H, W), victim order) and the summary (from metrics.json's content) at the run's last
+        iteration, and finish the run. Returns its local directory (None when W&B is off or failed)."""
+        if self._open() is None:
+            return None
+
+        def work() -> str:
+            import wandb
+
+            step = max(self.last, self.floor + 1 if self.last < self.floor else -1, self._final_step(metrics))
+            self.run.log({"reconstructions": wandb.Image(str(figure), caption=caption),
+                          "victims": victim_table(metrics["victims"], originals, reconstructions)}, step=step)
+            self.run.summary.update(summary_of(metrics))
+            directory = str(Path(self.run.dir).parent)
+            run, self.run = self.run, None
+            run.finish(exit_code=0)
+            return directory
+
+        return self._guard(work)
+
+    def _final_step(self, metrics: dict[str, Any]) -> int:
+        """The step of the run's last iteration: its last group's step offset plus its iterations."""
+        points = _read_points(self.folder / "curves.jsonl")
+        base = _step(points[-1]) - int(points[-1].get("iteration", 0)) if points else 0
+        return base + int(metrics.get("iterations", 0))
+
+    def close(self, exit_code: int | None = None) -> None:
+        """Finish a W&B run left open with `exit_code`, by default the dia run's: a stop signal's (75, marked
+        preempting first, or 130), else 1 (it failed). Nothing happens to a finished (or never opened) one."""
+        if self.run is None:
+            return
+        if exit_code is None:
+            from dia.run.signals import STOP
+
+            exit_code = int(STOP.kind.exit_code) if STOP.is_set() else 1
+        run, self.run = self.run, None
+
+        def work() -> None:
+            if exit_code == 75:
+                run.mark_preempting()
+            run.finish(exit_code=exit_code)
+
+        self._guard(work)
+
+    # ---- opening and failing -------------------------------------------------------------------------
+    def _open(self) -> Any:
+        if self.run is None and not self.failed:
+            self._guard(self._start)
+        return self.run
+
+    def _start(self) -> None:
+        import wandb
+        from omegaconf import OmegaConf
+
+        wb = self.cfg.logger.wandb
+        sweep = os.environ.get("WANDB_SWEEP_ID")
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        block = sweep_name(self.cfg, sweep) if sweep else None  # the sweep: a grid, or one block of it
+        group = wb.group or block
+        if sweep:  # W&B fixes the run id, project and entity, and the sweep's keys; ours go beside them
+            taken = set(_sweep_parameters())
+            config = {k: v for k, v in _dotted(config).items() if k not in taken}
+            where: dict[str, Any] = {}
+        else:
+            where = {"id": self.saved_id or uuid.uuid4().hex[:12], "project": wb.project, "entity": wb.entity}
+        # several dia runs may be live in one process (a pack): each is its own W&B run (reinit="create_new")
+        settings = wandb.Settings(**({} if "WANDB_SILENT" in os.environ else {"silent": True}))
+        run = wandb.init(dir=str(self.folder), name=self.name, group=group, job_type=block,
+                         tags=tags_of(self.cfg) or None, mode=wb.mode, config=config, resume="allow",
+                         reinit="create_new", settings=settings, **where)
+        self.run = run
+        if run.id != self.saved_id:  # a W&B run this dia run never had: give it the points so far
+            from dia.run.files import write_text
+
+            write_text(self.folder / ID_FILE, run.id + "\n")
+            self.floor, self.saved_id = -1, run.id
+            self._send(_read_points(self.folder / "curves.jsonl"))
+        elif getattr(run, "starting_step", 0):  # online resume: W&B knows where the run got to
+            self.floor = max(self.floor, int(run.starting_step) - 1)
+
+    def _guard(self, work: Any) -> Any:
+        """Run `work`; a W&B failure turns W&B off for this run with one warning (the dia run goes on)."""
+        try:
+            return work()
+        except Exception as exc:  # noqa: BLE001 - W&B must never cost a run: its files are the record
+            self.failed = True
+            run, self.run = self.run, None
+            text = str(exc).splitlines()[0][:200] if str(exc) else ""
+            warnings.warn(f"{self.name}: W&B failed ({type(exc).__name__}: {text}); the run goes on and its folder "
+                          "has every result; its W&B run stops here", stacklevel=3)
+            if run is not None:
+                try:
+                    run.finish(exit_code=1)
+                except Exception:  # noqa: BLE001, S110 - already failing: the warning above says so
+                    pass
+            return None
+
+
+# ---- what goes into the run -------------------------------------------------------------------------
+
+def tags_of(cfg: Any) -> list[str]:
+    """`logger.wandb.tags` and the run's coordinates as `key:value` (as dia.grid tags its cells), no duplicates."""
     from omegaconf import OmegaConf
 
-    run = wandb.init(dir=str(save_dir), id=run_id, resume="allow", name=name, project=wb.project, entity=wb.entity,
-                     group=wb.group, tags=list(wb.tags) or None, mode=wb.mode, config=OmegaConf.to_container(cfg),
-                     settings=wandb.Settings(console="off", silent=True))
+    from dia.grid.sweep import format_value
+
+    tags = [str(t) for t in cfg.logger.wandb.tags]
+    for key, path in COORDINATES:
+        value = OmegaConf.select(cfg, path)
+        if value is not None:
+            tags.append(f"{key}:{format_value(value)}")
+    return list(dict.fromkeys(tags))
+
+
+def sweep_name(cfg: Any, sweep_id: str) -> str:
+    """The name of the sweep a W&B agent's run belongs to (a grid, or a grid's block: `paper-mnist-cifar10`),
+    asked from W&B with the ids the agent sets (the agent passes no name); if W&B cannot say, the results folder
+    the sweep files' command writes to (`run.output_dir=results/<grid>`: dia.grid's group for the same cells)."""
+    import wandb
+
+    path = "/".join(p for p in (os.environ.get("WANDB_ENTITY"), os.environ.get("WANDB_PROJECT"), sweep_id) if p)
     try:
-        for point in curves:
-            values = {k: v for k, v in point.items() if k not in ("iteration", "group", "step")}
-            run.log(values, step=int(point.get("step", point.get("iteration", 0))))
-        log_reconstructions(run, originals, reconstructions, captions=captions)
-        log_victim_table(run, rows)
-        run.summary.update(summary)
-        directory = str(Path(run.dir).parent)
-    finally:
-        run.finish()
-    return directory
+        name = wandb.Api(timeout=20).sweep(path).name
+    except Exception:  # noqa: BLE001 - no login or network: the grid's name will do
+        name = None
+    return str(name or Path(str(cfg.run.output_dir)).resolve().name)
 
 
-VICTIM_COLUMNS = ("index", "label", "problem", "status", "iterations", "best_iteration", "loss", "mse", "psnr", "ssim",
-                  "lpips", "mask_bal_acc", "mask_recall", "mask_precision")
+def _sweep_parameters() -> dict[str, Any]:
+    """The sweep parameters the agent wrote for this run (`WANDB_SWEEP_PARAM_PATH`, {key: {value: v}})."""
+    import yaml
+
+    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) if path else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in (data or {}).items() if k != "wandb_version"}
 
 
-def _run(logger: Any) -> Any:
-    """The wandb run behind a Lightning WandbLogger (or a wandb run itself)."""
-    return getattr(logger, "experiment", logger)
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
-def log_reconstructions(logger: Any, originals: Any, reconstructions: Any, *, captions: list[str] | None = None,
-                        key: str = "reconstructions", max_images: int = 16, caption: str | None = None) -> None:
-    """One image: originals (top row) above reconstructions (bottom row), images in [0, 1], (N, C, H, W).
+def summary_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The W&B summary of a finished run from its metrics.json content: every scalar (status, wall time,
+    iterations, device, ...), the defense, `final/<metric>` for each mean metric (mask measures included), and
+    `victims/<status>`: how many victims ended in each engine status."""
+    from dia.engine import STATUS
 
-    Nothing happens when `logger` is None (logger.wandb.mode=disabled).
-    """
-    if logger is None:
-        return
+    out = {k: v for k, v in metrics.items() if isinstance(v, (str, int, float, bool))}
+    if isinstance(metrics.get("defense"), dict):
+        out["defense"] = metrics["defense"]
+    out.update({f"final/{k}": v for k, v in metrics.get("mean", {}).items() if v is not None})
+    counts = Counter(r.get("status") for r in metrics.get("victims", []))
+    out.update({f"victims/{s}": counts.get(s, 0) for s in STATUS if s != "running"})
+    return out
+
+
+def to_image(x: Any, caption: str | None = None) -> Any:
+    """A wandb.Image of one image in [0, 1], (C, H, W): as 8-bit pixels round(255 x), since wandb takes
+    arrays as values in [0, 255] (floats in [0, 1] would be cast to 0 and 1: a black image)."""
     import torch
     import wandb
-    from torchvision.utils import make_grid
 
-    n = min(max_images, originals.shape[0])
-    both = torch.cat([originals[:n].detach().cpu().float(), reconstructions[:n].detach().cpu().float()]).clamp(0, 1)
-    image = make_grid(both, nrow=n, padding=2, pad_value=1.0)
-    text = caption or "top: originals, bottom: reconstructions"
-    if captions:
-        text += " | " + "  ".join(captions[:n])
-    _run(logger).log({key: wandb.Image(image, caption=text)})
+    pixels = (x.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).numpy()
+    return wandb.Image(array[..., 0] if array.shape[-1] == 1 else array, caption=caption)
 
 
-def log_victim_table(logger: Any, rows: list[dict[str, Any]], *, key: str = "victims",
-                     columns: tuple[str, ...] = VICTIM_COLUMNS) -> None:
-    """The per-victim metrics (metrics.json's `victims` rows) as a wandb.Table; None-safe like log_reconstructions."""
-    if logger is None:
-        return
+def victim_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The victim table's columns: index and label, the run's other per-victim fields, then the metrics
+    (dia.run.summary's names, mask measures per part included) that some victim has a value of."""
+    from dia.run.summary import mean_metrics
+
+    metrics = list(mean_metrics(rows))
+    first = [c for c in ("index", "label") if any(c in r for r in rows)]
+    rest = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in metrics and k not in first]
+    return first + rest + [m for m in metrics if any(r.get(m) is not None for r in rows)]
+
+
+def victim_table(rows: list[dict[str, Any]], originals: Any = None, reconstructions: Any = None) -> Any:
+    """metrics.json's per-victim rows as a wandb.Table, with `original` and `reconstruction` image columns
+    when the images (in [0, 1], victim order) are given."""
     import wandb
 
-    present = [c for c in columns if any(c in r for r in rows)]
-    _run(logger).log({key: wandb.Table(columns=present, data=[[r.get(c) for c in present] for r in rows])})
+    columns = victim_columns(rows)
+    data = [[r.get(c) for c in columns] for r in rows]
+    if originals is not None and reconstructions is not None:
+        columns = columns + ["original", "reconstruction"]
+        data = [row + [to_image(originals[i]), to_image(reconstructions[i])] for i, row in enumerate(data)]
+    return wandb.Table(columns=columns, data=data)
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+def _step(point: dict[str, Any]) -> int:
+    return int(point.get("step", point.get("iteration", 0)))
+
+
+def _read_points(path: Path) -> list[dict[str, Any]]:
+    """The points of a curves.jsonl (a torn last line is dropped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def read_offline_run(run_dir: Path) -> dict[str, Any]:
-    """Config, history rows and summary of an offline W&B run directory (`.../wandb/offline-run-*`).
+    """What one offline W&B run directory (`.../wandb/offline-run-*`) holds, read by W&B's own reader of its
+    transaction log (`wandb leet inspect --json`, one JSON object per record):
 
-    Deliberately hand-written: wandb (0.31) ships no public reader for the offline `.wandb` file. The
-    file is a LevelDB-style log (a 7-byte 'W&B' header, 32 KiB blocks of records, each with a 7-byte
-    header: CRC32C, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4) of `wandb_internal_pb2.Record`s.
-    """
-    import json
-    import struct
+    {"run": the run record (run_id, group, tags, sweep_id, start_time, ...), "config", "history" (rows, in
+    order), "summary" (the last value of each key), "stats" (system-metrics samples), "console" (the captured
+    output), "artifacts" (artifact records: a table with media is one), "preempting" (marked so),
+    "exit_code" (None when the process never finished the run)}."""
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wandb leet inspect {run_dir}: {proc.stderr.strip()[:300]}")
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "stats": [], "console": [],
+                           "artifacts": [], "preempting": False,
+                           "exit_code": None}
+    for line in proc.stdout.splitlines():
+        record = json.loads(line)
+        kind, body = record.get("type"), record.get(record.get("type"), {})
+        if kind == "run":
+            out["run"] = body
+            out["config"].update(body.get("config", {}).get("update", {}))
+        elif kind == "config":
+            out["config"].update(body.get("update", {}))
+        elif kind == "history":
+            out["history"].append(body.get("item", {}))
+        elif kind == "summary":
+            out["summary"].update(body.get("update", {}))
+        elif kind == "stats":
+            out["stats"].append(body.get("item", {}))
+        elif kind == "artifact":
+            out["artifacts"].append(body)
+        elif kind == "output_raw":
+            out["console"].append(body.get("line", ""))
+        elif kind == "preempting":
+            out["preempting"] = True
+        elif kind == "exit":
+            out["exit_code"] = int(body.get("exit_code", 0))
+    out["console"] = "".join(out["console"])
+    return out
 
-    from wandb.proto import wandb_internal_pb2 as pb
 
-    raw = next(Path(run_dir).glob("*.wandb")).read_bytes()
-    config: dict[str, Any] = {}
-    history: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {}
-
-    def key(item: Any) -> str:
-        return item.key or "/".join(item.nested_key)
-
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        pos += 7
-        if kind == 0 and length == 0:  # zero padding at the end of a block
-            pos += left - 7
-            continue
-        buf += raw[pos : pos + length]
-        pos += length
-        if kind not in (1, 4):
-            continue
-        record = pb.Record()
-        record.ParseFromString(buf)
-        buf = b""
-        which = record.WhichOneof("record_type")
-        if which == "run":
-            config.update({key(u): json.loads(u.value_json) for u in record.run.config.update})
-        elif which == "config":
-            config.update({key(u): json.loads(u.value_json) for u in record.config.update})
-        elif which == "history":
-            history.append({key(u): json.loads(u.value_json) for u in record.history.item})
-        elif which == "summary":
-            summary.update({key(u): json.loads(u.value_json) for u in record.summary.update})
-    config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
-    return {"config": config, "history": history, "summary": summary}
+def read_offline_runs(wandb_dir: Path) -> list[dict[str, Any]]:
+    """Every offline run directory under a run folder's `wandb/`, in start order (as `wandb sync` uploads
+    the directories of one resumed run), each as `read_offline_run` reads it."""
+    runs = [read_offline_run(d) for d in Path(wandb_dir).glob("offline-run-*") if d.is_dir()]
+    return sorted(runs, key=lambda r: r["run"].get("start_time", ""))
 
 
 def read_offline_file(run_dir: Path, row: dict[str, Any], key: str) -> Any:
     """A media value logged under `key` in a `read_offline_run` history (or summary) row: a table
     (`table-file`) as {"columns", "data"}; an image (`image-file`) as the path of its PNG file."""
-    import json
-
-    entry = row[key] if isinstance(row.get(key), dict) else {k[len(key) + 1:]: v for k, v in row.items() if k.startswith(f"{key}/")}
+    entry = row.get(key)
+    if not isinstance(entry, dict):  # W&B's reader flattens a media value's fields to `<key>.<field>`
+        entry = {k[len(key) + 1:]: v for k, v in row.items() if k.startswith(f"{key}.")}
     if "path" not in entry:
         raise KeyError(f"no media logged under '{key}'")
     path = Path(run_dir) / "files" / entry["path"]

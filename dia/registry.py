@@ -10,7 +10,7 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps a choice name (as used in `group=name` on the command line) to its code, in registration order.
+    """Maps a choice name (as used in `group=name` on the command line) to its code.
 
     A choice's settings are not here: they are its YAML (dia.config.schema), so composing a config never
     imports the code.
@@ -30,8 +30,8 @@ class Registry(Generic[T]):
         return deco
 
     def names(self) -> list[str]:
-        """The registered names, in registration order."""
-        return list(self._entries)
+        """The registered names, sorted (as error messages list the choices)."""
+        return sorted(self._entries)
 
     def get(self, name: str) -> T:
         if name not in self._entries:

@@ -44,6 +44,12 @@ def test_dia_beats_ig_by_a_wide_margin_under_dropout(problems_factory):
     assert res.masks is not None and all(((m >= 0) & (m <= 1)).all() for m in res.masks.values())
 
 
+def test_dlg_recovers_without_dropout_and_fails_under_it(problems_factory):
+    clear, _ = _ssim(problems_factory, ["attack=dlg", "model.dropout=0"])
+    dropped, _ = _ssim(problems_factory, ["attack=dlg", "model.dropout=0.5"])
+    assert clear.min() > 0.9 and dropped.max() < 0.5, (clear, dropped)
+
+
 def test_dia_without_dropout_is_ig(problems_factory):
     ig, ig_res = _ssim(problems_factory, ["attack=ig", "model.dropout=0", "attack.max_iterations=20"])
     dia, dia_res = _ssim(problems_factory, ["attack=dia", "model.dropout=0", "attack.max_iterations=20"])

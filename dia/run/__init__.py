@@ -157,7 +157,12 @@ def _run_group(cells: dict[int, Cell], outcomes: dict[int, Outcome], *, progress
                     outcomes.setdefault(index[id(item.cell)], Outcome(item.cell.name, ExitCode.FAILED, message="its program failed"))
             continue
         if rest[0] is None:
+            todo = [item for item in todo if index[id(item.cell)] not in outcomes]
+            if not todo:  # the signal came while the last runs were being written: they are finished
+                break
             names = sorted({i.cell.name for i in todo})
-            raise STOP.exception(f"stopped on a signal; progress of the run(s) in this program saved in their checkpoints "
-                                 f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+            saved = all(i.cell.checkpoint is not None and i.cell.checkpoint.persist for i in todo)
+            raise STOP.exception("stopped on a signal; progress of the run(s) in this program " + (
+                "saved in their checkpoints" if saved else "not saved (run.checkpoint_every=-1): a rerun starts them from iteration 0")
+                + f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
         todo = rest[0]

@@ -57,9 +57,10 @@ def sweep(tmp_path: Path, name: str = "t", **changes) -> Path:
 def test_smoke_cells_are_a_stable_cartesian_product():
     grid = G.load(SMOKE)
     assert grid.name == "smoke" and len(grid.cells) == 4
-    assert [(c.overrides["model.dropout"], c.overrides["attack"]) for c in grid.cells] == [(0.25, "ig"), (0.25, "dia"), (0.5, "ig"), (0.5, "dia")]
+    # W&B's grid order: parameters sorted by name ('attack' < 'model.dropout'), the first varying slowest
+    assert [(c.overrides["model.dropout"], c.overrides["attack"]) for c in grid.cells] == [(0.25, "ig"), (0.5, "ig"), (0.25, "dia"), (0.5, "dia")]
     assert [c.id for c in grid.cells] == [c.id for c in G.load(SMOKE).cells]
-    assert grid.cells[1].id.startswith("mnist-mlp-p0.25-dia-v0-1-") and len(set(c.id for c in grid.cells)) == 4
+    assert grid.cells[2].id.startswith("mnist-mlp-p0.25-dia-v0-1-") and len(set(c.id for c in grid.cells)) == 4
     assert grid.blocks[0].spec["command"][:5] == G.WANDB_COMMAND and grid.blocks[0].spec["method"] == "grid"
 
 

@@ -252,7 +252,7 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
         "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
         "defense": defenses.summary(cfg.defense, cfg.attack.model_defense),
         "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
-        "iterations": max(r["iterations"] for r in rows),
+        "iterations": max(r["iterations"] for r in rows), "max_iterations": cfg.attack.max_iterations,
         "wall_time_s": round(cell.checkpoint.elapsed() if cell.checkpoint is not None else time.time() - cell.started, 3),
         "device": str(cell.device), "victims": rows,
     }

@@ -216,3 +216,34 @@ def test_ssim_curves_end_at_the_runs_ssim_and_are_drawn(tmp_path):
         assert points[-1]["eval/ssim"] == pytest.approx(sum(v["ssim"] for v in final) / len(final), abs=1e-5)
     report = R.build(tmp_path, montages=False)
     assert any(Path(f).name == "ssim_vs_iteration_mnist_mlp.png" for f in report["figures"])
+
+
+@pytest.mark.parametrize("victims", [1, 2, 3])
+def test_montage_titles_fit_with_few_victims(victims, tmp_path):
+    """With three victims or fewer the montage was narrower than its title: the title was cut."""
+    import matplotlib.pyplot as plt
+
+    fake_run(tmp_path / "mnist-mlp-p0.25-ig-v0-1-0123abcd", "ig", 0.25, [0.5] * victims)
+    run = json.loads((tmp_path / "mnist-mlp-p0.25-ig-v0-1-0123abcd" / "metrics.json").read_text())
+    fig = R.montage_figure(run | {"folder": tmp_path / "mnist-mlp-p0.25-ig-v0-1-0123abcd"})
+    fig.canvas.draw()
+    box = fig.texts[0].get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    plt.close(fig)
+
+
+def test_a_runs_own_picture_fits_its_title_with_one_victim(tmp_path, monkeypatch):
+    """reconstructions.png of a one-victim run (dia.run.plotting) was narrower than its title too."""
+    import matplotlib.pyplot as plt
+
+    from dia.run import plotting
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))  # keep the figure to measure it
+    plotting.reconstruction_grid(tmp_path / "r.png", torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), ["#0  SSIM 0.50"],
+                                 title="WIIG on vit_b16/imagenet, p=0.25")
+    fig = figures[-1]
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

@@ -321,7 +321,9 @@ def walk(root: Path, names: set[str], skip: Path | None = None) -> list[Path]:
     """Regular files called one of `names` under `root`, in sorted order: an iterative walk (any depth) that
     does not follow links to folders and skips hidden folders (partial runs, reports being built) and `skip`."""
     found: list[Path] = []
+    root = root.resolve()  # then every path below is resolved too (links to folders are not followed)
     stack = [root]
+    skipped = str(skip) if skip is not None else None
     while stack:
         folder = stack.pop()
         try:
@@ -331,7 +333,7 @@ def walk(root: Path, names: set[str], skip: Path | None = None) -> list[Path]:
         for e in entries:
             try:
                 if e.is_dir(follow_symlinks=False):
-                    if not e.name.startswith(".") and (skip is None or Path(e.path).resolve() != skip):
+                    if not e.name.startswith(".") and e.path != skipped:
                         stack.append(Path(e.path))
                 elif e.name in names and e.is_file():
                     found.append(Path(e.path))

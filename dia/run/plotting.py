@@ -21,7 +21,8 @@ def reconstruction_grid(
     n = originals.shape[0]
     cols = min(n, per_row)
     pairs = -(-n // cols)
-    fig, axes = plt.subplots(2 * pairs, cols, figsize=(1.6 * cols, 3.4 * pairs + 0.4), squeeze=False)
+    width = max(1.6 * cols, 0.075 * len(title) + 0.6)  # one victim: as wide as the title (9 pt: ~0.075 in a character)
+    fig, axes = plt.subplots(2 * pairs, cols, figsize=(width, 3.4 * pairs + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):

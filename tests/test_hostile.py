@@ -424,3 +424,17 @@ def test_wandb_sweeps_copies_are_accepted_by_dia_grid(tmp_path):
     other.write_text(yaml.safe_dump(spec))
     with pytest.raises(UserError, match="logger.wandb.group: set by dia.grid"):
         G.load(other)
+
+
+def test_a_fifo_among_the_images_is_skipped_not_read(tmp_path):
+    """dia.train hung on a FIFO named like an image in a data folder (deaf to signals: the read never returns)."""
+    import os
+    import subprocess
+    import sys
+
+    root = _folder(tmp_path, None)
+    os.mkfifo(root / "b.png")
+    done = subprocess.run([sys.executable, "-m", "dia.train", *QUIET, "metrics.lpips=off", "data=folder", f"data.root={root}",
+                           f"run.output_dir={tmp_path / 'runs'}", "run.name=f"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["victims"][0]["index"] == 0

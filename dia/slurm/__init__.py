@@ -1,7 +1,8 @@
 """`python -m dia.slurm submit SWEEP ...`: the grid as a SLURM array job (slurm/grid.sbatch), sized from the grid.
 
     python -m dia.slurm submit sweeps/paper --partition gpu --time 12:00:00 --max-parallel 32
-    python -m dia.slurm submit sweeps/paper --partition gpu --time 12:00:00 --cells-per-task 4   # 4-GPU nodes
+    python -m dia.slurm submit sweeps/paper --partition gpu --time 12:00:00 --cells-per-task 18  # one pack per task
+    python -m dia.slurm submit sweeps/paper -p gpu -t 12:00:00 --cells-per-task 72 --gpus-per-task 4  # 4-GPU nodes
     python -m dia.slurm submit sweeps/paper --partition gpu --time 12:00:00 --only-unfinished   # fill the gaps
     python -m dia.slurm submit sweeps/smoke.yaml --partition debug --time 10 --gpus-per-task 0 --dry-run
     python -m dia.slurm cancel JOBID                      # stop for good: no requeue, progress kept

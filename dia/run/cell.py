@@ -102,10 +102,10 @@ def use_compile_cache(cfg: DictConfig) -> Path | None:
     # importing Lightning makes torch write its own default into the variable: only another value is the user's
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _COMPILE_CACHE_SET, _torch_cache_default()):
         folder = Path(cfg.run.compile_cache or Path(cfg.run.output_dir) / ".compile-cache")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"run.compile_cache: cannot create '{folder}' ({exc.strerror or exc})") from None
+        # torch creates it when it compiles: a run stopped by bad input before that leaves nothing behind
+        above = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if (folder.exists() and not folder.is_dir()) or (above is not None and not os.access(above, os.W_OK | os.X_OK)):
+            raise UserError(f"run.compile_cache: cannot create '{folder}' (not a writable folder)")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE_SET = str(folder.resolve())
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 

@@ -286,7 +286,7 @@ def test_report_out_a_file_is_one_line_and_a_rebuild_replaces_the_report(tmp_pat
     assert R.main([str(tmp_path / "res"), "--out", str(out)]) == 0
     (out / "stale.txt").write_text("from an older report")
     assert R.main([str(tmp_path / "res"), "--out", str(out), "--no-montages"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["figures", "missing.csv", "table.csv", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".dia-report", "figures", "missing.csv", "table.csv", "table.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "rep", "res"]
 
 
@@ -333,14 +333,15 @@ def test_report_survives_fifos_deep_nesting_bad_bytes_and_infinite_iterations(tm
                                               '{"iteration": 10, "eval/ssim": 0.5}\n')
     deep = res / "deep"
     deep.mkdir()
-    os.chdir(deep)  # 1100 levels below: Path.rglob raised RecursionError
+    here = os.getcwd()
+    os.chdir(deep)  # 1100 levels below (relative steps: the absolute path is long): Path.rglob raised RecursionError
     try:
         for _ in range(1100):
             os.mkdir("d")
             os.chdir("d")
         (Path.cwd() / "grid.json").write_bytes(b"\xff\xfe")
     finally:
-        os.chdir(tmp_path)
+        os.chdir(here)  # (other tests import this checkout's dia from the working folder)
     done = subprocess.run([sys.executable, "-m", "dia.report", str(res)], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -6,6 +6,7 @@ Images are returned as float tensors in [0, 1], shape (N, C, H, W); the attack w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -49,16 +50,41 @@ def select_indices(n_available: int, what: str, indices: list[int] | None, count
     return sorted(torch.randperm(n_available, generator=g)[:count].tolist())
 
 
+def read_embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, H, W, C) uint8, labels (N,) int) of the embedded set `name` in dia/assets, checked: anything
+    else (a folder, a .npy, object or mis-shaped arrays, a corrupt file) is one UserError naming data.embedded."""
+    shipped = sorted(p.name for p in resources.files("dia.assets").iterdir() if p.name.endswith(".npz"))
+    ref = resources.files("dia.assets").joinpath(name)
+    try:
+        with resources.as_file(ref) as path:
+            if not Path(path).is_file():
+                raise UserError(f"data.embedded: no embedded set '{name}' (not a file); shipped: {', '.join(shipped)}")
+            with open(path, "rb") as f:
+                loaded = np.load(f, allow_pickle=False)
+                if not isinstance(loaded, np.lib.npyio.NpzFile):
+                    raise UserError(f"data.embedded: '{name}' is not an .npz archive with images and labels; shipped: {', '.join(shipped)}")
+                with loaded as npz:
+                    missing = [k for k in ("images", "labels") if k not in npz.files]
+                    if missing:
+                        raise UserError(f"data.embedded: '{name}' has no '{missing[0]}' array (it needs images and labels)")
+                    images, labels = npz["images"], npz["labels"]
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable, object arrays (pickles), truncated: the input, not us
+        raise UserError(f"data.embedded: cannot read '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or images.shape[0] == 0:
+        raise UserError(f"data.embedded: '{name}' images are {images.dtype} of shape {images.shape}; expected uint8 (N, H, W, 1 or 3)")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"data.embedded: '{name}' labels are {labels.dtype} of shape {labels.shape}; expected {images.shape[0]} integers")
+    if labels.min() < 0:
+        raise UserError(f"data.embedded: '{name}' has a negative label ({int(labels.min())})")
+    return images, labels
+
+
 @SOURCES.register("embedded")
 def load_embedded(cfg: DataConfig, indices: list[int] | None, count: int, seed: int | None) -> Victims:
     """The victim sets shipped in dia/assets (see PROVENANCE.md there): no network needed."""
-    try:
-        ref = resources.files("dia.assets").joinpath(cfg.embedded)
-        with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as npz:
-            images, labels = npz["images"], npz["labels"]
-    except FileNotFoundError:
-        shipped = sorted(p.name for p in resources.files("dia.assets").iterdir() if p.name.endswith(".npz"))
-        raise UserError(f"data.embedded: no embedded set '{cfg.embedded}'; shipped: {', '.join(shipped)}") from None
+    images, labels = read_embedded(cfg.embedded)
     idx = select_indices(len(labels), f"data={cfg.name} (embedded {cfg.embedded})", indices, count, seed)
     x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
     return Victims(x, torch.from_numpy(labels[idx]).long(), idx)
@@ -107,19 +133,29 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def folder_samples(root: Path, labels_file: str | None) -> list[tuple[Path, int]]:
     """(image, label) pairs: class subfolders (sorted names -> 0, 1, ...), else the images directly in
     `root` with labels from `labels_file` (CSV lines `file,label`) or 0."""
+    def image(f: Path) -> bool:  # regular files only: a FIFO or device named x.png would block the reader forever
+        return f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+
     classes = sorted(d for d in root.iterdir() if d.is_dir())
     if classes:
-        return [(f, c) for c, d in enumerate(classes) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        return [(f, c) for c, d in enumerate(classes) for f in sorted(d.rglob("*")) if image(f)]
+    files = sorted(f for f in root.iterdir() if image(f))
     table: dict[str, int] = {}
     if labels_file:
         path = Path(labels_file).expanduser()
         if not path.is_file():
-            raise UserError(f"data.labels_file: no such file '{labels_file}'")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+            what = "no such file" if not path.exists() else "not a regular file"
+            raise UserError(f"data.labels_file: {what} '{labels_file}'")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"data.labels_file: '{labels_file}' is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise UserError(f"data.labels_file: cannot read '{labels_file}' ({exc.strerror})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.startswith("#"):
                 name, _, label = line.partition(",")
-                if not label.strip().isdigit():
+                if not re.fullmatch(r"[0-9]{1,9}", label.strip()):  # ASCII digits: int() takes '٣' but not '²'
                     raise UserError(f"data.labels_file: line {n} of '{labels_file}' is not 'file,label' with a label >= 0")
                 table[name.strip()] = int(label)
         missing = [f.name for f in files if f.name not in table]

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-
+from dia.run import signals
 from dia.errors import ExitCode, UserError
 
 USAGE_HINT = "see `python -m dia.train --help`"
@@ -31,6 +31,7 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    signals.install()  # first, before anything slow: a signal during start-up is a clean stop (dia.run.signals)
     try:
         from dia.config import compose, help_text
 
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         if describe:
             return _describe(cfg)
-        from dia.run import execute, signals
+        from dia.run import execute
 
-        signals.install()
         try:
+            signals.stop_point("the run")
             out = execute([cfg], progress=cfg.run.progress)[0].output
         except signals.Stopped as exc:
             print(f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; "
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:  # a second Ctrl-C (Lightning turns it into exit 1)
+        if isinstance(exc, SystemExit) and not signals.STOP.aborted:
+            raise
         print("interrupted: the last saved checkpoint is kept; rerun the same command to resume", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except Exception as exc:  # a fault (full disk, out of memory) or a bug: the run's folder stays as it was

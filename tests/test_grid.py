@@ -57,9 +57,10 @@ def sweep(tmp_path: Path, name: str = "t", **changes) -> Path:
 def test_smoke_cells_are_a_stable_cartesian_product():
     grid = G.load(SMOKE)
     assert grid.name == "smoke" and len(grid.cells) == 4
-    assert [(c.overrides["model.dropout"], c.overrides["attack"]) for c in grid.cells] == [(0.25, "ig"), (0.25, "dia"), (0.5, "ig"), (0.5, "dia")]
+    # W&B's grid order: parameters sorted by name ('attack' < 'model.dropout'), the first varying slowest
+    assert [(c.overrides["model.dropout"], c.overrides["attack"]) for c in grid.cells] == [(0.25, "ig"), (0.5, "ig"), (0.25, "dia"), (0.5, "dia")]
     assert [c.id for c in grid.cells] == [c.id for c in G.load(SMOKE).cells]
-    assert grid.cells[1].id.startswith("mnist-mlp-p0.25-dia-v0-1-") and len(set(c.id for c in grid.cells)) == 4
+    assert grid.cells[2].id.startswith("mnist-mlp-p0.25-dia-v0-1-") and len(set(c.id for c in grid.cells)) == 4
     assert grid.blocks[0].spec["command"][:5] == G.WANDB_COMMAND and grid.blocks[0].spec["method"] == "grid"
 
 
@@ -174,3 +175,27 @@ def test_indices_and_exit_codes_rank():
         G.parse_indices("1-9", 4)
     assert G.worst([0, 3, 0]) == 3 and G.worst([3, 1]) == 1 and G.worst([1, 2]) == 2 and G.worst([2, 75]) == 75
     assert G.worst([]) == 0 and G.worst([0, 130]) == 130
+
+
+def test_run_progress_false_keeps_progress_bars_out_of_the_logs(tmp_path, capfd):
+    """dia.grid ignored run.progress=false (the smoke grid sets it): tqdm bars filled Slurm logs."""
+    grid = G.load(SMOKE)
+    assert all(c.overrides["run.progress"] is False for c in grid.cells)
+    assert G.main([str(SMOKE), "--run", "0", "--results-root", str(tmp_path)]) == 0
+    out, err = capfd.readouterr()
+    assert "it/s" not in out + err and "\r" not in out + err, (out + err)[-2000:]
+    assert "program: 1 run: IGx2" in err
+
+
+def test_array_tasks_hold_whole_packs(tmp_path):
+    """Indices follow W&B's order (attack slowest); a task's cells follow task order: one (data, model) block each."""
+    grid = G.load(PAPER)
+    for t in range(grid.tasks(18)):
+        cells = grid.task(t, 18)
+        assert len({(c.overrides["data"], c.overrides["model"]) for c in cells}) == 1
+        assert {(c.overrides["attack"], c.overrides["model.dropout"]) for c in cells} == \
+            {(a, p) for a in ("ig", "wiig", "dia") for p in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)}
+    assert sorted(c.index for t in range(grid.tasks(18)) for c in grid.task(t, 18)) == list(range(len(grid)))
+    assert all(grid.task_of(i, 18) == next(t for t in range(8) if i in {c.index for c in grid.task(t, 18)}) for i in range(0, 144, 7))
+    with pytest.raises(G.UserError, match="--task 8 is outside the grid"):
+        grid.task(8, 18)

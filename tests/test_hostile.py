@@ -51,6 +51,28 @@ def _folder(tmp: Path, labels: str | None) -> Path:
     return root
 
 
+def _labels(tmp: Path, raw: bytes) -> list[str]:
+    root = _folder(tmp, None)
+    (tmp / "labels.csv").write_bytes(raw)
+    return ["data=folder", f"data.root={root}", f"data.labels_file={tmp / 'labels.csv'}"]
+
+
+def _embedded(tmp: Path, kind: str) -> list[str]:
+    """data.embedded pointing at something that is not an embedded victim set."""
+    import numpy as np
+
+    if kind == "folder":
+        return [f"data.embedded={tmp}"]
+    if kind == "npy":
+        np.save(tmp / "x.npy", np.zeros((2, 28, 28, 1), dtype=np.uint8))
+        return [f"data.embedded={tmp / 'x.npy'}"]
+    if kind == "object":
+        np.savez(tmp / "x.npz", images=np.array([object(), object()], dtype=object), labels=np.array([0, 1]))
+        return [f"data.embedded={tmp / 'x.npz'}"]
+    np.savez(tmp / "x.npz", images=np.zeros((2, 28, 28), dtype=np.uint8), labels=np.array([0, 1]))  # no channel axis
+    return [f"data.embedded={tmp / 'x.npz'}"]
+
+
 CASES = {  # id -> (arguments, or a function of tmp_path giving them; the expected piece of the one line)
     "abs-name": (["run.name=/abs/path"], "run.name='/abs/path': must be a folder name"),
     "nested-name": (["run.name=a/b"], "not a path"),
@@ -77,6 +99,26 @@ CASES = {  # id -> (arguments, or a function of tmp_path giving them; the expect
                        "with a label >= 0"),
     "folder-missing": (lambda t: ["data=folder", f"data.root={t / 'nope'}"], "is not a directory (it does not exist)"),
     "folder-is-file": (lambda t: ["data=folder", f"data.root={(t / 'f').write_text('x') and t / 'f'}"], "is not a directory (a file)"),
+    # issue 17: bad input that exited 1 or 3 (some leaving a .partial and a lock behind)
+    "labels-not-utf8": (lambda t: _labels(t, b"a.png,\xff\xfe1\n"), "data.labels_file: "),
+    "labels-odd-digits": (lambda t: _labels(t, "a.png,\u00b2\n".encode()), "is not 'file,label' with a label >= 0"),
+    "labels-arabic-digits": (lambda t: _labels(t, "a.png,\u0663\n".encode()), "is not 'file,label' with a label >= 0"),
+    "embedded-folder": (lambda t: _embedded(t, "folder"), "data.embedded: no embedded set"),
+    "embedded-npy": (lambda t: _embedded(t, "npy"), "is not an .npz archive"),
+    "embedded-object-array": (lambda t: _embedded(t, "object"), "data.embedded: cannot read"),
+    "embedded-wrong-shape": (lambda t: _embedded(t, "shape"), "expected uint8 (N, H, W, 1 or 3)"),
+    "mean-nan": (["data.mean=[.nan]"], "data.mean[0]=nan: must be a finite number"),
+    "mean-inf": (["data.mean=[.inf]"], "data.mean[0]=inf"),
+    "std-subnormal": (["data.std=[1e-40]"], "data.std[0]=1e-40: must be a finite number in [1e-06"),
+    "std-inf": (["data.std=[.inf]"], "data.std[0]=inf"),
+    # issue 17: W&B settings refused before the attack, not by wandb.init after it
+    "wandb-project-slash": (["logger.wandb.project=a/b"], "logger.wandb.project='a/b': W&B does not allow '/'"),
+    "wandb-project-hash": (["logger.wandb.project=a#b"], "W&B does not allow '#'"),
+    "wandb-project-long": (["logger.wandb.project=" + "p" * 129], "logger.wandb.project: 129 characters"),
+    "wandb-tags-nested": (["logger.wandb.tags=[[a,b]]"], "logger.wandb.tags: tag 0 is ['a', 'b'], not a string"),
+    "wandb-tag-long": (["logger.wandb.tags=[" + "t" * 65 + "]"], "tag 0 has 65 characters; W&B takes 1 to 64"),
+    "wandb-tag-empty": (["logger.wandb.tags=['']"], "tag 0 has 0 characters"),
+    "wandb-group-long": (["logger.wandb.group=" + "g" * 129], "logger.wandb.group: 129 characters"),
 }
 
 
@@ -185,7 +227,9 @@ def test_bench_bad_arguments(argv, expected, capsys, tmp_path):
     (["--partition", "gpu\necho pwned"], "--partition"),
     (["--extra-sbatch=--account=lab\necho pwned"], "--extra-sbatch"),
     (["--extra-sbatch=echo pwned"], "--extra-sbatch"),
-    (["--mem-per-cell", "lots"], "--mem-per-cell 'lots'"),
+    (["--extra-sbatch=--account=lab --qos=high"], "one sbatch option"),  # two options in one
+    (["--extra-sbatch=--output=/elsewhere"], "dia.slurm sets --output itself"),
+    (["--mem-per-program", "lots"], "--mem-per-program 'lots'"),
     (["--time", "1:00\n"], "--time"),
 ])
 def test_slurm_options_cannot_inject_script_lines(argv, expected, tmp_path, capsys):
@@ -242,5 +286,156 @@ def test_report_out_a_file_is_one_line_and_a_rebuild_replaces_the_report(tmp_pat
     assert R.main([str(tmp_path / "res"), "--out", str(out)]) == 0
     (out / "stale.txt").write_text("from an older report")
     assert R.main([str(tmp_path / "res"), "--out", str(out), "--no-montages"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["figures", "missing.csv", "table.csv", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".dia-report", "figures", "missing.csv", "table.csv", "table.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "rep", "res"]
+
+
+def test_report_out_never_deletes_what_it_did_not_create(tmp_path, capsys):
+    """--out DIR used to be replaced whatever it was: the results being reported, their parent, any folder."""
+    res = tmp_path / "res"
+    _run(res / "a")
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    for out in (res, tmp_path, other):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        assert R.main([str(res), "--out", str(out)]) == 2
+        _one_line(capsys, "--out")
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing deleted, nothing added
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert R.main([str(res), "--out", str(empty)]) == 0  # an empty folder may take the report
+    assert (empty / "table.md").is_file() and (empty / ".dia-report").is_file()
+    assert R.main([str(res), "--out", str(empty)]) == 0  # and a report dia made is rebuilt in place
+    capsys.readouterr()
+
+
+def test_report_survives_fifos_deep_nesting_bad_bytes_and_infinite_iterations(tmp_path):
+    """Each would hang the report or end it in a traceback; now: skipped, with one warning each."""
+    import os
+    import subprocess
+    import sys
+
+    res = tmp_path / "res"
+    _run(res / "good")
+    os.mkfifo(res / "good" / "curves.jsonl")  # a FIFO where a file is read: never waited on
+    (res / "fifo").mkdir()
+    os.mkfifo(res / "fifo" / "metrics.json")
+    _run(res / "pt-fifo")
+    (res / "pt-fifo" / "reconstructions.pt").unlink()
+    os.mkfifo(res / "pt-fifo" / "reconstructions.pt")
+    _run(res / "nested")
+    (res / "nested" / "metrics.json").write_text("[" * 100000 + "]" * 100000)
+    _run(res / "latin1")
+    (res / "latin1" / "metrics.json").write_bytes(b'{"data": "\xe9"}')
+    _run(res / "inf")
+    (res / "inf" / "curves.jsonl").write_text('{"iteration": Infinity, "eval/ssim": 0.5}\n{"iteration": 1e400, "eval/ssim": 0.5}\n'
+                                              '{"iteration": 10, "eval/ssim": 0.5}\n')
+    deep = res / "deep"
+    deep.mkdir()
+    here = os.getcwd()
+    os.chdir(deep)  # 1100 levels below (relative steps: the absolute path is long): Path.rglob raised RecursionError
+    try:
+        for _ in range(1100):
+            os.mkdir("d")
+            os.chdir("d")
+        (Path.cwd() / "grid.json").write_bytes(b"\xff\xfe")
+    finally:
+        os.chdir(here)  # (other tests import this checkout's dia from the working folder)
+    done = subprocess.run([sys.executable, "-m", "dia.report", str(res)], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    warnings = done.stderr.strip().splitlines()  # FIFOs are not files: passed over without a word, like any non-file
+    assert all(w.startswith("warning: ") for w in warnings) and len(warnings) == 3, warnings
+    assert "nested/metrics.json is not a dia metrics.json (ValueError: nested too deeply)" in done.stderr
+    assert "latin1/metrics.json is not a dia metrics.json" in done.stderr and "/d/grid.json is not a dia grid.json" in done.stderr
+    assert done.stdout.startswith("3 runs in")  # good, pt-fifo (no montage), inf (its curve without the infinite points)
+
+
+def test_grid_huge_grids_and_yaml_bombs_end_in_one_line(tmp_path, capsys):
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(yaml.safe_dump({"method": "grid", "parameters": {
+        f"attack.{k}": {"values": list(range(1, 21))} for k in ("lr_patience", "check_every", "log_every", "iterations_per_step",
+                                                                 "early_stop_patience", "max_iterations")}}))
+    for what in (["--validate"], ["--list"], ["--run-all"], ["--unfinished"]):
+        assert G.main([str(huge), *what, "--results-root", str(tmp_path / "res")]) == 2
+        _one_line(capsys, "has 64,000,000 cells")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("method: grid\nx0: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+                    + "".join(f"x{i}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(20))
+                    + "parameters:\n  victims: {values: [*u]}\n")
+    assert G.main([str(bomb), "--count"]) == 2
+    _one_line(capsys, "aliases (*name) are not supported")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("method: grid\nparameters:\n  attack: {values: [ig, dia]}\n  model.dropout: {values: [0.25]}\n"
+                   "  attack: {values: [wiig]}\n")
+    assert G.main([str(dup), "--count"]) == 2  # the second 'attack' silently dropped ig and dia
+    _one_line(capsys, "line 5: duplicate key 'attack'")
+    _nothing_in(tmp_path / "res")
+
+
+def test_a_folder_with_a_cells_name_is_not_a_finished_cell(tmp_path, capsys):
+    """An empty folder named like a cell was counted as done: skipped by --run-all, --unfinished and
+    --only-unfinished while the report listed it missing. Now it is unfinished, and its run is refused (not ours)."""
+    grid = G.load(SMOKE)
+    folder = G.prepare(grid, tmp_path)
+    cell = grid.cells[0]
+    (folder / cell.id).mkdir()
+    (folder / cell.id / "notes.txt").write_text("mine")
+    assert G.status(grid, folder, cell) == "pending"
+    assert G.main([str(SMOKE), "--unfinished", "--results-root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "0,1,2,3"
+    assert G.main([str(SMOKE), "--run", "0", "--results-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{folder / cell.id}' is a folder without metrics.json, not a finished run" in err, err
+    assert (folder / cell.id / "notes.txt").read_text() == "mine" and not (folder / f".{cell.id}.partial").exists()
+
+
+def test_force_takes_the_run_lock(tmp_path, capsys):
+    """--force removed a running cell's .partial without its lock: the running process died, its checkpoint gone."""
+    from dia.run.folder import RunFolder
+
+    grid = G.load(SMOKE)
+    folder = G.prepare(grid, tmp_path)
+    cell = grid.cells[0]
+    running = RunFolder(folder, cell.id)
+    assert running.acquire()  # another process working on the cell (flock: per open file, so this counts as another)
+    try:
+        running.partial.mkdir()
+        (running.partial / "checkpoint.pt").write_bytes(b"progress")
+        assert G.main([str(SMOKE), "--run", "0", "--force", "--results-root", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "--force: being run by another process" in err and "nothing removed" in err, err
+        assert (running.partial / "checkpoint.pt").read_bytes() == b"progress"
+    finally:
+        running.release()
+
+
+def test_wandb_sweeps_copies_are_accepted_by_dia_grid(tmp_path):
+    """The copies set logger.wandb.group (for agents): dia.grid refused them as setting a reserved key."""
+    grid = G.load(ROOT / "sweeps" / "paper")
+    for path in G._write_wandb_sweeps(grid, tmp_path):
+        copy = G.load(path)
+        assert copy.name == "paper"  # its agents write results/paper, as dia.grid on the folder does
+        block = next(b for b in grid.blocks if path.stem.endswith(b.path.stem))
+        assert [c.id for c in copy.cells] == [grid.cell(i).id for i in range(len(grid)) if grid.cell(i).file == block.path.name]
+    other = tmp_path / "other.yaml"
+    spec = yaml.safe_load((tmp_path / "paper-imagenet.yaml").read_text())
+    spec["parameters"]["logger.wandb.group"] = {"value": "elsewhere"}
+    other.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match="logger.wandb.group: set by dia.grid"):
+        G.load(other)
+
+
+def test_a_fifo_among_the_images_is_skipped_not_read(tmp_path):
+    """dia.train hung on a FIFO named like an image in a data folder (deaf to signals: the read never returns)."""
+    import os
+    import subprocess
+    import sys
+
+    root = _folder(tmp_path, None)
+    os.mkfifo(root / "b.png")
+    done = subprocess.run([sys.executable, "-m", "dia.train", *QUIET, "metrics.lpips=off", "data=folder", f"data.root={root}",
+                           f"run.output_dir={tmp_path / 'runs'}", "run.name=f"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["victims"][0]["index"] == 0

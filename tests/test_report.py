@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from dia import defenses as D
 from dia import grid as G
@@ -20,9 +21,14 @@ SMOKE = Path(__file__).resolve().parent.parent / "sweeps" / "smoke.yaml"
 
 
 def fake_run(folder: Path, attack: str, dropout: float, ssims: list[float], status: str = "completed",
-             defense: dict[str, Any] | None = None) -> None:
-    """A run folder as dia.train writes it; without `defense`, a metrics.json from before defenses existed."""
+             defense: dict[str, Any] | None = None, budget: int | None = 20) -> None:
+    """A run folder as dia.train writes it; without `defense`, a metrics.json from before defenses existed;
+    without `budget`, no config.yaml (the grid's cell, if any, says what it is)."""
     folder.mkdir(parents=True)
+    if budget is not None:
+        config = {"attack": {"name": attack, "max_iterations": budget}, "victims": list(range(len(ssims))),
+                  "num_victims": len(ssims), "victim_seed": None, "model": {"dropout": dropout}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
     victims = [{"index": i, "ssim": s, "psnr": 10 + 10 * s, "lpips": None, "mse": 1 - s,
                 "mask_bal_acc": 0.9 if attack == "dia" else None, "status": "max_iterations"} for i, s in enumerate(ssims)]
     (folder / "metrics.json").write_text(json.dumps({"status": status, "attack": attack, "model": "mlp", "data": "mnist",
@@ -36,11 +42,11 @@ def results(tmp_path):
     grid = G.load(SMOKE)
     folder = tmp_path / "smoke"
     G.write_grid_json(grid, folder)
-    c = grid.cells  # (0.25, ig), (0.25, dia), (0.5, ig), (0.5, dia)
+    c = grid.cells  # (0.25, ig), (0.5, ig), (0.25, dia), (0.5, dia): W&B's order
     fake_run(folder / c[0].id, "ig", 0.25, [0.2, 0.4])
-    fake_run(folder / c[1].id, "dia", 0.25, [0.8, 0.9])
+    fake_run(folder / c[2].id, "dia", 0.25, [0.8, 0.9])
     fake_run(folder / c[3].id, "dia", 0.5, [0.5, 0.7], status="diverged")
-    (folder / f".{c[2].id}.partial").mkdir()  # an interrupted cell
+    (folder / f".{c[1].id}.partial").mkdir()  # an interrupted cell
     fake_run(tmp_path / "runs" / "extra", "ig", 0.25, [0.6])  # a plain dia.train run beside the grid
     return tmp_path, grid
 
@@ -49,22 +55,48 @@ def test_table_has_mean_std_counts_and_lists_missing_cells(results, capsys):
     root, grid = results
     assert R.main([str(root)]) == 0
     md = (root / "report" / "table.md").read_text()
-    assert "| mnist | mlp | 0.25 | ig | 2/1 | 3 | 0 | 0.400 ± 0.200 |" in md  # grid cell + extra run pooled: 0.2 0.4 0.6
-    assert "| mnist | mlp | 0.25 | dia | 1/1 | 2 | 0 | 0.850 ± 0.071 |" in md
-    assert "| mnist | mlp | 0.5 | dia | 1/1 | 2 | 1 |" in md  # diverged runs are counted, not hidden
-    assert "| mnist | mlp | 0.5 | ig | 0/1 | 0 | 0 | — |" in md  # a group with nothing finished stays in the table
-    assert "## Missing cells (1)" in md and f"| smoke | 2 | {grid.cells[2].id} | partial |" in md
+    # the grid's cell and the run beside the grid (another victim set) are not pooled
+    assert "| mnist | mlp | 0.25 | ig | smoke | 0-1 | 1/1 | 2 | 0 | 0.300 ± 0.141 |" in md
+    assert "| mnist | mlp | 0.25 | ig | — | 0 | 1/1 | 1 | 0 | 0.600 ± 0.000 |" in md
+    assert "| mnist | mlp | 0.25 | dia | smoke | 0-1 | 1/1 | 2 | 0 | 0.850 ± 0.071 |" in md
+    assert "| mnist | mlp | 0.5 | dia | smoke | 0-1 | 1/1 | 2 | 1 |" in md  # diverged runs are counted, not hidden
+    assert "| mnist | mlp | 0.5 | ig | smoke | 0-1 | 0/1 | 0 | 0 | — |" in md  # a group with nothing finished stays in the table
+    assert "## Missing cells (1)" in md and f"| smoke | {grid.cells[1].index} | {grid.cells[1].id} | partial |" in md
     rows = list(csv.DictReader((root / "report" / "table.csv").open()))
     dia = next(r for r in rows if r["attack"] == "dia" and r["dropout"] == "0.25")
     assert float(dia["ssim_mean"]) == pytest.approx(0.85) and dia["victims"] == "2" and dia["lpips_n"] == "0"
     assert float(dia["mask_bal_acc_mean"]) == pytest.approx(0.9)
+    assert (dia["grid"], dia["budget"], dia["victim_set"]) == ("smoke", "20", "0-1")
     missing = list(csv.DictReader((root / "report" / "missing.csv").open()))
-    assert [m["id"] for m in missing] == [grid.cells[2].id]
-    assert "4 runs in 4 groups, 1 missing cells" in capsys.readouterr().out
-    assert "| data | model | p | attack | cells | victims |" in md and "defense" not in md and "ε" not in md  # no defended run: no columns
-    assert next(csv.reader((root / "report" / "table.csv").open()))[:7] == \
-        ["data", "model", "dropout", "attack", "defense", "epsilon", "cells_finished"]
+    assert [m["id"] for m in missing] == [grid.cells[1].id] and missing[0]["budget"] == "20"
+    assert "4 runs in 5 groups, 1 missing cells" in capsys.readouterr().out
+    # no defended run, one budget: no defense, ε or budget columns; grid and victims differ: shown
+    assert "| data | model | p | attack | grid | victim set | cells | victims |" in md and "defense" not in md and "ε" not in md
+    assert next(csv.reader((root / "report" / "table.csv").open()))[:10] == \
+        ["data", "model", "dropout", "attack", "defense", "epsilon", "grid", "budget", "victim_set", "cells_finished"]
     assert {(r["defense"], r["epsilon"]) for r in rows} == {("none", "")}
+
+
+def test_grids_and_budgets_of_one_results_folder_keep_their_own_rows(tmp_path):
+    """README runs the 1,000- and 20,000-iteration MNIST grids side by side: `dia.report results/` keeps them apart."""
+    for name, budget, ssims in (("paper-lite-cpu", 1000, [0.5, 0.6]), ("paper-mnist-mlp-cpu", 20000, [0.9, 1.0])):
+        spec = {"name": name, "method": "grid", "parameters": {"attack": {"value": "ig"}, "model.dropout": {"value": 0.25},
+                                                                "num_victims": {"value": 2}, "attack.max_iterations": {"value": budget}}}
+        path = tmp_path / "sweeps" / f"{name}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(spec))
+        grid = G.load(path)
+        G.write_grid_json(grid, tmp_path / "results" / name)
+        fake_run(tmp_path / "results" / name / grid.cells[0].id, "ig", 0.25, ssims, budget=None if budget == 1000 else budget)
+    r = R.build(tmp_path / "results", montages=False)
+    assert r["groups"] == 2 and r["runs"] == 2
+    md = (tmp_path / "results" / "report" / "table.md").read_text()
+    assert "| mnist | mlp | 0.25 | ig | paper-lite-cpu | 1000 | 1/1 | 2 | 0 | 0.550 ± 0.071 |" in md  # budget from its grid cell
+    assert "| mnist | mlp | 0.25 | ig | paper-mnist-mlp-cpu | 20000 | 1/1 | 2 | 0 | 0.950 ± 0.071 |" in md
+    assert "victim set" not in md  # the same victims: no column
+    one = R.build(tmp_path / "results" / "paper-lite-cpu", montages=False)  # one grid: the same rows, no variant columns
+    assert one["groups"] == 1
+    assert "| data | model | p | attack | cells |" in (tmp_path / "results" / "paper-lite-cpu" / "report" / "table.md").read_text()
 
 
 def test_figures_and_montages_are_pngs(results):
@@ -74,7 +106,7 @@ def test_figures_and_montages_are_pngs(results):
     assert {"ssim_vs_dropout.png", "psnr_vs_dropout.png", "mse_vs_dropout.png", "mask_bal_acc_vs_dropout.png"} <= names
     assert "lpips_vs_dropout.png" not in names  # no LPIPS values at all: no empty figure
     assert len(r["montages"]) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in r["figures"] + r["montages"])
-    assert (root / "report" / "montages" / f"smoke__{grid.cells[1].id}.png").is_file()
+    assert (root / "report" / "montages" / f"smoke__{grid.cells[2].id}.png").is_file()
     again = R.build(root, montages=False)  # the report folder itself is not read as results
     assert again["runs"] == 4
 
@@ -111,10 +143,12 @@ def defended(tmp_path):
     G.write_grid_json(grid, folder)
     none, *dp = grid.cells
     assert [c.overrides.get("defense.noise_multiplier") for c in dp] == list(SIGMAS)
-    fake_run(folder / none.id, "ig", 0.25, [0.8, 0.9], defense=recorded("attack=ig"))
-    fake_run(folder / dp[0].id, "ig", 0.25, [0.5, 0.7], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=0.1"))
-    fake_run(folder / dp[1].id, "ig", 0.25, [0.1, 0.2], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=1.0"))
-    fake_run(tmp_path / "results" / "runs" / "old", "ig", 0.25, [0.7])  # no defense key: undefended
+    fake_run(folder / none.id, "ig", 0.25, [0.8, 0.9], defense=recorded("attack=ig"), budget=None)  # (the grid says: 2000)
+    fake_run(folder / dp[0].id, "ig", 0.25, [0.5, 0.7], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=0.1"),
+             budget=None)
+    fake_run(folder / dp[1].id, "ig", 0.25, [0.1, 0.2], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=1.0"),
+             budget=None)
+    fake_run(folder / "old", "ig", 0.25, [0.7, 0.8], budget=2000)  # in the grid's folder, no defense key: undefended
     return tmp_path / "results", grid
 
 
@@ -124,8 +158,8 @@ def test_defended_runs_get_their_own_rows_with_epsilon(defended):
     md = (root / "report" / "table.md").read_text()
     eps = [D.privacy(compose(["defense=dpsgd", f"defense.noise_multiplier={s}"]).defense)["epsilon"] for s in SIGMAS]
     assert eps[0] > eps[1] > eps[2] > 0
-    rows = [  # the pooled mean over all 7 victims would be 0.557
-        "| mnist | mlp | 0.25 | ig | none | — | 2/1 | 3 | 0 | 0.800 ± 0.100 |",
+    rows = [  # the pooled mean over all 8 victims would be 0.575
+        "| mnist | mlp | 0.25 | ig | none | — | 2/1 | 4 | 0 | 0.800 ± 0.082 |",
         f"| mnist | mlp | 0.25 | ig | dpsgd σ=0.1 C=1 | {eps[0]:.3g} | 1/1 | 2 | 0 | 0.600 ± 0.141 |",
         f"| mnist | mlp | 0.25 | ig | dpsgd σ=1 C=1 | {eps[1]:.3g} | 1/1 | 2 | 0 | 0.150 ± 0.071 |",
         f"| mnist | mlp | 0.25 | ig | dpsgd σ=10 C=1 | {eps[2]:.3g} | 0/1 | 0 | 0 | — |",  # not run: its own row, not none's
@@ -182,3 +216,34 @@ def test_ssim_curves_end_at_the_runs_ssim_and_are_drawn(tmp_path):
         assert points[-1]["eval/ssim"] == pytest.approx(sum(v["ssim"] for v in final) / len(final), abs=1e-5)
     report = R.build(tmp_path, montages=False)
     assert any(Path(f).name == "ssim_vs_iteration_mnist_mlp.png" for f in report["figures"])
+
+
+@pytest.mark.parametrize("victims", [1, 2, 3])
+def test_montage_titles_fit_with_few_victims(victims, tmp_path):
+    """With three victims or fewer the montage was narrower than its title: the title was cut."""
+    import matplotlib.pyplot as plt
+
+    fake_run(tmp_path / "mnist-mlp-p0.25-ig-v0-1-0123abcd", "ig", 0.25, [0.5] * victims)
+    run = json.loads((tmp_path / "mnist-mlp-p0.25-ig-v0-1-0123abcd" / "metrics.json").read_text())
+    fig = R.montage_figure(run | {"folder": tmp_path / "mnist-mlp-p0.25-ig-v0-1-0123abcd"})
+    fig.canvas.draw()
+    box = fig.texts[0].get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    plt.close(fig)
+
+
+def test_a_runs_own_picture_fits_its_title_with_one_victim(tmp_path, monkeypatch):
+    """reconstructions.png of a one-victim run (dia.run.plotting) was narrower than its title too."""
+    import matplotlib.pyplot as plt
+
+    from dia.run import plotting
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))  # keep the figure to measure it
+    plotting.reconstruction_grid(tmp_path / "r.png", torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), ["#0  SSIM 0.50"],
+                                 title="WIIG on vit_b16/imagenet, p=0.25")
+    fig = figures[-1]
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

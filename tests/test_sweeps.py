@@ -137,3 +137,66 @@ def test_the_same_cell_in_two_files_is_refused(tmp_path, capsys):
     assert G.main([str(tmp_path / "g"), "--validate", "--results-root", str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err
     assert "cells 1 and 2 are the same cell" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.relative_to(ROOT / "sweeps").as_posix())
+def test_cell_indices_are_wandbs_grid_order(path):
+    """Cell i of a file is the i-th run W&B's grid search (the `sweeps` package the W&B server runs) proposes."""
+    from sweeps.grid_search import grid_search_next_runs
+
+    grid = G.load(path)
+    runs = grid_search_next_runs([], yaml.safe_load(path.read_text()), n=len(grid) + 1)
+    assert runs[-1] is None  # W&B's grid has exactly as many runs
+    assert [{k: v["value"] for k, v in r.config.items()} for r in runs[:-1]] == [c.overrides for c in grid.cells]
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.relative_to(ROOT / "sweeps").as_posix())
+def test_dia_grid_on_one_file_writes_where_its_agents_do(path):
+    """sweeps/defenses/* and sweeps/paper/imagenet.yaml: agents wrote results/<folder>, dia.grid results/<name:>."""
+    spec = yaml.safe_load(path.read_text())
+    agents = next(a.split("=", 1)[1] for a in spec["command"] if str(a).startswith("run.output_dir="))
+    assert f"results/{G.load(path).name}" == agents
+    if path.parent != ROOT / "sweeps":
+        assert G.load(path.parent).name == G.load(path).name  # the folder's grid: the same results folder
+
+
+def test_the_files_of_a_folder_run_one_by_one_share_its_results_folder(tmp_path, capsys):
+    """Each file of a grid folder may be run alone into the folder's results (as docs/defenses.md does); a file that
+    lost recorded cells, or a file of another grid, is still refused."""
+    command = S.WANDB_COMMAND + ["run.name=auto-cell", "run.output_dir=results/g"]
+    spec = {"method": "grid", "command": command}
+    a, b = tmp_path / "g" / "a.yaml", tmp_path / "g" / "b.yaml"
+    a.parent.mkdir()
+    a.write_text(yaml.safe_dump(spec | {"parameters": {"attack": {"values": ["ig", "dia"]}}}))
+    b.write_text(yaml.safe_dump(spec | {"parameters": {"attack": {"value": "wiig"}}}))
+    res = str(tmp_path / "res")
+    for path in (a, b, tmp_path / "g", a):
+        assert G.main([str(path), "--validate", "--results-root", res]) == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "res" / "g" / "grid.json").read_text())
+    assert sorted((c["file"], c["overrides"]["attack"]) for c in saved["cells"]) == [("a.yaml", "dia"), ("a.yaml", "ig"),
+                                                                                     ("b.yaml", "wiig")]
+    a.write_text(yaml.safe_dump(spec | {"parameters": {"attack": {"value": "ig"}}}))  # a.yaml lost its dia cell
+    capsys.readouterr()
+    assert G.main([str(a), "--validate", "--results-root", res]) == 2
+    assert "holds another grid" in capsys.readouterr().err
+    elsewhere = tmp_path / "other" / "b.yaml"  # same folder name in results, but its b.yaml has other cells
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(yaml.safe_dump(spec | {"parameters": {"attack": {"value": "dia"}, "model": {"value": "cnn"}}}))
+    assert G.main([str(elsewhere), "--validate", "--results-root", res]) == 2
+
+
+def test_a_command_and_a_folder_that_disagree_are_refused(tmp_path, capsys):
+    command = S.WANDB_COMMAND + ["run.output_dir=results/elsewhere"]
+    _write(tmp_path / "g" / "a.yaml", {"attack": {"value": "ig"}})
+    path = tmp_path / "g" / "b.yaml"
+    path.write_text(yaml.safe_dump({"method": "grid", "command": command, "parameters": {"attack": {"value": "dia"}}}))
+    assert G.main([str(tmp_path / "g"), "--count"]) == 2
+    err = capsys.readouterr().err
+    assert "run.output_dir=results/elsewhere" in err and "results/g" in err and err.count("\n") == 1
+
+
+def test_tags_fit_wandb():
+    cell = S.Cell(0, "x", {"data.root": "/a/very/long/path/" + "d" * 80}, {"data.root": "/a/very/long/path/" + "d" * 80})
+    tags = cell.tags("g")
+    assert all(1 <= len(t) <= 64 for t in tags) and tags[1].startswith("data.root:/a/very/long/path/")
+    assert len(set(S.Cell(0, "x", {}, {"k": "v" * 70 + str(i)}).tags("g")[1] for i in range(5))) == 5  # still distinct

@@ -1,9 +1,13 @@
-"""`python -m dia.grid SWEEP ...`: the cells of a W&B grid sweep file (or a folder of them), run one by one, resumable.
+"""`python -m dia.grid SWEEP ...`: the cells of a W&B grid sweep file (or a folder of them), packed and resumable.
 
 The sweep-file model (files -> cells with stable ids, enumerated lazily) is `dia.grid.sweep`; this module is the
-command line and the running. Cell I of grid G runs `python -m dia.train <overrides> run.output_dir=<results>/<G>
-run.name=<id> logger.wandb.group=<G> logger.wandb.tags=[...]` in a child process; a finished cell (its folder
-holds metrics.json) is skipped, an interrupted one resumes from its checkpoint (dia.train's own mechanism).
+command line and the running. Cell I of grid G is the run of `python -m dia.train <overrides>
+run.output_dir=<results>/<G> run.name=<id> logger.wandb.group=<G> logger.wandb.tags=[...]`, run in-process
+through the run contract (`dia.run.execute`); a finished cell (its folder holds metrics.json) is skipped, an
+interrupted one resumes from its checkpoint.
+
+`<results>/<G>/grid.json` records the cells of every sweep file that wrote there (a folder's files may be run
+one by one into the same results folder); a file whose recorded cells are gone is refused (another grid).
 
 Exit codes (`dia.errors.ExitCode`): 0 ok; 2 bad input (one line on stderr); 3 a cell's attack diverged;
 75 stopped by SIGUSR1/SIGTERM (progress saved: rerun the same command to resume); 1 a cell failed otherwise.
@@ -12,6 +16,7 @@ Exit codes (`dia.errors.ExitCode`): 0 ok; 2 bad input (one line on stderr); 3 a 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -27,6 +32,7 @@ import yaml
 
 from dia.errors import ExitCode, UserError
 from dia.grid.sweep import WANDB_COMMAND, Cell, Grid, format_value, load, wandb_sweeps  # noqa: F401 - the grid's model
+from dia.run.signals import STOP, Stopped, install as install_signals, stop_point
 
 
 
@@ -34,15 +40,18 @@ def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
     """Compose every cell's config as dia.train would and run `dia.run.checks.check` on it (cached per data config).
 
     The first bad cell raises one UserError line; two cells with the same id (the same overrides in two
-    files) too. Returns the number of cells checked.
+    files) too; a stop signal raises `Stopped` between cells. Returns the number of cells checked.
     """
     from dia.run.checks import check
     from dia.config import compose
 
+    if cells is None:
+        grid.check_size("validating every cell")
     memo: dict[str, Any] = {}
     seen: dict[str, int] = {}
     n = 0
     for cell in grid.cells if cells is None else cells:
+        stop_point("running any cell (while checking the grid)")
         if cell.id in seen:
             raise UserError(f"{grid.path}: cells {seen[cell.id]} and {cell.index} are the same cell ({cell.id}); remove the duplicate")
         seen[cell.id] = cell.index
@@ -65,28 +74,39 @@ def grid_dir(grid: Grid, results_root: str | Path) -> Path:
     return root / grid.name
 
 
-def describe(grid: Grid) -> dict[str, Any]:
-    cells = [{"index": c.index, "id": c.id, "overrides": c.overrides} for c in grid.cells]
-    return {"name": grid.name, "sweep": str(grid.path), "sha256": grid.sha256, "num_cells": len(cells), "cells": cells}
+def describe(grid: Grid, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """grid.json: the grid's cells, each with its file, plus the recorded cells of other files of the same
+    results folder (`saved`: a folder's files run one by one keep each other's cells)."""
+    files = {b.path.name: hashlib.sha256(b.path.read_bytes()).hexdigest() for b in grid.blocks}
+    cells = [{"index": c.index, "id": c.id, "file": c.file, "overrides": c.overrides} for c in grid.cells]
+    if saved:
+        kept = [c for c in saved["cells"] if c.get("file") and c["file"] not in files]
+        cells += kept
+        files = {k: v for k, v in (saved.get("files") or {}).items() if any(c["file"] == k for c in kept)} | files
+    return {"name": grid.name, "sweep": str(grid.path), "sha256": grid.sha256, "files": files, "num_cells": len(cells),
+            "cells": cells}
 
 
 def check_results_dir(grid: Grid, folder: Path) -> dict[str, Any] | None:
     """The saved grid.json of `folder` (None if none); a UserError if it describes another grid.
 
-    A grid that grew (its cells are a superset of the recorded ones: a rate or a file added) is accepted.
+    Accepted: the same grid; a grid that grew (every recorded cell of its files is still in it: a rate or
+    a value added); another file of the same grid folder (its cells are recorded beside the others'). A
+    grid whose files lost recorded cells, or another grid's name, is refused.
     """
     saved_file = folder / "grid.json"
     if not saved_file.is_file():
         return None
     try:
         saved = json.loads(saved_file.read_text())
-        ids = [c["id"] for c in saved["cells"]]
-    except (ValueError, KeyError, TypeError):
+        ids = [(c["id"], c.get("file")) for c in saved["cells"]]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise UserError(f"{saved_file}: not a dia grid description; use another --results-root") from None
     if saved.get("name") == grid.name and saved.get("sha256") == grid.sha256:
         return saved
     have = {c.id for c in grid.cells}
-    gone = [i for i in ids if i not in have]
+    mine = {b.path.name for b in grid.blocks}
+    gone = [i for i, f in ids if i not in have and (not f or f in mine)]  # an old grid.json (no files): all are ours
     if saved.get("name") != grid.name or gone:
         why = f"cell {gone[0]} of it is not in {grid.path}" if gone else f"it is named '{saved.get('name')}'"
         raise UserError(f"results dir '{folder}' holds another grid ('{saved.get('name')}' from {saved.get('sweep')}, "
@@ -94,9 +114,9 @@ def check_results_dir(grid: Grid, folder: Path) -> dict[str, Any] | None:
     return saved
 
 
-def write_grid_json(grid: Grid, folder: Path) -> None:
+def write_grid_json(grid: Grid, folder: Path, saved: dict[str, Any] | None = None) -> None:
     """<folder>/grid.json (written to a temporary name, then renamed)."""
-    text = json.dumps(describe(grid) | {"validated": True}, indent=1) + "\n"
+    text = json.dumps(describe(grid, saved) | {"validated": True}, indent=1) + "\n"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".grid.json.{uuid.uuid4().hex}"
@@ -106,20 +126,29 @@ def write_grid_json(grid: Grid, folder: Path) -> None:
         raise UserError(f"--results-root: cannot write '{folder}' ({exc.strerror})") from None
 
 
-def prepare(grid: Grid, results_root: str | Path, cells: list[Cell] | None = None) -> Path:
-    """Check the results dir belongs to this grid and validate (all cells, unless grid.json already says so)."""
+def check(grid: Grid, results_root: str | Path, cells: list[Cell] | None = None) -> tuple[Path, dict[str, Any] | None, bool]:
+    """Check the results dir belongs to this grid and validate (all cells, unless grid.json already says so);
+    nothing is written. Returns (folder, saved grid.json, whether grid.json must be (re)written)."""
     folder = grid_dir(grid, results_root)
     saved = check_results_dir(grid, folder)
     if saved and saved.get("validated") and saved.get("sha256") == grid.sha256 and cells is not None:
         validate(grid, cells)  # the whole grid was validated when grid.json was written
-    else:
-        validate(grid)
-        write_grid_json(grid, folder)
+        return folder, saved, False
+    validate(grid)
+    return folder, saved, True
+
+
+def prepare(grid: Grid, results_root: str | Path, cells: list[Cell] | None = None) -> Path:
+    """`check`, then write grid.json."""
+    folder, saved, write = check(grid, results_root, cells)
+    if write:
+        write_grid_json(grid, folder, saved)
     return folder
 
 
 def unfinished(grid: Grid, folder: Path) -> list[int]:
     """Indices of the cells without results (pending or partial)."""
+    grid.check_size("listing unfinished cells")
     return [c.index for c in grid.cells if status(grid, folder, c) != "done"]
 
 
@@ -165,41 +194,63 @@ def run_cells(grid: Grid, folder: Path, cells: list[Cell], *, force: bool = Fals
     """
     from dia.config import compose
     from dia.run.console import quiet_libraries
-    from dia.run import execute, signals
+    from dia.run import execute
 
     quiet_libraries()
     todo: list[Cell] = []
+    refused: list[int] = []
     for cell in cells:
         st = status(grid, folder, cell)
         if st == "done" and not force:
             note(f"cell {cell.index} ({cell.id}) is finished: skipped (--force recomputes it)")
             continue
-        if force:
-            for p in (folder / cell.id, folder / f".{cell.id}.partial"):
-                if p.exists():
-                    note(f"--force: removing {p}")
-                    shutil.rmtree(p)
+        if force and not _remove(folder, cell):
+            refused.append(ExitCode.BAD_INPUT)
+            continue
         todo.append(cell)
     if not todo:
-        return ExitCode.OK
+        return worst(refused)
     configs = [compose(train_args(grid, folder, c)) for c in todo]
     if parallel > 1:
-        return _run_children(grid, todo, configs, parallel, python, results_root)
-    signals.install()
+        return worst([_run_children(grid, todo, configs, parallel, python, results_root), *refused])
+    stop_point("running any cell")
+    progress = all(cfg.run.progress for cfg in configs)  # run.progress=false: no bars (in Slurm logs, say)
     try:
-        outcomes = execute(configs, keep_going=True, note=note)
-    except signals.Stopped as exc:
+        outcomes = execute(configs, keep_going=True, note=note, progress=progress)
+    except Stopped as exc:
         left = sum(status(grid, folder, c) != "done" for c in todo)
         note(f"{exc}; {left} cell(s) unfinished: rerun the same command to resume")
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:  # a second Ctrl-C (inside Lightning: SystemExit(1))
+        if isinstance(exc, SystemExit) and not STOP.aborted:
+            raise
         note("interrupted: the last saved checkpoints are kept; rerun the same command to resume")
         return ExitCode.INTERRUPTED
     failed = [(c, o) for c, o in zip(todo, outcomes) if o.code not in (ExitCode.OK, ExitCode.DIVERGED)]
     for cell, outcome in failed:
         note(f"cell {cell.index} ({cell.id}): exit {int(outcome.code)}: {outcome.message}")
     note(f"{len(todo) - len(failed)} of {len(todo)} cell(s) finished" + (f", {len(failed)} failed" if failed else ""))
-    return worst(o.code for o in outcomes)
+    return worst([*(o.code for o in outcomes), *refused])
+
+
+def _remove(folder: Path, cell: Cell) -> bool:
+    """--force: remove the cell's folders under its lock, like every other change to a run (False: it is
+    being run by another process, nothing removed)."""
+    from dia.run.folder import RunFolder
+
+    run = RunFolder(folder, cell.id)
+    if not run.acquire():
+        note(f"cell {cell.index} ({cell.id}): --force: being run by another process (pid {run.holder()}, lock "
+             f"'{run.lock_path}'); nothing removed")
+        return False
+    try:
+        for p in (run.final, run.partial):
+            if p.exists() or p.is_symlink():
+                note(f"--force: removing {p}")
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    finally:
+        run.release()
+    return True
 
 
 def _run_children(grid: Grid, todo: list[Cell], configs: list[Any], parallel: int, python: str,
@@ -265,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--list", action="store_true", help="one line per cell: index, id, status, overrides")
     what.add_argument("--show", type=int, metavar="I", help="cell I as JSON (id, folder, status, dia.train command)")
     what.add_argument("--run", metavar="I", help="run cell I (or a list 0,2 or a range 4-7)")
-    what.add_argument("--task", type=int, metavar="T", help="run cells T*P .. T*P+P-1 where P is --per-task (an array task)")
+    what.add_argument("--task", type=int, metavar="T", help="run array task T: P cells where P is --per-task, positions T*P .. T*P+P-1 in task order "
+                      "(the keys that vary inside a pack fastest: whole packs where the grid allows)")
     what.add_argument("--run-all", action="store_true", help="run every unfinished cell")
     what.add_argument("--validate", action="store_true", help="check every cell (config and data), write grid.json, print the count")
     what.add_argument("--unfinished", action="store_true", help="print the indices of the cells without results, comma-separated")
@@ -299,6 +351,7 @@ def _write_wandb_sweeps(grid: Grid, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_signals()  # first, before anything slow: a signal during start-up or validation is a clean stop
     parser = build_parser()
     parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; see `python -m dia.grid --help`"))  # type: ignore[method-assign]
     if hasattr(signal, "SIGPIPE"):
@@ -317,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.OK
         folder = grid_dir(grid, a.results_root)
         if a.list:
+            grid.check_size("--list")
             for c in grid.cells:
                 print(f"{c.index:>4}  {c.id:<40} {status(grid, folder, c):<8} {' '.join(c.args())}")
             return ExitCode.OK
@@ -338,10 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.run is not None:
             cells = [grid.cell(i) for i in parse_indices(a.run, len(grid))]
         elif a.task is not None:
-            first = a.task * a.per_task
-            grid.cell(first)
-            cells = [grid.cell(i) for i in range(first, min(first + a.per_task, len(grid)))]
+            cells = grid.task(a.task, a.per_task)  # consecutive in task order: whole packs where the grid allows
         else:
+            grid.check_size("--run-all")
             cells = list(grid.cells)
         folder = prepare(grid, a.results_root, None if a.run_all else cells)
         # an array task packs its cells on its GPUs: one process per visible GPU (Slurm sets CUDA_VISIBLE_DEVICES)
@@ -351,4 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
+    except Stopped as exc:  # a signal while checking the grid: nothing ran, nothing half written
+        note(f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; rerun the same command")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        note("interrupted before any cell ran; rerun the same command")
+        return ExitCode.INTERRUPTED
 

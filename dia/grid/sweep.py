@@ -5,9 +5,18 @@ block of the paper's design: `sweeps/paper/{mnist-cifar10,imagenet}.yaml`). Ever
 grid sweep (`method: grid`, `parameters` with `values`/`value`, and the command that runs dia.train), so
 `wandb sweep FILE` accepts it as it is and a W&B agent only ever gets cells of the design.
 
-Cells are the cartesian products of the files' parameters, files in name order, the first parameter
-varying slowest. They are never all held in memory: `len(grid)` is a sum of products and `grid.cell(i)`
-decodes index i (mixed radix), so `--count` of a 20^6-cell sweep is instant.
+Cells are the cartesian products of the files' parameters, files in name order, and within a file in
+W&B's own grid order (parameters sorted by name, the first varying slowest), so cell i of a one-file grid
+is the i-th run a W&B grid sweep of that file makes. They are never all held in memory: `len(grid)` is a
+sum of products and `grid.cell(i)` decodes index i (mixed radix), so `--count` of a 20^6-cell sweep is
+instant. Array tasks (`--task T --per-task P`) take cells in *task order* instead: the keys that differ
+inside a pack (attack, rate, victims, defense, logging) vary fastest, so P consecutive positions are whole
+packs where the grid allows (`Grid.task`).
+
+A grid's name, which names its results folder, is where its W&B agents write: the last part of the
+command's `run.output_dir=results/<name>` (every file of a folder must name the folder), else the file's
+`name:`, else its stem. So an agent's run of a cell and dia.grid's run of the same cell share a folder,
+whether dia.grid is given the folder or one of its files.
 
 A cell's id depends on its own overrides only (`cell_id`): a readable prefix of its headline keys (data,
 model, rate, attack, victims) and a hash of every override that can change the result (`logger.*` and
@@ -38,6 +47,16 @@ SWEEP_KEYS = {"name", "description", "program", "method", "metric", "parameters"
 RESERVED = ("run.output_dir", "run.name", "logger.wandb.group", "logger.wandb.tags")  # set by dia.grid per cell
 AGENT_ARGS = ("run.name", "run.output_dir")  # literal arguments a sweep file's command may add for W&B agents
 HEADLINE = ("data", "model", "model.dropout", "attack", "victims", "num_victims")  # the readable prefix of an id
+# keys that may differ between the runs of one packed program (dia.run.pack: PER_ROW, NOT_SHARED): fastest in task order
+INNER = ("attack", "attack.mask_weight", "model.dropout", "victims", "num_victims", "victim_seed", "defense", "run.progress",
+         "run.save_tensors")
+INNER_PREFIXES = ("defense.", "logger.", "metrics.")
+MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a few hundred bytes; more is a mistake (or an attack)
+MAX_TAG = 64  # W&B refuses longer tags
+
+
+def _inner(key: str) -> bool:
+    return key in INNER or key.startswith(INNER_PREFIXES)
 
 
 def _not_hashed(key: str) -> bool:
@@ -132,17 +151,20 @@ class Cell:
     id: str
     overrides: dict[str, Any]  # every parameter of the cell, in parameter order
     coords: dict[str, Any]  # the parameters that vary across the grid
+    file: str = ""  # the sweep file (name) it comes from
 
     def args(self) -> list[str]:
         return [f"{k}={format_value(v)}" for k, v in self.overrides.items()]
 
     def tags(self, grid: str) -> list[str]:
-        return [f"grid:{grid}"] + [f"{k}:{format_value(v) if not isinstance(v, list) else _short(k, v)}" for k, v in self.coords.items()]
+        """W&B tags: the grid and the cell's coordinates, each cut to W&B's 64 characters (a hash keeps them distinct)."""
+        tags = [f"grid:{grid}"] + [f"{k}:{format_value(v) if not isinstance(v, list) else _short(k, v)}" for k, v in self.coords.items()]
+        return [t if len(t) <= MAX_TAG else t[: MAX_TAG - 9] + "~" + hashlib.sha1(t.encode()).hexdigest()[:8] for t in tags]
 
 
 @dataclass
 class Block:
-    """One sweep file: its parameters (key -> the values it takes) and the file's W&B spec."""
+    """One sweep file: its parameters (key -> the values it takes, in file order) and the file's W&B spec."""
 
     path: Path
     spec: dict[str, Any]
@@ -151,14 +173,41 @@ class Block:
     def __len__(self) -> int:
         return math.prod(len(v) for v in self.params.values())
 
+    @property
+    def wandb_keys(self) -> list[str]:
+        """W&B's grid order: parameters sorted by name (sweeps' HyperParameterSet), the first varying slowest."""
+        return sorted(self.params)
+
+    @property
+    def task_keys(self) -> list[str]:
+        """Task order: the keys that are the same within a pack first (slowest), then those that differ in it."""
+        keys = self.wandb_keys
+        return [k for k in keys if not _inner(k)] + [k for k in keys if _inner(k)]
+
+    def _decode(self, i: int, keys: list[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key in reversed(keys):
+            i, out[key] = divmod(i, len(self.params[key]))
+        return out
+
+    def _encode(self, choice: dict[str, int], keys: list[str]) -> int:
+        i = 0
+        for key in keys:
+            i = i * len(self.params[key]) + choice[key]
+        return i
+
     def overrides(self, i: int) -> dict[str, Any]:
-        """The i-th combination (mixed radix, the first parameter varying slowest)."""
-        out: dict[str, Any] = {}
-        for key in reversed(list(self.params)):
-            values = self.params[key]
-            i, r = divmod(i, len(values))
-            out[key] = values[r]
-        return {k: out[k] for k in self.params}
+        """The i-th combination in W&B's order, as key -> value in file order."""
+        choice = self._decode(i, self.wandb_keys)
+        return {k: self.params[k][choice[k]] for k in self.params}
+
+    def index_at(self, position: int) -> int:
+        """The (W&B-order) index of the combination at `position` in task order."""
+        return self._encode(self._decode(position, self.task_keys), self.wandb_keys)
+
+    def position_of(self, index: int) -> int:
+        """The task-order position of the combination with (W&B-order) index `index`."""
+        return self._encode(self._decode(index, self.wandb_keys), self.task_keys)
 
 
 @dataclass
@@ -180,17 +229,51 @@ class Grid:
                 keys.setdefault(k, set()).update(json.dumps(v, sort_keys=True) for v in vals)
         return [k for k, seen in keys.items() if len(seen) > 1 or any(k not in b.params for b in self.blocks)]
 
-    def cell(self, index: int) -> Cell:
+    def _block(self, index: int) -> tuple[int, Block, int]:
+        """(offset, block, index within it) of a grid-wide index or position (blocks keep their place in both orders)."""
         n = len(self)
         if not 0 <= index < n:
             raise UserError(f"cell index {index} is outside the grid '{self.name}' ({n} cells: valid 0..{n - 1})")
-        i = index
+        offset = 0
         for b in self.blocks:
-            if i < len(b):
-                overrides = b.overrides(i)
-                return Cell(index, cell_id(overrides), overrides, {k: overrides[k] for k in self.varying if k in overrides})
-            i -= len(b)
+            if index - offset < len(b):
+                return offset, b, index - offset
+            offset += len(b)
         raise AssertionError("unreachable")
+
+    def cell(self, index: int) -> Cell:
+        _, b, i = self._block(index)
+        overrides = b.overrides(i)
+        return Cell(index, cell_id(overrides), overrides, {k: overrides[k] for k in self.varying if k in overrides}, b.path.name)
+
+    def index_at(self, position: int) -> int:
+        """The cell index at task-order `position` (array tasks take consecutive positions: `task`)."""
+        offset, b, p = self._block(position)
+        return offset + b.index_at(p)
+
+    def position_of(self, index: int) -> int:
+        offset, b, i = self._block(index)
+        return offset + b.position_of(i)
+
+    def tasks(self, per: int) -> int:
+        """How many array tasks of `per` cells the grid makes."""
+        return -(-len(self) // per)
+
+    def task(self, t: int, per: int) -> list[Cell]:
+        """The cells of array task `t` (`per` consecutive positions in task order: whole packs where possible)."""
+        if not 0 <= t < self.tasks(per):
+            raise UserError(f"--task {t} is outside the grid '{self.name}' ({len(self)} cells in {self.tasks(per)} task(s) of {per}: "
+                            f"valid 0..{self.tasks(per) - 1})")
+        return [self.cell(self.index_at(p)) for p in range(t * per, min(len(self), (t + 1) * per))]
+
+    def task_of(self, index: int, per: int) -> int:
+        return self.position_of(index) // per
+
+    def check_size(self, what: str, limit: int = 100_000) -> None:
+        """A UserError when `what` would expand more than `limit` cells (a typo in a values list, not a plan)."""
+        if len(self) > limit:
+            raise UserError(f"grid '{self.name}' has {len(self):,} cells; {what} handles at most {limit:,} "
+                            "(--count, --show I and --run I work on any size)")
 
     @property
     def cells(self) -> Cells:
@@ -217,7 +300,7 @@ class Cells(Sequence):
         for b in self.grid.blocks:
             for i in range(len(b)):
                 overrides = b.overrides(i)
-                yield Cell(index, cell_id(overrides), overrides, {k: overrides[k] for k in varying if k in overrides})
+                yield Cell(index, cell_id(overrides), overrides, {k: overrides[k] for k in varying if k in overrides}, b.path.name)
                 index += 1
 
 
@@ -234,15 +317,17 @@ def _values(where: str, spec: Any) -> list[Any]:
     raise UserError(f"{where}: a grid sweep needs 'values' or 'value' (distributions are not grid parameters)")
 
 
-def _parameters(where: str, params: Any) -> dict[str, list[Any]]:
+def _parameters(where: str, params: Any, grid: str) -> dict[str, list[Any]]:
     if not isinstance(params, dict) or not params:
         raise UserError(f"{where}: expected a mapping of dia.train keys to {{values: [...]}}")
     out = {}
     for key, spec in params.items():
         key = str(key)
-        if key in RESERVED:
+        values = _values(f"{where}.{key}", spec)
+        # the group dia.grid gives every cell may be written out (--wandb-sweeps does, for agents); nothing else reserved
+        if key in RESERVED and not (key == "logger.wandb.group" and values == [grid]):
             raise UserError(f"{where}.{key}: set by dia.grid for every cell; remove it from the sweep file")
-        out[key] = _values(f"{where}.{key}", spec)
+        out[key] = values
     return out
 
 
@@ -259,14 +344,44 @@ def _check_command(path: Path, command: Any) -> None:
                             f"allowed after ${{args_no_hyphens}}: run.name={AUTO_CELL}, run.output_dir=DIR")
 
 
+class _Refused(yaml.YAMLError):
+    """YAML that parses but would not mean what it says to W&B and dia alike."""
+
+    def __init__(self, message: str, mark: Any) -> None:
+        super().__init__(f"line {mark.line + 1}: {message}" if mark is not None else message)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without what silently changes a sweep: duplicate keys (the last would win and the
+    other values would be dropped) and aliases (`*name`: a few lines can expand to billions of values)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused("aliases (*name) are not supported in sweep files; write the values out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _Refused(f"duplicate key '{key}' (the second would silently replace the first)", key_node.start_mark)
+            seen.add(key if isinstance(key, (str, int, float, bool)) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
     try:
+        if not path.is_file():
+            raise UserError(f"sweep file '{path}' is not a regular file")
+        if path.stat().st_size > MAX_SWEEP_BYTES:
+            raise UserError(f"sweep file '{path}' is larger than {MAX_SWEEP_BYTES // 1024} KiB; a sweep file lists values, not data")
         raw = path.read_bytes()
-        spec = yaml.safe_load(raw)
+        spec = yaml.load(raw, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise UserError(f"sweep file '{path}': cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0] if str(exc) else 'too deeply nested'})") from None
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a W&B sweep mapping (method, metric, parameters, command)")
     if "dia" in spec:
@@ -282,13 +397,23 @@ def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
 
 
 def _name(path: Path, text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", text):
         raise UserError(f"{path}: name '{text}' must be letters, digits, '.', '_' or '-' (it names the results folder)")
     return text
 
 
+def agent_folder(spec: dict[str, Any]) -> str | None:
+    """The `run.output_dir=` a sweep file's command gives W&B agents (None: it sets none)."""
+    for extra in (spec.get("command") or [])[len(WANDB_COMMAND):]:
+        key, _, value = str(extra).partition("=")
+        if key == "run.output_dir":
+            return value
+    return None
+
+
 def load(path: str | Path) -> Grid:
-    """A grid from a sweep file (named by its `name:`, else its stem) or a folder of them (named after the folder)."""
+    """A grid from a sweep file or a folder of them, named where its agents write (see the module docstring):
+    a folder after itself, a file after its command's `run.output_dir`, else its `name:`, else its stem."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -305,9 +430,13 @@ def load(path: str | Path) -> Grid:
     for f in files:
         raw, spec = _read(f)
         digest.update(raw)
+        target = agent_folder(spec)
         if not name:
-            name = _name(f, str(spec.get("name") or f.stem))
-        blocks.append(Block(f, spec, _parameters(f"{f}: parameters", spec.get("parameters"))))
+            name = _name(f, Path(target).name if target else str(spec.get("name") or f.stem))
+        if target is not None and (Path(target).name != name or Path(target).parent != Path("results")):
+            raise UserError(f"{f}: its command writes W&B agents' runs to run.output_dir={target}, but dia.grid writes this grid "
+                            f"to results/{name} (results/<grid>: the folder's name, or the file's); make them agree")
+        blocks.append(Block(f, spec, _parameters(f"{f}: parameters", spec.get("parameters"), name)))
     return Grid(name, path, digest.hexdigest(), blocks)
 
 
@@ -322,6 +451,8 @@ def wandb_sweeps(grid: Grid) -> list[dict[str, Any]]:
         parameters["logger.wandb.mode"] = {"value": "online"}
         parameters["logger.wandb.group"] = {"value": grid.name}
         spec["parameters"] = parameters
-        spec.setdefault("command", WANDB_COMMAND + [f"run.name={AUTO_CELL}"])
+        # agents name their runs by cell and write them where dia.grid does (so the copy is the same grid)
+        extra = [a for a in (spec.get("command") or [])[len(WANDB_COMMAND):] if not str(a).startswith(AGENT_ARGS)]
+        spec["command"] = WANDB_COMMAND + extra + [f"run.name={AUTO_CELL}", f"run.output_dir=results/{grid.name}"]
         out.append(spec)
     return out

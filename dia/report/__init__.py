@@ -5,7 +5,9 @@ no W&B needed) and every grid.json (dia.grid's description of a grid, to know wh
 Writes to RESULTS_DIR/report/ (or --out):
 
 - table.md, table.csv: mean ± std over victims of SSIM, PSNR, LPIPS, MSE and mask recovery for each
-  dataset x model x dropout rate x attack x defense, with the number of cells (finished/expected) and victims;
+  dataset x model x dropout rate x attack x defense x grid x budget (attack.max_iterations) x victim set,
+  with the number of cells (finished/expected) and victims (runs of other grids, budgets or victims never
+  pool; the markdown shows the grid, budget and victim-set columns only where they differ, the CSV always);
   groups whose cells are all missing are listed with empty metrics, and every missing or unfinished cell
   is listed under "Missing cells" (missing.csv) - nothing is dropped silently. Defended and undefended runs
   never share a row: the defense (a label such as `dpsgd σ=0.1 C=1`) and DP-SGD's ε are columns of the CSV,
@@ -15,6 +17,12 @@ Writes to RESULTS_DIR/report/ (or --out):
   figures/defense_<metric>_<data>_<model>.png: the metric against defense strength.
 - montages/<run>.png: the originals above the reconstructions of each run (from reconstructions.pt,
   loaded with weights_only=True).
+
+Only regular files are read (a FIFO or device named metrics.json is skipped, never waited on), folders are
+walked without following links, and a file that cannot be read (not UTF-8, too deeply nested, an infinite
+number) is skipped with one warning. The report folder is built beside `--out` and swapped in; an existing
+`--out` is replaced only when it is a report dia made (it holds `.dia-report`), never the results or any
+other folder.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import shutil
+import stat
 import statistics
 import sys
 import tempfile
@@ -97,6 +107,9 @@ class Group:
     dropout: float
     attack: str
     defense: Defense = NONE  # what the clients sent: runs with different defenses never share a group
+    grid: str = ""  # the grid (grid.json folder) its runs lie in; "" for runs outside any grid
+    budget: int | None = None  # attack.max_iterations (None: unknown)
+    victims_set: str = ""  # which victims (`victim_label`)
     runs: list[dict[str, Any]] = field(default_factory=list)
     expected: int = 0  # cells a grid expects (0: no grid.json knows this group)
     missing: list[dict[str, Any]] = field(default_factory=list)
@@ -104,8 +117,15 @@ class Group:
     @property
     def key(self) -> tuple:
         d = self.defense
-        return (_rank("data", self.data), _rank("model", self.model), self.dropout, _rank("attack", self.attack),
-                d.kind != "none", d.kind.count("+"), d.kind, d.strength, d.label)
+        return (_rank("data", self.data), _rank("model", self.model), self.grid, -1 if self.budget is None else self.budget,
+                self.victims_set, self.dropout, _rank("attack", self.attack), d.kind != "none", d.kind.count("+"), d.kind,
+                d.strength, d.label)
+
+    def variant(self, shown: list[str]) -> str:
+        """The group's grid, budget and victim set where they differ between groups (`shown`), for labels."""
+        parts = {"grid": self.grid or "no grid", "budget": f"{self.budget} it" if self.budget is not None else "? it",
+                 "victims": f"victims {self.victims_set}"}
+        return ", ".join(parts[k] for k in shown)
 
     def values(self, metric: str) -> list[float]:
         return [v[metric] for r in self.runs for v in r["victims"]
@@ -140,14 +160,44 @@ def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
+MAX_READ = 256 << 20  # a metrics.json, grid.json, config.yaml or curves.jsonl larger than this is not one dia wrote
+
+
+def read_regular(path: Path, limit: int = MAX_READ) -> bytes:
+    """The bytes of `path` if it is a regular file (opened without blocking: a FIFO is refused, not waited on)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        if st.st_size > limit:
+            raise OSError(f"larger than {limit >> 20} MiB")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file (regular, UTF-8); ValueError for anything else (RecursionError included)."""
+    try:
+        return json.loads(read_regular(path).decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except OSError as exc:
+        raise ValueError(str(exc.strerror or exc)) from None
+
+
 def _read_metrics(path: Path) -> dict[str, Any] | None:
     """A run's metrics.json, or None (with one warning) when it is not one dia wrote."""
     try:
-        m = json.loads(path.read_text())
+        m = read_json(path)
         key = (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"])), describe_defense(m.get("defense"))
         if not isinstance(m["victims"], list) or not all(isinstance(v, dict) for v in m["victims"]):
             raise TypeError("victims is not a list of per-victim rows")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not math.isfinite(key[0][2]):
+            raise ValueError("dropout is not a number")
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         warn(f"{path} is not a dia metrics.json ({type(exc).__name__}: {str(exc)[:80]}); run skipped")
         return None
     m["key"] = key
@@ -157,11 +207,11 @@ def _read_metrics(path: Path) -> dict[str, Any] | None:
 def _grid_cells(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """A grid.json's name and its well-formed cells; a broken grid.json or cell is skipped with one warning."""
     try:
-        spec = json.loads(path.read_text())
+        spec = read_json(path)
         cells = spec["cells"]
         if not isinstance(cells, list):
             raise TypeError("cells is not a list")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         warn(f"{path} is not a dia grid.json; skipped")
         return "", []
     good = []
@@ -172,12 +222,74 @@ def _grid_cells(path: Path) -> tuple[str, list[dict[str, Any]]]:
             good.append(cell)
         else:
             warn(f"{path}: cell {i} has no id, index or overrides; skipped")
-    return str(spec.get("name")), good
+    return str(spec.get("name") or path.parent.name), good
 
 
-def _group(groups: dict[tuple, Group], coords: tuple[str, str, float, str], defense: Defense) -> Group:
-    """The group of a run or cell: its data, model, rate and attack, and its defense's label."""
-    return groups.setdefault((*coords, defense.label), Group(*coords, defense))
+def _config(folder: Path) -> dict[str, Any]:
+    """A run's config.yaml as a plain dict ({} when it has none or it cannot be read: then metrics.json decides)."""
+    import yaml
+
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(read_regular(path).decode("utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        warn(f"{path} cannot be read; its budget and victim set are taken from metrics.json")
+        return {}
+
+
+def victim_label(victims: Any, count: Any, seed: Any) -> str:
+    """Which victims a run attacks, as a short label: '0-3' (the first four, or that list), '0,5,9', '16 drawn (seed 1)'."""
+    if isinstance(victims, list) and victims and all(isinstance(v, int) for v in victims):
+        if victims == list(range(victims[0], victims[0] + len(victims))):
+            return f"{victims[0]}-{victims[-1]}" if len(victims) > 1 else str(victims[0])
+        text = ",".join(map(str, victims))
+        return text if len(text) <= 24 else f"{len(victims)} listed (#{hashlib.sha1(text.encode()).hexdigest()[:6]})"
+    if isinstance(count, int) and count > 0:
+        return f"0-{count - 1}" if seed is None else f"{count} drawn (seed {seed})"
+    return "?"
+
+
+def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str]:
+    """(budget, victim set) of a run: from its config.yaml, else from what metrics.json says."""
+    cfg = _config(folder)
+    try:
+        budget = int(cfg["attack"]["max_iterations"])
+    except (KeyError, TypeError, ValueError):
+        budget = m.get("max_iterations") if isinstance(m.get("max_iterations"), int) else None
+    if cfg:
+        label = victim_label(cfg.get("victims"), cfg.get("num_victims"), cfg.get("victim_seed"))
+    else:
+        label = victim_label([v.get("index") for v in m["victims"]], None, None)
+    return budget, label
+
+
+def _group(groups: dict[tuple, Group], coords: tuple[str, str, float, str], defense: Defense, grid: str, budget: int | None,
+           victims: str) -> Group:
+    """The group of a run or cell: its data, model, rate and attack, its defense's label, its grid, budget and victims."""
+    return groups.setdefault((*coords, defense.label, grid, budget, victims), Group(*coords, defense, grid, budget, victims))
+
+
+def _cell_variant(overrides: dict[str, Any]) -> tuple[int | None, str]:
+    """(budget, victim set) a grid cell that has not run yet will have: its overrides composed as dia.train does."""
+    from dia.grid.sweep import format_value
+
+    keys = [k for k in ("attack", "attack.max_iterations", "victims", "num_victims", "victim_seed") if k in overrides]
+    return _composed_variant(tuple(f"{k}={format_value(overrides[k])}" for k in keys))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_variant(args: tuple[str, ...]) -> tuple[int | None, str]:
+    try:
+        from dia.config import compose
+
+        cfg = compose(list(args))
+        return int(cfg.attack.max_iterations), victim_label(None if cfg.victims is None else list(cfg.victims), cfg.num_victims,
+                                                              cfg.victim_seed)
+    except Exception:  # noqa: BLE001 - a report should not need a working config tree
+        return None, "?"
 
 
 def _cell_defense(overrides: dict[str, Any]) -> Defense:
@@ -205,30 +317,61 @@ def _composed_defense(args: tuple[str, ...]) -> Defense:
         return NONE
 
 
+def walk(root: Path, names: set[str], skip: Path | None = None) -> list[Path]:
+    """Regular files called one of `names` under `root`, in sorted order: an iterative walk (any depth) that
+    does not follow links to folders and skips hidden folders (partial runs, reports being built) and `skip`."""
+    found: list[Path] = []
+    root = root.resolve()  # then every path below is resolved too (links to folders are not followed)
+    stack = [root]
+    skipped = str(skip) if skip is not None else None
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if not e.name.startswith(".") and e.path != skipped:
+                        stack.append(Path(e.path))
+                elif e.name in names and e.is_file():
+                    found.append(Path(e.path))
+            except OSError:
+                continue
+    return sorted(found)
+
+
 def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], list[dict[str, Any]]]:
     """Groups of finished runs and the grids' missing cells under `root`."""
     if not root.is_dir():
         raise UserError(f"results dir '{root}' does not exist")
     groups: dict[tuple, Group] = {}
     runs: dict[Path, dict[str, Any]] = {}
-    for path in sorted(root.rglob("metrics.json")):
+    files = walk(root, {"metrics.json", "grid.json"}, skip)
+    grids = {}  # grid folder -> its grid.json (name, cells)
+    for gj in (f for f in files if f.name == "grid.json"):
+        grids[gj.parent] = _grid_cells(gj)
+    cell_overrides = {(where / c["id"]).resolve(): c["overrides"] for where, (_, cells) in grids.items() for c in cells}
+    variants: dict[Path, tuple[int | None, str]] = {}
+    for path in (f for f in files if f.name == "metrics.json"):
         folder = path.parent
-        rel = folder.relative_to(root)
-        if any(p.startswith(".") for p in rel.parts) or (skip and skip in folder.parents):
-            continue
         m = _read_metrics(path)
         if m is None:
             continue
         coords, defense = m.pop("key")
         m["folder"] = folder
+        m["grid"] = grids[folder.parent][0] if folder.parent in grids else ""
+        budget, victims = _run_variant(folder, m)
+        if budget is None and folder.resolve() in cell_overrides:  # no config.yaml: the grid says what the cell is
+            budget, victims = _cell_variant(cell_overrides[folder.resolve()])
+        variants[folder.resolve()] = budget, victims
         runs[folder.resolve()] = m
-        _group(groups, coords, defense).runs.append(m)
+        _group(groups, coords, defense, m["grid"], budget, victims).runs.append(m)
     missing: list[dict[str, Any]] = []
     defaults = None
-    for gj in sorted(root.rglob("grid.json")):
-        if any(p.startswith(".") for p in gj.parent.relative_to(root).parts):
-            continue
-        name, cells = _grid_cells(gj)
+    for where, (name, cells) in grids.items():
+        gj = where / "grid.json"
         if not cells:
             continue
         defaults = defaults or _defaults()
@@ -238,21 +381,30 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
             except (TypeError, ValueError):
                 warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable model.dropout; skipped")
                 continue
-            folder = (gj.parent / cell["id"]).resolve()
+            folder = (where / cell["id"]).resolve()
             try:
                 defense = describe_defense(runs[folder].get("defense")) if folder in runs else _cell_defense(cell["overrides"])
             except (KeyError, TypeError, ValueError) as exc:
                 warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable defense ({str(exc)[:80]}); skipped")
                 continue
-            group = _group(groups, key, defense)
+            budget, victims = variants[folder] if folder in runs else _cell_variant(cell["overrides"])
+            group = _group(groups, key, defense, name, budget, victims)
             group.expected += 1
             if folder not in runs:
-                state = "partial" if (gj.parent / f".{cell['id']}.partial").is_dir() else "pending"
+                state = "partial" if (where / f".{cell['id']}.partial").is_dir() else "pending"
                 entry = {"grid": name, "index": cell["index"], "id": cell["id"], "state": state,
-                         "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3], "defense": defense.label}
+                         "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3], "defense": defense.label,
+                         "budget": "" if budget is None else budget, "victims": victims, "file": cell.get("file", "")}
                 group.missing.append(entry)
                 missing.append(entry)
     return groups, missing
+
+
+def differing(groups: dict[tuple, Group]) -> list[str]:
+    """Which of grid, budget and victim set take more than one value among the groups (the columns to show)."""
+    ordered = list(groups.values())
+    return [k for k, get in (("grid", lambda g: g.grid), ("budget", lambda g: g.budget), ("victims", lambda g: g.victims_set))
+            if len({get(g) for g in ordered}) > 1]
 
 
 def _fmt(stats: tuple[float, float, int] | None, metric: str) -> str:
@@ -274,23 +426,25 @@ def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[s
     """
     ordered = sorted(groups.values(), key=lambda g: g.key)
     defended = any(g.defense.label != "none" for g in ordered)  # every missing cell has its group
-    shown = ["defense", "ε"] if defended else []
+    vary = differing(groups)  # grid, budget, victim set: shown where they differ (always in the CSV)
+    shown = (["defense", "ε"] if defended else []) + [{"grid": "grid", "budget": "budget", "victims": "victim set"}[k] for k in vary]
     head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in METRICS]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(["data", "model", "dropout", "attack", "defense", "epsilon", "cells_finished", "cells_expected", "victims", "diverged"]
-               + [f"{m}_{s}" for m, _, _ in METRICS for s in ("mean", "std", "n")])
+    w.writerow(["data", "model", "dropout", "attack", "defense", "epsilon", "grid", "budget", "victim_set", "cells_finished",
+                "cells_expected", "victims", "diverged"] + [f"{m}_{s}" for m, _, _ in METRICS for s in ("mean", "std", "n")])
     for g in ordered:
         expected = g.expected or len(g.runs)
         n_victims = sum(len(r["victims"]) for r in g.runs)
         diverged = sum(r.get("status") == "diverged" for r in g.runs)
         defense = [g.defense.label, _epsilon(g.defense.epsilon)] if defended else []
-        md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, *defense, f"{len(g.runs)}/{expected}", str(n_victims),
-                                     str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in METRICS]) + " |")
+        variant = [{"grid": g.grid or "—", "budget": "?" if g.budget is None else str(g.budget), "victims": g.victims_set}[k] for k in vary]
+        md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, *defense, *variant, f"{len(g.runs)}/{expected}",
+                                     str(n_victims), str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in METRICS]) + " |")
         eps = g.defense.epsilon
-        row: list[Any] = [g.data, g.model, g.dropout, g.attack, g.defense.label, "" if eps is None else f"{eps:.6g}",
-                          len(g.runs), expected, n_victims, diverged]
+        row: list[Any] = [g.data, g.model, g.dropout, g.attack, g.defense.label, "" if eps is None else f"{eps:.6g}", g.grid,
+                          "" if g.budget is None else g.budget, g.victims_set, len(g.runs), expected, n_victims, diverged]
         for m, _, _ in METRICS:
             s = g.stats(m)
             row += ["", "", 0] if s is None else [f"{s[0]:.6g}", f"{s[1]:.6g}", s[2]]
@@ -301,14 +455,16 @@ def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[s
             "mean ± std over victims (std with n-1; 0 for one victim). cells: finished/expected." + note, ""] + md
     text += ["", f"## Missing cells ({len(missing)})", ""]
     if missing:
-        cols = ["grid", "index", "cell", "state", "data", "model", "p", "attack"] + ["defense"] * defended
+        extra = [k for k in vary if k != "grid"]
+        cols = ["grid", "index", "cell", "state", "data", "model", "p", "attack"] + ["defense"] * defended + extra
         text += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         text += ["| " + " | ".join([m["grid"], str(m["index"]), m["id"], m["state"], m["data"], m["model"], f"{m['dropout']:g}", m["attack"]]
-                                   + [m["defense"]] * defended) + " |" for m in missing]
+                                   + [m["defense"]] * defended + [str(m[k]) for k in extra]) + " |" for m in missing]
     else:
         text.append("none")
     miss = io.StringIO()
-    mw = csv.DictWriter(miss, fieldnames=["grid", "index", "id", "state", "data", "model", "dropout", "attack", "defense"])
+    mw = csv.DictWriter(miss, fieldnames=["grid", "file", "index", "id", "state", "data", "model", "dropout", "attack", "defense",
+                                          "budget", "victims"])
     mw.writeheader()
     mw.writerows(missing)
     return "\n".join(text) + "\n", out.getvalue(), miss.getvalue()
@@ -321,9 +477,10 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    vary = differing(groups)
     groups = {k: g for k, g in groups.items() if g.defense.label == "none"}
     panels = sorted({(g.data, g.model) for g in groups.values() if g.runs}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1])))
-    attacks = sorted({g.attack for g in groups.values() if g.runs}, key=lambda a: _rank("attack", a))
+    attacks = sorted({(g.attack, g.variant(vary)) for g in groups.values() if g.runs}, key=lambda a: (_rank("attack", a[0]), a[1]))
     written = []
     if not panels:
         return written
@@ -335,12 +492,12 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
         rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
         for ax, (data, model) in zip(axes.flat, panels):
-            for attack in attacks:
+            for attack, variant in attacks:
                 pts = sorted((g.dropout, g.stats(metric)) for g in groups.values()
-                             if (g.data, g.model, g.attack) == (data, model, attack) and g.stats(metric))
+                             if (g.data, g.model, g.attack, g.variant(vary)) == (data, model, attack, variant) and g.stats(metric))
                 if pts:
                     ax.errorbar([p for p, _ in pts], [s[0] for _, s in pts], yerr=[s[1] for _, s in pts],
-                                marker="o", ms=3, capsize=2, label=attack.upper())
+                                marker="o", ms=3, capsize=2, label=attack.upper() + (f" ({variant})" if variant else ""))
             ax.set_title(f"{data} / {model}", fontsize=9)
             ax.set_xlabel("dropout rate p", fontsize=8)
             ax.set_ylabel(f"{name} {arrow}", fontsize=8)
@@ -361,15 +518,22 @@ def _ssim_curve(folder: Path) -> dict[int, list[float]]:
     """{iteration: [eval/ssim of each group of problems]} from a run's curves.jsonl ({} without one;
     unreadable lines are skipped: curves are a picture, not a result)."""
     points: dict[int, list[float]] = {}
+    path = folder / "curves.jsonl"
+    if not path.is_file():
+        return points
     try:
-        lines = (folder / "curves.jsonl").read_text().splitlines()
-    except OSError:
+        lines = read_regular(path).decode("utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        warn(f"{path} cannot be read ({exc}); its curve is skipped")
         return points
     for line in lines:
         try:
             row = json.loads(line)
-            points.setdefault(int(row["iteration"]), []).append(float(row["eval/ssim"]))
-        except (ValueError, KeyError, TypeError):
+            it, value = row["iteration"], float(row["eval/ssim"])
+            if isinstance(it, bool) or not isinstance(it, (int, float)) or not 0 <= it < 2**53 or not math.isfinite(value):
+                continue  # Infinity, NaN, negative: not a point of a curve
+            points.setdefault(int(it), []).append(value)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             continue
     return points
 
@@ -383,13 +547,14 @@ def curve_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    vary = differing(groups)
     curves: dict[tuple, dict[int, list[float]]] = {}
     for g in groups.values():
         if g.defense.label != "none":
             continue
         for run in g.runs:
             for it, values in _ssim_curve(Path(run["folder"])).items():
-                curves.setdefault((g.data, g.model, g.dropout, g.attack), {}).setdefault(it, []).extend(values)
+                curves.setdefault((g.data, g.model, g.dropout, (g.attack, g.variant(vary))), {}).setdefault(it, []).extend(values)
     written = []
     for data, model in sorted({k[:2] for k in curves}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1]))):
         rates = sorted({k[2] for k in curves if k[:2] == (data, model)})
@@ -397,10 +562,10 @@ def curve_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
         fig, axes = plt.subplots(math.ceil(len(rates) / cols), cols, figsize=(3.4 * cols, 2.7 * math.ceil(len(rates) / cols)),
                                  squeeze=False, sharey=True)
         for ax, rate in zip(axes.flat, rates):
-            for attack in sorted({k[3] for k in curves if k[:3] == (data, model, rate)}, key=lambda a: _rank("attack", a)):
-                pts = sorted(curves[(data, model, rate, attack)].items())
+            for attack, variant in sorted({k[3] for k in curves if k[:3] == (data, model, rate)}, key=lambda a: (_rank("attack", a[0]), a[1])):
+                pts = sorted(curves[(data, model, rate, (attack, variant))].items())
                 its = [i for i, _ in pts]
-                line, = ax.plot(its, [statistics.mean(v) for _, v in pts], label=attack.upper(), lw=1.2)
+                line, = ax.plot(its, [statistics.mean(v) for _, v in pts], label=attack.upper() + (f" ({variant})" if variant else ""), lw=1.2)
                 ax.fill_between(its, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
             ax.set_title(f"p = {rate:g}", fontsize=9)
             ax.set_xlabel("attack iteration", fontsize=8)
@@ -429,7 +594,9 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     run of the same cell as a dotted line; x: noise multiplier (with its epsilon), prune ratio, bits (stronger
     to the right); error bars: std over victims.
     """
-    runs = [r for g in groups.values() for r in g.runs if isinstance(r.get("defense"), dict)]
+    vary = differing(groups)
+    runs = [r | {"attack": r["attack"] + (f" ({g.variant(vary)})" if vary else "")}
+            for g in groups.values() for r in g.runs if isinstance(r.get("defense"), dict)]  # variants never pool
     if not any(r["defense"].get("name") != "none" for r in runs):
         return []
     import matplotlib
@@ -467,12 +634,12 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
                                     pts.append((pos[v], mean, math.sqrt(sum((x - mean) ** 2 for x in vals) / max(1, len(vals) - 1))))
                             if pts:
                                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
-                                            capsize=2, color=colors.get(attack), ls="--" if md else "-",
+                                            capsize=2, color=colors.get(attack.split(" ")[0]), ls="--" if md else "-",
                                             label=attack.upper() + (" (model_defense)" if md else ""))
                         clear = [x[metric] for r in mine if r["defense"]["name"] == "none" and r["attack"] == attack
                                  and float(r["dropout"]) == rate for x in r["victims"] if x.get(metric) is not None]
                         if clear:
-                            ax.axhline(sum(clear) / len(clear), color=colors.get(attack), ls=":", lw=1)
+                            ax.axhline(sum(clear) / len(clear), color=colors.get(attack.split(" ")[0]), ls=":", lw=1)
                     ax.set_xticks(range(len(ticks)), [t for _, t in ticks], fontsize=6)
                     ax.set_title(f"{kind}, p={rate:g}", fontsize=9)
                     ax.set_xlabel(STRENGTH[kind.split("/")[0].split("+")[-1]][1] + " (dotted: undefended)", fontsize=7)
@@ -490,7 +657,9 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     return written
 
 
-def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | None:
+def montage_figure(run: dict[str, Any], max_victims: int = 16) -> Any:
+    """The montage of a run as a matplotlib Figure (None when its reconstructions.pt is missing or unreadable):
+    originals above reconstructions, each with its SSIM, under a title the figure is wide enough to show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,7 +670,8 @@ def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | No
     if not tensors_file.is_file():
         return None
     try:
-        t = torch.load(tensors_file, map_location="cpu", weights_only=True)
+        with io.BytesIO(read_regular(tensors_file)) as f:
+            t = torch.load(f, map_location="cpu", weights_only=True)
         orig, rec = t["originals"][:max_victims], t["reconstructions"][:max_victims]
         if orig.dim() != 4 or orig.shape != rec.shape or orig.shape[1] not in (1, 3):
             raise ValueError(f"tensors of shapes {tuple(orig.shape)} and {tuple(rec.shape)}")
@@ -509,7 +679,9 @@ def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | No
         warn(f"{tensors_file} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}); montage skipped")
         return None
     n = orig.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 0.4, 3.0), squeeze=False)
+    title = f"{run['attack'].upper()} on {run['model']}/{run['data']}, p={run['dropout']:g}  ({Path(run['folder']).name})"
+    width = max(1.3 * n + 0.4, 0.075 * len(title) + 0.6)  # a few victims: as wide as the title (9 pt: ~0.075 in a character)
+    fig, axes = plt.subplots(2, n, figsize=(width, 3.0), squeeze=False)
     for i in range(n):
         for row, img in enumerate((orig[i], rec[i])):
             ax = axes[row][i]
@@ -518,11 +690,22 @@ def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | No
             ax.set_xticks([])
             ax.set_yticks([])
         v = run["victims"][i] if i < len(run["victims"]) else {}
-        axes[1][i].set_xlabel(f"SSIM {v['ssim']:.2f}" if v.get("ssim") is not None else "", fontsize=7)
+        ssim = v.get("ssim")
+        axes[1][i].set_xlabel(f"SSIM {ssim:.2f}" if isinstance(ssim, (int, float)) else "", fontsize=7)
     axes[0][0].set_ylabel("original", fontsize=8)
     axes[1][0].set_ylabel("reconstr.", fontsize=8)
-    fig.suptitle(f"{run['attack'].upper()} on {run['model']}/{run['data']}, p={run['dropout']:g}  ({Path(run['folder']).name})", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | None:
+    """montages/<run>.png (see `montage_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = montage_figure(run, max_victims)
+    if fig is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -535,6 +718,7 @@ def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[st
     out = Path(out) if out else root / "report"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; give a folder for the report")
+    check_out(root, out)
     groups, missing = collect(root, skip=out.resolve())
     if not any(g.runs for g in groups.values()) and not missing:
         raise UserError(f"no dia results (metrics.json or grid.json) under '{root}'")
@@ -545,6 +729,7 @@ def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[st
         raise UserError(f"--out '{out}': cannot write there ({exc.strerror})") from None
     try:
         md, table_csv, missing_csv = tables(groups, missing)
+        (tmp / MARKER).write_text("a report made by `python -m dia.report`; a rebuild replaces this folder\n")
         (tmp / "table.md").write_text(md)
         (tmp / "table.csv").write_text(table_csv)
         (tmp / "missing.csv").write_text(missing_csv)
@@ -566,11 +751,39 @@ def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[st
             "figures": moved(figs), "montages": moved(mont)}
 
 
+MARKER = ".dia-report"  # in every report folder dia.report makes: the only folders a rebuild may replace
+REPORT_FILES = {"table.md", "table.csv", "missing.csv", "figures", "montages"}  # a report made before the marker
+
+
+def ours(out: Path) -> bool:
+    """Whether `out` is a report dia.report made (or an empty folder): the only thing a rebuild replaces."""
+    try:
+        names = {p.name for p in out.iterdir()}
+    except OSError:
+        return False
+    return (out / MARKER).is_file() or names <= REPORT_FILES and (out / "table.md").is_file() or not names
+
+
+def check_out(root: Path, out: Path) -> None:
+    """A UserError unless `out` may be (re)placed: never the results, a folder holding them, or a folder of
+    anything but a report dia made."""
+    r, o = root.resolve(), out.resolve()
+    if o == r or o in r.parents:
+        raise UserError(f"--out '{out}' is the results folder or holds it; the report replaces its folder: give a folder of "
+                        "its own (default: RESULTS/report)")
+    if out.is_dir() and not ours(out):
+        raise UserError(f"--out '{out}' exists and is not a report dia made (no {MARKER} in it); nothing was touched: "
+                        "give a new folder, or remove it yourself")
+
+
 def _swap(new: Path, out: Path) -> None:
-    """Put folder `new` at `out`: a rename, and for an existing report two (the old one is removed after)."""
+    """Put folder `new` at `out`: a rename, and for an existing report two (the old one is removed after; only
+    a report dia made, or an empty folder, is ever replaced: `check_out`)."""
     if not out.exists():
         os.rename(new, out)
         return
+    if not ours(out):
+        raise UserError(f"--out '{out}' is no longer a report dia made; nothing was touched")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.rename(out, old)
     os.rename(new, out)

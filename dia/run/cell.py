@@ -94,16 +94,31 @@ def use_compile_cache(cfg: DictConfig) -> Path | None:
     `run.compile_cache` (default `<run.output_dir>/.compile-cache`), so a later process, a resumed run or
     the next cell of a grid compiles from cache. A TORCHINDUCTOR_CACHE_DIR set by the user wins; `off`
     leaves torch's own default (under /tmp)."""
+    global _COMPILE_CACHE_SET
     if cfg.run.compile_cache == "off" or cfg.attack.compile is False:
         return None
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # importing Lightning makes torch write its own default into the variable: only another value is the user's
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _COMPILE_CACHE_SET, _torch_cache_default()):
         folder = Path(cfg.run.compile_cache or Path(cfg.run.output_dir) / ".compile-cache")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"run.compile_cache: cannot create '{folder}' ({exc.strerror or exc})") from None
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+        # torch creates it when it compiles: a run stopped by bad input before that leaves nothing behind
+        above = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if (folder.exists() and not folder.is_dir()) or (above is not None and not os.access(above, os.W_OK | os.X_OK)):
+            raise UserError(f"run.compile_cache: cannot create '{folder}' (not a writable folder)")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE_SET = str(folder.resolve())
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+_COMPILE_CACHE_SET: str | None = None  # the TORCHINDUCTOR_CACHE_DIR use_compile_cache set in this process
+
+
+def _torch_cache_default() -> str | None:
+    """The folder torch puts in TORCHINDUCTOR_CACHE_DIR when nobody set it (None if torch does not say)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # noqa: BLE001 - a private helper of torch: without it, only an unset variable is ours
+        return None
 
 
 def open_cell(cfg: DictConfig) -> Cell:
@@ -211,7 +226,8 @@ def lpips_for(cfg: DictConfig) -> Any:
 
 
 def write(cell: Cell, result: AttackResult) -> RunOutput:
-    """Score `result`, write every result file into the partial folder, log the W&B run, then rename."""
+    """Score `result`, write every result file into the partial folder, log the W&B run, then rename; the
+    checkpoint goes only after the rename, so a failed rename (something appeared at the final name) keeps it."""
     cfg, victims, problems, mean, std = cell.cfg, cell.victims, cell.problems, cell.mean, cell.std
     rows, matched = evaluate(result, problems, victims.images, mean, std, lpips_fn=lpips_for(cfg))
     for row, index, label, used in zip(rows, victims.indices, victims.labels.tolist(), problems.labels.flatten().tolist()):
@@ -222,7 +238,8 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
         "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
         "defense": defenses.summary(cfg.defense, cfg.attack.model_defense),
         "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
-        "iterations": max(r["iterations"] for r in rows), "wall_time_s": round(time.time() - cell.started, 3),
+        "iterations": max(r["iterations"] for r in rows), "max_iterations": cfg.attack.max_iterations,
+        "wall_time_s": round(cell.checkpoint.elapsed() if cell.checkpoint is not None else time.time() - cell.started, 3),
         "device": str(cell.device), "victims": rows,
     }
     rec01 = (matched * std + mean).clamp(0, 1)
@@ -237,9 +254,9 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     wandb_dir = None if cell.wandb is None else cell.wandb.finish(
         summary, figure=cell.folder / "reconstructions.png", originals=victims.images, reconstructions=rec01)
     write_json(cell.folder / "metrics.json", summary)
-    if cell.checkpoint is not None and cell.checkpoint.path.exists():
-        cell.checkpoint.path.unlink()  # the results are final; the attack state is not needed any more
     final = cell.folder.finish()
+    if cell.checkpoint is not None:  # the results are final; the attack state is not needed any more
+        (final / cell.checkpoint.path.name).unlink(missing_ok=True)
     if wandb_dir:
         wandb_dir = str(final / Path(wandb_dir).relative_to(cell.folder.partial))
     return RunOutput(final, summary, wandb_dir)

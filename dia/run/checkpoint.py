@@ -6,22 +6,62 @@ name (`flat/x`, `exp_avg/mask/<site>`, ...), so a group resumes in any pack: tra
 not have (masks of another attack in the pack) start fresh and never influence its rows.
 
 Saved as one flat dict of tensors (`torch.save`, loadable with `weights_only=True`), written atomically
-in the run's `.partial` folder. A checkpoint that cannot be read is reported in one line that names it.
+in the run's `.partial` folder, with the fingerprint of the run's config (`dia.run.folder.fingerprint`)
+and the wall time spent so far. A checkpoint is checked against the run whose folder holds it (the
+`config.yaml` beside it) before anything uses it: unreadable, of another run, or inconsistent with the
+run (group indices, iteration counters past the budget, shapes, dtypes, non-tensor values) is one
+`UserError` naming the file, which is kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+import math
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from dia.engine import STATUS, AttackResult, AttackState, Layout
 from dia.errors import UserError
 from dia.run.files import save_tensors
+from dia.run.folder import fingerprint
 
 WIDE = ("flat", "exp_avg", "exp_avg_sq", "best")  # the (K, D) fields, saved per trainable
+NARROW = tuple(f.name for f in fields(AttackState) if f.name not in (*WIDE, "layout", "iteration"))  # (K,) fields
+INTEGER = ("plateau_bad", "best_iteration", "since_best", "iterations", "status", "iteration")  # int64; the rest float
+
+
+class Rows(dict):
+    """A saved row block (`state_rows`) that knows the checkpoint file it came from (for messages)."""
+
+    source: Path | None = None
+
+
+@dataclass
+class Expect:
+    """What a run's config says its checkpoint must look like."""
+
+    problems: int  # client gradients (victims / batch_size)
+    x_shape: tuple[int, ...]  # one problem's dummies: (B, C, H, W)
+    max_iterations: int
+    fingerprint: str
+
+    @classmethod
+    def of(cls, config: Path) -> "Expect | None":
+        """From the run's saved config.yaml (None when it cannot be read: the checks that need it are skipped)."""
+        try:
+            text = config.read_text()
+            c = yaml.safe_load(text)
+            n = len(c["victims"]) if c.get("victims") is not None else int(c["num_victims"])
+            b = int(c["batch_size"])
+            return cls(n // b, (b, int(c["data"]["channels"]), int(c["data"]["image_size"]), int(c["data"]["image_size"])),
+                       int(c["attack"]["max_iterations"]), fingerprint(text))
+        except Exception:  # noqa: BLE001 - no config beside it: a checkpoint used without a run folder
+            return None
 
 
 class Checkpoint:
@@ -33,23 +73,47 @@ class Checkpoint:
         self.done: dict[int, AttackResult] = {}
         self.running: int | None = None
         self.state: dict[str, Tensor] | None = None  # the running group's rows (see `state_rows`)
-        if persist and path.is_file():
+        self.started = time.time()
+        self.elapsed_before = 0.0  # wall time of the processes that worked on the run before this one
+        self.expect = Expect.of(path.parent / "config.yaml")
+        if not persist:
+            return
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise self._bad("is not a regular file")
+        if path.is_file():
             try:
-                self._load(torch.load(path, map_location="cpu", weights_only=True))
+                flat = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - truncated, corrupt, or not ours
-                raise UserError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-                                f"delete it to restart this run from iteration 0: rm '{path}'") from None
+                raise self._bad(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+            self._load(flat)
+
+    def _bad(self, why: str) -> UserError:
+        return UserError(f"checkpoint '{self.path}' {why}; it is kept: delete it to restart this run from iteration 0: "
+                         f"rm '{self.path}'")
+
+    def elapsed(self) -> float:
+        """Wall time spent on the run so far, over every process that worked on it (seconds)."""
+        return self.elapsed_before + time.time() - self.started
 
     @property
     def iteration(self) -> int:
         """The iteration the running group resumes at (0 when none is running)."""
         return 0 if self.state is None else int(self.state["iteration"])
 
-    def _load(self, flat: dict[str, Tensor]) -> None:
+    def _load(self, flat: Any) -> None:
+        try:
+            self._check(flat)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise self._bad(f"does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
         self.group_size = int(flat["meta/group_size"]) or None
         running = int(flat["meta/running"])
         self.running = None if running < 0 else running
-        self.state = {k[len("state/"):]: v for k, v in flat.items() if k.startswith("state/")} or None
+        self.elapsed_before = float(flat["meta/elapsed_s"]) if "meta/elapsed_s" in flat else 0.0
+        state = Rows({k[len("state/"):]: v for k, v in flat.items() if k.startswith("state/")})
+        state.source = self.path
+        self.state = state or None
         for c in {int(k.split("/")[1]) for k in flat if k.startswith("done/")}:
             p = f"done/{c}/"
             masks = {k[len(p + "masks/"):]: v for k, v in flat.items() if k.startswith(p + "masks/")}
@@ -59,13 +123,119 @@ class Checkpoint:
                 status=[STATUS[int(s)] for s in flat[p + "status"]],
             )
 
+    def _check(self, flat: Any) -> None:
+        """Everything `_load` and a resume rely on, against the run's config: a UserError naming the file otherwise."""
+        bad = self._bad
+        if not isinstance(flat, dict) or not all(isinstance(k, str) for k in flat):
+            raise bad("is not a dia checkpoint (not a dict of named tensors)")
+        odd = next((k for k, v in flat.items() if not isinstance(v, Tensor)), None)
+        if odd is not None:
+            raise bad(f"holds '{odd}', which is not a tensor")
+        for key in ("meta/group_size", "meta/running"):
+            if key not in flat or flat[key].dim() != 0 or flat[key].dtype != torch.int64:
+                raise bad(f"has no integer '{key}'")
+        unknown = next((k for k in flat if not k.startswith(("meta/", "done/", "state/"))), None)
+        if unknown is not None:
+            raise bad(f"holds an unknown entry '{unknown}'")
+        e = self.expect
+        if "meta/fingerprint" in flat and e is not None:
+            fp = flat["meta/fingerprint"]
+            if fp.dtype != torch.uint8 or bytes(fp.tolist()).hex() != e.fingerprint:
+                raise bad("belongs to another run (its config differs from this folder's config.yaml: another seed, "
+                          "data or attack setting)")
+        size, running = int(flat["meta/group_size"]), int(flat["meta/running"])
+        n = e.problems if e is not None else None
+        done = {k.split("/")[1] for k in flat if k.startswith("done/")}
+        if not all(d.isdigit() and len(d) < 10 for d in done):
+            raise bad("has a finished group that is not numbered")
+        done_groups = sorted(int(d) for d in done)
+        has_state = any(k.startswith("state/") for k in flat)
+        if size == 0 and (done_groups or has_state or running >= 0):
+            raise bad("has progress but no group size")
+        if size < 0 or (n is not None and size > n):
+            raise bad(f"has group size {size} for a run of {n} problem(s)")
+        groups = math.ceil(n / size) if n is not None and size > 0 else None
+        if running < -1 or (groups is not None and running >= groups) or running in done_groups:
+            raise bad(f"says group {running} is running (the run has {groups} group(s), finished: {done_groups or 'none'})")
+        if (running >= 0) != has_state:
+            raise bad("has a running group without its state (or a state without a running group)")
+        if groups is not None and any(g >= groups for g in done_groups):
+            raise bad(f"has finished group {max(done_groups)}; the run has {groups} group(s)")
+
+        def rows(g: int) -> int | None:
+            return None if n is None or size == 0 else min(size, n - g * size)
+
+        def tensor(key: str, k: int | None, *, integer: bool, shape: tuple[int, ...] | None = ()) -> Tensor:
+            """flat[key]: int64 or floating point, one row per problem (k of them), each of `shape` (None: any)."""
+            t = flat.get(key)
+            if t is None:
+                raise bad(f"has no '{key}'")
+            if integer and t.dtype != torch.int64 or not integer and not t.is_floating_point():
+                raise bad(f"holds '{key}' as {t.dtype} (expected {'int64' if integer else 'floating point'})")
+            if t.dim() < 1 or k is not None and t.shape[0] != k:
+                raise bad(f"holds '{key}' of shape {tuple(t.shape)}; this group has {k} problem(s)")
+            if shape is not None and tuple(t.shape[1:]) != tuple(shape):
+                raise bad(f"holds '{key}' of shape {tuple(t.shape)}; this run expects ({k}, {', '.join(map(str, shape))})")
+            return t
+
+        budget = e.max_iterations if e is not None else None
+
+        def counters(prefix: str, k: int | None) -> None:
+            its = tensor(prefix + "iterations", k, integer=True)
+            if its.numel() and (int(its.min()) < 0 or budget is not None and int(its.max()) > budget):
+                raise bad(f"holds iteration counters {int(its.min())}..{int(its.max())} outside 0..{budget} (attack.max_iterations)")
+            status = tensor(prefix + "status", k, integer=True)
+            if status.numel() and not 0 <= int(status.min()) <= int(status.max()) < len(STATUS):
+                raise bad(f"holds a status outside 0..{len(STATUS) - 1}")
+            tensor(prefix + "best_iteration", k, integer=True)
+            tensor(prefix + "best_loss", k, integer=False)
+
+        x_shape = e.x_shape if e is not None else None
+        for g in done_groups:
+            p, k = f"done/{g}/", rows(g)
+            tensor(p + "x", k, integer=False, shape=x_shape)
+            counters(p, k)
+            for key in (k_ for k_ in flat if k_.startswith(p + "masks/")):
+                tensor(key, k, integer=False, shape=None)
+            extra = next((k_ for k_ in flat if k_.startswith(p) and k_[len(p):] not in ("x", "best_loss", "best_iteration",
+                                                                                         "iterations", "status")
+                          and not k_.startswith(p + "masks/")), None)
+            if extra:
+                raise bad(f"holds an unknown entry '{extra}'")
+        if has_state:
+            k = rows(running)
+            counters("state/", k)
+            for name in NARROW:
+                tensor(f"state/{name}", k, integer=name in INTEGER)
+            it = flat.get("state/iteration")
+            if it is None or it.dim() != 0 or it.dtype != torch.int64:
+                raise bad("has no integer 'state/iteration'")
+            top = int(flat["state/iterations"].max()) if flat["state/iterations"].numel() else 0
+            if int(it) != top:
+                raise bad(f"says the running group is at iteration {int(it)} but its problems ran {top}")
+            for wide in WIDE:
+                tensor(f"state/{wide}/x", k, integer=False, shape=x_shape)
+            for key in flat:
+                if key.startswith("state/") and "/" in key[len("state/"):]:
+                    if key[len("state/"):].split("/")[0] not in WIDE:
+                        raise bad(f"holds an unknown entry '{key}'")
+                    tensor(key, k, integer=False, shape=None)
+                elif key.startswith("state/") and key[len("state/"):] not in (*NARROW, "iteration"):
+                    raise bad(f"holds an unknown entry '{key}'")
+        for key in ("meta/elapsed_s",):
+            if key in flat and (flat[key].dim() != 0 or not flat[key].is_floating_point() or not 0 <= float(flat[key]) < 1e12):
+                raise bad(f"holds '{key}' that is not a number of seconds")
+
     def save(self) -> None:
         if not self.persist:
             return
         flat: dict[str, Tensor] = {
             "meta/group_size": torch.tensor(self.group_size or 0),
             "meta/running": torch.tensor(-1 if self.running is None else self.running),
+            "meta/elapsed_s": torch.tensor(self.elapsed(), dtype=torch.float64),
         }
+        if self.expect is not None:
+            flat["meta/fingerprint"] = torch.tensor(list(bytes.fromhex(self.expect.fingerprint)), dtype=torch.uint8)
         for c, r in self.done.items():
             p = f"done/{c}/"
             flat.update({p + "x": r.x, p + "best_loss": r.best_loss, p + "best_iteration": r.best_iteration,
@@ -105,7 +275,8 @@ def join_rows(saved: list[dict[str, Tensor]], layout: Layout, initial: dict[str,
     """An `AttackState.as_dict()` for a module of `layout` from consecutive saved row blocks (`state_rows`).
 
     A trainable a block did not save starts from `initial` (the module's initial parameters) with zero
-    Adam moments: it belongs to another attack of the pack and never touches that block's rows.
+    Adam moments: it belongs to another attack of the pack and never touches that block's rows. A saved
+    trainable whose shape or dtype is not the module's is a UserError naming the block's checkpoint.
     """
     sizes = [int(s["lr"].shape[0]) for s in saved]
     out: dict[str, Tensor] = {"iteration": torch.stack([s["iteration"] for s in saved]).max()}
@@ -118,7 +289,13 @@ def join_rows(saved: list[dict[str, Tensor]], layout: Layout, initial: dict[str,
             for s, k in zip(saved, sizes):
                 base = initial[name][start : start + k].cpu()
                 fresh = base if wide in ("flat", "best") else torch.zeros_like(base)
-                blocks.append(s.get(f"{wide}/{name}", fresh))
+                mine = s.get(f"{wide}/{name}", fresh)
+                if mine.shape != base.shape or mine.dtype != base.dtype:
+                    where = getattr(s, "source", None)
+                    raise UserError(f"checkpoint '{where}' does not fit this run: '{wide}/{name}' is {mine.dtype} of shape "
+                                    f"{tuple(mine.shape)}, the attack has {base.dtype} of shape {tuple(base.shape)}; it is "
+                                    f"kept: delete it to restart this run from iteration 0: rm '{where}'")
+                blocks.append(mine)
                 start += k
             named[name] = torch.cat(blocks)
         out[wide] = layout.pack(named)

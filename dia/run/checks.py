@@ -3,25 +3,25 @@
 `dia.config.validate` checks what the config alone decides (ranges, types, names, devices). This module
 takes the cheap look at the data and the environment that the rest needs: the data folder exists, the
 victim indices are in range, their labels are within `data.num_classes`, the victims split into client
-batches, and `logger.wandb.mode=online` has a W&B login. `dia.grid --validate` calls it for every cell
-(with a `memo`, so each data config is looked at once) and a run calls it before it starts.
-A problem raises one `UserError` line.
+batches, `data.mean`/`data.std` are usable numbers, the W&B settings are ones W&B accepts (`check_wandb`:
+checked here, not after the attack) and `logger.wandb.mode=online` has a W&B login. `dia.grid --validate`
+calls it for every cell (with a `memo`, so each data config is looked at once) and a run calls it before it
+starts. A problem raises one `UserError` line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from dia.data import folder_samples, require_folder, require_root, select_indices
+from dia.data import folder_samples, read_embedded, require_folder, require_root, select_indices
 from dia.errors import UserError
 from dia.registry import Registry
 
@@ -31,13 +31,13 @@ CATALOGS: Registry[Catalog] = Registry("data.source")
 
 @CATALOGS.register("embedded")
 def embedded_labels(data: Any) -> list[int]:
-    """The labels of an embedded victim set (one small array read from dia/assets)."""
-    try:
-        with resources.as_file(resources.files("dia.assets").joinpath(data.embedded)) as p, np.load(p, allow_pickle=False) as npz:
-            return [int(v) for v in npz["labels"]]
-    except (FileNotFoundError, KeyError, ValueError):
-        shipped = sorted(p.name for p in resources.files("dia.assets").iterdir() if p.name.endswith(".npz"))
-        raise UserError(f"data.embedded: no embedded set '{data.embedded}'; shipped: {', '.join(shipped)}") from None
+    """The labels of an embedded victim set (read and checked from dia/assets: the sets are small)."""
+    images, labels = read_embedded(data.embedded)
+    want = (data.image_size, data.image_size, data.channels)
+    if tuple(images.shape[1:]) != want:
+        raise UserError(f"data.embedded: '{data.embedded}' holds images of shape {tuple(images.shape[1:])} (H, W, C) but data={data.name} "
+                        f"declares {want} (data.image_size, data.channels)")
+    return [int(v) for v in labels]
 
 
 @CATALOGS.register("imagefolder")
@@ -62,13 +62,62 @@ def wandb_login() -> bool:
         return False
 
 
+WANDB_PROJECT_CHARS = "/\\#?%:"  # wandb.Settings.validate_project refuses these
+MAX_WANDB_NAME = 128
+MAX_WANDB_TAG = 64
+
+
+def check_wandb(wb: Any) -> None:
+    """`logger.wandb.*` as W&B will take them (project, entity, group, tags), so a bad setting is refused now,
+    not by wandb.init after the attack: one UserError line naming the key."""
+    def text(key: str, value: Any, *, limit: int, chars: str = "", optional: bool = True) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or not value:
+            raise UserError(f"logger.wandb.{key}={value!r}: must be a non-empty string")
+        if len(value) > limit:
+            raise UserError(f"logger.wandb.{key}: {len(value)} characters; W&B takes at most {limit}")
+        bad = sorted({c for c in value if c in chars or ord(c) < 32 or ord(c) == 127})
+        if bad:
+            raise UserError(f"logger.wandb.{key}={value!r}: W&B does not allow {', '.join(map(repr, bad))} in it"
+                            + (f" (nor any of {' '.join(chars)})" if chars else ""))
+
+    text("project", wb.project, limit=MAX_WANDB_NAME, chars=WANDB_PROJECT_CHARS, optional=False)
+    text("entity", wb.entity, limit=MAX_WANDB_NAME, chars=WANDB_PROJECT_CHARS)
+    text("group", wb.group, limit=MAX_WANDB_NAME)
+    tags = list(wb.tags or [])
+    for i, tag in enumerate(tags):
+        if not isinstance(tag, str):
+            raise UserError(f"logger.wandb.tags: tag {i} is {OmegaConf.to_container(tag) if OmegaConf.is_config(tag) else tag!r}, "
+                            "not a string; give a flat list such as logger.wandb.tags=[a,b]")
+        if not 1 <= len(tag) <= MAX_WANDB_TAG:
+            raise UserError(f"logger.wandb.tags: tag {i} has {len(tag)} characters; W&B takes 1 to {MAX_WANDB_TAG}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in tag):
+            raise UserError(f"logger.wandb.tags: tag {i} ({tag!r}) holds control characters")
+
+
+NORMAL = (1e-6, 1e6)  # data.std beyond this (or a non-finite mean/std) makes the normalized images overflow float32
+
+
+def check_normalization(data: Any) -> None:
+    """data.mean finite, data.std finite and within NORMAL (a subnormal std divides the images into inf)."""
+    for i, m in enumerate(data.mean):
+        if not (isinstance(m, (int, float)) and math.isfinite(m) and abs(m) <= NORMAL[1]):
+            raise UserError(f"data.mean[{i}]={m!r}: must be a finite number within ±{NORMAL[1]:g}")
+    for i, v in enumerate(data.std):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and NORMAL[0] <= v <= NORMAL[1]):
+            raise UserError(f"data.std[{i}]={v!r}: must be a finite number in [{NORMAL[0]:g}, {NORMAL[1]:g}]")
+
+
 def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
     """Raise a one-line UserError if `cfg` (validated by dia.config) cannot run here; nothing is loaded but labels.
 
     `memo` caches each data config's labels across calls (dia.grid checks many cells of a few data configs).
     """
     memo = {} if memo is None else memo
+    check_wandb(cfg.logger.wandb)
     data = cfg.data
+    check_normalization(data)
     n_victims = None
     if data.source in CATALOGS:
         key = json.dumps(OmegaConf.to_container(data, resolve=True), sort_keys=True)

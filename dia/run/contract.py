@@ -134,9 +134,14 @@ class Group:
             self.fail(list({item.cell: None for item in todo}), exc)
             return todo
         if rest is None:
+            todo = [item for item in todo if item.cell not in self.outcomes]
+            if not todo:  # the signal came while the last runs were being written: they are finished
+                return []
             names = sorted({item.cell.name for item in todo})
-            raise STOP.exception(f"stopped on a signal; progress of the run(s) in this program saved in their checkpoints "
-                                 f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+            saved = all(item.cell.checkpoint is not None and item.cell.checkpoint.persist for item in todo)
+            raise STOP.exception("stopped on a signal; progress of the run(s) in this program " + (
+                "saved in their checkpoints" if saved else "not saved (run.checkpoint_every=-1): a rerun starts them from iteration 0")
+                + f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
         return rest
 
     def enter(self, item: packs.Item) -> bool:

@@ -4,7 +4,9 @@
     <root>/.<name>.partial/   partial: config.yaml, checkpoint.pt, curves.jsonl, wandb-id (resumable)
     <root>/.<name>.lock       held (flock) by the one process working on the run; removed when it is done
 
-State is `done` (the final folder exists), `partial` (only the hidden folder) or `pending` (neither).
+State is `done` (the final folder holds metrics.json), `partial` (the hidden folder) or `pending`. A final
+folder without metrics.json (made by hand, or left by something else) is not a finished run: it is never
+skipped as done, and a run of that name is refused until it is moved away (it is not ours to replace).
 A run folder is never deleted by a failure: only `finish()` (rename to the final place) and an explicit
 `--force` of dia.grid remove anything. The lock is an OS file lock: it dies with its process (kill -9
 included), so a stale lock never blocks a rerun.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -21,29 +24,44 @@ import yaml
 
 from dia.config import check_name
 from dia.errors import UserError
+from dia.run.files import write_text
 
 DONE, PARTIAL, PENDING = "done", "partial", "pending"
 
 
+NOT_IDENTITY = ("logger", "run.output_dir", "run.progress")  # where a run lies, how it is shown and logged
+
+
+def identity(config_text: str) -> object:
+    """What makes a run this run: its saved config without `NOT_IDENTITY` (W&B settings, the folder it lies
+    in, the progress bar), so changing a W&B project or moving a results folder resumes the same run."""
+    data = yaml.safe_load(config_text)
+    if isinstance(data, dict):
+        for dotted in NOT_IDENTITY:
+            head, _, tail = dotted.partition(".")
+            if not tail:
+                data.pop(head, None)
+            elif isinstance(data.get(head), dict):
+                data[head].pop(tail, None)
+    return data
+
+
+def fingerprint(config_text: str) -> str:
+    """A hash of `identity` (sha256 hex): unnamed runs' names and checkpoints carry it."""
+    return hashlib.sha256(json.dumps(identity(config_text), sort_keys=True, default=str).encode()).hexdigest()
+
+
 def default_name(attack: str, model: str, data: str, dropout: float, config_text: str) -> str:
-    """The name of an unnamed run: readable coordinates plus a hash of its config, so rerunning the same
-    command finds (and resumes) its unfinished folder."""
-    digest = hashlib.sha256(config_text.encode()).hexdigest()[:8]
-    return f"{attack}-{model}-{data}-p{dropout:g}-{digest}"
+    """The name of an unnamed run: readable coordinates plus a hash of its identity, so rerunning the same
+    command (with any W&B settings) finds and resumes its unfinished folder."""
+    return f"{attack}-{model}-{data}-p{dropout:g}-{fingerprint(config_text)[:8]}"
 
 
 def same_config(a: str, b: str) -> bool:
-    """Two saved configs describe the same run: equal but for where the run folder lies (run.output_dir),
-    so a moved or copied results folder still resumes."""
-    def core(text: str) -> object:
-        data = yaml.safe_load(text)
-        if isinstance(data, dict) and isinstance(data.get("run"), dict):
-            data["run"].pop("output_dir", None)
-        return data
-
+    """Two saved configs describe the same run: equal but for `NOT_IDENTITY`."""
     try:
-        return a == b or core(a) == core(b)
-    except yaml.YAMLError:
+        return a == b or identity(a) == identity(b)
+    except (yaml.YAMLError, RecursionError):
         return False
 
 
@@ -61,9 +79,16 @@ class RunFolder:
 
     @property
     def state(self) -> str:
-        if self.final.exists():
+        if (self.final / "metrics.json").is_file():
             return DONE
         return PARTIAL if self.partial.is_dir() else PENDING
+
+    def check_free(self) -> None:
+        """A UserError when something not a finished run sits at the final name (the final rename would fail)."""
+        if (self.final.exists() or self.final.is_symlink()) and self.state != DONE:
+            what = "a folder without metrics.json" if self.final.is_dir() else "a file"
+            raise UserError(f"run.name={self.name}: '{self.final}' is {what}, not a finished run; move it away "
+                            "(nothing of it was touched) or choose another run.name")
 
     def __truediv__(self, name: str) -> Path:
         return self.partial / name
@@ -103,9 +128,16 @@ class RunFolder:
         Call with the lock held. A partial folder of another config is refused (never replaced: it may
         hold someone's checkpoint).
         """
+        self.check_free()
         saved = self.partial / "config.yaml"
         if self.partial.is_dir():
-            if saved.is_file() and same_config(saved.read_text(), config_text):
+            try:
+                text = saved.read_text() if saved.is_file() else None
+            except (OSError, ValueError):
+                text = None
+            if text is not None and same_config(text, config_text):
+                if text != config_text:  # other W&B settings or folder: the saved config says what this process does
+                    write_text(saved, config_text)
                 return True
             raise UserError(f"run.name={self.name}: '{self.partial}' holds an unfinished run of another config; "
                             f"resume it with `python -m dia.train --config {saved}`, delete it, or choose another run.name")

@@ -24,7 +24,8 @@ def reconstruction_grid(
     cols = min(n, per_row)
     pairs = -(-n // cols)
     per = 1 if originals is None else 2
-    fig, axes = plt.subplots(per * pairs, cols, figsize=(1.6 * cols, 1.7 * per * pairs + 0.4), squeeze=False)
+    width = max(1.6 * cols, 0.075 * len(title) + 0.6)  # one victim: as wide as the title (9 pt: ~0.075 in a character)
+    fig, axes = plt.subplots(per * pairs, cols, figsize=(width, 1.7 * per * pairs + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):

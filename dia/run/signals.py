@@ -1,12 +1,16 @@
-"""How a run stops early, and what it leaves behind.
+"""How a process stops early, and what it leaves behind (stdlib only: installed before anything slow).
 
 * SIGTERM and SIGUSR1 (`scancel`, a node drain, preemption, Slurm's warning before the time limit): the
   attack saves its checkpoint at the end of the current step and the process exits with
   `ExitCode.PREEMPTED` (75); a scheduler may requeue it and the rerun resumes.
-* SIGINT (Ctrl-C): the same, but exit `ExitCode.INTERRUPTED` (130). A second Ctrl-C stops at once; the
-  last periodic checkpoint is kept.
+* SIGINT (Ctrl-C): the same, but exit `ExitCode.INTERRUPTED` (130). A second Ctrl-C stops at once (the
+  last periodic checkpoint is kept), still with exit 130.
 
+Commands call `install()` first thing, before importing torch or composing a config, so a signal that
+arrives during start-up or grid validation is a clean stop (75/130), never a kill by the default action
+(143/138, which Slurm does not requeue). Code that runs before the attack polls `STOP` (`stop_point`).
 Nothing is ever deleted on the way out: a stopped run keeps its `.partial` folder and checkpoint.
+(`dia.run.signals` re-exports this module: the run contract's view of it.)
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class StopRequest:
         self.event = threading.Event()
         self.kind: type[Stopped] = Preempted
         self.signal: int | None = None
+        self.aborted = False  # a second Ctrl-C: stopped at once (KeyboardInterrupt), not at a step boundary
 
     def set(self, kind: type[Stopped], signum: int | None = None) -> None:
         self.kind, self.signal = kind, signum
@@ -49,7 +54,7 @@ class StopRequest:
 
     def clear(self) -> None:
         self.event.clear()
-        self.kind, self.signal = Preempted, None
+        self.kind, self.signal, self.aborted = Preempted, None, False
 
     def exception(self, message: str) -> Stopped:
         return self.kind(message)
@@ -63,7 +68,8 @@ def _on_preempt(signum: int, _frame: Any) -> None:
 
 
 def _on_interrupt(signum: int, _frame: Any) -> None:
-    if STOP.is_set():  # the second Ctrl-C: stop now
+    if STOP.is_set():  # the second Ctrl-C (or one after SIGTERM): stop now
+        STOP.aborted = True
         raise KeyboardInterrupt
     STOP.set(Interrupted, signum)
 
@@ -74,3 +80,9 @@ def install() -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_preempt)
     signal.signal(signal.SIGINT, _on_interrupt)
+
+
+def stop_point(what: str) -> None:
+    """Raise the pending stop (if a signal came) before `what` starts: nothing of it has been done yet."""
+    if STOP.is_set():
+        raise STOP.exception(f"stopped on a signal before {what}; nothing of it was started")

@@ -120,18 +120,43 @@ class Stage:
     strength: str | None = None
     axis: str = ""
     stronger_when_smaller: bool = False
+    private: bool = False  # a differential-privacy release: runs report its (epsilon, delta) (`privacy`)
+
+
+def _default(name: str, key: str) -> Any:
+    """A default of configs/defense/<name>.yaml (labels leave defaults out)."""
+    from dia.config import group_settings
+
+    return group_settings("defense", name)[key]
 
 
 DEFENSES: Registry[Stage] = Registry("defense")
 DEFENSES.register("none")(Stage(identity, label=lambda d: "none"))
 DEFENSES.register("dpsgd")(Stage(
-    dpsgd, per_example=True, strength="noise_multiplier", axis="noise multiplier σ",
-    label=lambda d: f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}" + ("" if d.get("delta", 1e-5) == 1e-5 else f" δ={d['delta']:g}")))
+    dpsgd, per_example=True, private=True, strength="noise_multiplier", axis="noise multiplier σ",
+    label=lambda d: f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}"
+    + ("" if d.get("delta") in (None, _default("dpsgd", "delta")) else f" δ={d['delta']:g}")))
 DEFENSES.register("prune")(Stage(prune, strength="ratio", axis="prune ratio", label=lambda d: f"prune {d['ratio']:g}"))
 DEFENSES.register("quantize")(Stage(
     quantize, strength="bits", axis="bits", stronger_when_smaller=True,
     label=lambda d: f"quantize {d['bits']}b" + (" stochastic" if d.get("rounding") == "stochastic" else "")))
 DEFENSES.register("sign")(Stage(sign, label=lambda d: "sign"))
+
+
+def compositions() -> list[list[str]]:
+    """Every defense and every composition `check_composition` allows (each order of distinct stages)."""
+    from itertools import permutations
+
+    names = [n for n in DEFENSES.names() if n != "none"]
+    out = [["none"]]
+    for k in range(1, len(names) + 1):
+        for combo in permutations(names, k):
+            try:
+                check_composition(list(combo))
+            except UserError:
+                continue
+            out.append(list(combo))
+    return out
 
 
 def check_composition(parts: list[str]) -> None:

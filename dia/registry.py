@@ -22,12 +22,17 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            if name in self._entries and self._entries[name] is not obj:
-                raise ValueError(f"{self.group} '{name}' registered twice")
-            self._entries[name] = obj
+            old = self._entries.get(name)
+            if old is not None and old is not obj and _where(old) != _where(obj):
+                raise ValueError(f"{self.group} '{name}' registered twice ({_where(old)} and {_where(obj)})")
+            self._entries[name] = obj  # the same definition run again (a notebook cell) replaces the old one
             return obj
 
         return deco
+
+    def unregister(self, name: str) -> None:
+        """Forget `name` (a choice defined for one experiment or one test)."""
+        self._entries.pop(name, None)
 
     def names(self) -> list[str]:
         """The registered names, sorted (as error messages list the choices)."""
@@ -46,3 +51,7 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return list(self._entries.items())
+
+
+def _where(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"

@@ -298,7 +298,7 @@ def test_a_failed_final_rename_keeps_the_checkpoint_and_the_rerun_does_not_start
                                                                                       restore_signals):
     """The checkpoint was deleted before the final rename: when the rename failed (something appeared at the
     final name), the message said the checkpoint was kept, and a rerun started from 0."""
-    import dia.run as run
+    import dia.run.contract as run
 
     ckpt = _stopped_short(tmp_path, monkeypatch)
     original = run.write
@@ -330,7 +330,7 @@ def _signal_while_writing(monkeypatch, *signals: int) -> None:
     """Deliver real `signals` to this process while a run's results are being written (dia.run.cell.write)."""
     import os
 
-    import dia.run as run
+    import dia.run.contract as run
 
     original = run.write
 

@@ -196,8 +196,30 @@ def test_defense_label_keeps_every_setting(overrides, label, epsilon):
     assert d.epsilon == (D.privacy(compose(overrides).defense)["epsilon"] if epsilon == "accountant" else epsilon)
 
 
-def test_default_delta_is_the_dpsgd_default():
-    assert R.DELTA == D.DPSGDConfig.delta
+def test_default_delta_is_left_out_of_the_label():
+    default = compose(["defense=dpsgd"]).defense.delta
+    assert "δ" not in R.describe_defense({"name": "dpsgd", "noise_multiplier": 1.0, "clip": 1.0, "delta": default}).label
+    assert "δ=0.001" in R.describe_defense({"name": "dpsgd", "noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-3}).label
+
+
+@pytest.mark.parametrize("parts", D.compositions(), ids="+".join)
+def test_every_composition_has_a_label_and_a_figure(parts, tmp_path):
+    """The report reads its model of defenses from the registry: any allowed composition gets a row and a figure."""
+    overrides = [f"defense=[{','.join(parts)}]"] if len(parts) > 1 else [f"defense={parts[0]}"]
+    weak, strong = recorded(*overrides), recorded(*overrides)
+    d = R.describe_defense(weak)
+    assert d.label and all(p in d.label for p in parts if p != "none")
+    stage = next((D.DEFENSES.get(p) for p in reversed(parts) if D.DEFENSES.get(p).strength), None)
+    if stage is not None:
+        strong[stage.strength] = weak[stage.strength] / 2 if stage.stronger_when_smaller else weak[stage.strength] * 1.05
+        assert R.describe_defense(strong).kind == d.kind and R.describe_defense(strong).axis == stage.axis
+    if parts == ["none"]:
+        return
+    runs = [{"data": "mnist", "model": "mlp", "dropout": 0.5, "attack": a, "defense": dd,
+             "victims": [{"ssim": 0.5, "psnr": 10.0, "lpips": None}]} for a in ("ig", "dia") for dd in (weak, strong)]
+    groups = {i: R.Group("mnist", "mlp", 0.5, r["attack"], R.describe_defense(r["defense"]), runs=[r]) for i, r in enumerate(runs)}
+    paths = R.defense_figures(groups, tmp_path)
+    assert paths and all(p.stat().st_size > 0 for p in paths)
 
 
 def test_ssim_curves_end_at_the_runs_ssim_and_are_drawn(tmp_path):

@@ -279,7 +279,7 @@ CHECKS: list[Check] = [
     ("run.seed", _count(0, MAX_SEED), f"must be an integer in 0..{MAX_SEED}"),
     ("run.checkpoint_every", _count(-1), f"must be an integer in -1..{BIG}"),
     ("run.device", lambda v: DEVICE.fullmatch(str(v)) is not None, "must be auto, cpu, mps, cuda or cuda:N"),
-    ("metrics.lpips", lambda v: v in ("auto", "off"), "must be auto or off"),
+    ("metrics.lpips", lambda v: v in ("auto", "off", "false"), "must be auto or off"),  # YAML reads off as false
     ("logger.wandb.mode", lambda v: v in WANDB_MODES, f"must be one of: {', '.join(WANDB_MODES)}"),
 ]
 MAX_NAME = 128

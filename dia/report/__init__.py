@@ -42,15 +42,18 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from dia.errors import ExitCode, UserError
 
-METRICS = [("ssim", "SSIM", "↑"), ("psnr", "PSNR", "↑"), ("lpips", "LPIPS", "↓"), ("mse", "MSE", "↓"), ("mask_bal_acc", "mask bal. acc.", "↑"),
-           ("mask_bal_acc_init", "bal. acc. (init)", "↑"), ("mask_recall", "drop recall", "↑"),
-           ("mask_recall_init", "drop recall (init)", "↑"), ("mask_precision", "drop precision", "↑"),
-           ("mask_precision_init", "drop precision (init)", "↑")]
 ORDER = {"data": ["mnist", "cifar10", "imagenet"], "model": ["mlp", "cnn", "vit", "vit_b16"], "attack": ["ig", "wiig", "dia"]}
+
+
+def _metrics() -> list[tuple[str, str, str]]:
+    """(key, label, arrow) of the table's metric columns: dia.metrics.METRICS, the one metric table."""
+    from dia.metrics import METRICS as TABLE
+
+    return [(m.key, m.label, m.arrow) for m in TABLE if m.column]
 
 
 def _rank(kind: str, value: Any) -> tuple:
@@ -58,46 +61,46 @@ def _rank(kind: str, value: Any) -> tuple:
     return (known.index(value) if value in known else len(known), str(value))
 
 
-STRENGTH = {"dpsgd": ("noise_multiplier", "noise multiplier σ"), "prune": ("ratio", "prune ratio"), "quantize": ("bits", "bits")}
-DELTA = 1e-5  # dia.defenses.DPSGDConfig.delta: a DP-SGD label names its δ only when it is another
-STAGE_LABEL: dict[str, Callable[[dict[str, Any]], str]] = {  # one stage of a defense dict, as a table label
-    "dpsgd": lambda d: f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}" + ("" if d.get("delta", DELTA) == DELTA else f" δ={d['delta']:g}"),
-    "prune": lambda d: f"prune {d['ratio']:g}",
-    "quantize": lambda d: f"quantize {d['bits']}b" + (" stochastic" if d.get("rounding") == "stochastic" else ""),
-}
-
-
 class Defense(NamedTuple):
-    """A run's defense as the report shows it: in the defense figure (kind, strength, tick) and the table (label, epsilon)."""
+    """A run's defense as the report shows it: in the defense figure (kind, strength, tick, axis) and the table
+    (label, epsilon). Everything about a defense comes from its entry in the defense registry (dia.defenses)."""
 
-    kind: str  # the figure's panel: 'dpsgd', 'quantize/stochastic', 'prune+dpsgd', ... ('none': undefended)
-    strength: float  # the figure's x: noise multiplier, prune ratio or bits of the last stage that has one (sign: 1 bit)
+    kind: str  # the figure's panel: the stages and every setting but the strength ('none': undefended)
+    strength: float  # the figure's x: the strength key of the last stage that has one (0 for one point)
     tick: str  # the figure's tick: the strength, with the epsilon where there is one
     label: str  # the table's row: every stage with its keys, '+'-joined, ' (md)' for attack.model_defense
-    epsilon: float | None  # of the DP-SGD release (inf: no noise); None without DP-SGD
+    epsilon: float | None  # of a private release (inf: no noise); None without one
+    axis: str = ""  # the figure's x label
+    reverse: bool = False  # stronger to the right means smaller values (bits)
+
+
+NOT_SETTINGS = ("name", "model_defense", "epsilon")
 
 
 def describe_defense(d: dict[str, Any] | None) -> Defense:
     """The `defense` dict of a metrics.json (dia.defenses.summary) as the figure and the table show it.
 
-    No dict (results from before defenses) is `none`. Sign-only is quantization to 1 bit. The label keeps
-    every key that changes what the client sends, so runs share a table row only when they share a defense.
+    No dict (results from before defenses) is `none`. The label keeps every key that changes what the client
+    sends, so runs share a table row only when they share a defense; a stage the registry does not know
+    (results of another version) is shown by its name.
     """
+    from dia.defenses import DEFENSES, Stage, identity
+
     d = d or {"name": "none"}
     name = str(d["name"])
-    stages = name.split("+")
-    label = "+".join(STAGE_LABEL.get(s, lambda _, s=s: s)(d) for s in stages) + (" (md)" if d.get("model_defense") else "")
+    stages = [(s, DEFENSES.get(s) if s in DEFENSES else Stage(identity, label=lambda _, s=s: s)) for s in name.split("+")]
+    label = "+".join(stage.label(d) for _, stage in stages) + (" (md)" if d.get("model_defense") else "")
     epsilon = d.get("epsilon")
-    epsilon = math.inf if epsilon is None and "dpsgd" in stages else epsilon
-    if name == "sign":
-        return Defense("quantize", 1.0, "sign", label, epsilon)
-    key = next((STRENGTH[s][0] for s in reversed(stages) if s in STRENGTH), None)
-    value = 0.0 if key is None else float(d[key])
-    tick = (f"{value:g}" + (f"\nε={d['epsilon']:.3g}" if d.get("epsilon") is not None else "")) if key else name
-    return Defense(name + ("/stochastic" if d.get("rounding") == "stochastic" else ""), value, tick, label, epsilon)
+    epsilon = math.inf if epsilon is None and any(stage.private for _, stage in stages) else epsilon
+    strong = next((stage for _, stage in reversed(stages) if stage.strength and stage.strength in d), None)
+    value = 0.0 if strong is None else float(d[strong.strength])
+    tick = (f"{value:g}" + (f"\nε={d['epsilon']:.3g}" if d.get("epsilon") is not None else "")) if strong else label
+    others = sorted(k for k in d if k not in NOT_SETTINGS and (strong is None or k != strong.strength))
+    kind = name + "".join(f", {k}={d[k]}" for k in others)
+    return Defense(kind, value, tick, label, epsilon, strong.axis if strong else "", bool(strong and strong.stronger_when_smaller))
 
 
-NONE = describe_defense(None)
+NONE = Defense("none", 0.0, "none", "none", None)
 
 
 @dataclass
@@ -428,12 +431,12 @@ def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[s
     defended = any(g.defense.label != "none" for g in ordered)  # every missing cell has its group
     vary = differing(groups)  # grid, budget, victim set: shown where they differ (always in the CSV)
     shown = (["defense", "ε"] if defended else []) + [{"grid": "grid", "budget": "budget", "victims": "victim set"}[k] for k in vary]
-    head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in METRICS]
+    head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in _metrics()]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["data", "model", "dropout", "attack", "defense", "epsilon", "grid", "budget", "victim_set", "cells_finished",
-                "cells_expected", "victims", "diverged"] + [f"{m}_{s}" for m, _, _ in METRICS for s in ("mean", "std", "n")])
+                "cells_expected", "victims", "diverged"] + [f"{m}_{s}" for m, _, _ in _metrics() for s in ("mean", "std", "n")])
     for g in ordered:
         expected = g.expected or len(g.runs)
         n_victims = sum(len(r["victims"]) for r in g.runs)
@@ -441,11 +444,11 @@ def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[s
         defense = [g.defense.label, _epsilon(g.defense.epsilon)] if defended else []
         variant = [{"grid": g.grid or "—", "budget": "?" if g.budget is None else str(g.budget), "victims": g.victims_set}[k] for k in vary]
         md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, *defense, *variant, f"{len(g.runs)}/{expected}",
-                                     str(n_victims), str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in METRICS]) + " |")
+                                     str(n_victims), str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in _metrics()]) + " |")
         eps = g.defense.epsilon
         row: list[Any] = [g.data, g.model, g.dropout, g.attack, g.defense.label, "" if eps is None else f"{eps:.6g}", g.grid,
                           "" if g.budget is None else g.budget, g.victims_set, len(g.runs), expected, n_victims, diverged]
-        for m, _, _ in METRICS:
+        for m, _, _ in _metrics():
             s = g.stats(m)
             row += ["", "", 0] if s is None else [f"{s[0]:.6g}", f"{s[1]:.6g}", s[2]]
         w.writerow(row)
@@ -485,7 +488,7 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     if not panels:
         return written
     out.mkdir(parents=True, exist_ok=True)
-    for metric, name, arrow in METRICS:
+    for metric, name, arrow in _metrics():
         if not any(g.stats(metric) for g in groups.values()):
             continue
         cols = min(4, len(panels))
@@ -606,14 +609,15 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
 
     written = []
     out.mkdir(parents=True, exist_ok=True)
-    colors = {"ig": "tab:blue", "wiig": "tab:green", "dia": "tab:red"}
     for data, model in sorted({(r["data"], r["model"]) for r in runs}):
         mine = [r for r in runs if (r["data"], r["model"]) == (data, model)]
         defended = [r for r in mine if r["defense"]["name"] != "none"]
         kinds = sorted({describe_defense(r["defense"]).kind for r in defended}, key=lambda k: (k.count("+"), k))
         rates = sorted({float(r["dropout"]) for r in defended})
         attacks = sorted({r["attack"] for r in mine}, key=lambda a: _rank("attack", a))
-        for metric, name, arrow in METRICS[:3]:
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colors = {a: cycle[i % len(cycle)] for i, a in enumerate(dict.fromkeys(a.split(" ")[0] for a in attacks))}
+        for metric, name, arrow in _metrics()[:3]:
             if not any(v.get(metric) is not None for r in defended for v in r["victims"]):
                 continue
             fig, axes = plt.subplots(len(kinds), len(rates), figsize=(3.8 * len(rates), 2.9 * len(kinds)), squeeze=False)
@@ -621,7 +625,7 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
                 for col, rate in enumerate(rates):
                     ax = axes[row][col]
                     cell = [r for r in defended if float(r["dropout"]) == rate and describe_defense(r["defense"]).kind == kind]
-                    ticks = sorted({(pt.strength, pt.tick) for pt in (describe_defense(r["defense"]) for r in cell)}, reverse=kind.startswith("quantize"))
+                    ticks = sorted({(pt.strength, pt.tick) for pt in (describe_defense(r["defense"]) for r in cell)}, reverse=describe_defense(cell[0]["defense"]).reverse if cell else False)
                     pos = {v: i for i, (v, _) in enumerate(ticks)}
                     for attack in attacks:
                         for md in (False, True):
@@ -642,7 +646,7 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
                             ax.axhline(sum(clear) / len(clear), color=colors.get(attack.split(" ")[0]), ls=":", lw=1)
                     ax.set_xticks(range(len(ticks)), [t for _, t in ticks], fontsize=6)
                     ax.set_title(f"{kind}, p={rate:g}", fontsize=9)
-                    ax.set_xlabel(STRENGTH[kind.split("/")[0].split("+")[-1]][1] + " (dotted: undefended)", fontsize=7)
+                    ax.set_xlabel((describe_defense(cell[0]["defense"]).axis if cell else "strength") + " (dotted: undefended)", fontsize=7)
                     ax.set_ylabel(f"{name} {arrow}", fontsize=8)
                     ax.tick_params(axis="y", labelsize=7)
                     ax.grid(alpha=0.3)

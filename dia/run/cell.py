@@ -222,7 +222,7 @@ class RunOutput:
 
 def lpips_for(cfg: DictConfig) -> Any:
     """The LPIPS function of `metrics.lpips` (auto: AlexNet, at most one download attempt per process)."""
-    return None if cfg.metrics.lpips == "off" else M.load_lpips("alex")
+    return None if cfg.metrics.lpips in ("off", "false") else M.load_lpips("alex")
 
 
 def write(cell: Cell, result: AttackResult) -> RunOutput:

@@ -33,7 +33,7 @@ class Simulation:
     clients' true masks for evaluation), in the normalized space of `mean`/`std`."""
 
     cfg: DictConfig
-    victims: Victims
+    victims: Victims | None  # None: a captured update (captured.file) without its images
     model: nn.Module
     problems: Problems
     mean: Tensor
@@ -59,6 +59,8 @@ def simulate(*overrides: str, config: DictConfig | None = None) -> Simulation:
     from dia.models import build_for
 
     cfg = config if config is not None else compose(list(overrides))
+    if cfg.captured.file is not None:
+        return captured(cfg)
     victims = load_victims(cfg.data, indices=None if cfg.victims is None else list(cfg.victims),
                            count=cfg.num_victims, seed=cfg.victim_seed)
     model = build_for(cfg)
@@ -72,6 +74,55 @@ def simulate(*overrides: str, config: DictConfig | None = None) -> Simulation:
         if cfg.batch_size != 1:
             raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
         problems = replace(problems, labels=infer_labels(problems.targets, cfg.data.num_classes).view(-1, 1))
+    return Simulation(cfg, victims, model, problems, mean, std)
+
+
+def captured(cfg: DictConfig) -> Simulation:
+    """The one problem of a captured update file (`captured.file`), for the config's model (its checkpoint) and
+    data (image shape, normalization, classes): what `python -m dia.train captured.file=FILE` attacks.
+
+    A `ClientUpdate` file (dia.capture_update) brings its labels, and, for evaluation only, the client's masks
+    and images; a bare gradient/delta/weights file (`captured.kind`, `captured.lr`) needs `attack.labels=infer`.
+    """
+    from dia.attacks import ATTACKS
+    from dia.models import build_for
+    from dia.updates import ClientUpdate, as_gradients, labels_of, peek, stack
+
+    path = Path(cfg.captured.file)
+    if cfg.defense.name != "none":
+        raise UserError(f"defense={cfg.defense.name}: defenses apply to simulated clients; captured.file is attacked as it "
+                        "was sent (leave defense=none; attack.model_defense still models one)")
+    model = build_for(cfg)
+    seed_everything(cfg.run.seed)
+    mean, std = normalizer(cfg.data)
+    shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
+    saved = ClientUpdate.load(path) if "labels" in peek(path) else None
+    where = f"captured.file '{path}'"
+    if saved is None and cfg.captured.kind != "gradient" and cfg.captured.lr is None:
+        raise UserError(f"captured.lr: captured.kind={cfg.captured.kind} needs the client's local learning rate (a number > 0)")
+    if saved is not None:
+        grads = as_gradients(model, saved.gradient, where=where)
+    else:
+        grads = as_gradients(model, str(path), kind=cfg.captured.kind, lr=cfg.captured.lr, where=where)
+    if cfg.attack.labels == "infer":
+        labels = infer_labels(stack(grads), cfg.data.num_classes).view(1, 1)
+    elif saved is None:
+        raise UserError(f"{where}: holds no labels; set attack.labels=infer (one image per client), or save the "
+                        "update with its labels (dia.capture_update(...).save)")
+    else:
+        labels = labels_of(saved.labels, 1, num_classes=cfg.data.num_classes)
+    masks = saved.masks if saved is not None else None
+    if ATTACKS.get(cfg.attack.name).needs_client_masks and not masks:
+        raise UserError(f"attack={cfg.attack.name}: needs the client's dropout masks; {where} has none "
+                        "(dia.capture_update records them)")
+    problems = client_problems(model, grads, labels, shape, masks=masks, seed=cfg.run.seed,
+                               lower=(0 - mean) / std, upper=(1 - mean) / std)
+    victims = None
+    if saved is not None and saved.images is not None:
+        images = saved.images.float()
+        if tuple(images.shape) != problems.input_shape:
+            raise UserError(f"{where}: its images are {tuple(images.shape)}; the model takes {problems.input_shape}")
+        victims = Victims((images * std + mean).clamp(0, 1), saved.labels.long().flatten(), list(range(images.shape[0])))
     return Simulation(cfg, victims, model, problems, mean, std)
 
 

@@ -48,7 +48,7 @@ class ClientUpdate:
 
     def save(self, path: str | Path) -> Path:
         """A `.pt` of tensors only (`gradient/<param>`, `labels`, `masks/<site>`, `images`, `lr`): readable with
-        `weights_only=True`, and by `dia.reconstruct` and `python -m dia.train update=FILE`."""
+        `weights_only=True`, and by `dia.reconstruct` and `python -m dia.train captured.file=FILE`."""
         from dia.run.files import save_tensors
 
         flat = {f"gradient/{n}": g for n, g in self.gradient.items()} | {"labels": self.labels}
@@ -88,7 +88,8 @@ def clients_of(sent: Any) -> list[Any]:
                     "in model.parameters() order, a .pt/.npz file, a ClientUpdate, or a list of those (several clients)")
 
 
-def as_gradients(model: nn.Module, sent: Any, *, kind: str = "gradient", lr: float | None = None) -> list[Grads]:
+def as_gradients(model: nn.Module, sent: Any, *, kind: str = "gradient", lr: float | None = None,
+                 where: str = "update") -> list[Grads]:
     """Each client's update in `sent` as the gradient of its mean loss, {param name: tensor} in the model's
     parameter order, checked: every parameter present with its shape, floating point, finite.
 
@@ -103,8 +104,8 @@ def as_gradients(model: nn.Module, sent: Any, *, kind: str = "gradient", lr: flo
     params = {n: p.detach() for n, p in model.named_parameters()}
     out = []
     for k, raw in enumerate(clients_of(sent)):
-        where = f"update {k}" if isinstance(sent, (list, tuple)) and not all(isinstance(x, (np.ndarray, Tensor)) for x in sent) else "update"
-        values = _named(model, _unwrap(raw), where)
+        several = isinstance(sent, (list, tuple)) and not all(isinstance(x, (np.ndarray, Tensor)) for x in sent)
+        values = _named(model, _unwrap(raw), f"{where} {k}" if several else where)
         if kind == "gradient":
             grads = values
         elif kind == "delta":
@@ -124,6 +125,12 @@ def _unwrap(raw: Any) -> Any:
             return {k[len("gradient/"):]: v for k, v in flat.items() if str(k).startswith("gradient/")}
         return flat
     return raw
+
+
+def peek(path: str | Path) -> list[str]:
+    """The keys of an update file holding a dict (a saved ClientUpdate has 'labels'); [] for a list."""
+    flat = _load_file(Path(path))
+    return [str(k) for k in flat] if isinstance(flat, dict) else []
 
 
 def _load_file(path: Path) -> Any:

@@ -22,3 +22,19 @@ def setup_problems(args: list[str], victims: list[int]):
 @pytest.fixture
 def problems_factory():
     return setup_problems
+
+
+@pytest.fixture(autouse=True)
+def _signals_restored():
+    """In-process commands install their signal handlers (and Lightning may ignore SIGINT), and a test may leave a
+    stop request set: put pytest's handlers back and clear the request, so no test sees another's signal."""
+    import signal
+
+    from dia.run.signals import STOP
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    STOP.clear()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    STOP.clear()

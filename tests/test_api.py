@@ -3,6 +3,7 @@ in, several clients, labels, capture/check/evaluate, and bad input as one-line U
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -216,3 +217,61 @@ def test_import_dia_loads_no_heavy_library():
     assert out.strip() == "[]"
     code = "import sys; from dia.config import help_text; help_text([]); print([m for m in ('torch', 'lightning', 'wandb', 'timm') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+CLI = ["model=mlp", "model.width=64", "model.dropout=0.25", "attack.max_iterations=150", "attack.compile=false",
+       "logger.wandb.mode=disabled", "metrics.lpips=off", "run.progress=false", "metrics.curves_ssim=false"]
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    """A client's update captured with the API for a zoo model, the model's checkpoint, and a bare gradient file."""
+    root = tmp_path_factory.mktemp("captured")
+    sim = dia.simulate(*CLI, "victims=[1]")
+    torch.save(sim.model.state_dict(), root / "ckpt.pt")
+    update = dia.capture_update(sim.model, (sim.victims.images - sim.mean) / sim.std, sim.victims.labels, seed=3)
+    update.save(root / "client.pt")
+    np.savez(root / "bare.npz", *[g.numpy() for g in update.gradient.values()])  # Flower's list of arrays
+    return root, sim, update
+
+
+def test_the_command_line_attacks_a_captured_update_file(captured):
+    """`dia.train captured.file=...` with the zoo model's checkpoint: the same reconstruction as the API on the same
+    update, evaluated against the images the file carries; a bare file with inferred labels gives the same images."""
+    from dia.train import main
+
+    root, sim, update = captured
+    args = [*CLI, f"model.checkpoint={root / 'ckpt.pt'}", f"run.output_dir={root / 'runs'}"]
+    assert main([*args, f"captured.file={root / 'client.pt'}", "run.name=full"]) == 0
+    m = json.loads((root / "runs" / "full" / "metrics.json").read_text())
+    assert m["victims"][0]["ssim"] > 0.8 and m["victims"][0]["mask_bal_acc"] > 0.8 and m["label_accuracy"] == 1.0
+    api = dia.reconstruct(sim.model, update, labels=update.labels, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,),
+                          attack="dia", compile=False, max_iterations=150, seed=0)
+    saved = torch.load(root / "runs" / "full" / "reconstructions.pt", weights_only=True)
+    assert torch.allclose(saved["reconstructions"], api.images, atol=1e-5)  # one attack, two doors
+    assert main([*args, f"captured.file={root / 'bare.npz'}", "attack.labels=infer", "run.name=bare"]) == 0
+    bare = json.loads((root / "runs" / "bare" / "metrics.json").read_text())
+    assert bare["victims"][0]["ssim"] is None and bare["label_accuracy"] is None  # no images to compare with
+    assert bare["victims"][0]["attack_label"] == int(update.labels[0])
+    rec = torch.load(root / "runs" / "bare" / "reconstructions.pt", weights_only=True)["reconstructions"]
+    assert torch.allclose(rec, saved["reconstructions"], atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["captured.file=bare.npz"], "captured.file 'bare.npz': holds no labels; set attack.labels=infer"),
+    (["captured.file=bare.npz", "attack=wiig", "attack.labels=infer"], "attack=wiig: needs the client's dropout masks"),
+    (["captured.file=missing.pt"], "captured.file='missing.pt': no such file"),
+    (["captured.file=bare.npz", "captured.kind=delta", "attack.labels=infer"], "captured.lr: captured.kind=delta needs"),
+    (["captured.file=client.pt", "defense=prune"], "defense=prune: defenses apply to simulated clients"),
+    (["captured.file=client.pt", "model.width=32"], "an update from another model"),
+])
+def test_a_bad_captured_update_is_one_line_and_writes_nothing(captured, extra, message, monkeypatch, capsys):
+    from dia.train import main
+
+    root, _, _ = captured
+    monkeypatch.chdir(root)
+    args = [*CLI, "model.checkpoint=ckpt.pt" if "model.width=32" not in extra else "model.checkpoint=", "run.output_dir=bad"]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (root / "bad").exists() or not any(p for p in (root / "bad").iterdir() if p.name != ".compile-cache")

@@ -190,11 +190,8 @@ def test_a_terminated_grid_counts_its_cells_unfinished_and_resumes(tmp_path):
 
 @pytest.fixture
 def restore_signals():
-    """In-process dia.train installs its handlers (and Lightning may ignore SIGINT): put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    """(conftest's autouse `_signals_restored` does the work: handlers and the stop request are reset per test.)"""
     yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def _in_process(out: Path, *extra: str) -> int:

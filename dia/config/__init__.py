@@ -13,6 +13,7 @@ unless asked not to.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -281,6 +282,9 @@ CHECKS: list[Check] = [
     ("run.device", lambda v: DEVICE.fullmatch(str(v)) is not None, "must be auto, cpu, mps, cuda or cuda:N"),
     ("metrics.lpips", lambda v: v in ("auto", "off", "false"), "must be auto or off"),  # YAML reads off as false
     ("logger.wandb.mode", lambda v: v in WANDB_MODES, f"must be one of: {', '.join(WANDB_MODES)}"),
+    ("captured.kind", lambda v: v in ("gradient", "delta", "weights"), "must be gradient, delta or weights"),
+    ("captured.lr", lambda v: v is None or (math.isfinite(v) and v > 0), "must be a finite number > 0"),
+    ("captured.file", lambda v: v is None or Path(v).is_file(), "no such file"),
 ]
 MAX_NAME = 128
 

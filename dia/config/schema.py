@@ -110,6 +110,16 @@ class MetricsConfig:
 
 
 @dataclass
+class CapturedConfig:
+    """An update captured from a real client (`python -m dia.train captured.file=client.pt`): attacked instead of
+    simulated clients; model, checkpoint and data (shape, normalization, classes) come from the config."""
+
+    file: Optional[str] = None  # a ClientUpdate .pt (dia.capture_update), or a gradient/delta/weights .pt or .npz
+    kind: str = "gradient"  # gradient | delta (w_0 - w_1) | weights (w_1): see dia.updates.as_gradients
+    lr: Optional[float] = None  # the client's local learning rate (delta/weights; a ClientUpdate file carries it)
+
+
+@dataclass
 class Config:
     attack: Any = None
     model: Any = None
@@ -122,6 +132,7 @@ class Config:
     batch_size: int = 1  # victims per client batch: one shared gradient comes from B images
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    captured: CapturedConfig = field(default_factory=CapturedConfig)
 
 
 # Each group's base schema; a choice adds the keys of its YAML.

@@ -51,6 +51,8 @@ def resolve_device(name: str) -> torch.device:
 
 def num_problems(cfg: DictConfig) -> int:
     """How many problems (client gradients) a run attacks, from its config alone."""
+    if cfg.captured.file is not None:
+        return 1  # one captured update
     n = len(cfg.victims) if cfg.victims is not None else cfg.num_victims
     return n // cfg.batch_size
 
@@ -182,27 +184,33 @@ def release(cell: Cell) -> None:
 # ---- evaluation ------------------------------------------------------------------------------------
 
 def evaluate(
-    result: AttackResult, problems: Problems, originals: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, lpips_fn: Any
+    result: AttackResult, problems: Problems, originals: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor, *,
+    lpips_fn: Any,
 ) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Per-victim metrics and the matched normalized reconstructions (N, C, H, W), in victim order.
 
-    Victims of one problem share its loss, status and mask recovery.
+    Victims of one problem share its loss, status and mask recovery. Without `originals` (an attacked update
+    whose images nobody has) the image metrics are None and the reconstructions keep the attack's order.
     """
     b = problems.input_shape[0]
-    orig_n = (originals - mean) / std
-    # A shared gradient does not say which reconstruction is which image: match them within each batch.
     rec01 = (result.x * std + mean).clamp(0, 1)
-    perms = M.match_problems(rec01, originals)
-    rec_n = torch.cat([result.x[k][p] for k, p in enumerate(perms)])
-    rec, orig = (rec_n * std + mean).clamp(0, 1), originals
-    values = {"mse": M.mse(rec_n, orig_n), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}
-    values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
+    if originals is None:
+        perms = [torch.arange(b)] * result.x.shape[0]
+        rec_n = result.x.flatten(0, 1)
+        values: dict[str, Any] = dict.fromkeys(("mse", "psnr", "ssim", "lpips"))
+    else:
+        # A shared gradient does not say which reconstruction is which image: match them within each batch.
+        perms = M.match_problems(rec01, originals)
+        rec_n = torch.cat([result.x[k][p] for k, p in enumerate(perms)])
+        rec, orig = (rec_n * std + mean).clamp(0, 1), originals
+        values = {"mse": M.mse(rec_n, (originals - mean) / std), "psnr": M.psnr(rec, orig), "ssim": M.ssim(rec, orig)}
+        values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
     masks: dict[str, torch.Tensor] = {}
     if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
         ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
         masks = M.mask_measures(ordered, problems.true_masks, site_parts(ordered), problems.rates)
     rows = []
-    for i in range(rec.shape[0]):
+    for i in range(rec_n.shape[0]):
         k = i // b
         rows.append({
             "problem": k, "matched_reconstruction": int(perms[k][i % b]), "status": result.status[k], "iterations": int(result.iterations[k]),
@@ -229,30 +237,35 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     """Score `result`, write every result file into the partial folder, log the W&B run, then rename; the
     checkpoint goes only after the rename, so a failed rename (something appeared at the final name) keeps it."""
     cfg, victims, problems, mean, std = cell.cfg, cell.victims, cell.problems, cell.mean, cell.std
-    rows, matched = evaluate(result, problems, victims.images, mean, std, lpips_fn=lpips_for(cfg))
-    for row, index, label, used in zip(rows, victims.indices, victims.labels.tolist(), problems.labels.flatten().tolist()):
+    originals = None if victims is None else victims.images  # None: a captured update without its images
+    rows, matched = evaluate(result, problems, originals, mean, std, lpips_fn=lpips_for(cfg) if victims else None)
+    n = len(rows)
+    indices, labels = (victims.indices, victims.labels.tolist()) if victims is not None else (list(range(n)), [None] * n)
+    for row, index, label, used in zip(rows, indices, labels, problems.labels.flatten().tolist()):
         row.update(index=index, label=label, attack_label=used)
     status = "diverged" if any(r["status"] == "diverged" for r in rows) else "completed"
     summary = {
         "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
         "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
         "defense": defenses.summary(cfg.defense, cfg.attack.model_defense),
-        "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
+        "label_accuracy": None if victims is None else sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
         "iterations": max(r["iterations"] for r in rows), "max_iterations": cfg.attack.max_iterations,
         "wall_time_s": round(cell.checkpoint.elapsed() if cell.checkpoint is not None else time.time() - cell.started, 3),
         "device": str(cell.device), "victims": rows,
     }
     rec01 = (matched * std + mean).clamp(0, 1)
     if cfg.run.save_tensors:
-        tensors = {"reconstructions": rec01, "reconstructions_normalized": matched,
-                   "originals": victims.images, "labels": victims.labels, "indices": torch.tensor(victims.indices)}
+        tensors = {"reconstructions": rec01, "reconstructions_normalized": matched, "indices": torch.tensor(indices),
+                   "labels": problems.labels.flatten() if victims is None else victims.labels}
+        if originals is not None:
+            tensors["originals"] = originals
         tensors.update({f"masks/{k}": v for k, v in (result.masks or {}).items()})
         save_tensors(cell.folder / "reconstructions.pt", tensors)
-    titles = [f"#{r['index']}  SSIM {r['ssim']:.2f}" for r in rows]
-    reconstruction_grid(cell.folder / "reconstructions.png", victims.images, rec01, titles,
+    titles = [f"#{r['index']}" + ("" if r["ssim"] is None else f"  SSIM {r['ssim']:.2f}") for r in rows]
+    reconstruction_grid(cell.folder / "reconstructions.png", originals, rec01, titles,
                         title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}")
     wandb_dir = None if cell.wandb is None else cell.wandb.finish(
-        summary, figure=cell.folder / "reconstructions.png", originals=victims.images, reconstructions=rec01)
+        summary, figure=cell.folder / "reconstructions.png", originals=originals, reconstructions=rec01)
     write_json(cell.folder / "metrics.json", summary)
     final = cell.folder.finish()
     if cell.checkpoint is not None:  # the results are final; the attack state is not needed any more

@@ -118,6 +118,8 @@ def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
     check_wandb(cfg.logger.wandb)
     data = cfg.data
     check_normalization(data)
+    if cfg.captured.file is not None:  # one captured update: no victims to choose (dia.api.simulate reads the file)
+        return _check_login(cfg)
     n_victims = None
     if data.source in CATALOGS:
         key = json.dumps(OmegaConf.to_container(data, resolve=True), sort_keys=True)
@@ -139,6 +141,10 @@ def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
         n_victims = cfg.num_victims
     if n_victims % cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size}: {n_victims} victims do not split into client batches of that size")
+    _check_login(cfg)
+
+
+def _check_login(cfg: DictConfig) -> None:
     if cfg.logger.wandb.mode == "online" and not wandb_login():
         raise UserError("logger.wandb.mode=online needs a W&B login (`wandb login` or WANDB_API_KEY); "
                         "or use logger.wandb.mode=offline (sync later) or disabled")

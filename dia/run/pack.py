@@ -225,7 +225,7 @@ class Program(Callback):
             if self.logs(slot, before):
                 item, rows = slot.item, self.module.rows_of(slot.part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
-                if item.cell.cfg.metrics.curves_ssim:
+                if item.cell.cfg.metrics.curves_ssim and item.cell.victims is not None:  # None: an update without images
                     point["eval/ssim"] = float(self.ssim(item, rows).mean())
                 own = self.own_iteration(slot)
                 append_curves(item.cell, [{"group": item.group, "iteration": own,

@@ -201,6 +201,8 @@ def evaluate(
     if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
         ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
         masks = M.mask_measures(ordered, problems.true_masks, site_parts(ordered), problems.rates)
+    if result.rates:  # the learned dropout rate per problem, the mean over its sites (attack.rate=learn)
+        masks["mask_rate"] = torch.stack(list(result.rates.values())).mean(0)
     rows = []
     for i in range(rec.shape[0]):
         k = i // b
@@ -247,6 +249,7 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
         tensors = {"reconstructions": rec01, "reconstructions_normalized": matched,
                    "originals": victims.images, "labels": victims.labels, "indices": torch.tensor(victims.indices)}
         tensors.update({f"masks/{k}": v for k, v in (result.masks or {}).items()})
+        tensors.update({f"rates/{k}": v for k, v in (result.rates or {}).items()})
         save_tensors(cell.folder / "reconstructions.pt", tensors)
     titles = [f"#{r['index']}  SSIM {r['ssim']:.2f}" for r in rows]
     reconstruction_grid(cell.folder / "reconstructions.png", victims.images, rec01, titles,

@@ -63,3 +63,31 @@ def test_bad_rate_settings_are_one_line_errors(problems_factory, args, key):
     with pytest.raises(UserError, match=key) as err:
         problems_factory(BUDGET + args, [0])
     assert "\n" not in str(err.value)
+
+
+def test_known_and_learned_rates_share_a_program_and_each_row_follows_its_own(problems_factory):
+    from dia.attacks import ATTACKS
+    from dia.attacks.ig import InvertingGradients, Part
+    from dia.engine import AttackState
+
+    base = BUDGET + ["model.dropout=0.5", "attack.max_iterations=30"]
+    cfg, model, problems, _, mean, std = problems_factory(base, [0, 1])
+    learn_cfg = problems_factory(base + ["attack.rate=learn", "attack.assumed_rate=0.2"], [0, 1])[0]
+    dia = ATTACKS.get("dia")
+    known, learning = Part(dia, problems.public(), cfg.attack), Part(dia, problems.public(), learn_cfg.attack)
+    box = dict(lower=(0 - mean) / std, upper=(1 - mean) / std)
+
+    def run(parts):
+        module = InvertingGradients.pack(model, parts, **box)
+        module.on_fit_start()
+        for _ in range(30):
+            module.step()
+        return module
+
+    alone = run([known]).results()[0]
+    together = run([known, learning])
+    assert not InvertingGradients.pack(model, [known], **box).fits(learning)  # no rate columns to learn in
+    mine, theirs = together.results()
+    torch.testing.assert_close(mine.x, alone.x, rtol=1e-4, atol=1e-5)  # a known-rate row ignores the rate columns
+    assert mine.rates is None and set(theirs.rates) == set(theirs.masks)
+    assert isinstance(together.state, AttackState) and not torch.equal(mine.x, theirs.x)

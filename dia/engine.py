@@ -229,6 +229,7 @@ class AttackResult:
     best_iteration: Tensor
     iterations: Tensor
     status: list[str]
+    rates: Optional[dict[str, Tensor]] = None  # learned dropout rates (K,) per site, for attacks that learn them
 
     @classmethod
     def cat(cls, parts: list["AttackResult"]) -> "AttackResult":
@@ -240,4 +241,5 @@ class AttackResult:
             best_iteration=torch.cat([p.best_iteration for p in parts]),
             iterations=torch.cat([p.iterations for p in parts]),
             status=[s for p in parts for s in p.status],
+            rates=None if parts[0].rates is None else {k: torch.cat([p.rates[k] for p in parts]) for k in parts[0].rates},
         )

@@ -7,6 +7,11 @@ lambda * |(1 - mean(mask)) - p| per dropout site (`attack.mask_weight`). Two par
 * ``clip``: the mask values themselves, clipped to [0, 1] after each step (the paper's);
 * ``sigmoid``: mask = sigmoid(logits), logits initialised at +/- ``mask_init_logit``.
 
+The attacker need not know p: `attack.assumed_rate` (null: the model's p) is the rate it initialises,
+scales (1/(1-p)) and regularizes toward; `attack.rate=learn` makes it a trainable logit per problem and
+site, started at that rate and optimized with the masks (plain Adam, like the masks), which the
+keep-rate penalty pulls toward the learned rate; the result is reported as `mask_rate`.
+
 DropPath (stochastic depth) sites drop whole residual branches per sample; like the paper, DIA does not
 model them unless ``model_drop_path`` (then their per-sample masks are optimized like any other).
 
@@ -16,13 +21,17 @@ configs/attack/dia.yaml.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from dia.attacks import register
 from dia.attacks.ig import InvertingGradients, Part
+from dia.errors import UserError
 
 MASK_PARAMS = ("clip", "sigmoid")
+RATE_MODES = ("known", "learn")
 
 
 @register("dia")
@@ -33,7 +42,15 @@ class DropoutInversionAttack(InvertingGradients):
         ("mask_param", lambda v: v in MASK_PARAMS, f"must be one of: {', '.join(MASK_PARAMS)}"),
         ("mask_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
         ("mask_init_logit", lambda v: 0 < v < float("inf"), "must be > 0"),
+        ("assumed_rate", lambda v: 0 <= v < 1, "must be null (the model's rate) or in [0, 1)"),
+        ("rate", lambda v: v in RATE_MODES, f"must be one of: {', '.join(RATE_MODES)}"),
     ]
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        super().check_config(cfg)
+        if getattr(cfg, "rate", None) == "learn" and getattr(cfg, "assumed_rate", None) == 0:
+            raise UserError("attack.assumed_rate=0: rate=learn starts from it and needs it in (0, 1); set it > 0 or null")
 
     @classmethod
     def site_role(cls, part: Part, site: str) -> str | None:
@@ -44,7 +61,7 @@ class DropoutInversionAttack(InvertingGradients):
     @classmethod
     def init_mask(cls, part: Part, site: str, generators: list[torch.Generator]) -> Tensor:
         """Bernoulli(1 - p) draws from each problem's generator (sigmoid: logits at +/- mask_init_logit)."""
-        keep = torch.full(part.problems.mask_shapes[site], 1.0 - part.problems.rates[site])
+        keep = torch.full(part.problems.mask_shapes[site], 1.0 - cls.attacker_rate(part, site))
         draws = torch.stack([torch.bernoulli(keep, generator=g) for g in generators])
         if part.cfg.mask_param == "sigmoid":
             draws = (2 * draws - 1) * part.cfg.mask_init_logit
@@ -57,3 +74,13 @@ class DropoutInversionAttack(InvertingGradients):
     @classmethod
     def mask_parametrization(cls, part: Part) -> str:
         return part.cfg.mask_param
+
+    @classmethod
+    def attacker_rate(cls, part: Part, site: str) -> float:
+        """`assumed_rate`, or the model's p when it is null."""
+        assumed = part.cfg.assumed_rate
+        return part.problems.rates[site] if assumed is None else float(assumed)
+
+    @classmethod
+    def learns_rate(cls, part: Part) -> bool:
+        return part.cfg.rate == "learn"

@@ -73,6 +73,17 @@ class InvertingGradients(L.LightningModule):
         return 0.0
 
     @classmethod
+    def attacker_rate(cls, part: Part, site: str) -> float:
+        """The dropout rate the part's attacker uses at a site it trains (scale 1/(1-p), keep-rate target;
+        the start of a learned rate): the model's own p."""
+        return part.problems.rates.get(site, 0.0)
+
+    @classmethod
+    def learns_rate(cls, part: Part) -> bool:
+        """Whether the part's rows learn their dropout rate per site (a trainable logit) instead of fixing it."""
+        return False
+
+    @classmethod
     def mask_parametrization(cls, part: Part) -> str:
         """How the part's trained masks are parametrized: 'clip' (values clipped to [0, 1]) or 'sigmoid'."""
         return "clip"
@@ -175,17 +186,19 @@ class InvertingGradients(L.LightningModule):
     def objective(self, params: dict[str, Tensor]) -> Tensor:
         """Reconstruction loss per problem (K,): gradient distance + image prior + the masks' regularizer."""
         masks = self.rows.masks(params)
-        applied = self.rows.applied(masks)
+        applied = self.rows.applied(masks, params)
         grads = problem_gradients(self.model, self.model_params, params["x"], self.rows.labels, applied,
                                   "apply" if applied else "off")
         grads = surviving(grads, self.rows.targets) if self.cfg.model_defense else grads
-        return self.distance(grads, self.rows.targets) + self.prior(params["x"]) + self.regularizer(masks)
+        return self.distance(grads, self.rows.targets) + self.prior(params["x"]) + self.regularizer(masks, params)
 
-    def regularizer(self, masks: dict[str, Tensor] | None) -> Tensor | float:
-        """The keep-rate penalty of the trained masks, weighted per row (0 for rows that train none)."""
+    def regularizer(self, masks: dict[str, Tensor] | None, params: dict[str, Tensor]) -> Tensor | float:
+        """The keep-rate penalty of the trained masks toward each row's rate (learned ones from `params`),
+        weighted per row (0 for rows that train none)."""
         if not self.rows.trained:
             return 0.0
-        return self.rows.weights * keep_rate_penalty({s: masks[s] for s in self.rows.trained}, self.rows.tables["rate"])
+        rates = self.rows.rates(params) if self.rows.learned else self.rows.tables["rate"]
+        return self.rows.weights * keep_rate_penalty({s: masks[s] for s in self.rows.trained}, rates)
 
     def project(self, params: dict[str, Tensor]) -> None:
         """Keep trainables in their valid set (in place): images in the box, clipped masks in [0, 1]."""
@@ -193,6 +206,7 @@ class InvertingGradients(L.LightningModule):
             x = params["x"]
             x.copy_(torch.maximum(torch.minimum(x, self.upper), self.lower))
         self.rows.clip_masks(params)
+        self.rows.clamp_rates(params)
 
     def gradient_program(self) -> Any:
         """flat (K, D) -> (d sum(loss) / d flat, losses): the whole double-backward program, optionally compiled.

@@ -9,7 +9,9 @@ per dropout site, a part's attack says what the attacker's copy applies there (`
 * "client": the client's recorded mask (WIIG, an oracle);
 * "train": a trainable mask (DIA), parametrized as `clip` (the values, clipped to [0, 1]) or `sigmoid`.
 
-Masks are applied pre-scaled by 1/(1-p) of the row's own rate, so IG, WIIG and DIA problems at every rate
+Masks are applied pre-scaled by 1/(1-p) of the rate the row's attacker uses there (`attacker_rate`: the
+model's p, or DIA's `assumed_rate`; or, for rows that learn it, `sigmoid` of a trainable `rate/<site>`
+logit per problem), so IG, WIIG and DIA problems at every rate
 of one model share one program (a *pack*). Rows change hands while a program runs (`admit`, `release`):
 stopped problems leave, waiting ones take their rows, and the tensors are written in place, so a compiled
 program is not recompiled.
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from dia.attacks.ig import InvertingGradients
 
 MASK = "mask/"  # trainable mask parameters are named mask/<site>
+RATE = "rate/"  # learned dropout rates are logits named rate/<site> (one per problem: (K, 1))
+RATE_LOGITS = (-7.0, 3.0)  # learned rates stay in [0.0009, 0.953]: the scale 1/(1-p) stays finite
 
 
 @dataclass(frozen=True)
@@ -85,19 +89,24 @@ class Rows:
         self.trained = [s for s in sites if any(r.get(s) == "train" for r in roles)]
         self.from_client = [s for s in sites if any(r.get(s) == "client" for r in roles)]
         self.mixed = {s: not all(r.get(s) == "train" for r in roles) for s in sites}  # some row does not train s
+        self.learned = [s for s in self.trained if any(p.attack.learns_rate(p) and p.role(s) == "train" for p in parts)]
         kinds = {p.attack.mask_parametrization(p) for p in parts if any(p.role(s) == "train" for s in self.trained)}
         self.sigmoid_any = "sigmoid" in kinds
         self.clip_any = "clip" in kinds
 
     def _tables(self, part: Part) -> dict[str, dict[str, Tensor]]:
         """Per site, the part's rows: trains?, scale 1/(1-p), target keep-rate's p (trained sites), sigmoid?,
-        and the client's mask (sites some row takes from the client)."""
+        learns its rate?, and the client's mask (sites some row takes from the client). p is the rate the
+        attacker uses: the client's for its masks, the attack's `attacker_rate` for trained ones."""
         n = part.problems.num_problems
         sigmoid = part.attack.mask_parametrization(part) == "sigmoid"
-        out: dict[str, dict[str, Tensor]] = {"train": {}, "scale": {}, "rate": {}, "sigmoid": {}, "client": {}}
+        learns = part.attack.learns_rate(part)
+        out: dict[str, dict[str, Tensor]] = {"train": {}, "scale": {}, "rate": {}, "sigmoid": {}, "learn": {}, "client": {}}
         for site, shape in self.sites.items():
-            r, p = part.role(site), part.problems.rates.get(site, 0.0)
+            r = part.role(site)
+            p = part.attack.attacker_rate(part, site) if r == "train" else part.problems.rates.get(site, 0.0)
             out["train"][site] = torch.full((n,), r == "train")
+            out["learn"][site] = torch.full((n,), r == "train" and learns)
             out["scale"][site] = torch.full((n,), 1.0 / (1.0 - p) if r is not None else 1.0)
             out["rate"][site] = torch.full((n,), p if r == "train" else 0.0)
             out["sigmoid"][site] = torch.full((n,), r == "train" and sigmoid)
@@ -116,6 +125,8 @@ class Rows:
             if (r == "train") != (site in self.trained) and (r == "train" or not self.mixed[site]):
                 return False
             if r == "client" and site not in self.from_client:
+                return False
+            if r == "train" and part.attack.learns_rate(part) and site not in self.learned:
                 return False
         trains = any(part.role(s) == "train" for s in self.trained)
         kind = part.attack.mask_parametrization(part)
@@ -141,9 +152,28 @@ class Rows:
             out[site] = value
         return out
 
-    def applied(self, masks: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-        """`masks` scaled by each row's 1/(1-p): what the attacker's copy multiplies each site's input by."""
-        return None if masks is None else {s: m * column(self.tables["scale"][s], m) for s, m in masks.items()}
+    def applied(self, masks: dict[str, Tensor] | None, params: dict[str, Tensor] | None = None) -> dict[str, Tensor] | None:
+        """`masks` scaled by each row's 1/(1-p): what the attacker's copy multiplies each site's input by
+        (p learned from `params` at the sites where rows learn it)."""
+        if masks is None:
+            return None
+        scales = dict(self.tables["scale"])
+        if self.learned and params is not None:
+            rates = self.rates(params)
+            scales.update({s: torch.where(self.tables["learn"][s], 1.0 / (1.0 - rates[s]), scales[s]) for s in self.learned})
+        return {s: m * column(scales[s], m) for s, m in masks.items()}
+
+    def rates(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per trained site, each row's dropout rate as its attacker has it (K,): fixed, or sigmoid of its logit."""
+        out = dict(self.tables["rate"])
+        for s in self.learned:
+            out[s] = torch.where(self.tables["learn"][s], torch.sigmoid(params[RATE + s][:, 0]), out[s])
+        return {s: out[s] for s in self.trained}
+
+    def clamp_rates(self, params: dict[str, Tensor]) -> None:
+        """Keep learned rate logits in `RATE_LOGITS` (in place)."""
+        for s in self.learned:
+            params[RATE + s].clamp_(*RATE_LOGITS)
 
     def clip_masks(self, params: dict[str, Tensor]) -> None:
         """Keep clip-parametrized masks in [0, 1] (in place)."""
@@ -159,12 +189,17 @@ class Rows:
     # ---- where problems start ----------------------------------------------------------------------
     def start_of(self, part: Part, init: Any) -> dict[str, Tensor]:
         """The part's rows' start, each from its own seed: the dummies (`init(shape, generator)`), then the
-        masks of the trained sites (the attack's `init_mask`; ones where the part does not train)."""
+        masks of the trained sites (the attack's `init_mask`; ones where the part does not train), then the
+        logits of the learned rates (at the attack's `attacker_rate`; 0 where the part does not learn)."""
         gens = [torch.Generator().manual_seed(s) for s in part.problems.seeds]
         out = {"x": torch.stack([init(self.input_shape, g) for g in gens])}
         for site in self.trained:
             out[MASK + site] = (part.attack.init_mask(part, site, gens) if part.role(site) == "train"
                                 else torch.ones(len(gens), *self.sites[site]))
+        for site in self.learned:
+            learns = part.role(site) == "train" and part.attack.learns_rate(part)
+            logit = torch.logit(torch.tensor(part.attack.attacker_rate(part, site))) if learns else torch.tensor(0.0)
+            out[RATE + site] = logit.clamp(*RATE_LOGITS).expand(len(gens), 1).clone()
         return out
 
     # ---- rows change hands -----------------------------------------------------------------------------
@@ -211,9 +246,12 @@ class Rows:
         rows = self.rows_of(part).to(state.flat.device)
         own = [k for k in self.trained if part.role(k) == "train"]
         masks = self.masks(state.best_params) if own else None
+        learned = [k for k in own if k in self.learned] if part.attack.learns_rate(part) else []
+        rates = self.rates(state.best_params) if learned else {}
         return AttackResult(
             x=state.best_params["x"][rows].detach().cpu(),
             masks={k: masks[k][rows].detach().cpu() for k in own} if own else None,
+            rates={k: rates[k][rows].detach().cpu() for k in learned} or None,
             best_loss=state.best_loss[rows].cpu(),
             best_iteration=state.best_iteration[rows].cpu(),
             iterations=state.iterations[rows].cpu(),
@@ -234,6 +272,11 @@ class Rows:
             if flat.numel():
                 out["masks/keep_rate"] = flat.mean()
                 out["masks/undecided"] = ((flat > 0.1) & (flat < 0.9)).float().mean()
+        if self.learned:  # the learned dropout rate, mean over the rows and sites that learn it
+            rates = self.rates(state.params)
+            learned = torch.cat([rates[k].detach()[rows][self.tables["learn"][k][rows]] for k in self.learned])
+            if learned.numel():
+                out["masks/rate"] = learned.mean()
         return out
 
 

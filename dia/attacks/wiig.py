@@ -14,4 +14,6 @@ class WellInformedIG(InvertingGradients):
 
     @classmethod
     def site_role(cls, part: Part, site: str) -> str | None:
+        if part.problems.kinds.get(site) == "drop_path" and not part.cfg.model_drop_path:
+            return None  # not given: the attacker's copy keeps every residual branch
         return "client"

@@ -43,6 +43,7 @@ from dia.attacks import ATTACKS, InvertingGradients
 from dia.bench.baseline import run_baseline
 from dia.config import DEVICE, compose
 from dia.errors import ExitCode, UserError
+from dia.memory import keep_freed_memory
 from dia.run.cell import resolve_device
 from dia.run.pack import attack as lightning_attack, matmul_precision
 from dia.problems import Problems
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.BAD_INPUT
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as dia.train and dia.grid do (dia.memory)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     dev = resolve_device(args.device)

@@ -40,6 +40,7 @@ class AttackConfig:
     check_every: int = 50  # iterations between host checks whether every problem has stopped (and rows turn over)
     refill: bool = True  # a pack larger than attack.parallel: waiting problems take the rows of stopped ones
     log_every: int = 50  # iterations between logged training curves
+    model_drop_path: bool = False  # the attacker models DropPath (stochastic depth) sites: DIA trains their masks, WIIG replays them; IG: no effect
     model_defense: bool = False  # match only the entries the (defended) shared gradient kept nonzero (dia.defenses)
 
 

@@ -48,7 +48,7 @@ RESERVED = ("run.output_dir", "run.name", "logger.wandb.group", "logger.wandb.ta
 AGENT_ARGS = ("run.name", "run.output_dir")  # literal arguments a sweep file's command may add for W&B agents
 HEADLINE = ("data", "model", "model.dropout", "attack", "victims", "num_victims")  # the readable prefix of an id
 # keys that may differ between the runs of one packed program (dia.run.pack: PER_ROW, NOT_SHARED): fastest in task order
-INNER = ("attack", "attack.mask_weight", "model.dropout", "victims", "num_victims", "victim_seed", "defense", "run.progress",
+INNER = ("attack", "attack.mask_weight", "attack.assumed_rate", "attack.rate", "model.dropout", "victims", "num_victims", "victim_seed", "defense", "run.progress",
          "run.save_tensors")
 INNER_PREFIXES = ("defense.", "logger.", "metrics.")
 MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a few hundred bytes; more is a mistake (or an attack)

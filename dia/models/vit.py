@@ -10,6 +10,11 @@ attention weights, the attention output and after both MLP sublayers. Written ou
 that the parameters are created in the paper's order (`run.seed=43` gives the authors' weights) and the
 five kinds of dropout site sit exactly where the paper's model has them. timm's ViT-B/16 (conv patch
 embedding, qkv bias, ...) is `model=timm model.arch=vit_base_patch16_224`.
+
+`model.drop_path` > 0 adds stochastic depth, which the paper's model does not have: each residual branch
+(attention, MLP) of block i is dropped per sample with rate drop_path * i / (depth - 1), timm's linear
+schedule, at sites `drop_paths.<i>.<0|1>` (kind drop_path). They hold no parameters, so the weights (and
+`run.seed=43`'s authors' weights) are the same with or without them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dia.errors import UserError
-from dia.models.dropout import CapturableDropout
+from dia.models.dropout import CapturableDropout, CapturableDropPath
 
 
 # Which part of the network each dropout site is in (for per-part mask measures), from the site names
@@ -31,6 +36,7 @@ _PARTS = (
     (re.compile(r"blocks\.\d+\.0\.attn_drop"), "attention"),
     (re.compile(r"blocks\.\d+\.0\.out_drop"), "attention_out"),
     (re.compile(r"blocks\.\d+\.1\.net\.\d+"), "mlp"),
+    (re.compile(r"drop_paths\.\d+\.[01]"), "drop_path"),
 )
 
 
@@ -77,7 +83,7 @@ class FeedForward(nn.Module):
 class ViT(nn.Module):
     def __init__(
         self, *, image_size: int, channels: int, num_classes: int, patch_size: int, dim: int, depth: int,
-        heads: int, mlp_dim: int, dim_head: int, dropout: float,
+        heads: int, mlp_dim: int, dim_head: int, dropout: float, drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -91,6 +97,9 @@ class ViT(nn.Module):
             for _ in range(depth)
         )
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        self.drop_paths = nn.ModuleList(nn.ModuleList([CapturableDropPath(r), CapturableDropPath(r)]) for r in rates) \
+            if drop_path > 0 else None
 
     def patchify(self, img: Tensor) -> Tensor:
         """b c (h p1) (w p2) -> b (h w) (p1 p2 c), the paper's patch layout."""
@@ -103,9 +112,13 @@ class ViT(nn.Module):
         x = self.to_patch_embedding(self.patchify(img))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
         x = self.emb_drop(x)
-        for attn, ff in self.blocks:
-            x = attn(x) + x
-            x = ff(x) + x
+        for i, (attn, ff) in enumerate(self.blocks):
+            if self.drop_paths is None:
+                x = attn(x) + x
+                x = ff(x) + x
+            else:
+                x = self.drop_paths[i][0](attn(x)) + x
+                x = self.drop_paths[i][1](ff(x)) + x
         return self.head(x[:, 0])
 
 
@@ -120,5 +133,5 @@ def build_vit(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> 
     return ViT(
         image_size=image_size, channels=channels, num_classes=num_classes, patch_size=cfg.patch_size,
         dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
-        dim_head=cfg.dim_head or cfg.dim // cfg.heads, dropout=cfg.dropout,
+        dim_head=cfg.dim_head or cfg.dim // cfg.heads, dropout=cfg.dropout, drop_path=cfg.drop_path,
     )

@@ -209,6 +209,8 @@ def evaluate(
     if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
         ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
         masks = M.mask_measures(ordered, problems.true_masks, site_parts(ordered), problems.rates)
+    if result.rates:  # the learned dropout rate per problem, the mean over its sites (attack.rate=learn)
+        masks["mask_rate"] = torch.stack(list(result.rates.values())).mean(0)
     rows = []
     for i in range(rec_n.shape[0]):
         k = i // b
@@ -260,6 +262,7 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
         if originals is not None:
             tensors["originals"] = originals
         tensors.update({f"masks/{k}": v for k, v in (result.masks or {}).items()})
+        tensors.update({f"rates/{k}": v for k, v in (result.rates or {}).items()})
         save_tensors(cell.folder / "reconstructions.pt", tensors)
     titles = [f"#{r['index']}" + ("" if r["ssim"] is None else f"  SSIM {r['ssim']:.2f}") for r in rows]
     reconstruction_grid(cell.folder / "reconstructions.png", originals, rec01, titles,

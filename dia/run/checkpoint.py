@@ -117,10 +117,11 @@ class Checkpoint:
         for c in {int(k.split("/")[1]) for k in flat if k.startswith("done/")}:
             p = f"done/{c}/"
             masks = {k[len(p + "masks/"):]: v for k, v in flat.items() if k.startswith(p + "masks/")}
+            rates = {k[len(p + "rates/"):]: v for k, v in flat.items() if k.startswith(p + "rates/")}
             self.done[c] = AttackResult(
                 x=flat[p + "x"], masks=masks or None, best_loss=flat[p + "best_loss"],
                 best_iteration=flat[p + "best_iteration"], iterations=flat[p + "iterations"],
-                status=[STATUS[int(s)] for s in flat[p + "status"]],
+                status=[STATUS[int(s)] for s in flat[p + "status"]], rates=rates or None,
             )
 
     def _check(self, flat: Any) -> None:
@@ -195,11 +196,11 @@ class Checkpoint:
             p, k = f"done/{g}/", rows(g)
             tensor(p + "x", k, integer=False, shape=x_shape)
             counters(p, k)
-            for key in (k_ for k_ in flat if k_.startswith(p + "masks/")):
+            for key in (k_ for k_ in flat if k_.startswith((p + "masks/", p + "rates/"))):
                 tensor(key, k, integer=False, shape=None)
             extra = next((k_ for k_ in flat if k_.startswith(p) and k_[len(p):] not in ("x", "best_loss", "best_iteration",
                                                                                          "iterations", "status")
-                          and not k_.startswith(p + "masks/")), None)
+                          and not k_.startswith((p + "masks/", p + "rates/"))), None)
             if extra:
                 raise bad(f"holds an unknown entry '{extra}'")
         if has_state:
@@ -241,6 +242,7 @@ class Checkpoint:
             flat.update({p + "x": r.x, p + "best_loss": r.best_loss, p + "best_iteration": r.best_iteration,
                          p + "iterations": r.iterations, p + "status": torch.tensor([STATUS.index(s) for s in r.status])})
             flat.update({f"{p}masks/{k}": v for k, v in (r.masks or {}).items()})
+            flat.update({f"{p}rates/{k}": v for k, v in (r.rates or {}).items()})
         if self.state is not None:
             flat.update({f"state/{k}": v for k, v in self.state.items()})
         save_tensors(self.path, flat)

@@ -41,7 +41,8 @@ from dia.run.signals import STOP, Stopped
 
 log = logging.getLogger("dia")
 
-SHARED = tuple(f.name for f in fields(AttackConfig) if f.name != "name")  # the engine's settings: one per program
+PER_ROW = ("name", "model_drop_path")  # settings every attack has that rows of one program may differ in
+SHARED = tuple(f.name for f in fields(AttackConfig) if f.name not in PER_ROW)  # the engine's settings: one per program
 NOT_SHARED = ("victims", "num_victims", "victim_seed", "run.name", "run.output_dir", "run.progress", "run.save_tensors",
               "logger", "metrics", "defense")  # the defense changes what the client sends (the targets), not the program
 

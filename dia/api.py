@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dia.data import Victims, load_victims, normalizer
 from dia.errors import UserError
-from dia.problems import Problems, infer_labels, simulate_clients
+from dia.problems import LocalTraining, Problems, infer_labels, simulate_clients
 
 
 @dataclass
@@ -67,7 +67,8 @@ def simulate(*overrides: str, config: DictConfig | None = None) -> Simulation:
     seed_everything(cfg.run.seed)
     mean, std = normalizer(cfg.data)
     problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size,
-                                seed=cfg.run.seed, defense=cfg.defense, lower=(0 - mean) / std, upper=(1 - mean) / std)
+                                seed=cfg.run.seed, defense=cfg.defense, lower=(0 - mean) / std, upper=(1 - mean) / std,
+                                local=LocalTraining.of(cfg.client))
     if cfg.attack.labels == "infer":
         if cfg.batch_size != 1:
             raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")

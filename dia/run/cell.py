@@ -236,7 +236,8 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     summary = {
         "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
         "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
-        "defense": defenses.summary(cfg.defense, cfg.attack.model_defense),
+        "defense": defenses.summary(cfg.defense, cfg.attack.model_defense, cfg.client.local_steps),
+        "client": dict(cfg.client),
         "label_accuracy": sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
         "iterations": max(r["iterations"] for r in rows), "max_iterations": cfg.attack.max_iterations,
         "wall_time_s": round(cell.checkpoint.elapsed() if cell.checkpoint is not None else time.time() - cell.started, 3),

@@ -1,0 +1,91 @@
+"""What unrolling T local steps costs the attacker: time and memory per attack iteration against T, side by side in
+one run (each T in its own child process, so its peak memory is its own).
+
+    python benchmarks/fedavg.py --steps 1,2,5,10 --problems 8 -- model=mlp data=mnist model.dropout=0.5
+
+Per T: the DIA program (IG/WIIG are the same program with other masks) for `--problems` problems, eager
+(`attack.compile=false`: compile time would dominate a short benchmark), `--iterations` timed after 3 warm-up
+iterations; memory: the peak of one iteration above what was allocated before it (CUDA: torch's peak
+allocation; CPU: the process's peak resident size, so only differences between rows are meaningful).
+A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def one(steps: int, problems: int, iterations: int, overrides: list[str]) -> dict[str, float]:
+    """Time (s) and peak memory (MiB) of one attack iteration at `steps` local steps, in this process."""
+    import torch
+
+    from dia.api import simulate
+    from dia.attacks import ATTACKS
+    from dia.run.console import quiet_libraries
+
+    quiet_libraries()
+    sim = simulate(*overrides, f"num_victims={problems}", f"client.local_steps={steps}", "attack=dia", "attack.compile=false")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cls = ATTACKS.get("dia")
+    module = cls(sim.model, cls.view(sim.problems), sim.cfg.attack).to(device)
+    module.rows.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    module.on_fit_start()
+    module.step()  # the first iteration sets the peak
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**10  # KiB on Linux
+    for _ in range(2):
+        module.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        module.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"steps": steps, "s_per_iteration": (time.perf_counter() - started) / iterations, "peak_mib": peak,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    cut = args.index("--") if "--" in args else len(args)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", default="1,2,5,10", help="the T values, comma-separated")
+    p.add_argument("--problems", type=int, default=8, help="problems (victims) in the program")
+    p.add_argument("--iterations", type=int, default=10, help="timed iterations per T")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: measure this T, print JSON
+    a = p.parse_args(args[:cut])
+    overrides = args[cut + 1:]
+    if a.one is not None:
+        print(json.dumps(one(a.one, a.problems, a.iterations, overrides)))
+        return
+    rows = []
+    for steps in (int(t) for t in a.steps.split(",")):
+        out = subprocess.run([sys.executable, __file__, "--one", str(steps), "--problems", str(a.problems),
+                              "--iterations", str(a.iterations), "--", *overrides], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"T={steps}: exit {out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"device: {rows[0]['device']}; DIA, {a.problems} problems, eager; overrides: {' '.join(overrides) or 'none'}")
+    print("| T | s / iteration | vs T=1 | peak MiB (one iteration) | vs T=1 |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['steps']} | {r['s_per_iteration']:.4f} | {r['s_per_iteration'] / rows[0]['s_per_iteration']:.2f}× "
+              f"| {r['peak_mib']:.1f} | {r['peak_mib'] / max(rows[0]['peak_mib'], 1e-9):.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

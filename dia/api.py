@@ -68,7 +68,7 @@ def simulate(*overrides: str, config: DictConfig | None = None) -> Simulation:
     mean, std = normalizer(cfg.data)
     problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size,
                                 seed=cfg.run.seed, defense=cfg.defense, lower=(0 - mean) / std, upper=(1 - mean) / std,
-                                local=LocalTraining.of(cfg.client))
+                                local=LocalTraining.of(cfg.client, cfg.batch_size))
     if cfg.attack.labels == "infer":
         if cfg.batch_size != 1:
             raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")

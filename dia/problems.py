@@ -35,11 +35,12 @@ class LocalTraining:
         return self.batch or total
 
     @classmethod
-    def of(cls, client: Any) -> "LocalTraining | None":
-        """The `client` config section as local training; None for one full-batch step (FedSGD, bit for bit)."""
+    def of(cls, client: Any, images: int) -> "LocalTraining | None":
+        """The `client` config section for clients of `images` images as local training; None for one full-batch
+        step (FedSGD, bit for bit)."""
         if client is None:
             return None
-        batch = None if client.local_batch == "full" else int(client.local_batch)
+        batch = None if client.local_batch in ("full", images) else int(client.local_batch)
         if int(client.local_steps) == 1 and batch is None:
             return None
         return cls(int(client.local_steps), float(client.local_lr), batch)

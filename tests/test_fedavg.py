@@ -55,8 +55,8 @@ def test_replaying_the_recorded_masks_reproduces_the_clients_update(args):
 
 
 def test_one_local_step_is_fedsgd_bit_for_bit():
-    base = simulate("num_victims=2", "model.dropout=0.5", "attack=dia", "attack.max_iterations=30", "attack.compile=false")
-    one = simulate("num_victims=2", "model.dropout=0.5", "attack=dia", "attack.max_iterations=30", "attack.compile=false",
+    base = simulate(*TINY_MLP, "num_victims=2", "model.dropout=0.5", "attack=dia", "attack.max_iterations=20", "attack.compile=false")
+    one = simulate(*TINY_MLP, "num_victims=2", "model.dropout=0.5", "attack=dia", "attack.max_iterations=20", "attack.compile=false",
                    "client.local_steps=1", "client.local_lr=0.7", "client.local_batch=1")
     assert one.problems.local is None  # one full-batch step is FedSGD, whatever the learning rate
     assert all(torch.equal(base.problems.targets[n], one.problems.targets[n]) for n in base.problems.targets)
@@ -80,7 +80,7 @@ def test_one_local_step_is_fedsgd_bit_for_bit():
 
 def test_wiig_reconstructs_through_three_local_steps(tmp_path):
     """The oracle replays the client's three mask sets and recovers the images (tiny MLP, p = 0.25)."""
-    assert main([*TINY_MLP, "attack=wiig", "client.local_steps=3", "num_victims=2", "attack.max_iterations=300",
+    assert main([*TINY_MLP, "attack=wiig", "client.local_steps=3", "num_victims=2", "attack.max_iterations=80",
                  "attack.compile=false", "metrics.lpips=off", "metrics.curves_ssim=false", "run.progress=false",
                  "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]) == 0
     (run,) = tmp_path.glob("wiig-mlp-mnist-p0.25-T3-*")  # T names the run folder
@@ -93,7 +93,7 @@ def test_dia_beats_ig_by_a_wide_margin_at_two_local_steps():
     scores = {}
     for name in ("ig", "dia"):
         sim = simulate(*TINY_MLP, f"attack={name}", "model.dropout=0.5", "client.local_steps=2", "num_victims=2",
-                       "attack.max_iterations=300", "attack.compile=false")
+                       "attack.max_iterations=100", "attack.compile=false")
         r = attack(sim.model, sim.problems, sim.cfg, device=torch.device("cpu"), lower=sim.lower, upper=sim.upper)
         scores[name] = float(ssim((r.x.flatten(0, 1) * sim.std + sim.mean).clamp(0, 1), sim.victims.images).mean())
         if name == "dia":  # two mask sets per site, each pulled toward the keep-rate

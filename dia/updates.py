@@ -59,7 +59,7 @@ class ClientUpdate:
         if self.images is not None:
             flat["images"] = self.images
         if self.lr is not None:
-            flat["lr"] = torch.tensor(float(self.lr))
+            flat["lr"] = torch.tensor(float(self.lr), dtype=torch.float64)  # the learning rate exactly
         if self.steps != 1 or self.local_batch is not None:
             flat["local_steps"] = torch.tensor(int(self.steps))
             flat["local_batch"] = torch.tensor(0 if self.local_batch is None else int(self.local_batch))

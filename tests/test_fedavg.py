@@ -126,3 +126,25 @@ def test_bad_local_training_is_one_line_and_writes_nothing(args, key, tmp_path, 
     assert main([*args, "logger.wandb.mode=disabled", f"run.output_dir={out}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {key}") and not out.exists()
+
+
+def test_the_api_takes_a_multi_step_update(tmp_path):
+    """capture_update plays a FedAvg client (its own nn.Module); the update keeps its T, learning rate and split
+    through a file, and dia.reconstruct unrolls them: WIIG given the T mask sets fits the update exactly."""
+    import dia
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.25), nn.Linear(32, 3))
+    images, labels = torch.rand(2, 1, 4, 4), torch.tensor([0, 2])
+    u = dia.capture_update(model, images, labels, lr=0.05, local_steps=4, local_batch=1, seed=0)
+    assert u.masks["3"].shape == (4, 32)  # four steps of one image each
+    back = dia.ClientUpdate.load(u.save(tmp_path / "u.pt"))
+    assert (back.steps, back.lr, back.local_batch) == (4, 0.05, 1)
+    r = dia.reconstruct(model, back, labels=labels, input_shape=(1, 4, 4), attack="wiig", masks=back, max_iterations=3,
+                        compile=False)
+    assert r.problems.local == LocalTraining(4, 0.05, 1)
+    with pytest.raises(dia.UserError, match="^local_batch=3"):
+        dia.capture_update(model, images, labels, lr=0.05, local_steps=2, local_batch=3)
+    with pytest.raises(dia.UserError, match="^lr=None"):
+        dia.reconstruct(model, u.gradient, labels=labels, input_shape=(1, 4, 4), local_steps=2)

@@ -2,11 +2,14 @@
 one run (each T in its own child process, so its peak memory is its own).
 
     python benchmarks/fedavg.py --steps 1,2,5,10 --problems 8 -- model=mlp data=mnist model.dropout=0.5
+    python benchmarks/fedavg.py --plot results/fedavg-cpu/report/table.csv docs/figures/fedavg-cpu-ssim.png
 
 Per T: the DIA program (IG/WIIG are the same program with other masks) for `--problems` problems, eager
 (`attack.compile=false`: compile time would dominate a short benchmark), `--iterations` timed after 3 warm-up
 iterations; memory: the peak of one iteration above what was allocated before it (CUDA: torch's peak
 allocation; CPU: the process's peak resident size, so only differences between rows are meaningful).
+`--plot TABLE PNG` draws SSIM against T, one panel per dropout rate and one line per attack (mean ± std over
+victims), from the table.csv `python -m dia.report` writes for a FedAvg grid (its local_steps column).
 A benchmark, not a test.
 """
 
@@ -60,6 +63,36 @@ def one(steps: int, problems: int, iterations: int, overrides: list[str]) -> dic
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
 
 
+def plot(table: str, png: str, metric: str = "ssim") -> None:
+    """SSIM (mean ± std over victims) against T per attack, one panel per dropout rate, from a report's table.csv."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(table)))
+    rates = sorted({float(r["dropout"]) for r in rows})
+    fig, axes = plt.subplots(1, len(rates), figsize=(3.4 * len(rates), 3.0), sharey=True, squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        for attack in ("ig", "wiig", "dia"):
+            pts = sorted((int(r["local_steps"]), float(r[f"{metric}_mean"]), float(r[f"{metric}_std"])) for r in rows
+                         if float(r["dropout"]) == rate and r["attack"] == attack and r[f"{metric}_mean"])
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
+                            capsize=2, label=attack.upper())
+        ax.set_xscale("log")
+        ax.set_xticks([1, 2, 5, 10], ["1", "2", "5", "10"])
+        ax.set_title(f"p = {rate:g}")
+        ax.set_xlabel("local steps T")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric.upper())
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     args = sys.argv[1:]
     cut = args.index("--") if "--" in args else len(args)
@@ -68,7 +101,11 @@ def main() -> None:
     p.add_argument("--problems", type=int, default=8, help="problems (victims) in the program")
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per T")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: measure this T, print JSON
+    p.add_argument("--plot", nargs=2, metavar=("TABLE_CSV", "PNG"), help="draw SSIM against T from a report's table.csv")
     a = p.parse_args(args[:cut])
+    if a.plot:
+        plot(*a.plot)
+        return
     overrides = args[cut + 1:]
     if a.one is not None:
         print(json.dumps(one(a.one, a.problems, a.iterations, overrides)))

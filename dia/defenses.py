@@ -18,6 +18,10 @@ config holds ``name: prune+dpsgd``). Stages listed before ``dpsgd`` act on each 
 act on that (post-processing: the epsilon is unchanged). Without ``dpsgd`` every stage acts on the sent
 gradient, in order. Each stage's keys (``defense.clip``, ``defense.ratio``, ...) are in one flat section.
 
+A FedAvg client (`client.local_steps` T > 1, dia.problems) applies ``dpsgd`` and the stages before it to every
+local step's gradient (as DP-SGD training does) and the other stages to the update it sends
+(`split_defense`); the accountant composes the T steps (`privacy`).
+
 Randomness (DP noise, stochastic rounding) comes only from the generator the caller passes in: one per
 client, seeded apart from the client's dropout and the attacker's initialisation (`dia.problems`).
 """

@@ -3,12 +3,15 @@ one run (each T in its own child process, so its peak memory is its own).
 
     python benchmarks/fedavg.py --steps 1,2,5,10 --problems 8 -- model=mlp data=mnist model.dropout=0.5
     python benchmarks/fedavg.py --plot results/fedavg-cpu/report/table.csv docs/figures/fedavg-cpu-ssim.png
+    python benchmarks/fedavg.py --mismatch --steps 1,2,5,10,50 --problems 16 -- model.dropout=0.5
 
 Per T: the DIA program (IG/WIIG are the same program with other masks) for `--problems` problems, eager
 (`attack.compile=false`: compile time would dominate a short benchmark), `--iterations` timed after 3 warm-up
 iterations; memory: the peak of one iteration above what was allocated before it (CUDA: torch's peak
 allocation; CPU: the process's peak resident size, so only differences between rows are meaningful).
-`--plot TABLE PNG` draws SSIM against T, one panel per dropout rate and one line per attack (mean ± std over
+`--mismatch`: IG's mismatch itself, no attack: the cosine distance between the client's update and the attacker's
+model of it at the true images, without masks (IG's model) and with the client's masks (WIIG's: 0), mean ± std
+over the problems, per T. `--plot TABLE PNG` draws SSIM against T, one panel per dropout rate and one line per attack (mean ± std over
 victims), from the table.csv `python -m dia.report` writes for a FedAvg grid (its local_steps column).
 A benchmark, not a test.
 """
@@ -63,6 +66,27 @@ def one(steps: int, problems: int, iterations: int, overrides: list[str]) -> dic
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
 
 
+def mismatch(steps: list[int], problems: int, overrides: list[str]) -> None:
+    """IG's mismatch against T: cosine distance of the dropout-free model of the update at the true images."""
+    import statistics
+
+    from dia.api import simulate
+    from dia.gradients import problem_gradients
+    from dia.losses import cosine_distance
+
+    print(f"overrides: {' '.join(overrides) or 'none'}; {problems} clients of one image each")
+    print("| T | IG's model: cosine distance at the true images | with the client's masks |\n|---|---|---|")
+    for t in steps:
+        sim = simulate(*overrides, f"num_victims={problems}", f"client.local_steps={t}")
+        p = sim.problems
+        x = ((sim.victims.images - sim.mean) / sim.std).view(p.num_problems, p.input_shape[0], *p.input_shape[1:])
+        params = {n: w.detach() for n, w in sim.model.named_parameters()}
+        masks = {n: m / (1 - p.rates[n]) for n, m in p.true_masks.items()}
+        blind = cosine_distance(problem_gradients(sim.model, params, x, p.labels, None, "off", p.local), p.targets).tolist()
+        exact = cosine_distance(problem_gradients(sim.model, params, x, p.labels, masks, "apply", p.local), p.targets).tolist()
+        print(f"| {t} | {statistics.mean(blind):.3f} ± {statistics.stdev(blind):.3f} | {max(abs(v) for v in exact):.1e} |")
+
+
 def plot(table: str, png: str, metric: str = "ssim") -> None:
     """SSIM (mean ± std over victims) against T per attack, one panel per dropout rate, from a report's table.csv."""
     import csv
@@ -101,12 +125,16 @@ def main() -> None:
     p.add_argument("--problems", type=int, default=8, help="problems (victims) in the program")
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per T")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: measure this T, print JSON
+    p.add_argument("--mismatch", action="store_true", help="IG's model's cosine distance at the true images, per T")
     p.add_argument("--plot", nargs=2, metavar=("TABLE_CSV", "PNG"), help="draw SSIM against T from a report's table.csv")
     a = p.parse_args(args[:cut])
+    overrides = args[cut + 1:]
     if a.plot:
         plot(*a.plot)
         return
-    overrides = args[cut + 1:]
+    if a.mismatch:
+        mismatch([int(t) for t in a.steps.split(",")], a.problems, overrides)
+        return
     if a.one is not None:
         print(json.dumps(one(a.one, a.problems, a.iterations, overrides)))
         return

@@ -148,3 +148,33 @@ def test_the_api_takes_a_multi_step_update(tmp_path):
         dia.capture_update(model, images, labels, lr=0.05, local_steps=2, local_batch=3)
     with pytest.raises(dia.UserError, match="^lr=None"):
         dia.reconstruct(model, u.gradient, labels=labels, input_shape=(1, 4, 4), local_steps=2)
+
+
+def test_a_resumed_multi_step_attack_continues_bit_for_bit():
+    """The attack state (dummies and DIA's T mask sets) saved mid-way and loaded into a fresh module continues
+    exactly as an unbroken attack (what a run's checkpoint does)."""
+    from dia.attacks import ATTACKS
+    from dia.engine import AttackState
+
+    sim = simulate(*TINY_MLP, "attack=dia", "model.dropout=0.5", "client.local_steps=3", "num_victims=2",
+                   "attack.compile=false")
+    cls = ATTACKS.get("dia")
+
+    def module():
+        return cls(sim.model, cls.view(sim.problems), sim.cfg.attack)
+
+    straight = module()
+    straight.on_fit_start()
+    for _ in range(6):
+        straight.step()
+    first = module()
+    first.on_fit_start()
+    for _ in range(3):
+        first.step()
+    saved = {k: v.clone() for k, v in first.state.as_dict().items()}
+    second = module()
+    second.resume = saved
+    second.on_fit_start()
+    for _ in range(3):
+        second.step()
+    assert torch.equal(second.state.flat, straight.state.flat) and isinstance(second.state, AttackState)

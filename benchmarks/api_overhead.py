@@ -34,7 +34,7 @@ def main() -> None:
     sim = dia.simulate(*base)
     cfg = sim.cfg
     grads = [{n: t[k] for n, t in sim.problems.targets.items()} for k in range(sim.problems.num_problems)]
-    settings = {k: v for k, v in cfg.attack.items() if k != "name"}
+    settings = {k: v for k, v in cfg.attack.items() if k not in ("name", "labels")}  # labels: given below
     times: dict[str, list[float]] = {"dia.reconstruct": [], "dia.train path": []}
     for i in range(args.repeats):
         t0 = time.perf_counter()

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements the docs quote and the open issues ask for, one section at a time, each logged with the
 # device under $OUT (default gpu-results/). Usage:
-#   bash benchmarks/gpu.sh [paper-lite] [bench] [compile-cache] [variants] [refill] [fidelity] [defenses]
+#   bash benchmarks/gpu.sh [paper-lite] [bench] [compile-cache] [variants] [refill] [fidelity] [defenses] [fedavg]
 # (no argument: all, in that order; paper-lite is the issue-8 target: <= 10 min end to end on one H100/H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 py=${PYTHON:-python}
-sections=${*:-paper-lite bench compile-cache variants refill fidelity defenses}
+sections=${*:-paper-lite bench compile-cache variants refill fidelity defenses fedavg}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch; print('torch', torch.__version__)" | tee -a "$out/device.txt"
 
@@ -34,6 +34,9 @@ for s in $sections; do
                 && $py -m dia.report '$out/results/fidelity-cifar10-vit'" ;;
     defenses) timed defenses bash -c "$py -m dia.grid sweeps/defenses --run-all --results-root '$out/results' \
                 && $py -m dia.report '$out/results/defenses'" ;;
-    *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses" >&2; exit 2 ;;
+    fedavg) timed fedavg bash -c "$py benchmarks/fedavg.py --steps 1,2,5,10 --problems 64 -- data=cifar10 model=vit \
+              model.dropout=0.5 run.seed=43 && $py -m dia.grid sweeps/fedavg-vit.yaml --run-all --results-root '$out/results' \
+              && $py -m dia.report '$out/results/fedavg-vit'" ;;  # ~0.5 GPU-h projected (docs/fedavg.md)
+    *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses fedavg" >&2; exit 2 ;;
   esac
 done

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dia.data import Victims, load_victims, normalizer
 from dia.errors import UserError
-from dia.problems import Problems, infer_labels, simulate_clients
+from dia.problems import LocalTraining, Problems, infer_labels, simulate_clients
 
 
 @dataclass
@@ -69,7 +69,8 @@ def simulate(*overrides: str, config: DictConfig | None = None) -> Simulation:
     seed_everything(cfg.run.seed)
     mean, std = normalizer(cfg.data)
     problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size,
-                                seed=cfg.run.seed, defense=cfg.defense, lower=(0 - mean) / std, upper=(1 - mean) / std)
+                                seed=cfg.run.seed, defense=cfg.defense, lower=(0 - mean) / std, upper=(1 - mean) / std,
+                                local=LocalTraining.of(cfg.client, cfg.batch_size))
     if cfg.attack.labels == "infer":
         if cfg.batch_size != 1:
             raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
@@ -86,7 +87,7 @@ def captured(cfg: DictConfig) -> Simulation:
     """
     from dia.attacks import ATTACKS
     from dia.models import build_for
-    from dia.updates import ClientUpdate, as_gradients, labels_of, peek, stack
+    from dia.updates import ClientUpdate, as_gradients, labels_of, local_training, peek, stack
 
     path = Path(cfg.captured.file)
     if cfg.defense.name != "none":
@@ -115,8 +116,13 @@ def captured(cfg: DictConfig) -> Simulation:
     if ATTACKS.get(cfg.attack.name).needs_client_masks and not masks:
         raise UserError(f"attack={cfg.attack.name}: needs the client's dropout masks; {where} has none "
                         "(dia.capture_update records them)")
+    b = int(labels.shape[1])
+    if saved is not None:  # the file says how the client trained (FedSGD, or T local steps)
+        local = local_training(saved.steps, saved.lr, saved.local_batch, b) if saved.steps > 1 or saved.local_batch else None
+    else:  # a bare file: as the config's `client` section says
+        local = LocalTraining.of(cfg.client, b)
     problems = client_problems(model, grads, labels, shape, masks=masks, seed=cfg.run.seed,
-                               lower=(0 - mean) / std, upper=(1 - mean) / std)
+                               lower=(0 - mean) / std, upper=(1 - mean) / std, local=local)
     victims = None
     if saved is not None and saved.images is not None:
         images = saved.images.float()
@@ -164,7 +170,7 @@ def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shap
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, attack: Any = "dia",
                 kind: str = "gradient", lr: float | None = None, masks: Any = None, seed: int = 0,
                 device: str = "auto", out: str | Path | None = None, progress: bool = False,
-                **settings: Any) -> Reconstruction:
+                local_steps: int | None = None, local_batch: int | None = None, **settings: Any) -> Reconstruction:
     """Reconstruct the images behind `update`, what one client (or several) sent for `model`.
 
     - `update`: a gradient as a dict name -> tensor, a list of arrays in `model.parameters()` order (Flower's
@@ -172,6 +178,9 @@ def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shap
       or a list of those: several clients, attacked together in one vectorized program.
       `kind="delta"` (w_0 - w_1) or `"weights"` (the client's new weights; w_0 are `model`'s) with the
       client's SGD learning rate `lr`: one local step, attacked as a gradient.
+    - `local_steps` T > 1 (FedAvg): the client took T SGD steps with learning rate `lr`, each on `local_batch`
+      of its images (consecutive chunks; None: all), with fresh dropout masks each; the attack unrolls them.
+      Default: a `ClientUpdate`'s own (capture_update records them), else 1.
     - `labels`: per client (B,) or for all (K, B); None infers them from the gradient (batch size 1).
     - `input_shape`: (C, H, W) of one image as the model takes it; `mean`/`std` of that normalization (the
       images are kept in the valid [0, 1] range and returned in it; default: the model takes [0, 1] images).
@@ -186,7 +195,7 @@ def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shap
     from dia.config import attack_settings
     from dia.run.cell import resolve_device
     from dia.run.pack import fit
-    from dia.updates import as_gradients, capturable, labels_of, stack, _num_classes
+    from dia.updates import ClientUpdate, as_gradients, capturable, clients_of, labels_of, local_training, stack, _num_classes
 
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -205,8 +214,15 @@ def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shap
         y = infer_labels(stack(grads), num_classes).view(-1, 1)
     else:
         y = labels_of(labels, len(grads), num_classes=num_classes)
+    captured = [u for u in clients_of(update) if isinstance(u, ClientUpdate)]
+    if local_steps is None:
+        local_steps = captured[0].steps if captured else 1
+        local_batch = captured[0].local_batch if captured and local_batch is None else local_batch
+    if lr is None and captured:
+        lr = captured[0].lr
+    local = local_training(local_steps, lr, local_batch, int(y.shape[1]))
     problems = client_problems(twin, grads, y, shape, masks=masks, seed=seed, lower=(0 - mean_t) / std_t,
-                               upper=(1 - mean_t) / std_t)
+                               upper=(1 - mean_t) / std_t, local=local)
     if cls.needs_client_masks and problems.true_masks is None:
         raise UserError(f"attack={cls.name}: needs the client's dropout masks (masks=...; capture_update records them)")
     module = cls(twin, cls.view(problems), cfg)
@@ -222,23 +238,26 @@ def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shap
 
 
 def client_problems(model: nn.Module, grads: list[dict[str, Tensor]], labels: Tensor, input_shape: tuple[int, ...], *,
-                    masks: Any = None, seed: int = 0, lower: Tensor | None = None, upper: Tensor | None = None) -> Problems:
+                    masks: Any = None, seed: int = 0, lower: Tensor | None = None, upper: Tensor | None = None,
+                    local: LocalTraining | None = None) -> Problems:
     """The attack problems of K clients' gradients for a capturable `model`: targets, labels (K, B), the
-    dropout sites' shapes and rates (public: the model's), per-problem seeds, the clients' masks if given."""
+    dropout sites' shapes and rates (public: the model's), per-problem seeds, the clients' masks if given;
+    `local`: the clients' T local steps (FedAvg; each site's masks are then (T * b, ...) per client)."""
     from dia.models.dropout import dropout_control, dropout_sites
     from dia.problems import problem_seed
     from dia.updates import stack
 
     k, b = labels.shape
+    per_step, steps = (b, 1) if local is None else (local.per_step(b), local.steps)
     sites = dropout_sites(model, active_only=True)
     with torch.no_grad(), dropout_control(model, "record") as probe:  # shapes are public: any input of the size works
         model.train()
-        model(torch.zeros(b, *input_shape))
-    shapes = {n: tuple(probe.masks[n].shape) for n in sites if n in probe.masks}
+        model(torch.zeros(per_step, *input_shape))
+    shapes = {n: (steps * per_step, *probe.masks[n].shape[1:]) for n in sites if n in probe.masks}
     true = _masks(masks, shapes, k) if masks is not None else None
     return Problems(targets=stack(grads), labels=labels, input_shape=(b, *input_shape), mask_shapes=shapes,
                     rates={n: sites[n].p for n in shapes}, kinds={n: sites[n].kind for n in shapes},
-                    seeds=[problem_seed(seed, j) for j in range(k)], true_masks=true, lower=lower, upper=upper)
+                    seeds=[problem_seed(seed, j) for j in range(k)], true_masks=true, lower=lower, upper=upper, local=local)
 
 
 def _masks(masks: Any, shapes: dict[str, tuple[int, ...]], k: int) -> dict[str, Tensor]:

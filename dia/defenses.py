@@ -18,6 +18,10 @@ config holds ``name: prune+dpsgd``). Stages listed before ``dpsgd`` act on each 
 act on that (post-processing: the epsilon is unchanged). Without ``dpsgd`` every stage acts on the sent
 gradient, in order. Each stage's keys (``defense.clip``, ``defense.ratio``, ...) are in one flat section.
 
+A FedAvg client (`client.local_steps` T > 1, dia.problems) applies ``dpsgd`` and the stages before it to every
+local step's gradient (as DP-SGD training does) and the other stages to the update it sends
+(`split_defense`); the accountant composes the T steps (`privacy`).
+
 Randomness (DP noise, stochastic rounding) comes only from the generator the caller passes in: one per
 client, seeded apart from the client's dropout and the attacker's initialisation (`dia.problems`).
 """
@@ -232,6 +236,29 @@ def defend(
     return grads
 
 
+def split_defense(cfg: Any) -> tuple[Any, Any]:
+    """A FedAvg client's defense as (per step, on the final update): DP-SGD and the stages before it act on every
+    local step's gradient (as DP-SGD training does), the other stages on the update the client sends."""
+    if is_none(cfg):
+        return None, None
+    names = stage_names(cfg.name)
+    split = next((i + 1 for i, n in enumerate(names) if DEFENSES.get(n).per_example), 0)
+    return _with_stages(cfg, names[:split]), _with_stages(cfg, names[split:])
+
+
+def _with_stages(cfg: Any, names: list[str]) -> Any:
+    """`cfg` (a defense section) restricted to the stages `names` (None: no stage)."""
+    if not names:
+        return None
+    import copy
+
+    out = copy.deepcopy(cfg)
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, name="+".join(names))
+    out.name = "+".join(names)
+    return out
+
+
 def surviving(grads: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Grads:
     """`attack.model_defense`: the attacker's gradient restricted to where the sent gradient is nonzero.
 
@@ -241,11 +268,10 @@ def surviving(grads: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Gra
     return {n: g * (targets[n] != 0).to(g.dtype) for n, g in grads.items()}
 
 
-def privacy(cfg: Any) -> dict[str, float | None] | None:
-    """The (epsilon, delta) of one client's release (one FedSGD step: sampling rate 1, one step), or None.
-
-    Example-level DP of the Gaussian mechanism, from opacus' RDP accountant; epsilon None for no noise.
-    """
+def privacy(cfg: Any, steps: int = 1) -> dict[str, float | None] | None:
+    """The (epsilon, delta) of one client's release (sampling rate 1; `steps` local DP-SGD steps composed, one for
+    FedSGD), or None. Example-level DP of the Gaussian mechanism, from opacus' RDP accountant; epsilon None for
+    no noise."""
     if is_none(cfg) or "dpsgd" not in stage_names(cfg.name):
         return None
     if cfg.noise_multiplier == 0:
@@ -253,12 +279,14 @@ def privacy(cfg: Any) -> dict[str, float | None] | None:
     from opacus.accountants import RDPAccountant  # imported here: only DP runs need it
 
     accountant = RDPAccountant()
-    accountant.step(noise_multiplier=float(cfg.noise_multiplier), sample_rate=1.0)
+    for _ in range(steps):  # the accountant composes its steps (RDP adds up)
+        accountant.step(noise_multiplier=float(cfg.noise_multiplier), sample_rate=1.0)
     return {"epsilon": float(accountant.get_epsilon(delta=float(cfg.delta))), "delta": float(cfg.delta)}
 
 
-def summary(cfg: Any, model_defense: bool = False) -> dict[str, Any]:
-    """What metrics.json records about the defense: its keys, the attacker's knowledge of it, (epsilon, delta)."""
+def summary(cfg: Any, model_defense: bool = False, steps: int = 1) -> dict[str, Any]:
+    """What metrics.json records about the defense: its keys, the attacker's knowledge of it, (epsilon, delta)
+    of the client's release (`steps` local steps)."""
     params = {"name": "none"} if cfg is None else dict(OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else dataclasses.asdict(cfg))
-    dp = privacy(cfg)
+    dp = privacy(cfg, steps)
     return {**params, "model_defense": bool(model_defense), "epsilon": None if dp is None else dp["epsilon"]}

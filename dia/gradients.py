@@ -1,15 +1,17 @@
 """The shared gradient as a function of (inputs, masks): the client's and the attacker's view of it.
 
 `client_gradients` is what a client sends: a normal stochastic training step (model in train mode,
-dropout drawn at random and recorded). `problem_gradients` is the attacker's differentiable model of it
-for K independent problems at once: `vmap(grad(loss))` over the problems, so one program serves any K
-and the outer autograd graph reaches the dummy inputs and mask parameters.
+dropout drawn at random and recorded); `client_update` is a FedAvg client's T local steps. `problem_gradients`
+is the attacker's differentiable model of either for K independent problems at once: `vmap(grad(loss))` over
+the problems (unrolled over the T local steps for FedAvg), so one program serves any K and the outer
+autograd graph reaches the dummy inputs and mask parameters.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from dia.models.dropout import Mode, dropout_control
+
+if TYPE_CHECKING:
+    from dia.problems import LocalTraining
 
 
 def client_gradients(
@@ -31,6 +36,33 @@ def client_gradients(
     return {n: g.detach() for n, g in zip(params, grads)}, {k: v.detach() for k, v in ctl.masks.items()}
 
 
+def client_update(
+    model: nn.Module, x: Tensor, y: Tensor, local: "LocalTraining", *, generator: torch.Generator | None = None,
+    defend_step: Callable[[dict[str, Tensor], nn.Module, Tensor, Tensor, dict[str, Tensor]], dict[str, Tensor]] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A FedAvg client's update on batch (x, y): its own copy of `model` takes `local.steps` plain SGD steps
+    (each on its share of the batch, fresh dropout masks drawn and recorded by the model's own sites); returns
+    (w_0 - w_T) / lr (the sum of the T gradients along the trajectory, in gradient units) and the masks
+    {site: (T * b, ...)}, step after step. `defend_step(grads, model, x_t, y_t, masks_t)`: a per-step defense
+    (DP-SGD) applied to each step's gradient before the step. `model` itself is not changed."""
+    client = copy.deepcopy(model).train()
+    params = dict(client.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.SGD(params.values(), lr=local.lr)
+    steps: list[dict[str, Tensor]] = []
+    for t in range(local.steps):
+        sl = local.images(t, len(x))
+        grads, masks = client_gradients(client, x[sl], y[sl], generator=generator)
+        if defend_step is not None:
+            grads = defend_step(grads, client, x[sl], y[sl], masks)
+        for n, p in params.items():
+            p.grad = grads[n]
+        opt.step()
+        steps.append(masks)
+    update = {n: (start[n] - p.detach()) / local.lr for n, p in params.items()}
+    return update, {s: torch.cat([m[s] for m in steps]) for s in steps[0]}
+
+
 def problem_gradients(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -38,10 +70,15 @@ def problem_gradients(
     y: Tensor,
     masks: Mapping[str, Tensor] | None,
     mode: Mode,
+    local: "LocalTraining | None" = None,
 ) -> dict[str, Tensor]:
     """Parameter gradients for K problems: x (K, B, ...), y (K, B), masks {site: (K, B, ...)} -> {name: (K, ...)}.
 
-    Differentiable w.r.t. `x` and `masks` (create-graph semantics), not w.r.t. `params`.
+    With `local` (FedAvg) the update of T local SGD steps instead, unrolled from `params` (the multi-step
+    attack of Geiping et al. 2020): p_{t+1} = p_t - lr * g_t, each g_t on step t's images under step t's
+    masks (rows t*b..(t+1)*b of each site's (T * b, ...) masks), returning sum_t g_t = (w_0 - w_T) / lr.
+    Differentiable w.r.t. `x` and `masks` (create-graph semantics, through the whole trajectory), not w.r.t.
+    `params`.
     """
     buffers = dict(model.named_buffers())
 
@@ -50,16 +87,33 @@ def problem_gradients(
             out = functional_call(model, (p, buffers), (xk,))
         return F.cross_entropy(out, yk)
 
+    fn = grad(loss) if local is None else _unrolled(grad(loss), local)
     masks = dict(masks or {})
     if type(model) not in _SEQUENTIAL:
         try:
-            return vmap(grad(loss), in_dims=(None, 0, 0, 0 if masks else None))(dict(params), x, y, masks)
+            return vmap(fn, in_dims=(None, 0, 0, 0 if masks else None))(dict(params), x, y, masks)
         except (RuntimeError, NotImplementedError) as exc:  # an operation vmap cannot batch
             _SEQUENTIAL.add(type(model))
             warnings.warn(f"{type(model).__name__} cannot be vectorized over problems ({str(exc).splitlines()[0][:120]}); "
                           "attacking its problems one after another", stacklevel=2)
-    per_problem = [grad(loss)(dict(params), x[k], y[k], {n: m[k] for n, m in masks.items()}) for k in range(x.shape[0])]
+    per_problem = [fn(dict(params), x[k], y[k], {n: m[k] for n, m in masks.items()}) for k in range(x.shape[0])]
     return {n: torch.stack([g[n] for g in per_problem]) for n in per_problem[0]}
+
+
+def _unrolled(step_grad: Any, local: "LocalTraining") -> Any:
+    """One problem's T local steps as a function of (p_0, x, y, masks): sum_t g_t along p_{t+1} = p_t - lr g_t."""
+
+    def update(p0: dict[str, Tensor], xk: Tensor, yk: Tensor, mk: dict[str, Tensor]) -> dict[str, Tensor]:
+        b = local.per_step(xk.shape[0])
+        p, total = p0, None
+        for t in range(local.steps):
+            sl = local.images(t, xk.shape[0])
+            g = step_grad(p, xk[sl], yk[sl], {n: m[t * b:(t + 1) * b] for n, m in mk.items()})
+            total = g if total is None else {n: total[n] + g[n] for n in g}
+            p = {n: p[n] - local.lr * g[n] for n in p}
+        return total
+
+    return update
 
 
 _SEQUENTIAL: set[type] = set()  # model classes found not to vmap: the sequential path, with one notice

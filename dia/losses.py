@@ -30,9 +30,16 @@ def total_variation(x: Tensor) -> Tensor:
     return dx + dy
 
 
-def keep_rate_penalty(masks: Mapping[str, Tensor], rates: Mapping[str, float]) -> Tensor:
-    """DIA's regularizer: sum over sites of |(1 - mean(mask)) - p|, per problem; masks (K, ...) -> (K,)."""
+def keep_rate_penalty(masks: Mapping[str, Tensor], rates: Mapping[str, float], steps: int = 1) -> Tensor:
+    """DIA's regularizer: sum over sites of |(1 - mean(mask)) - p|, per problem; masks (K, ...) -> (K,).
+
+    With `steps` T > 1 (FedAvg: a site's masks are T steps' masks along dim 1) it applies per step, averaged
+    over the steps, so `mask_weight` means the same at every T."""
     total: Tensor | float = 0.0
     for name, m in masks.items():
-        total = total + ((1.0 - m.flatten(1).mean(1)) - rates[name]).abs()
+        if steps == 1:
+            total = total + ((1.0 - m.flatten(1).mean(1)) - rates[name]).abs()
+        else:
+            per_step = m.reshape(m.shape[0], steps, -1).mean(2)  # (K, T)
+            total = total + ((1.0 - per_step) - torch.as_tensor(rates[name]).reshape(-1, 1)).abs().mean(1)
     return torch.as_tensor(total)

@@ -8,9 +8,42 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dia.defenses import defend, per_example_gradients
-from dia.gradients import client_gradients
+from dia.defenses import defend, per_example_gradients, split_defense
+from dia.gradients import client_gradients, client_update
 from dia.models.dropout import dropout_control, dropout_sites
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """A FedAvg client's local training, as the server configures it: `steps` (T) plain SGD steps with learning
+    rate `lr`, each on `batch` of the client's B images (consecutive chunks, step t takes chunk t mod B/batch;
+    None: the whole batch every step), each drawing fresh dropout masks. Its target is (w_0 - w_T) / lr, the
+    sum of the T gradients along the trajectory; a site's masks per problem are the T steps' masks stacked
+    along the batch axis, (T * batch, ...)."""
+
+    steps: int
+    lr: float
+    batch: int | None = None
+
+    def images(self, step: int, total: int) -> slice:
+        """The images (of `total`) local step `step` trains on."""
+        b = self.batch or total
+        chunk = step % (total // b)
+        return slice(chunk * b, (chunk + 1) * b)
+
+    def per_step(self, total: int) -> int:
+        return self.batch or total
+
+    @classmethod
+    def of(cls, client: Any, images: int) -> "LocalTraining | None":
+        """The `client` config section for clients of `images` images as local training; None for one full-batch
+        step (FedSGD, bit for bit)."""
+        if client is None:
+            return None
+        batch = None if client.local_batch in ("full", images) else int(client.local_batch)
+        if int(client.local_steps) == 1 and batch is None:
+            return None
+        return cls(int(client.local_steps), float(client.local_lr), batch)
 
 
 @dataclass
@@ -27,6 +60,7 @@ class Problems:
     true_masks: dict[str, Tensor] | None = None  # the client's masks {site: (K, B, ...)}: WIIG and evaluation only
     lower: Tensor | None = None  # the valid image range in the attack's (normalized) space, (C, 1, 1): public
     upper: Tensor | None = None
+    local: "LocalTraining | None" = None  # FedAvg: the client's T local steps (public: the server sets them); None: FedSGD
 
     @property
     def num_problems(self) -> int:
@@ -64,13 +98,15 @@ def problem_seed(seed: int, index: int) -> int:
 
 def simulate_clients(
     model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int, seed: int, defense: Any = None,
-    lower: Tensor | None = None, upper: Tensor | None = None,
+    lower: Tensor | None = None, upper: Tensor | None = None, local: LocalTraining | None = None,
 ) -> Problems:
     """Each consecutive group of `batch_size` (normalized) images is one client's batch and one problem.
     `lower`/`upper`: the valid image range in that normalized space (public: the attack keeps images in it).
 
     `defense` (a `defense` config section, see dia.defenses) is applied to what each client sends, with
     its own generator per client; None or `name: none` leaves the gradients as computed.
+    `local`: FedAvg clients (T local SGD steps on their own model copy, fresh masks each step; DP-SGD per step,
+    the other defenses on the final update); None: one gradient step (FedSGD).
     """
     n = images.shape[0]
     k = n // batch_size
@@ -79,26 +115,37 @@ def simulate_clients(
     for j in range(k):  # one-time work per client; the attack itself is vectorized over problems
         sl = slice(j * batch_size, (j + 1) * batch_size)
         gen = torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 1)
-        g, m = client_gradients(model, images[sl], labels[sl], generator=gen)
-        g = defend(g, defense, torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 2),
-                   None if batch_size == 1 else lambda: per_example_gradients(model, images[sl], labels[sl], m))
+        noise = torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 2)
+        if local is None:
+            g, m = client_gradients(model, images[sl], labels[sl], generator=gen)
+            g = defend(g, defense, noise,
+                       None if batch_size == 1 else lambda: per_example_gradients(model, images[sl], labels[sl], m))
+        else:
+            per_step, final = split_defense(defense)
+            g, m = client_update(model, images[sl], labels[sl], local, generator=gen,
+                                 defend_step=lambda grads, mdl, x, y, mk: defend(
+                                     grads, per_step, noise, None if len(y) == 1 else lambda: per_example_gradients(mdl, x, y, mk)))
+            g = defend(g, final, noise)
         targets.append(g)
         masks.append(m)
     sites = dropout_sites(model, active_only=True)
     rates = {name: site.p for name, site in sites.items()}
+    per_step = batch_size if local is None else local.per_step(batch_size)
     with torch.no_grad(), dropout_control(model, "record") as probe:  # shapes are public: any input of the size works
-        model(torch.zeros_like(images[:batch_size]))
+        model(torch.zeros_like(images[:per_step]))
+    steps = 1 if local is None else local.steps
     return Problems(
         targets={name: torch.stack([g[name] for g in targets]) for name in targets[0]},
         labels=labels[: k * batch_size].view(k, batch_size),
         input_shape=tuple(images[:batch_size].shape),
-        mask_shapes={name: tuple(probe.masks[name].shape) for name in rates},
+        mask_shapes={name: (steps * per_step, *probe.masks[name].shape[1:]) for name in rates},
         rates=rates,
         kinds={name: site.kind for name, site in sites.items()},
         seeds=[problem_seed(seed, j) for j in range(k)],
         true_masks={name: torch.stack([m[name] for m in masks]) for name in rates},
         lower=lower,
         upper=upper,
+        local=local,
     )
 
 

@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     from dia.metrics import METRICS
 
     mean = {k.key: m["mean"][k.key] for k in METRICS if k.brief and m["mean"].get(k.key) is not None}
+    steps = (m.get("client") or {}).get("local_steps", 1)
     parts = [f"status {m['status']}", *(f"mean {k} {v:.4g}" for k, v in mean.items()), f"{m['wall_time_s']:.1f} s on {m['device']}"]
-    print(f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}: " + ", ".join(parts))
+    print(f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}{f' T={steps}' if steps > 1 else ''}: "
+          + ", ".join(parts))
     print(f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
           + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else ""))
     if out.wandb_dir:

@@ -31,17 +31,20 @@ Grads = dict[str, Tensor]
 
 @dataclass
 class ClientUpdate:
-    """One client's update: the gradient of its mean cross-entropy loss over its batch, the labels it used,
-    and, for evaluation only (a real server never has them), the dropout masks it drew and its images."""
+    """One client's update: the gradient of its mean cross-entropy loss over its batch (after `steps` T > 1 local
+    SGD steps: (w_0 - w_T) / lr, the sum of the T gradients along its trajectory), the labels it used, and, for
+    evaluation only (a real server never has them), the dropout masks it drew and its images."""
 
     gradient: Grads
     labels: Tensor  # (B,)
-    masks: Grads | None = None  # {site: (B, ...)} keep-masks, evaluation (and WIIG) only
+    masks: Grads | None = None  # {site: (B, ...)} keep-masks ((T * b, ...): T steps' masks), evaluation (and WIIG) only
     images: Tensor | None = None  # (B, C, H, W) the client's batch as its model took it, evaluation only
     lr: float | None = None  # the local learning rate, when it stepped
+    steps: int = 1  # T: local SGD steps (FedAvg), each with fresh dropout masks
+    local_batch: int | None = None  # images per local step (consecutive chunks, step t takes chunk t mod B/b); None: all B
 
     def delta(self) -> Grads:
-        """w_0 - w_1 after one SGD step with `lr`: what a FedAvg client that trained one step sends."""
+        """w_0 - w_T after its T SGD steps with `lr`: what a FedAvg client sends."""
         if self.lr is None:
             raise UserError("ClientUpdate.delta: no learning rate (capture_update(..., lr=...))")
         return {n: self.lr * g for n, g in self.gradient.items()}
@@ -56,7 +59,10 @@ class ClientUpdate:
         if self.images is not None:
             flat["images"] = self.images
         if self.lr is not None:
-            flat["lr"] = torch.tensor(float(self.lr))
+            flat["lr"] = torch.tensor(float(self.lr), dtype=torch.float64)  # the learning rate exactly
+        if self.steps != 1 or self.local_batch is not None:
+            flat["local_steps"] = torch.tensor(int(self.steps))
+            flat["local_batch"] = torch.tensor(0 if self.local_batch is None else int(self.local_batch))
         return save_tensors(Path(path), flat)
 
     @classmethod
@@ -67,8 +73,9 @@ class ClientUpdate:
             raise UserError(f"update '{path}': not a saved ClientUpdate (no 'labels'); give the gradient itself instead")
         part = lambda prefix: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
         lr = flat.get("lr")
+        batch = int(flat.get("local_batch", 0))
         return cls(part("gradient/"), flat["labels"], part("masks/") or None, flat.get("images"),
-                   None if lr is None else float(lr))
+                   None if lr is None else float(lr), int(flat.get("local_steps", 1)), batch or None)
 
 
 # ---- reading updates ---------------------------------------------------------------------------------
@@ -238,12 +245,16 @@ def capturable(model: nn.Module, example: Tensor) -> nn.Module:
 
 
 def capture_update(model: nn.Module, images: Tensor, labels: Any, *, lr: float | None = None,
-                   seed: int | None = None) -> ClientUpdate:
+                   seed: int | None = None, local_steps: int = 1, local_batch: int | None = None) -> ClientUpdate:
     """What a client sends after one training step of `model` on its batch (`images` as the model takes them,
     `labels`): the gradient of the mean cross-entropy with the model in train mode (dropout drawn at random,
     from a generator seeded with `seed` if given), and for evaluation only the masks it drew. `model` is not
-    changed (the step runs on a copy)."""
-    from dia.gradients import client_gradients
+    changed (the step runs on a copy).
+
+    FedAvg: `local_steps` T > 1 plain SGD steps with learning rate `lr`, each on `local_batch` of the images
+    (consecutive chunks, step t takes chunk t mod B/b; None: all of them) with fresh masks; the update holds
+    (w_0 - w_T) / lr and the T steps' masks, stacked along the batch axis."""
+    from dia.gradients import client_gradients, client_update
 
     images = _tensor(images, "images") if not isinstance(images, Tensor) else images.detach().cpu().float()
     twin = capturable(model, images[:1])
@@ -252,8 +263,28 @@ def capture_update(model: nn.Module, images: Tensor, labels: Any, *, lr: float |
     if len(y) != len(images):
         raise UserError(f"labels: {len(y)} labels for {len(images)} images")
     gen = None if seed is None else torch.Generator().manual_seed(seed)
-    grads, masks = client_gradients(twin, images, y, generator=gen)
-    return ClientUpdate(grads, y, masks or None, images.clone(), lr)
+    local = local_training(local_steps, lr, local_batch, len(y))
+    if local is None:
+        grads, masks = client_gradients(twin, images, y, generator=gen)
+    else:
+        grads, masks = client_update(twin, images, y, local, generator=gen)
+    return ClientUpdate(grads, y, masks or None, images.clone(), lr, int(local_steps), local_batch)
+
+
+def local_training(steps: Any, lr: Any, batch: Any, images: int) -> Any:
+    """A FedAvg client's local training (`dia.problems.LocalTraining`) from the API's keywords, checked; None for
+    one full-batch step (FedSGD)."""
+    from dia.problems import LocalTraining
+
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise UserError(f"local_steps={steps!r}: must be an integer >= 1")
+    if batch is not None and not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1 and images % batch == 0):
+        raise UserError(f"local_batch={batch!r}: must be a positive integer dividing the {images} images per client (or None: all)")
+    if steps == 1 and batch in (None, images):
+        return None
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"lr={lr!r}: local_steps={steps} needs the client's local learning rate, a finite number > 0")
+    return LocalTraining(steps, float(lr), batch)
 
 
 def _num_classes(model: nn.Module, example: Tensor) -> int:

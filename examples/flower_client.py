@@ -1,13 +1,15 @@
 """A Flower client's update, attacked on the server side.
 
 The client is a Flower `NumPyClient`: `fit` loads the global weights, trains its own model (dropout active) on
-its private image with plain SGD and returns its new weights. The server sees exactly what Flower delivers
-(a `FitRes` whose parameters it deserializes with `parameters_to_ndarrays`) and the global model, never the
-image, the label or the client's dropout masks. `dia.reconstruct(kind="weights", lr=...)` attacks it.
+its private image with plain SGD for the round's `local_steps` (FedAvg: fresh dropout masks at every step) and
+returns its new weights. The server sees exactly what Flower delivers (a `FitRes` whose parameters it
+deserializes with `parameters_to_ndarrays`) and the global model, never the image, the label or the client's
+dropout masks. `dia.reconstruct(kind="weights", lr=..., local_steps=...)` attacks it, unrolling the local steps
+(the server set the learning rate and the number of steps: they are in the round's config).
 
     pip install "dia[flower]"
-    python examples/flower_client.py                          # 2 clients, 1,500 iterations
-    python examples/flower_client.py --iterations 400 --min-ssim 0.75   # what CI runs
+    python examples/flower_client.py                          # 2 clients, 3 local steps, 1,500 iterations
+    python examples/flower_client.py --iterations 300 --min-ssim 0.8   # what CI runs
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> int:
     a.add_argument("--clients", type=int, default=2)
     a.add_argument("--dropout", type=float, default=0.25)
     a.add_argument("--lr", type=float, default=0.05, help="the clients' SGD learning rate (the server knows it: it sent it)")
+    a.add_argument("--local-steps", type=int, default=3, help="local SGD steps per round (the server sent it too)")
     a.add_argument("--min-ssim", type=float, default=0.9, help="fail (exit 1) if DIA's mean SSIM is below this")
     args = a.parse_args()
 
@@ -75,7 +78,7 @@ def main() -> int:
         images = torch.from_numpy(npz["images"][: args.clients]).permute(0, 3, 1, 2).float() / 255
         labels = torch.from_numpy(npz["labels"][: args.clients]).long()
     server_model = Net(args.dropout)  # the global model: the server holds its weights
-    round_config = {"lr": args.lr, "local_steps": 1}
+    round_config = {"lr": args.lr, "local_steps": args.local_steps}
     ins = FitIns(ndarrays_to_parameters([v.numpy() for v in server_model.state_dict().values()]), round_config)
 
     received = []
@@ -84,10 +87,11 @@ def main() -> int:
         res = client.fit(ins)  # what travels back to the server
         received.append(parameters_to_ndarrays(res.parameters))
 
-    r = dia.reconstruct(server_model, received, kind="weights", lr=args.lr, input_shape=(1, 28, 28), mean=(MEAN,),
-                        std=(STD,), attack="dia", max_iterations=args.iterations)  # labels inferred from the update
+    r = dia.reconstruct(server_model, received, kind="weights", lr=args.lr, local_steps=args.local_steps,
+                        input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="dia",
+                        max_iterations=args.iterations)  # labels inferred from the update
     m = dia.evaluate(r, images)
-    print(f"DIA on {args.clients} Flower clients: labels {r.labels.flatten().tolist()} (true {labels.tolist()}), "
+    print(f"DIA on {args.clients} Flower clients ({args.local_steps} local steps each): labels {r.labels.flatten().tolist()} (true {labels.tolist()}), "
           f"SSIM {m['mean']['ssim']:.3f}, PSNR {m['mean']['psnr']:.1f} dB")
     if m["mean"]["ssim"] < args.min_ssim or r.labels.flatten().tolist() != labels.tolist():
         print(f"FAILED: SSIM {m['mean']['ssim']:.3f} (needs >= {args.min_ssim}) or wrong labels", file=sys.stderr)

@@ -275,3 +275,18 @@ def test_a_bad_captured_update_is_one_line_and_writes_nothing(captured, extra, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (root / "bad").exists() or not any(p for p in (root / "bad").iterdir() if p.name != ".compile-cache")
+
+
+def test_a_captured_multi_step_update_is_attacked_as_such(captured):
+    """A ClientUpdate of T = 3 local steps carries its T, learning rate and masks: WIIG replays the three mask
+    sets through the unrolled steps and reconstructs; metrics.json records the client's training."""
+    from dia.train import main
+
+    root, sim, _ = captured
+    update = dia.capture_update(sim.model, (sim.victims.images - sim.mean) / sim.std, sim.victims.labels, seed=1,
+                                local_steps=3, lr=0.1)
+    update.save(root / "client3.pt")
+    args = [*CLI, f"model.checkpoint={root / 'ckpt.pt'}", f"run.output_dir={root / 'runs'}", "attack=wiig"]
+    assert main([*args, f"captured.file={root / 'client3.pt'}", "run.name=t3"]) == 0
+    m = json.loads((root / "runs" / "t3" / "metrics.json").read_text())
+    assert m["client"]["local_steps"] == 3 and m["victims"][0]["ssim"] > 0.85

@@ -188,7 +188,7 @@ class InvertingGradients(L.LightningModule):
         masks = self.rows.masks(params)
         applied = self.rows.applied(masks, params)
         grads = problem_gradients(self.model, self.model_params, params["x"], self.rows.labels, applied,
-                                  "apply" if applied else "off")
+                                  "apply" if applied else "off", self.rows.local)
         grads = surviving(grads, self.rows.targets) if self.cfg.model_defense else grads
         return self.distance(grads, self.rows.targets) + self.prior(params["x"]) + self.regularizer(masks, params)
 
@@ -198,7 +198,7 @@ class InvertingGradients(L.LightningModule):
         if not self.rows.trained:
             return 0.0
         rates = self.rows.rates(params) if self.rows.learned else self.rows.tables["rate"]
-        return self.rows.weights * keep_rate_penalty({s: masks[s] for s in self.rows.trained}, rates)
+        return self.rows.weights * keep_rate_penalty({s: masks[s] for s in self.rows.trained}, rates, self.rows.steps)
 
     def project(self, params: dict[str, Tensor]) -> None:
         """Keep trainables in their valid set (in place): images in the box, clipped masks in [0, 1]."""

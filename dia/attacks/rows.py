@@ -67,12 +67,15 @@ class Rows:
         parts = list(parts)
         for part in parts + list(expect):
             part.check_view()
+            if part.problems.local != parts[0].problems.local:
+                raise ValueError("problems of clients that trained differently (client.local_*) cannot share a program")
         self._scheme(parts + list(expect))
         sizes = [p.problems.num_problems for p in parts]
         self.parts = parts
         self.index = [torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(parts))]
         first = parts[0].problems
         self.input_shape = first.input_shape
+        self.local = first.local  # FedAvg: every part's clients train alike (dia.run.pack keys on the client section)
         self.targets = {n: torch.cat([p.problems.targets[n] for p in parts]) for n in first.targets}
         self.labels = torch.cat([p.problems.labels for p in parts])
         tables = [self._tables(part) for part in parts]
@@ -114,10 +117,17 @@ class Rows:
                 out["client"][site] = part.problems.true_masks[site] if r == "client" else torch.ones(n, *shape)
         return out
 
+    @property
+    def steps(self) -> int:
+        """T: the local steps each row's client took (1: FedSGD)."""
+        return 1 if self.local is None else self.local.steps
+
     def fits(self, part: Part) -> bool:
-        """Whether `part` can take rows of this program without changing it: each site it drops at exists with
-        the same shape and role, rows that do not train a trained site are allowed there, and its mask
-        parametrization is one the program has."""
+        """Whether `part` can take rows of this program without changing it: its clients trained alike, each site
+        it drops at exists with the same shape and role, rows that do not train a trained site are allowed
+        there, and its mask parametrization is one the program has."""
+        if part.problems.local != self.local:
+            return False
         for site in set(part.problems.mask_shapes) | set(self.sites):
             r = part.role(site)
             if r is not None and self.sites.get(site) != part.problems.mask_shapes[site]:

@@ -238,6 +238,7 @@ def _load_choice(group: str, choice: Any, root: Path) -> tuple[DictConfig, str]:
 
 Check = tuple[str, Callable[[Any], bool], str]
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+MAX_STEPS = 10**6  # client.local_steps: beyond memory anyway (dia.run.checks says how many fit)
 BIG = 10**9  # an upper bound for counts (iterations, patience, ...): larger is a typo, not a plan
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
@@ -274,6 +275,9 @@ CHECKS: list[Check] = [
     ("data.channels", _count(1, 4096), "must be a positive integer"),
     ("data.num_classes", _count(2, 10**7), "must be an integer > 1"),
     ("batch_size", _count(1, 10**6), "must be a positive integer"),
+    ("client.local_steps", _count(1, MAX_STEPS), f"must be an integer in 1..{MAX_STEPS}"),
+    ("client.local_lr", lambda v: 0 < v < float("inf"), "must be a finite number > 0"),
+    ("client.local_batch", lambda v: v == "full" or _count(1, 10**6)(v), "must be full or a positive integer"),
     ("num_victims", _count(1, 10**7), "must be a positive integer"),
     ("victims", lambda v: all(isinstance(i, int) and 0 <= i < 2**63 for i in v), "must be a list of indices >= 0"),
     ("victim_seed", _count(0, MAX_SEED), f"must be an integer in 0..{MAX_SEED}"),
@@ -317,6 +321,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("data.std: every value must be > 0")
     if cfg.attack.labels == "infer" and cfg.batch_size != 1:
         raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
+    if cfg.client.local_batch != "full" and cfg.batch_size % cfg.client.local_batch:
+        raise UserError(f"client.local_batch={cfg.client.local_batch} does not divide batch_size={cfg.batch_size} "
+                        "(the images each local step takes; or full: the whole batch every step)")
     model = cfg.model
     if "patch_size" in model and cfg.data.image_size % model.patch_size:
         raise UserError(f"model.patch_size={model.patch_size} does not divide data.image_size={cfg.data.image_size}")

@@ -1,7 +1,7 @@
 """The settings schema: what every key of a run's config is, its type and its default. No torch here.
 
-A run's config is the top-level `Config` plus one section per group (`attack`, `model`, `data`, `defense`,
-`client`). Each group has a base dataclass with the keys every choice shares; a choice's own keys are those
+A run's config is the top-level `Config` (with fixed sections such as `client` and `run`) plus one section per
+group (`attack`, `model`, `data`, `defense`). Each group has a base dataclass with the keys every choice shares; a choice's own keys are those
 of its YAML file, `configs/<group>/<name>.yaml`, typed by their defaults. So a new attack, model or defense
 is its code and one YAML that lists its settings with their defaults and comments; nothing else names it.
 
@@ -105,6 +105,15 @@ class LoggerConfig:
 
 
 @dataclass
+class ClientConfig:
+    """How a client trains before it answers: one gradient step (FedSGD, the paper) or T local SGD steps (FedAvg)."""
+
+    local_steps: int = 1  # T: local SGD steps, fresh dropout masks each; the client sends w_0 - w_T (1: its gradient)
+    local_lr: float = 0.1  # the clients' SGD learning rate (the server knows it: it sets it)
+    local_batch: Any = "full"  # images per local step: full (the whole batch every step) or b dividing batch_size (step t: chunk t mod B/b)
+
+
+@dataclass
 class MetricsConfig:
     lpips: str = "auto"  # auto (AlexNet LPIPS; null with one warning when its weights cannot be had) | off
     curves_ssim: bool = True  # curves.jsonl (and W&B) get eval/ssim of the best iterates every attack.log_every iterations
@@ -131,6 +140,7 @@ class Config:
     victim_seed: Optional[int] = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     batch_size: int = 1  # victims per client batch: one shared gradient comes from B images
+    client: ClientConfig = field(default_factory=ClientConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     captured: CapturedConfig = field(default_factory=CapturedConfig)

@@ -46,7 +46,7 @@ SWEEP_KEYS = {"name", "description", "program", "method", "metric", "parameters"
               "run_cap", "early_terminate"}
 RESERVED = ("run.output_dir", "run.name", "logger.wandb.group", "logger.wandb.tags")  # set by dia.grid per cell
 AGENT_ARGS = ("run.name", "run.output_dir")  # literal arguments a sweep file's command may add for W&B agents
-HEADLINE = ("data", "model", "model.dropout", "attack", "victims", "num_victims")  # the readable prefix of an id
+HEADLINE = ("data", "model", "model.dropout", "client.local_steps", "attack", "victims", "num_victims")  # the readable prefix of an id
 # keys that may differ between the runs of one packed program (dia.run.pack: PER_ROW, NOT_SHARED): fastest in task order
 INNER = ("attack", "attack.mask_weight", "attack.assumed_rate", "attack.rate", "model.dropout", "victims", "num_victims", "victim_seed", "defense", "run.progress",
          "run.save_tensors")
@@ -119,6 +119,8 @@ def _short(key: str, value: Any) -> str:
         text = f"p{value:g}" if isinstance(value, (int, float)) else f"p{value}"
     elif key == "num_victims":
         text = f"n{value}"
+    elif key == "client.local_steps":  # FedAvg's T; FedSGD (T = 1) keeps the ids it always had
+        text = f"T{value}"
     elif key == "victims" and isinstance(value, list) and value:
         ints = all(isinstance(v, int) for v in value)
         if ints and value == list(range(value[0], value[0] + len(value))):
@@ -139,7 +141,7 @@ def cell_id(overrides: dict[str, Any]) -> str:
     """
     hashed = {k: canonical(v) for k, v in overrides.items() if not _not_hashed(k)}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
-    prefix = "-".join(_short(k, hashed[k]) for k in HEADLINE if k in hashed)
+    prefix = "-".join(_short(k, hashed[k]) for k in HEADLINE if k in hashed and not (k == "client.local_steps" and hashed[k] == 1))
     return f"{prefix}-{digest}" if prefix else digest
 
 

@@ -113,6 +113,7 @@ class Group:
     grid: str = ""  # the grid (grid.json folder) its runs lie in; "" for runs outside any grid
     budget: int | None = None  # attack.max_iterations (None: unknown)
     victims_set: str = ""  # which victims (`victim_label`)
+    steps: int = 1  # the clients' local steps T (client.local_steps; 1: FedSGD)
     runs: list[dict[str, Any]] = field(default_factory=list)
     expected: int = 0  # cells a grid expects (0: no grid.json knows this group)
     missing: list[dict[str, Any]] = field(default_factory=list)
@@ -121,13 +122,13 @@ class Group:
     def key(self) -> tuple:
         d = self.defense
         return (_rank("data", self.data), _rank("model", self.model), self.grid, -1 if self.budget is None else self.budget,
-                self.victims_set, self.dropout, _rank("attack", self.attack), d.kind != "none", d.kind.count("+"), d.kind,
+                self.victims_set, self.steps, self.dropout, _rank("attack", self.attack), d.kind != "none", d.kind.count("+"), d.kind,
                 d.strength, d.label)
 
     def variant(self, shown: list[str]) -> str:
-        """The group's grid, budget and victim set where they differ between groups (`shown`), for labels."""
+        """The group's grid, budget, victim set and local steps where they differ between groups (`shown`), for labels."""
         parts = {"grid": self.grid or "no grid", "budget": f"{self.budget} it" if self.budget is not None else "? it",
-                 "victims": f"victims {self.victims_set}"}
+                 "victims": f"victims {self.victims_set}", "steps": f"T={self.steps}"}
         return ", ".join(parts[k] for k in shown)
 
     def values(self, metric: str) -> list[float]:
@@ -255,8 +256,8 @@ def victim_label(victims: Any, count: Any, seed: Any) -> str:
     return "?"
 
 
-def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str]:
-    """(budget, victim set) of a run: from its config.yaml, else from what metrics.json says."""
+def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str, int]:
+    """(budget, victim set, local steps) of a run: from its config.yaml, else from what metrics.json says."""
     cfg = _config(folder)
     try:
         budget = int(cfg["attack"]["max_iterations"])
@@ -266,33 +267,38 @@ def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str]:
         label = victim_label(cfg.get("victims"), cfg.get("num_victims"), cfg.get("victim_seed"))
     else:
         label = victim_label([v.get("index") for v in m["victims"]], None, None)
-    return budget, label
+    client = cfg.get("client") if isinstance(cfg.get("client"), dict) else m.get("client")
+    steps = client.get("local_steps", 1) if isinstance(client, dict) else 1
+    return budget, label, steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 1
 
 
 def _group(groups: dict[tuple, Group], coords: tuple[str, str, float, str], defense: Defense, grid: str, budget: int | None,
-           victims: str) -> Group:
-    """The group of a run or cell: its data, model, rate and attack, its defense's label, its grid, budget and victims."""
-    return groups.setdefault((*coords, defense.label, grid, budget, victims), Group(*coords, defense, grid, budget, victims))
+           victims: str, steps: int = 1) -> Group:
+    """The group of a run or cell: its data, model, rate and attack, its defense's label, its grid, budget, victims
+    and the clients' local steps."""
+    return groups.setdefault((*coords, defense.label, grid, budget, victims, steps),
+                             Group(*coords, defense, grid, budget, victims, steps))
 
 
-def _cell_variant(overrides: dict[str, Any]) -> tuple[int | None, str]:
-    """(budget, victim set) a grid cell that has not run yet will have: its overrides composed as dia.train does."""
+def _cell_variant(overrides: dict[str, Any]) -> tuple[int | None, str, int]:
+    """(budget, victim set, local steps) a grid cell that has not run yet will have: its overrides composed as dia.train does."""
     from dia.grid.sweep import format_value
 
-    keys = [k for k in ("attack", "attack.max_iterations", "victims", "num_victims", "victim_seed") if k in overrides]
+    keys = [k for k in ("attack", "attack.max_iterations", "victims", "num_victims", "victim_seed", "client.local_steps")
+            if k in overrides]
     return _composed_variant(tuple(f"{k}={format_value(overrides[k])}" for k in keys))
 
 
 @functools.lru_cache(maxsize=None)
-def _composed_variant(args: tuple[str, ...]) -> tuple[int | None, str]:
+def _composed_variant(args: tuple[str, ...]) -> tuple[int | None, str, int]:
     try:
         from dia.config import compose
 
         cfg = compose(list(args))
         return int(cfg.attack.max_iterations), victim_label(None if cfg.victims is None else list(cfg.victims), cfg.num_victims,
-                                                              cfg.victim_seed)
+                                                              cfg.victim_seed), int(cfg.client.local_steps)
     except Exception:  # noqa: BLE001 - a report should not need a working config tree
-        return None, "?"
+        return None, "?", 1
 
 
 def _cell_defense(overrides: dict[str, Any]) -> Defense:
@@ -356,7 +362,7 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
     for gj in (f for f in files if f.name == "grid.json"):
         grids[gj.parent] = _grid_cells(gj)
     cell_overrides = {(where / c["id"]).resolve(): c["overrides"] for where, (_, cells) in grids.items() for c in cells}
-    variants: dict[Path, tuple[int | None, str]] = {}
+    variants: dict[Path, tuple[int | None, str, int]] = {}
     for path in (f for f in files if f.name == "metrics.json"):
         folder = path.parent
         m = _read_metrics(path)
@@ -365,12 +371,12 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
         coords, defense = m.pop("key")
         m["folder"] = folder
         m["grid"] = grids[folder.parent][0] if folder.parent in grids else ""
-        budget, victims = _run_variant(folder, m)
+        budget, victims, steps = _run_variant(folder, m)
         if budget is None and folder.resolve() in cell_overrides:  # no config.yaml: the grid says what the cell is
-            budget, victims = _cell_variant(cell_overrides[folder.resolve()])
-        variants[folder.resolve()] = budget, victims
+            budget, victims, steps = _cell_variant(cell_overrides[folder.resolve()])
+        variants[folder.resolve()] = budget, victims, steps
         runs[folder.resolve()] = m
-        _group(groups, coords, defense, m["grid"], budget, victims).runs.append(m)
+        _group(groups, coords, defense, m["grid"], budget, victims, steps).runs.append(m)
     missing: list[dict[str, Any]] = []
     defaults = None
     for where, (name, cells) in grids.items():
@@ -390,23 +396,25 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
             except (KeyError, TypeError, ValueError) as exc:
                 warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable defense ({str(exc)[:80]}); skipped")
                 continue
-            budget, victims = variants[folder] if folder in runs else _cell_variant(cell["overrides"])
-            group = _group(groups, key, defense, name, budget, victims)
+            budget, victims, steps = variants[folder] if folder in runs else _cell_variant(cell["overrides"])
+            group = _group(groups, key, defense, name, budget, victims, steps)
             group.expected += 1
             if folder not in runs:
                 state = "partial" if (where / f".{cell['id']}.partial").is_dir() else "pending"
                 entry = {"grid": name, "index": cell["index"], "id": cell["id"], "state": state,
                          "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3], "defense": defense.label,
-                         "budget": "" if budget is None else budget, "victims": victims, "file": cell.get("file", "")}
+                         "budget": "" if budget is None else budget, "victims": victims, "steps": steps,
+                         "file": cell.get("file", "")}
                 group.missing.append(entry)
                 missing.append(entry)
     return groups, missing
 
 
 def differing(groups: dict[tuple, Group]) -> list[str]:
-    """Which of grid, budget and victim set take more than one value among the groups (the columns to show)."""
+    """Which of grid, budget, victim set and local steps T take more than one value among the groups (the columns to show)."""
     ordered = list(groups.values())
-    return [k for k, get in (("grid", lambda g: g.grid), ("budget", lambda g: g.budget), ("victims", lambda g: g.victims_set))
+    return [k for k, get in (("grid", lambda g: g.grid), ("budget", lambda g: g.budget), ("victims", lambda g: g.victims_set),
+                             ("steps", lambda g: g.steps))
             if len({get(g) for g in ordered}) > 1]
 
 
@@ -430,24 +438,25 @@ def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[s
     ordered = sorted(groups.values(), key=lambda g: g.key)
     defended = any(g.defense.label != "none" for g in ordered)  # every missing cell has its group
     vary = differing(groups)  # grid, budget, victim set: shown where they differ (always in the CSV)
-    shown = (["defense", "ε"] if defended else []) + [{"grid": "grid", "budget": "budget", "victims": "victim set"}[k] for k in vary]
+    shown = (["defense", "ε"] if defended else []) + [{"grid": "grid", "budget": "budget", "victims": "victim set", "steps": "T"}[k] for k in vary]
     head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in _metrics()]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["data", "model", "dropout", "attack", "defense", "epsilon", "grid", "budget", "victim_set", "cells_finished",
-                "cells_expected", "victims", "diverged"] + [f"{m}_{s}" for m, _, _ in _metrics() for s in ("mean", "std", "n")])
+                "cells_expected", "victims", "diverged", "local_steps"] + [f"{m}_{s}" for m, _, _ in _metrics() for s in ("mean", "std", "n")])
     for g in ordered:
         expected = g.expected or len(g.runs)
         n_victims = sum(len(r["victims"]) for r in g.runs)
         diverged = sum(r.get("status") == "diverged" for r in g.runs)
         defense = [g.defense.label, _epsilon(g.defense.epsilon)] if defended else []
-        variant = [{"grid": g.grid or "—", "budget": "?" if g.budget is None else str(g.budget), "victims": g.victims_set}[k] for k in vary]
+        variant = [{"grid": g.grid or "—", "budget": "?" if g.budget is None else str(g.budget), "victims": g.victims_set,
+                    "steps": str(g.steps)}[k] for k in vary]
         md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, *defense, *variant, f"{len(g.runs)}/{expected}",
                                      str(n_victims), str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in _metrics()]) + " |")
         eps = g.defense.epsilon
         row: list[Any] = [g.data, g.model, g.dropout, g.attack, g.defense.label, "" if eps is None else f"{eps:.6g}", g.grid,
-                          "" if g.budget is None else g.budget, g.victims_set, len(g.runs), expected, n_victims, diverged]
+                          "" if g.budget is None else g.budget, g.victims_set, len(g.runs), expected, n_victims, diverged, g.steps]
         for m, _, _ in _metrics():
             s = g.stats(m)
             row += ["", "", 0] if s is None else [f"{s[0]:.6g}", f"{s[1]:.6g}", s[2]]
@@ -467,7 +476,7 @@ def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[s
         text.append("none")
     miss = io.StringIO()
     mw = csv.DictWriter(miss, fieldnames=["grid", "file", "index", "id", "state", "data", "model", "dropout", "attack", "defense",
-                                          "budget", "victims"])
+                                          "budget", "victims", "steps"])
     mw.writeheader()
     mw.writerows(missing)
     return "\n".join(text) + "\n", out.getvalue(), miss.getvalue()
@@ -683,7 +692,9 @@ def montage_figure(run: dict[str, Any], max_victims: int = 16) -> Any:
         warn(f"{tensors_file} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}); montage skipped")
         return None
     n = orig.shape[0]
-    title = f"{run['attack'].upper()} on {run['model']}/{run['data']}, p={run['dropout']:g}  ({Path(run['folder']).name})"
+    steps = run["client"].get("local_steps", 1) if isinstance(run.get("client"), dict) else 1
+    title = (f"{run['attack'].upper()} on {run['model']}/{run['data']}, p={run['dropout']:g}" + (f", T={steps}" if steps != 1 else "")
+             + f"  ({Path(run['folder']).name})")
     width = max(1.3 * n + 0.4, 0.075 * len(title) + 0.6)  # a few victims: as wide as the title (9 pt: ~0.075 in a character)
     fig, axes = plt.subplots(2, n, figsize=(width, 3.0), squeeze=False)
     for i in range(n):

@@ -130,7 +130,8 @@ def open_cell(cfg: DictConfig) -> Cell:
         cfg.data.mean, cfg.data.std = folder_statistics(cfg.data)
         cfg.data.normalize = "dataset"
     text = OmegaConf.to_yaml(cfg)
-    name = cfg.run.name or default_name(cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, text)
+    name = cfg.run.name or default_name(cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, text,
+                                        cfg.client.local_steps)
     folder = RunFolder(Path(cfg.run.output_dir), name)
     if folder.state == "done":
         raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
@@ -207,7 +208,8 @@ def evaluate(
         values["lpips"] = lpips_fn(rec, orig) if lpips_fn is not None else None
     masks: dict[str, torch.Tensor] = {}
     if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
-        ordered = {n: torch.stack([m[k][p] for k, p in enumerate(perms)]) for n, m in result.masks.items()}
+        rows = [mask_rows(p, problems) for p in perms]
+        ordered = {n: torch.stack([m[k][r] for k, r in enumerate(rows)]) for n, m in result.masks.items()}
         masks = M.mask_measures(ordered, problems.true_masks, site_parts(ordered), problems.rates)
     if result.rates:  # the learned dropout rate per problem, the mean over its sites (attack.rate=learn)
         masks["mask_rate"] = torch.stack(list(result.rates.values())).mean(0)
@@ -221,6 +223,20 @@ def evaluate(
             **dict.fromkeys(M.MASK_KEYS), **{m: (None if v[k].isnan() else float(v[k])) for m, v in masks.items()},
         })
     return rows, rec_n
+
+
+def mask_rows(perm: torch.Tensor, problems: Problems) -> torch.Tensor:
+    """The rows of a problem's recovered masks in victim order (`perm[i]`: the reconstruction matched to victim i).
+    FedAvg: a site's masks are T steps' masks stacked; with the whole batch every step each step is reordered
+    alike; with split local batches a reconstruction may be matched across steps, so the slots keep the
+    attack's order."""
+    local = problems.local
+    if local is None:
+        return perm
+    b = problems.input_shape[0]
+    if local.per_step(b) != b:
+        return torch.arange(local.steps * local.per_step(b))
+    return torch.cat([t * b + torch.as_tensor(perm) for t in range(local.steps)])
 
 
 @dataclass
@@ -249,7 +265,9 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     summary = {
         "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
         "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
-        "defense": defenses.summary(cfg.defense, cfg.attack.model_defense),
+        "defense": defenses.summary(cfg.defense, cfg.attack.model_defense, cfg.client.local_steps),
+        "client": dict(cfg.client) if problems.local is None else  # the client's training (a captured file's own)
+        {"local_steps": problems.local.steps, "local_lr": problems.local.lr, "local_batch": problems.local.batch or "full"},
         "label_accuracy": None if victims is None else sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
         "iterations": max(r["iterations"] for r in rows), "max_iterations": cfg.attack.max_iterations,
         "wall_time_s": round(cell.checkpoint.elapsed() if cell.checkpoint is not None else time.time() - cell.started, 3),
@@ -266,7 +284,8 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
         save_tensors(cell.folder / "reconstructions.pt", tensors)
     titles = [f"#{r['index']}" + ("" if r["ssim"] is None else f"  SSIM {r['ssim']:.2f}") for r in rows]
     reconstruction_grid(cell.folder / "reconstructions.png", originals, rec01, titles,
-                        title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}")
+                        title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}"
+                        + (f", T={cfg.client.local_steps}" if cfg.client.local_steps > 1 else ""))
     wandb_dir = None if cell.wandb is None else cell.wandb.finish(
         summary, figure=cell.folder / "reconstructions.png", originals=originals, reconstructions=rec01)
     write_json(cell.folder / "metrics.json", summary)

@@ -3,7 +3,7 @@
 `dia.config.validate` checks what the config alone decides (ranges, types, names, devices). This module
 takes the cheap look at the data and the environment that the rest needs: the data folder exists, the
 victim indices are in range, their labels are within `data.num_classes`, the victims split into client
-batches, `data.mean`/`data.std` are usable numbers, the W&B settings are ones W&B accepts (`check_wandb`:
+batches, `data.mean`/`data.std` are usable numbers, FedAvg's T local steps fit in memory (`check_local_steps`), the W&B settings are ones W&B accepts (`check_wandb`:
 checked here, not after the attack) and `logger.wandb.mode=online` has a W&B login. `dia.grid --validate`
 calls it for every cell (with a `memo`, so each data config is looked at once) and a run calls it before it
 starts. A problem raises one `UserError` line.
@@ -141,6 +141,7 @@ def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
         n_victims = cfg.num_victims
     if n_victims % cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size}: {n_victims} victims do not split into client batches of that size")
+    check_local_steps(cfg, memo)
     _check_login(cfg)
 
 
@@ -148,3 +149,54 @@ def _check_login(cfg: DictConfig) -> None:
     if cfg.logger.wandb.mode == "online" and not wandb_login():
         raise UserError("logger.wandb.mode=online needs a W&B login (`wandb login` or WANDB_API_KEY); "
                         "or use logger.wandb.mode=offline (sync later) or disabled")
+
+
+# Unrolling T local steps keeps, per problem and step, about this many float32 copies of the model's parameters
+# for the double backward (p_t, g_t and their graph; measured 4.9 for the MLP on a CPU, benchmarks/fedavg.py).
+STEP_COPIES = 6
+
+
+def model_parameters(cfg: Any, memo: dict[str, Any]) -> int:
+    """How many parameters the run's model has (built once per model config, random weights)."""
+    key = "parameters:" + json.dumps([OmegaConf.to_container(cfg.model, resolve=True), cfg.data.channels,
+                                      cfg.data.image_size, cfg.data.num_classes], sort_keys=True, default=str)
+    if key not in memo:
+        from dia.models import build_model
+
+        model = build_model(OmegaConf.merge(cfg.model, {"checkpoint": None}), channels=cfg.data.channels,
+                            image_size=cfg.data.image_size, num_classes=cfg.data.num_classes, seed=0)
+        memo[key] = sum(p.numel() for p in model.parameters())
+    return memo[key]
+
+
+def unrolled_bytes(cfg: Any, memo: dict[str, Any] | None = None) -> int:
+    """A lower estimate of the memory one problem's unrolled T local steps take in the attack program (bytes)."""
+    return int(cfg.client.local_steps) * STEP_COPIES * 4 * model_parameters(cfg, {} if memo is None else memo)
+
+
+def device_memory(name: str) -> tuple[int, str]:
+    """(bytes, description) of the memory a run on device `name` (run.device) can use: the GPU's, or the RAM."""
+    import torch
+
+    if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()):
+        index = int(name.split(":")[1]) if ":" in name else 0
+        props = torch.cuda.get_device_properties(index)
+        return int(props.total_memory), props.name
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
+def check_local_steps(cfg: Any, memo: dict[str, Any]) -> None:
+    """FedAvg: even one problem's T unrolled local steps must fit in the device's memory (else one line saying
+    how many steps would)."""
+    steps = int(cfg.client.local_steps)
+    if steps == 1:
+        return
+    try:
+        total, what = device_memory(str(cfg.run.device))
+    except (RuntimeError, AssertionError, ValueError):  # no such device: dia.run.cell.resolve_device says so
+        return
+    need = unrolled_bytes(cfg, memo)
+    if need > total:
+        fit = max(1, total // (need // steps))
+        raise UserError(f"client.local_steps={steps}: unrolling {steps} local steps needs about {need / 2**30:.1f} GiB per "
+                        f"problem, more than the {total / 2**30:.1f} GiB of {what}; at most {fit} steps fit")

@@ -25,6 +25,7 @@ from dia.engine import AttackResult
 from dia.errors import ExitCode, UserError
 from dia.run import pack as packs
 from dia.run.cell import Cell, RunOutput, check, open_cell, prepare, release, trim_curves, write
+from dia.run.checks import device_memory, unrolled_bytes
 from dia.run.signals import STOP, Stopped
 
 log = logging.getLogger("dia")
@@ -53,8 +54,9 @@ def _limit(cells: list[Cell]) -> int:
     parallel = cells[0].cfg.attack.parallel
     if parallel != "auto":
         return int(parallel)
-    if cells[0].device.type != "cuda":
-        return max(1, min(CPU_ROWS, sum(c.num_problems for c in cells)))
+    if cells[0].device.type != "cuda":  # FedAvg's T unrolled steps: no more rows than half the RAM holds
+        fit = int(0.5 * device_memory("cpu")[0] // unrolled_bytes(cells[0].cfg)) if cells[0].cfg.client.local_steps > 1 else CPU_ROWS
+        return max(1, min(CPU_ROWS, fit, sum(c.num_problems for c in cells)))
     return packs.auto_limit([prepare(c) if c.problems is None else c for c in cells[:2]], total=sum(c.num_problems for c in cells))
 
 

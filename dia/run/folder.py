@@ -51,10 +51,11 @@ def fingerprint(config_text: str) -> str:
     return hashlib.sha256(json.dumps(identity(config_text), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def default_name(attack: str, model: str, data: str, dropout: float, config_text: str) -> str:
-    """The name of an unnamed run: readable coordinates plus a hash of its identity, so rerunning the same
-    command (with any W&B settings) finds and resumes its unfinished folder."""
-    return f"{attack}-{model}-{data}-p{dropout:g}-{fingerprint(config_text)[:8]}"
+def default_name(attack: str, model: str, data: str, dropout: float, config_text: str, steps: int = 1) -> str:
+    """The name of an unnamed run: readable coordinates (FedAvg's T local steps when T > 1) plus a hash of its
+    identity, so rerunning the same command (with any W&B settings) finds and resumes its unfinished folder."""
+    local = f"-T{steps}" if steps > 1 else ""
+    return f"{attack}-{model}-{data}-p{dropout:g}{local}-{fingerprint(config_text)[:8]}"
 
 
 def same_config(a: str, b: str) -> bool:

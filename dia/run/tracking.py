@@ -189,6 +189,9 @@ def tags_of(cfg: Any) -> list[str]:
         value = OmegaConf.select(cfg, path)
         if value is not None:
             tags.append(f"{key}:{format_value(value)}")
+    steps = OmegaConf.select(cfg, "client.local_steps", default=1)
+    if steps != 1:  # FedAvg: T local steps (FedSGD runs keep the tags they always had)
+        tags.append(f"client.local_steps:{steps}")
     return list(dict.fromkeys(tags))
 
 

@@ -99,6 +99,31 @@ def test_grids_and_budgets_of_one_results_folder_keep_their_own_rows(tmp_path):
     assert "| data | model | p | attack | cells |" in (tmp_path / "results" / "paper-lite-cpu" / "report" / "table.md").read_text()
 
 
+def test_runs_of_one_attack_with_other_settings_keep_their_own_rows(tmp_path):
+    """The unknown-rate grid runs DIA at several assumed rates and with a learned one: one row each (with the
+    cells not run yet counted in theirs), never pooled; settings of how it runs (compile) make no row."""
+    spec = {"name": "rate", "method": "grid", "parameters": {
+        "attack": {"value": "dia"}, "model.dropout": {"value": 0.5}, "num_victims": {"value": 2},
+        "attack.compile": {"value": False}, "attack.assumed_rate": {"values": [0.1, 0.5]}, "attack.rate": {"values": ["known", "learn"]}}}
+    path = tmp_path / "rate.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    grid = G.load(path)
+    G.write_grid_json(grid, tmp_path / "results" / "rate")
+    for cell, ssims in zip(grid.cells[:3], ([0.1, 0.2], [0.5, 0.6], [0.8, 0.9])):
+        over = cell.overrides
+        fake_run(tmp_path / "results" / "rate" / cell.id, "dia", 0.5, ssims)
+        cfg_path = tmp_path / "results" / "rate" / cell.id / "config.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["attack"] |= {"assumed_rate": over["attack.assumed_rate"], "rate": over["attack.rate"], "compile": False}
+        cfg_path.write_text(yaml.safe_dump(cfg))
+    r = R.build(tmp_path / "results", montages=False)
+    assert r["groups"] == 4 and r["runs"] == 3
+    md = (tmp_path / "results" / "report" / "table.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| mnist | mlp | 0.5 | dia")]
+    assert len(rows) == 4 and sum("| 0/1 |" in line for line in rows) == 1, md  # the missing cell in its own row
+    assert any("dia (assumed_rate=0.1, rate=learn)" in line for line in rows) and not any("compile" in line for line in rows)
+
+
 def test_figures_and_montages_are_pngs(results):
     root, grid = results
     r = R.build(root)

@@ -58,7 +58,8 @@ def _metrics() -> list[tuple[str, str, str]]:
 
 def _rank(kind: str, value: Any) -> tuple:
     known = ORDER.get(kind, [])
-    return (known.index(value) if value in known else len(known), str(value))
+    base = str(value).split(" ")[0]  # "dia (rate=learn)" ranks as dia
+    return (known.index(base) if base in known else len(known), str(value))
 
 
 class Defense(NamedTuple):
@@ -272,6 +273,53 @@ def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str, int]
     return budget, label, steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 1
 
 
+ENGINE_KEYS = {"name", "max_iterations", "compile", "compile_mode", "parallel", "refill", "log_every", "check_every",
+               "iterations_per_step", "matmul_precision", "model_defense"}  # how it runs, or shown elsewhere (budget, defense)
+
+
+@functools.lru_cache(maxsize=None)
+def _attack_defaults(name: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from dia.config import group_settings
+
+    return OmegaConf.to_container(group_settings("attack", name))  # type: ignore[return-value]
+
+
+def attack_variant(attack: Any) -> str:
+    """The settings of a run's attack section that differ from its YAML's, as a label suffix (" (rate=learn)"):
+    runs of one attack with other settings (an assumed rate, a learning rate) never share a row. Engine keys and
+    the budget are left out (the budget has its own column); "" when nothing differs or nothing can be known."""
+    if not isinstance(attack, dict) or not isinstance(attack.get("name"), str):
+        return ""
+    try:
+        base = _attack_defaults(attack["name"])
+    except Exception:  # noqa: BLE001 - an attack this version does not know: shown by its name
+        return ""
+    diff = [f"{k}={attack[k]}" for k in sorted(attack) if k not in ENGINE_KEYS and k in base and attack[k] != base[k]]
+    return f" ({', '.join(diff)})" if diff else ""
+
+
+def _cell_attack_variant(overrides: dict[str, Any]) -> str:
+    """`attack_variant` of a grid cell that has not run yet: its attack overrides composed as dia.train does."""
+    from dia.grid.sweep import format_value
+
+    args = tuple(f"{k}={format_value(v)}" for k, v in overrides.items() if k == "attack" or k.startswith("attack."))
+    return _composed_attack_variant(args) if any(a.startswith("attack.") for a in args) else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_attack_variant(args: tuple[str, ...]) -> str:
+    try:
+        from omegaconf import OmegaConf
+
+        from dia.config import compose
+
+        return attack_variant(OmegaConf.to_container(compose(list(args)).attack))
+    except Exception:  # noqa: BLE001 - a report should not need a working config tree
+        return ""
+
+
 def _group(groups: dict[tuple, Group], coords: tuple[str, str, float, str], defense: Defense, grid: str, budget: int | None,
            victims: str, steps: int = 1) -> Group:
     """The group of a run or cell: its data, model, rate and attack, its defense's label, its grid, budget, victims
@@ -369,6 +417,10 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
         if m is None:
             continue
         coords, defense = m.pop("key")
+        variant = attack_variant(_config(folder).get("attack"))
+        if variant:
+            coords = (*coords[:3], coords[3] + variant)
+            m["attack"] = coords[3]
         m["folder"] = folder
         m["grid"] = grids[folder.parent][0] if folder.parent in grids else ""
         budget, victims, steps = _run_variant(folder, m)
@@ -387,6 +439,7 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
         for cell in cells:
             try:
                 key = _coords(cell["overrides"], defaults)
+                key = (*key[:3], key[3] + _cell_attack_variant(cell["overrides"]))
             except (TypeError, ValueError):
                 warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable model.dropout; skipped")
                 continue

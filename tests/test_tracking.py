@@ -71,6 +71,10 @@ def test_packed_runs_are_live_wandb_runs_ending_with_their_images_table_and_summ
         print(f"[step {module.done} ended]", flush=True)  # console output while the runs are live
 
     monkeypatch.setattr(packs.Program, "on_train_batch_end", timed)
+    import wandb
+
+    settings = wandb.Settings  # W&B samples system metrics every 15 s; this run takes about a second
+    monkeypatch.setattr(wandb, "Settings", lambda **kw: settings(**{"x_stats_sampling_interval": 0.1, **kw}))
     cfgs = [compose(TINY + [f"attack={a}", f"run.output_dir={tmp_path}", f"run.name={a}"]) for a in ("ig", "dia")]
     assert [int(o.code) for o in execute(cfgs, progress=False)] == [0, 0]
     ids = set()

@@ -330,6 +330,9 @@ def check_update(model: nn.Module, update: Any, images: Tensor, labels: Any, *, 
     from dia.gradients import client_gradients
     from dia.models.dropout import dropout_control, dropout_sites
 
+    if isinstance(update, ClientUpdate) and (update.steps > 1 or update.local_batch is not None):
+        raise UserError(f"update: a client update of {update.steps} local steps; check_update recomputes one full-batch "
+                        "step (FedSGD) only: replay a multi-step update with dia.reconstruct(..., attack='wiig')")
     images = images.detach().cpu().float()
     twin = capturable(model, images[:1])
     y = labels_of(labels, 1, num_classes=_num_classes(twin, images[:1])).view(-1)

@@ -290,3 +290,10 @@ def test_a_captured_multi_step_update_is_attacked_as_such(captured):
     assert main([*args, f"captured.file={root / 'client3.pt'}", "run.name=t3"]) == 0
     m = json.loads((root / "runs" / "t3" / "metrics.json").read_text())
     assert m["client"]["local_steps"] == 3 and m["victims"][0]["ssim"] > 0.85
+
+
+def test_check_update_refuses_a_multi_step_update_in_one_line(setup):
+    model, x, y, _ = setup
+    update = dia.capture_update(model, (x - MEAN) / STD, y, seed=0, local_steps=2, lr=0.1)
+    with pytest.raises(dia.UserError, match="local steps; check_update recomputes one full-batch step"):
+        dia.check_update(model, update, (x - MEAN) / STD, y, masks=update.masks)

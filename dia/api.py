@@ -87,7 +87,7 @@ def captured(cfg: DictConfig) -> Simulation:
     """
     from dia.attacks import ATTACKS
     from dia.models import build_for
-    from dia.updates import ClientUpdate, as_gradients, labels_of, local_training, peek, stack
+    from dia.updates import ClientUpdate, as_gradients, labels_of, local_training, read_file, stack
 
     path = Path(cfg.captured.file)
     if cfg.defense.name != "none":
@@ -97,14 +97,15 @@ def captured(cfg: DictConfig) -> Simulation:
     seed_everything(cfg.run.seed)
     mean, std = normalizer(cfg.data)
     shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
-    saved = ClientUpdate.load(path) if "labels" in peek(path) else None
+    flat = read_file(path)
+    saved = ClientUpdate.from_tensors(flat) if isinstance(flat, dict) and "labels" in flat else None
     where = f"captured.file '{path}'"
     if saved is None and cfg.captured.kind != "gradient" and cfg.captured.lr is None:
         raise UserError(f"captured.lr: captured.kind={cfg.captured.kind} needs the client's local learning rate (a number > 0)")
     if saved is not None:
         grads = as_gradients(model, saved.gradient, where=where)
     else:
-        grads = as_gradients(model, str(path), kind=cfg.captured.kind, lr=cfg.captured.lr, where=where)
+        grads = as_gradients(model, flat, kind=cfg.captured.kind, lr=cfg.captured.lr, where=where)
     if cfg.attack.labels == "infer":
         labels = infer_labels(stack(grads), cfg.data.num_classes).view(1, 1)
     elif saved is None:

@@ -29,6 +29,7 @@ client, seeded apart from the client's dropout and the attacker's initialisation
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -127,6 +128,7 @@ class Stage:
     private: bool = False  # a differential-privacy release: runs report its (epsilon, delta) (`privacy`)
 
 
+@functools.lru_cache(maxsize=None)
 def _default(name: str, key: str) -> Any:
     """A default of configs/defense/<name>.yaml (labels leave defaults out)."""
     from dia.config import group_settings

@@ -71,6 +71,11 @@ class ClientUpdate:
         flat = _load_file(Path(path))
         if not isinstance(flat, dict) or "labels" not in flat:
             raise UserError(f"update '{path}': not a saved ClientUpdate (no 'labels'); give the gradient itself instead")
+        return cls.from_tensors(flat)
+
+    @classmethod
+    def from_tensors(cls, flat: Mapping[str, Any]) -> "ClientUpdate":
+        """An update from the tensors `save` writes (a dict holding 'labels')."""
         part = lambda prefix: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
         lr = flat.get("lr")
         batch = int(flat.get("local_batch", 0))
@@ -134,10 +139,9 @@ def _unwrap(raw: Any) -> Any:
     return raw
 
 
-def peek(path: str | Path) -> list[str]:
-    """The keys of an update file holding a dict (a saved ClientUpdate has 'labels'); [] for a list."""
-    flat = _load_file(Path(path))
-    return [str(k) for k in flat] if isinstance(flat, dict) else []
+def read_file(path: str | Path) -> Any:
+    """An update file's tensors, read once: a dict (a saved ClientUpdate has 'labels') or a list."""
+    return _load_file(Path(path))
 
 
 def _load_file(path: Path) -> Any:

@@ -24,7 +24,7 @@ PAPER = ROOT / "sweeps" / "paper"  # a folder: one grid, one plain W&B sweep fil
 FAKE_GRID = """#!/usr/bin/env python3
 # a stand-in for `python -m dia.grid ...` children: records its arguments and its GPU
 import json, os, sys
-json.dump({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")},
+json.dump({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "omp": os.environ.get("OMP_NUM_THREADS")},
           open(os.path.join(os.environ["FAKE_OUT"], f"child-{os.getpid()}.json"), "w"))
 """
 
@@ -167,6 +167,23 @@ def test_parallel_shares_whole_packs_between_gpus(tmp_path, fake_python, monkeyp
     shares = [sorted(int(i) for i in c["argv"][c["argv"].index("--run") + 1].split(",")) for c in children]
     models = [{grid.cell(i).overrides["model"] for i in share} for share in shares]
     assert sorted(i for share in shares for i in share) == list(range(8)) and all(len(m) == 1 for m in models)
+
+
+@pytest.mark.parametrize("cores, user_threads, expected", [(2, None, ["1", "1"]), (8, None, ["4", "4"]),
+                                                           (1, None, ["1", "1"]), (8, "3", ["3", "3"])])
+def test_parallel_cpu_children_share_the_cores(tmp_path, fake_python, monkeypatch, cores, user_threads, expected):
+    """Two CPU children each starting one torch thread per core oversubscribed the CPU (the issue: 10x slower):
+    each gets its share of this process's cores, unless the user chose OMP_NUM_THREADS."""
+    grid = G.load(sweep(tmp_path, "two", model={"values": ["mlp", "cnn"]}))
+    folder = G.prepare(grid, tmp_path)
+    monkeypatch.setattr(G.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    if user_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_threads)
+    assert G.run_cells(grid, folder, grid.cells, parallel=2, python=fake_python) == 0
+    assert sorted(json.loads(p.read_text())["omp"] for p in tmp_path.glob("child-*.json")) == expected
 
 
 def test_indices_and_exit_codes_rank():

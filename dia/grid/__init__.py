@@ -171,6 +171,20 @@ def note(msg: str) -> None:
     print(f"[dia.grid] {msg}", file=sys.stderr, flush=True)
 
 
+def _cpu_threads(configs: list[Any], parallel: int) -> int | None:
+    """Torch threads for each of `parallel` CPU children: this process's cores shared out (at least one), so
+    that G processes do not each start one thread per core and oversubscribe the CPU (docs/benchmarks.md). None
+    when a child may use a GPU or the user set OMP_NUM_THREADS."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    if any(str(cfg.run.device) != "cpu" for cfg in configs) and torch.cuda.is_available():
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // parallel)
+
+
 def _devices(parallel: int) -> list[str]:
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     visible = visible or [str(i) for i in range(parallel)]
@@ -191,7 +205,7 @@ def run_cells(grid: Grid, folder: Path, cells: list[Cell], *, force: bool = Fals
     """Run the unfinished `cells`, packed into as few programs as their configs allow (dia.run.pack).
 
     With `parallel` > 1 the cells are shared out (whole packs at a time) between that many child
-    processes, one GPU each. Returns the worst exit code (see `worst`).
+    processes, one GPU each (on a CPU: the cores shared out, `_cpu_threads`). Returns the worst exit code (see `worst`).
     """
     from dia.config import compose
     from dia.run.console import quiet_libraries
@@ -265,15 +279,18 @@ def _run_children(grid: Grid, todo: list[Cell], configs: list[Any], parallel: in
     shares: list[list[Cell]] = [[] for _ in range(parallel)]
     for group in sorted(groups.values(), key=len, reverse=True):
         min(shares, key=len).extend(group)
+    threads = _cpu_threads(configs, parallel)
     procs: list[subprocess.Popen] = []
     for device, share in zip(_devices(parallel), shares):
         if not share:
             continue
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+        if threads is not None:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         args = [python, "-m", "dia.grid", str(grid.path), "--run", ",".join(str(c.index) for c in share)]
         if results_root is not None:
             args += ["--results-root", str(results_root)]
-        note(f"{len(share)} cell(s) on GPU {device}")
+        note(f"{len(share)} cell(s) on GPU {device}" if threads is None else f"{len(share)} cell(s) on {threads} CPU thread(s)")
         procs.append(subprocess.Popen(args, env=env))
 
     def forward(signum: int, _frame: Any) -> None:
@@ -325,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--wandb-sweeps", metavar="DIR", help="write the grid's files as W&B sweeps for agents (online, group <grid>)")
     p.add_argument("--per-task", type=int, default=1, metavar="P", help="cells per --task (default 1)")
     p.add_argument("--parallel", type=int, default=None, metavar="G",
-                   help="processes at once, one GPU each (CUDA_VISIBLE_DEVICES per child), each packing its share of the cells; "
+                   help="processes at once, one GPU each (CUDA_VISIBLE_DEVICES per child; on a CPU the cores are shared out), each packing its share of the cells; "
                         "default 1 (--task: one per visible GPU)")
     p.add_argument("--force", action="store_true", help="recompute finished cells (their folders are removed first)")
     p.add_argument("--results-root", default=os.environ.get("DIA_RESULTS_ROOT", "results"),

@@ -70,3 +70,16 @@ def test_compiled_variants_are_rows_of_their_own() -> None:
     assert all(r["victim_its_per_s"] > 0 and r["compile_s"] > 0 for r in rows[-2:])
     assert torch.get_float32_matmul_precision() == "highest"  # the variant's precision does not leak out
     assert bench.variant_settings("reduce-overhead+tf32") == {"compile_mode": "reduce-overhead", "matmul_precision": "high"}
+
+
+def test_medium_precision_reaches_onednn_only_inside_the_attack() -> None:
+    """attack.matmul_precision=medium (the bench's 'bf16' variant) lets oneDNN take float32 matmuls on a CPU
+    (docs/benchmarks.md); outside the attacker's program, the client's gradient stays at full precision."""
+    from dia.run.pack import matmul_precision
+
+    assert bench.variant_settings("bf16") == {"matmul_precision": "medium"}
+    assert bench.variant_settings("max-autotune") == {"compile_mode": "max-autotune"}
+    with matmul_precision("medium"):
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")  # both: full float32

@@ -214,7 +214,7 @@ def test_grid_file_where_a_folder_is_needed(option, tmp_path, capsys):
     (["--iterations", "-3"], "--iterations=-3"),
     (["--warmup", "x"], "invalid int value"),
     (["--frobnicate"], "unrecognized arguments"),
-    (["--variants", "default,fast"], "choose from: default, reduce-overhead, tf32"),
+    (["--variants", "default,fast"], "choose from: default, reduce-overhead, max-autotune, tf32, bf16"),
     (["--variants", "tf32+turbo"], "unknown 'turbo'"),
 ])
 def test_bench_bad_arguments(argv, expected, capsys, tmp_path):

@@ -199,7 +199,10 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
     return rows
 
 
-VARIANTS = {"default": {}, "reduce-overhead": {"compile_mode": "reduce-overhead"}, "tf32": {"matmul_precision": "high"}}
+VARIANTS = {  # attack.* settings; "bf16" is torch's "medium" float32 matmul precision: TF32/bf16 on GPUs, and on a
+    # CPU oneDNN's bf16 math mode for float32 matmuls where the CPU has bf16 instructions (avx512_bf16, AMX)
+    "default": {}, "reduce-overhead": {"compile_mode": "reduce-overhead"}, "max-autotune": {"compile_mode": "max-autotune"},
+    "tf32": {"matmul_precision": "high"}, "bf16": {"matmul_precision": "medium"}}
 
 
 def variant_settings(variant: str) -> dict[str, str]:

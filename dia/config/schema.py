@@ -35,7 +35,7 @@ class AttackConfig:
     labels: str = "known"  # known (as in the paper) | infer (from the gradient; batch_size=1)
     compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    matmul_precision: str = "highest"  # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium
+    matmul_precision: str = "highest"  # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium (also oneDNN with bf16 allowed on CPUs that have it: docs/benchmarks.md)
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped (and rows turn over)
     refill: bool = True  # a pack larger than attack.parallel: waiting problems take the rows of stopped ones

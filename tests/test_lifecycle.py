@@ -92,11 +92,17 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(stopped, 
     deadline = time.time() + 120
     while (partial.parent / ".s.lock").read_text().strip() != str(first.pid) and time.time() < deadline:
         time.sleep(0.1)
+    # the resuming run rewrites the config with its own output dir once it holds the lock: wait for that write
+    # (reading before it made this test flaky in CI), then the second run must leave the file as it is
+    while str(tmp_path / "o") not in (partial / "config.yaml").read_text() and time.time() < deadline:
+        time.sleep(0.1)
     config = (partial / "config.yaml").read_text()
+    assert str(tmp_path / "o") in config
     second = _train(tmp_path / "o", "run.name=s", "attack.max_iterations=301")
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2 and "being run by another process" in err and err.count("\n") == 1, err
-    assert (partial / "config.yaml").read_text() == config  # untouched
+    after = (partial / "config.yaml").read_text()
+    assert after == config and "max_iterations: 301" not in after  # untouched by the refused run
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=120)
     assert first.returncode == 75 and (partial / "checkpoint.pt").is_file()

@@ -63,16 +63,14 @@ def main() -> None:
 
 def authors_loop(iterations: int) -> None:
     """Victim-iterations per second of the authors' loop (ViT DIA, one victim) at each precision, alternating."""
-    from dia.bench import run_baseline, setup
+    from dia.bench import authors_loop as loop, setup
 
     device = torch.device("cpu")
     model, problems, lower, upper = setup("vit", 1, device)
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
-        run_baseline(model, {k: t[0] for k, t in problems.targets.items()}, problems.labels[0], problems.rates,
-                     problems.mask_shapes, attack="dia", iterations=n, lower=lower, upper=upper,
-                     seed=problems.seeds[0], input_shape=problems.input_shape)
+        loop(model, problems, attack="dia", iterations=n, lower=lower, upper=upper, device=device)
         return n / (time.perf_counter() - t0)
 
     rates: dict[str, list[float]] = {"highest": [], "medium": []}

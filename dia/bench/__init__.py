@@ -64,6 +64,14 @@ def setup(model_name: str, n: int, device: torch.device) -> tuple[nn.Module, Pro
     return sim.model.to(device), sim.problems, sim.lower.to(device), sim.upper.to(device)
 
 
+def authors_loop(model: nn.Module, problems: Problems, *, attack: str, iterations: int, lower: Tensor, upper: Tensor,
+                 device: torch.device) -> None:
+    """`iterations` of the authors' loop (`dia.bench.baseline.run_baseline`) on the first of `problems`."""
+    run_baseline(model, {k: t[0].to(device) for k, t in problems.targets.items()}, problems.labels[0].to(device),
+                 problems.rates, problems.mask_shapes, attack=attack, iterations=iterations, lower=lower, upper=upper,
+                 seed=problems.seeds[0], input_shape=problems.input_shape)
+
+
 def engine_module(attack: str, model: nn.Module, problems: Problems, cfg: DictConfig, lower: Tensor, upper: Tensor,
                   device: torch.device) -> InvertingGradients:
     """An attack module with its state initialised on `device`, ready for `engine_steps`."""
@@ -124,9 +132,7 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
         report(row)
 
     def baseline(n: int) -> None:
-        run_baseline(model, {k: t[0].to(device) for k, t in problems.targets.items()}, problems.labels[0].to(device),
-                     problems.rates, problems.mask_shapes, attack=attack, iterations=n, lower=lower, upper=upper,
-                     seed=problems.seeds[0], input_shape=problems.input_shape)
+        authors_loop(model, problems, attack=attack, iterations=n, lower=lower, upper=upper, device=device)
 
     def one(j: int, n: int) -> Tensor:
         return engine_steps(engine_module(attack, model, problems.subset([j]), cfg, lower, upper, device), n)

@@ -19,9 +19,24 @@ from pathlib import Path
 
 def first_call_seconds(args: list[str], cache: Path, out: Path) -> tuple[float, float]:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dia.train", *args, "attack.compile=true", "attack.max_iterations=20",
-                           "logger.wandb.mode=disabled", "metrics.lpips=off", "run.progress=false", "run.checkpoint_every=-1",
-                           f"run.compile_cache={cache}", f"run.output_dir={out}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dia.train",
+            *args,
+            "attack.compile=true",
+            "attack.max_iterations=20",
+            "logger.wandb.mode=disabled",
+            "metrics.lpips=off",
+            "run.progress=false",
+            "run.checkpoint_every=-1",
+            f"run.compile_cache={cache}",
+            f"run.output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     found = re.search(r"torch.compile: first call ([0-9.]+) s", proc.stderr)
     if proc.returncode != 0 or not found:
@@ -35,10 +50,12 @@ def main() -> None:
         cache = Path(tmp) / "cache"
         cold = first_call_seconds(args, cache, Path(tmp) / "a")
         warm = first_call_seconds(args, cache, Path(tmp) / "b")
-    print(f"| configuration | first compile (empty cache) | later process (cache) | ratio |")
-    print(f"|---|---|---|---|")
-    print(f"| {' '.join(args) or 'defaults'} | {cold[0]:.1f} s (process {cold[1]:.0f} s) | {warm[0]:.1f} s "
-          f"(process {warm[1]:.0f} s) | {cold[0] / warm[0]:.1f}x |")
+    print("| configuration | first compile (empty cache) | later process (cache) | ratio |")
+    print("|---|---|---|---|")
+    print(
+        f"| {' '.join(args) or 'defaults'} | {cold[0]:.1f} s (process {cold[1]:.0f} s) | {warm[0]:.1f} s "
+        f"(process {warm[1]:.0f} s) | {cold[0] / warm[0]:.1f}x |"
+    )
 
 
 if __name__ == "__main__":

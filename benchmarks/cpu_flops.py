@@ -39,7 +39,9 @@ def peak_gflops(seconds: float = 1.0) -> tuple[float, int]:
 def program_flops(model: str, k: int) -> int:
     """FLOPs of one iteration's gradient program for K problems (eager; matmuls, convolutions, attention)."""
     net, problems, lower, upper = setup(model, k, torch.device("cpu"))
-    module = engine_module("dia", net, problems.subset(list(range(k))), config(model, "dia"), lower, upper, torch.device("cpu"))
+    module = engine_module(
+        "dia", net, problems.subset(list(range(k))), config(model, "dia"), lower, upper, torch.device("cpu")
+    )
     with FlopCounterMode(display=False) as counter:
         module.gradient(module.state.flat.detach())
     return counter.get_total_flops()
@@ -72,9 +74,12 @@ def main() -> None:
         flops = program_flops(model, args.k)
         rate = compiled_rate(model, args.k, args.iterations)
         achieved = flops * rate / 1e9
-        print(f"{model}: K = {args.k}: {flops / 1e9:.3f} GFLOP per iteration ({flops / args.k / 1e6:.1f} MFLOP per victim), "
-              f"compiled {rate:.2f} it/s = {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f} % of peak "
-              f"(load average now {os.getloadavg()[0]:.2f})", flush=True)
+        print(
+            f"{model}: K = {args.k}: {flops / 1e9:.3f} GFLOP per iteration ({flops / args.k / 1e6:.1f} MFLOP per victim), "
+            f"compiled {rate:.2f} it/s = {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f} % of peak "
+            f"(load average now {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -64,9 +64,15 @@ def child(variant: str, model: str, k: int, iterations: int) -> dict:
     faults = r1.ru_minflt - r0.ru_minflt
     user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
     flat = module.state.flat.detach()
-    return {"variant": variant, "it_per_s": iterations / seconds, "minflt_per_it": faults / iterations,
-            "user_ms_per_it": 1000 * user / iterations, "sys_ms_per_it": 1000 * system / iterations,
-            "checksum": float(flat.double().sum()), "load": os.getloadavg()[0]}
+    return {
+        "variant": variant,
+        "it_per_s": iterations / seconds,
+        "minflt_per_it": faults / iterations,
+        "user_ms_per_it": 1000 * user / iterations,
+        "sys_ms_per_it": 1000 * system / iterations,
+        "checksum": float(flat.double().sum()),
+        "load": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -84,17 +90,34 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in args.variants.split(",")}
     for _ in range(args.repeats):
         for variant in runs:
-            out = subprocess.run([sys.executable, __file__, "--child", variant, "--model", args.model, "--k", str(args.k),
-                                  "--iterations", str(args.iterations)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    "--model",
+                    args.model,
+                    "--k",
+                    str(args.k),
+                    "--iterations",
+                    str(args.iterations),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs[variant].append(r)
             print(json.dumps(r), flush=True)
     for variant, rs in runs.items():
-        print(f"{variant}: {statistics.median(r['it_per_s'] for r in rs):.1f} it/s (median of {len(rs)}), "
-              f"{statistics.median(r['minflt_per_it'] for r in rs):.1f} minor faults per iteration, "
-              f"CPU {statistics.median(r['user_ms_per_it'] for r in rs):.2f} ms user + "
-              f"{statistics.median(r['sys_ms_per_it'] for r in rs):.2f} ms system per iteration, "
-              f"checksums {sorted({r['checksum'] for r in rs})}")
+        print(
+            f"{variant}: {statistics.median(r['it_per_s'] for r in rs):.1f} it/s (median of {len(rs)}), "
+            f"{statistics.median(r['minflt_per_it'] for r in rs):.1f} minor faults per iteration, "
+            f"CPU {statistics.median(r['user_ms_per_it'] for r in rs):.2f} ms user + "
+            f"{statistics.median(r['sys_ms_per_it'] for r in rs):.2f} ms system per iteration, "
+            f"checksums {sorted({r['checksum'] for r in rs})}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,13 @@ import torch
 
 # (m, k, n): the ViT's token-wise linears at 24 rows (24 x 65 tokens), its attention products per head, the
 # weight-gradient products (tokens summed), and a large square product as the peak reference
-SHAPES = {"linear 1560x256 @ 256x256": (1560, 256, 256), "linear 1560x256 @ 256x768": (1560, 256, 768),
-          "weight grad 256x1560 @ 1560x256": (256, 1560, 256), "attention 65x16 @ 16x65": (65, 16, 65),
-          "square 2048": (2048, 2048, 2048)}
+SHAPES = {
+    "linear 1560x256 @ 256x256": (1560, 256, 256),
+    "linear 1560x256 @ 256x768": (1560, 256, 768),
+    "weight grad 256x1560 @ 1560x256": (256, 1560, 256),
+    "attention 65x16 @ 16x65": (65, 16, 65),
+    "square 2048": (2048, 2048, 2048),
+}
 
 
 def seconds_per_product(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
@@ -38,12 +42,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--authors-loop", type=int, default=0, metavar="N", help="also time N iterations of the authors' loop")
+    ap.add_argument(
+        "--authors-loop", type=int, default=0, metavar="N", help="also time N iterations of the authors' loop"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# {args.threads} torch threads, torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    print("| product | highest: ms | medium: ms | speed-up | rel. error highest | rel. error medium |\n|---|---|---|---|---|---|")
+    print(
+        f"# {args.threads} torch threads, torch {torch.__version__}, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(
+        "| product | highest: ms | medium: ms | speed-up | rel. error highest | rel. error medium |\n|---|---|---|---|---|---|"
+    )
     g = torch.Generator().manual_seed(0)
     for name, (m, k, n) in SHAPES.items():
         a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
@@ -63,7 +73,8 @@ def main() -> None:
 
 def authors_loop(iterations: int) -> None:
     """Victim-iterations per second of the authors' loop (ViT DIA, one victim) at each precision, alternating."""
-    from dia.bench import authors_loop as loop, setup
+    from dia.bench import authors_loop as loop
+    from dia.bench import setup
 
     device = torch.device("cpu")
     model, problems, lower, upper = setup("vit", 1, device)
@@ -80,8 +91,10 @@ def authors_loop(iterations: int) -> None:
             run(3)  # warm-up
             rates[precision].append(run(iterations))
     torch.set_float32_matmul_precision("highest")
-    print(f"authors' loop, ViT DIA: highest {', '.join(f'{r:.1f}' for r in rates['highest'])} it/s; "
-          f"medium {', '.join(f'{r:.1f}' for r in rates['medium'])} it/s")
+    print(
+        f"authors' loop, ViT DIA: highest {', '.join(f'{r:.1f}' for r in rates['highest'])} it/s; "
+        f"medium {', '.join(f'{r:.1f}' for r in rates['medium'])} it/s"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def worker(args: argparse.Namespace) -> None:
 
     device = torch.device("cpu")
     model, problems, lower, upper = setup(args.model, args.rows, device)
-    cfg = config(args.model, args.attack, f"attack.max_iterations={args.warmup + args.iterations + 1}", "attack.compile=true")
+    cfg = config(
+        args.model, args.attack, f"attack.max_iterations={args.warmup + args.iterations + 1}", "attack.compile=true"
+    )
     module = engine_module(args.attack, model, problems, cfg, lower, upper, device)
     engine_steps(module, args.warmup)
     print(READY, flush=True)
@@ -49,11 +51,30 @@ def worker(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace, processes: int) -> float:
     """Victim-iterations per second of `processes` workers sharing the cores and rows."""
     threads, rows = max(1, args.cores // processes), args.rows // processes
-    cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--rows", str(rows), "--model", args.model,
-           "--attack", args.attack, "--precision", args.precision, "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--threads",
+        str(threads),
+        "--rows",
+        str(rows),
+        "--model",
+        args.model,
+        "--attack",
+        args.attack,
+        "--precision",
+        args.precision,
+        "--iterations",
+        str(args.iterations),
+        "--warmup",
+        str(args.warmup),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-             for _ in range(processes)]
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(processes)
+    ]
     for p in procs:  # wait until every worker has compiled and warmed up
         for line in p.stdout:
             if line.strip() == READY:
@@ -79,8 +100,12 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--precision", default="highest", choices=["highest", "medium"],
-                    help="float32 matmul precision of every process (attack.matmul_precision)")
+    ap.add_argument(
+        "--precision",
+        default="highest",
+        choices=["highest", "medium"],
+        help="float32 matmul precision of every process (attack.matmul_precision)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -88,9 +113,11 @@ def main() -> None:
         return worker(args)
     if args.rows % args.processes:
         raise SystemExit(f"error: --rows {args.rows} must divide into --processes {args.processes}")
-    print(f"# {args.model}/{args.attack}, {args.cores} cores, K = {args.rows}, {args.iterations} timed iterations, "
-          f"matmul precision {args.precision}; "
-          f"load average {os.getloadavg()[0]:.1f} at the start")
+    print(
+        f"# {args.model}/{args.attack}, {args.cores} cores, K = {args.rows}, {args.iterations} timed iterations, "
+        f"matmul precision {args.precision}; "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
+    )
     rates: dict[str, list[float]] = {"A": [], "B": []}
     for r in range(args.rounds):
         for name, g in (("A", 1), ("B", args.processes)):
@@ -99,8 +126,10 @@ def main() -> None:
     a, b = statistics.median(rates["A"]), statistics.median(rates["B"])
     print(f"| layout | victim-it/s (median of {args.rounds}) |\n|---|---|")
     print(f"| 1 process × {args.cores} threads × {args.rows} rows | {a:.1f} |")
-    print(f"| {args.processes} processes × {max(1, args.cores // args.processes)} thread(s) × {args.rows // args.processes} rows "
-          f"| {b:.1f} ({b / a:.2f}×) |")
+    print(
+        f"| {args.processes} processes × {max(1, args.cores // args.processes)} thread(s) × {args.rows // args.processes} rows "
+        f"| {b:.1f} ({b / a:.2f}×) |"
+    )
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -25,7 +25,9 @@ MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmu
 def group(name: str) -> str:
     if name in MATMULS or "mkldnn" in name or "onednn" in name:
         return "matrix products (MKL / oneDNN)"
-    if "CompiledFxGraph" in name or name.startswith("cpp_fused") or "inductor" in name:  # the call's self time = its C++
+    if (
+        "CompiledFxGraph" in name or name.startswith("cpp_fused") or "inductor" in name
+    ):  # the call's self time = its C++
         return "inductor's generated kernels"
     if name.startswith("aten::"):
         return "eager aten ops outside the graph (the engine's optimizer step and box)"
@@ -55,13 +57,15 @@ def main() -> None:
     groups: dict[str, float] = defaultdict(float)
     for e in events:
         groups[group(e.key)] += e.self_cpu_time_total
-    print(f"# {args.model}/{args.attack}, K = {args.k}, {args.iterations} iterations, {torch.get_num_threads()} threads, "
-          f"matmul precision {args.precision}: {total / 1e3 / args.iterations:.1f} ms self CPU time per iteration")
+    print(
+        f"# {args.model}/{args.attack}, K = {args.k}, {args.iterations} iterations, {torch.get_num_threads()} threads, "
+        f"matmul precision {args.precision}: {total / 1e3 / args.iterations:.1f} ms self CPU time per iteration"
+    )
     print("| group | share of self CPU time |\n|---|---|")
     for name, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {100 * t / total:.1f} % |")
     print(f"\n| op (top {args.top}) | share | calls per iteration |\n|---|---|---|")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
         print(f"| {e.key[:70]} | {100 * e.self_cpu_time_total / total:.1f} % | {e.count / args.iterations:.0f} |")
 
 

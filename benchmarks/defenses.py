@@ -23,15 +23,15 @@ import torch
 from omegaconf import OmegaConf
 
 from dia import defenses
-from dia.attacks import AttackResult
 from dia.api import simulate
+from dia.attacks import AttackResult
 from dia.config import compose
+from dia.problems import Problems
 from dia.run.cell import evaluate
+from dia.run.console import quiet_libraries
+from dia.run.files import write_json, write_text
 from dia.run.pack import attack
 from dia.run.summary import mean_metrics
-from dia.problems import Problems
-from dia.run.files import write_json, write_text
-from dia.run.console import quiet_libraries
 
 # (tag, dia.train arguments) of each defense setting; the x of the figure is the defense's strength key.
 SETTINGS: list[tuple[str, list[str]]] = (
@@ -43,23 +43,36 @@ SETTINGS: list[tuple[str, list[str]]] = (
     + [("sign", ["defense=sign"])]
     + [("prune0.9-dpsgd-s0.001", ["defense=[prune,dpsgd]", "defense.ratio=0.9", "defense.noise_multiplier=0.001"])]
 )
-PUBLIC = ("prune", "quantize", "sign")  # defenses whose zeros the attacker can see: also run with attack.model_defense=true
+PUBLIC = (
+    "prune",
+    "quantize",
+    "sign",
+)  # defenses whose zeros the attacker can see: also run with attack.model_defense=true
 
 
 def pack(parts: list[Problems]) -> Problems:
     """One Problems of all parts' problems, in order."""
     first = parts[0]
     cat = lambda get: {n: torch.cat([get(p)[n] for p in parts]) for n in get(first)}  # noqa: E731
-    return replace(first, targets=cat(lambda p: p.targets), labels=torch.cat([p.labels for p in parts]),
-                   seeds=[s for p in parts for s in p.seeds],
-                   true_masks=None if first.true_masks is None else cat(lambda p: p.true_masks))
+    return replace(
+        first,
+        targets=cat(lambda p: p.targets),
+        labels=torch.cat([p.labels for p in parts]),
+        seeds=[s for p in parts for s in p.seeds],
+        true_masks=None if first.true_masks is None else cat(lambda p: p.true_masks),
+    )
 
 
 def part(result: AttackResult, index: list[int]) -> AttackResult:
     pick = torch.as_tensor(index)
-    return AttackResult(x=result.x[pick], masks=None if result.masks is None else {k: v[pick] for k, v in result.masks.items()},
-                        best_loss=result.best_loss[pick], best_iteration=result.best_iteration[pick],
-                        iterations=result.iterations[pick], status=[result.status[i] for i in index])
+    return AttackResult(
+        x=result.x[pick],
+        masks=None if result.masks is None else {k: v[pick] for k, v in result.masks.items()},
+        best_loss=result.best_loss[pick],
+        best_iteration=result.best_iteration[pick],
+        iterations=result.iterations[pick],
+        status=[result.status[i] for i in index],
+    )
 
 
 def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path, device: torch.device) -> None:
@@ -74,21 +87,34 @@ def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path,
     wall = time.time() - started
     n = len(victims.indices)
     for i, ((tag, _), c, problems) in enumerate(zip(settings, cfgs, parts)):
-        rows, _ = evaluate(part(result, list(range(i * n, (i + 1) * n))), problems, victims.images, mean, std, lpips_fn=None)
+        rows, _ = evaluate(
+            part(result, list(range(i * n, (i + 1) * n))), problems, victims.images, mean, std, lpips_fn=None
+        )
         for row, index, label in zip(rows, victims.indices, victims.labels.tolist()):
             row.update(index=index, label=label, attack_label=label)
         name = f"{c.attack.name}-p{c.model.dropout:g}-{tag}" + ("-md" if c.attack.model_defense else "")
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / "config.yaml", OmegaConf.to_yaml(c))
-        write_json(folder / "metrics.json", {
-            "status": "diverged" if any(r["status"] == "diverged" for r in rows) else "completed",
-            "attack": c.attack.name, "model": c.model.name, "data": c.data.name, "dropout": c.model.dropout,
-            "mean": mean_metrics(rows), "labels": c.attack.labels, "label_accuracy": 1.0,
-            "iterations": max(r["iterations"] for r in rows), "wall_time_s": round(wall / len(settings), 3),
-            "device": str(device), "packed_with": len(settings), "victims": rows,
-            "defense": defenses.summary(c.defense, c.attack.model_defense),
-        })
+        write_json(
+            folder / "metrics.json",
+            {
+                "status": "diverged" if any(r["status"] == "diverged" for r in rows) else "completed",
+                "attack": c.attack.name,
+                "model": c.model.name,
+                "data": c.data.name,
+                "dropout": c.model.dropout,
+                "mean": mean_metrics(rows),
+                "labels": c.attack.labels,
+                "label_accuracy": 1.0,
+                "iterations": max(r["iterations"] for r in rows),
+                "wall_time_s": round(wall / len(settings), 3),
+                "device": str(device),
+                "packed_with": len(settings),
+                "victims": rows,
+                "defense": defenses.summary(c.defense, c.attack.model_defense),
+            },
+        )
         print(f"{name:<36} SSIM {mean_metrics(rows)['ssim']:.3f}", flush=True)
     print(f"  block of {len(settings)} settings x {n} victims: {wall:.0f} s", flush=True)
 
@@ -96,10 +122,15 @@ def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path,
 def table(out: Path) -> str:
     """Markdown: one row per defense setting, one column per (p, attack[, model_defense]): mean SSIM [min-max]."""
     runs = [json.loads(f.read_text()) | {"tag": f.parent.name} for f in sorted(out.glob("*/metrics.json"))]
-    cols = sorted({(r["dropout"], r["attack"], r["defense"]["model_defense"]) for r in runs},
-                  key=lambda c: (c[0], ["ig", "wiig", "dia"].index(c[1]), c[2]))
+    cols = sorted(
+        {(r["dropout"], r["attack"], r["defense"]["model_defense"]) for r in runs},
+        key=lambda c: (c[0], ["ig", "wiig", "dia"].index(c[1]), c[2]),
+    )
     order = [t for t, _ in SETTINGS]
-    settings = sorted({r["tag"].split("-", 2)[2].removesuffix("-md") for r in runs}, key=lambda t: order.index(t) if t in order else 99)
+    settings = sorted(
+        {r["tag"].split("-", 2)[2].removesuffix("-md") for r in runs},
+        key=lambda t: order.index(t) if t in order else 99,
+    )
     head = ["defense", "ε (δ=1e-5)"] + [f"p={p:g} {a.upper()}{' md' if md else ''}" for p, a, md in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for tag in settings:
@@ -107,7 +138,9 @@ def table(out: Path) -> str:
         eps = next((r["defense"]["epsilon"] for r in mine if r["defense"]["epsilon"] is not None), None)
         row = [tag, "-" if eps is None else f"{eps:.3g}"]
         for p, a, md in cols:
-            r = next((r for r in mine if (r["dropout"], r["attack"], r["defense"]["model_defense"]) == (p, a, md)), None)
+            r = next(
+                (r for r in mine if (r["dropout"], r["attack"], r["defense"]["model_defense"]) == (p, a, md)), None
+            )
             v = [x["ssim"] for x in r["victims"]] if r else []
             row.append(f"{sum(v) / len(v):.2f} [{min(v):.2f}–{max(v):.2f}]" if v else "")
         lines.append("| " + " | ".join(row) + " |")
@@ -137,16 +170,30 @@ def main() -> None:
         for name in args.attacks.split(","):
             if float(p) == 0 and name != "ig":
                 continue  # without dropout WIIG and DIA are IG (tests/test_attacks.py): one block
-            base = args.extra + [f"attack={name}", f"model.dropout={p}", f"attack.max_iterations={args.iterations}",
-                                 f"num_victims={args.victims}", "logger.wandb.mode=disabled", "run.progress=false"]
+            base = args.extra + [
+                f"attack={name}",
+                f"model.dropout={p}",
+                f"attack.max_iterations={args.iterations}",
+                f"num_victims={args.victims}",
+                "logger.wandb.mode=disabled",
+                "run.progress=false",
+            ]
             run_block(base, settings, args.out, device)
             if args.model_defense and name != "wiig":
                 public = [s for s in settings if s[0].startswith(PUBLIC)]
                 if public:
                     run_block(base + ["attack.model_defense=true"], public, args.out, device)
     (args.out / "table.md").write_text(table(args.out))
-    (args.out / "benchmark.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-                                                         "args": vars(args) | {"out": str(args.out)}}, indent=1) + "\n")
+    (args.out / "benchmark.json").write_text(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+                "args": vars(args) | {"out": str(args.out)},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def one(steps: int, problems: int, iterations: int, overrides: list[str]) -> dic
     from dia.run.console import quiet_libraries
 
     quiet_libraries()
-    sim = simulate(*overrides, f"num_victims={problems}", f"client.local_steps={steps}", "attack=dia", "attack.compile=false")
+    sim = simulate(
+        *overrides, f"num_victims={problems}", f"client.local_steps={steps}", "attack=dia", "attack.compile=false"
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cls = ATTACKS.get("dia")
     module = cls(sim.model, cls.view(sim.problems), sim.cfg.attack).to(device)
@@ -62,8 +64,12 @@ def one(steps: int, problems: int, iterations: int, overrides: list[str]) -> dic
         module.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"steps": steps, "s_per_iteration": (time.perf_counter() - started) / iterations, "peak_mib": peak,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
+    return {
+        "steps": steps,
+        "s_per_iteration": (time.perf_counter() - started) / iterations,
+        "peak_mib": peak,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    }
 
 
 def mismatch(steps: list[int], problems: int, overrides: list[str]) -> None:
@@ -82,9 +88,15 @@ def mismatch(steps: list[int], problems: int, overrides: list[str]) -> None:
         x = ((sim.victims.images - sim.mean) / sim.std).view(p.num_problems, p.input_shape[0], *p.input_shape[1:])
         params = {n: w.detach() for n, w in sim.model.named_parameters()}
         masks = {n: m / (1 - p.rates[n]) for n, m in p.true_masks.items()}
-        blind = cosine_distance(problem_gradients(sim.model, params, x, p.labels, None, "off", p.local), p.targets).tolist()
-        exact = cosine_distance(problem_gradients(sim.model, params, x, p.labels, masks, "apply", p.local), p.targets).tolist()
-        print(f"| {t} | {statistics.mean(blind):.3f} ± {statistics.stdev(blind):.3f} | {max(abs(v) for v in exact):.1e} |")
+        blind = cosine_distance(
+            problem_gradients(sim.model, params, x, p.labels, None, "off", p.local), p.targets
+        ).tolist()
+        exact = cosine_distance(
+            problem_gradients(sim.model, params, x, p.labels, masks, "apply", p.local), p.targets
+        ).tolist()
+        print(
+            f"| {t} | {statistics.mean(blind):.3f} ± {statistics.stdev(blind):.3f} | {max(abs(v) for v in exact):.1e} |"
+        )
 
 
 def plot(table: str, png: str, metric: str = "ssim") -> None:
@@ -101,11 +113,21 @@ def plot(table: str, png: str, metric: str = "ssim") -> None:
     fig, axes = plt.subplots(1, len(rates), figsize=(3.4 * len(rates), 3.0), sharey=True, squeeze=False)
     for ax, rate in zip(axes[0], rates):
         for attack in ("ig", "wiig", "dia"):
-            pts = sorted((int(r["local_steps"]), float(r[f"{metric}_mean"]), float(r[f"{metric}_std"])) for r in rows
-                         if float(r["dropout"]) == rate and r["attack"] == attack and r[f"{metric}_mean"])
+            pts = sorted(
+                (int(r["local_steps"]), float(r[f"{metric}_mean"]), float(r[f"{metric}_std"]))
+                for r in rows
+                if float(r["dropout"]) == rate and r["attack"] == attack and r[f"{metric}_mean"]
+            )
             if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
-                            capsize=2, label=attack.upper())
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    yerr=[p[2] for p in pts],
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    label=attack.upper(),
+                )
         ax.set_xscale("log")
         ax.set_xticks([1, 2, 5, 10], ["1", "2", "5", "10"])
         ax.set_title(f"p = {rate:g}")
@@ -126,9 +148,11 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per T")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: measure this T, print JSON
     p.add_argument("--mismatch", action="store_true", help="IG's model's cosine distance at the true images, per T")
-    p.add_argument("--plot", nargs=2, metavar=("TABLE_CSV", "PNG"), help="draw SSIM against T from a report's table.csv")
+    p.add_argument(
+        "--plot", nargs=2, metavar=("TABLE_CSV", "PNG"), help="draw SSIM against T from a report's table.csv"
+    )
     a = p.parse_args(args[:cut])
-    overrides = args[cut + 1:]
+    overrides = args[cut + 1 :]
     if a.plot:
         plot(*a.plot)
         return
@@ -140,16 +164,34 @@ def main() -> None:
         return
     rows = []
     for steps in (int(t) for t in a.steps.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--one", str(steps), "--problems", str(a.problems),
-                              "--iterations", str(a.iterations), "--", *overrides], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                str(steps),
+                "--problems",
+                str(a.problems),
+                "--iterations",
+                str(a.iterations),
+                "--",
+                *overrides,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
-            raise SystemExit(f"T={steps}: exit {out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
+            raise SystemExit(
+                f"T={steps}: exit {out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}"
+            )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"device: {rows[0]['device']}; DIA, {a.problems} problems, eager; overrides: {' '.join(overrides) or 'none'}")
     print("| T | s / iteration | vs T=1 | peak MiB (one iteration) | vs T=1 |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['steps']} | {r['s_per_iteration']:.4f} | {r['s_per_iteration'] / rows[0]['s_per_iteration']:.2f}× "
-              f"| {r['peak_mib']:.1f} | {r['peak_mib'] / max(rows[0]['peak_mib'], 1e-9):.2f}× |")
+        print(
+            f"| {r['steps']} | {r['s_per_iteration']:.4f} | {r['s_per_iteration'] / rows[0]['s_per_iteration']:.2f}× "
+            f"| {r['peak_mib']:.1f} | {r['peak_mib'] / max(rows[0]['peak_mib'], 1e-9):.2f}× |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,19 +25,36 @@ from collections import Counter
 from pathlib import Path
 
 from dia.config import compose
-from dia.run.console import quiet_libraries
 from dia.run import execute
+from dia.run.console import quiet_libraries
 
 RATES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 ATTACKS = ("ig", "wiig", "dia")
 
 
 def configs(out: Path, rows: int, victims: int, refill: bool, overrides: list[str]) -> list:
-    return [compose(["data=mnist", "model=mlp", f"num_victims={victims}", *overrides, f"attack={a}",
-                     f"model.dropout={p}", f"attack.parallel={rows}", f"attack.refill={str(refill).lower()}",
-                     "run.progress=false", "logger.wandb.mode=disabled", "metrics.lpips=off",
-                     "run.checkpoint_every=-1", f"run.output_dir={out}", f"run.name={a}-{p:g}"])
-            for a in ATTACKS for p in RATES]
+    return [
+        compose(
+            [
+                "data=mnist",
+                "model=mlp",
+                f"num_victims={victims}",
+                *overrides,
+                f"attack={a}",
+                f"model.dropout={p}",
+                f"attack.parallel={rows}",
+                f"attack.refill={str(refill).lower()}",
+                "run.progress=false",
+                "logger.wandb.mode=disabled",
+                "metrics.lpips=off",
+                "run.checkpoint_every=-1",
+                f"run.output_dir={out}",
+                f"run.name={a}-{p:g}",
+            ]
+        )
+        for a in ATTACKS
+        for p in RATES
+    ]
 
 
 def run(out: Path, rows: int | str, victims: int, refill: bool, overrides: list[str]) -> tuple[float, int, int, dict]:
@@ -60,11 +77,16 @@ def main() -> None:
     parser.add_argument("--victims", type=int, default=4, help="victims per run")
     args, overrides = parser.parse_known_args()
     quiet_libraries()
-    modes = {f"all {18 * args.victims} rows at once": (18 * args.victims, False), f"{args.rows} rows, no refill": (args.rows, False),
-             f"{args.rows} rows, refill": (args.rows, True)}
+    modes = {
+        f"all {18 * args.victims} rows at once": (18 * args.victims, False),
+        f"{args.rows} rows, no refill": (args.rows, False),
+        f"{args.rows} rows, refill": (args.rows, True),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        results = {name: run(Path(tmp) / str(i), rows, args.victims, refill, overrides)
-                   for i, (name, (rows, refill)) in enumerate(modes.items())}
+        results = {
+            name: run(Path(tmp) / str(i), rows, args.victims, refill, overrides)
+            for i, (name, (rows, refill)) in enumerate(modes.items())
+        }
     first = next(iter(results.values()))[3]
     problems = [v for vs in first.values() for v in vs]
     budget = compose(overrides).attack.max_iterations
@@ -72,18 +94,24 @@ def main() -> None:
     differ = sum(a["iterations"] != b["iterations"] or a["status"] != b["status"] for a, b in pairs)
     delta = [abs(a["ssim"] - b["ssim"]) for a, b in pairs]
     its = [v["iterations"] for v in problems]
-    print(f"{len(problems)} problems (18 runs x {args.victims} victims); budget {budget} iterations; "
-          f"overrides: {' '.join(overrides) or 'none'}")
-    print(f"stopping: {dict(Counter(v['status'] for v in problems))}; iterations per problem: mean "
-          f"{statistics.mean(its):.0f}, median {statistics.median(its):.0f}; "
-          f"{sum(its) / (len(its) * budget):.0%} of the budget used (problem-iterations needed: {sum(its)})")
+    print(
+        f"{len(problems)} problems (18 runs x {args.victims} victims); budget {budget} iterations; "
+        f"overrides: {' '.join(overrides) or 'none'}"
+    )
+    print(
+        f"stopping: {dict(Counter(v['status'] for v in problems))}; iterations per problem: mean "
+        f"{statistics.mean(its):.0f}, median {statistics.median(its):.0f}; "
+        f"{sum(its) / (len(its) * budget):.0%} of the budget used (problem-iterations needed: {sum(its)})"
+    )
     print("| mode | programs | row-iterations computed | wall (s) | ms per row-iteration |\n|---|---|---|---|---|")
     for name, (wall, programs, work, _) in results.items():
         print(f"| {name} | {programs} | {work} | {wall:.1f} | {1000 * wall / max(work, 1):.3f} |")
     # Rows of different programs round differently (other batch sizes, other kernels); over long attacks the
     # difference can grow (a sign flips in the signed step), so compare the modes' results, do not expect bits.
-    print(f"against the first mode, per problem: mean |ΔSSIM| {statistics.mean(delta):.4f}, max {max(delta):.4f}; "
-          f"{differ} of {len(pairs)} problem results stopped at another iteration or status")
+    print(
+        f"against the first mode, per problem: mean |ΔSSIM| {statistics.mean(delta):.4f}, max {max(delta):.4f}; "
+        f"{differ} of {len(pairs)} problem results stopped at another iteration or status"
+    )
 
 
 if __name__ == "__main__":

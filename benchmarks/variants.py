@@ -19,14 +19,14 @@ from pathlib import Path
 
 from dia.bench import VARIANTS, variant_settings
 from dia.config import compose
-from dia.run.console import quiet_libraries
 from dia.run import execute
+from dia.run.console import quiet_libraries
 
 
 def main() -> None:
     args = sys.argv[1:]
     cut = args.index("--") if "--" in args else len(args)
-    variants, overrides = args[:cut] or ["default"], args[cut + 1:]
+    variants, overrides = args[:cut] or ["default"], args[cut + 1 :]
     for v in variants:
         if any(name not in VARIANTS for name in v.split("+")):
             raise SystemExit(f"error: variant '{v}': choose from {', '.join(VARIANTS)} (join with '+')")
@@ -35,8 +35,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             settings = [f"attack.{k}={val}" for k, val in variant_settings(v).items()]
-            cfg = compose([*overrides, *settings, "attack.compile=true", "run.progress=false", "logger.wandb.mode=disabled",
-                           "metrics.lpips=off", "run.checkpoint_every=-1", f"run.output_dir={tmp}", f"run.name={v.replace('+', '_')}"])
+            cfg = compose(
+                [
+                    *overrides,
+                    *settings,
+                    "attack.compile=true",
+                    "run.progress=false",
+                    "logger.wandb.mode=disabled",
+                    "metrics.lpips=off",
+                    "run.checkpoint_every=-1",
+                    f"run.output_dir={tmp}",
+                    f"run.name={v.replace('+', '_')}",
+                ]
+            )
             started = time.perf_counter()
             outcome = execute([cfg], progress=False)[0]
             wall = time.perf_counter() - started

@@ -21,9 +21,15 @@ from dia.errors import UserError
 __version__ = "0.1.0"
 
 _API = {
-    "reconstruct": "dia.api", "evaluate": "dia.api", "simulate": "dia.api", "save": "dia.api",
-    "Reconstruction": "dia.api", "Simulation": "dia.api",
-    "capture_update": "dia.updates", "check_update": "dia.updates", "ClientUpdate": "dia.updates",
+    "reconstruct": "dia.api",
+    "evaluate": "dia.api",
+    "simulate": "dia.api",
+    "save": "dia.api",
+    "Reconstruction": "dia.api",
+    "Simulation": "dia.api",
+    "capture_update": "dia.updates",
+    "check_update": "dia.updates",
+    "ClientUpdate": "dia.updates",
     "UpdateCheck": "dia.updates",
 }
 __all__ = ["UserError", *_API]

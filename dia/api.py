@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,19 +62,33 @@ def simulate(*overrides: str, config: DictConfig | None = None) -> Simulation:
     cfg = config if config is not None else compose(list(overrides))
     if cfg.captured.file is not None:
         return captured(cfg)
-    victims = load_victims(cfg.data, indices=None if cfg.victims is None else list(cfg.victims),
-                           count=cfg.num_victims, seed=cfg.victim_seed)
+    victims = load_victims(
+        cfg.data,
+        indices=None if cfg.victims is None else list(cfg.victims),
+        count=cfg.num_victims,
+        seed=cfg.victim_seed,
+    )
     model = build_for(cfg)
     if victims.labels.max() >= cfg.data.num_classes:
         raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
     seed_everything(cfg.run.seed)
     mean, std = normalizer(cfg.data)
-    problems = simulate_clients(model, (victims.images - mean) / std, victims.labels, batch_size=cfg.batch_size,
-                                seed=cfg.run.seed, defense=cfg.defense, lower=(0 - mean) / std, upper=(1 - mean) / std,
-                                local=LocalTraining.of(cfg.client, cfg.batch_size))
+    problems = simulate_clients(
+        model,
+        (victims.images - mean) / std,
+        victims.labels,
+        batch_size=cfg.batch_size,
+        seed=cfg.run.seed,
+        defense=cfg.defense,
+        lower=(0 - mean) / std,
+        upper=(1 - mean) / std,
+        local=LocalTraining.of(cfg.client, cfg.batch_size),
+    )
     if cfg.attack.labels == "infer":
         if cfg.batch_size != 1:
-            raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
+            raise UserError(
+                f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}"
+            )
         problems = replace(problems, labels=infer_labels(problems.targets, cfg.data.num_classes).view(-1, 1))
     return Simulation(cfg, victims, model, problems, mean, std)
 
@@ -91,8 +106,10 @@ def captured(cfg: DictConfig) -> Simulation:
 
     path = Path(cfg.captured.file)
     if cfg.defense.name != "none":
-        raise UserError(f"defense={cfg.defense.name}: defenses apply to simulated clients; captured.file is attacked as it "
-                        "was sent (leave defense=none; attack.model_defense still models one)")
+        raise UserError(
+            f"defense={cfg.defense.name}: defenses apply to simulated clients; captured.file is attacked as it "
+            "was sent (leave defense=none; attack.model_defense still models one)"
+        )
     model = build_for(cfg)
     seed_everything(cfg.run.seed)
     mean, std = normalizer(cfg.data)
@@ -101,7 +118,9 @@ def captured(cfg: DictConfig) -> Simulation:
     saved = ClientUpdate.from_tensors(flat) if isinstance(flat, dict) and "labels" in flat else None
     where = f"captured.file '{path}'"
     if saved is None and cfg.captured.kind != "gradient" and cfg.captured.lr is None:
-        raise UserError(f"captured.lr: captured.kind={cfg.captured.kind} needs the client's local learning rate (a number > 0)")
+        raise UserError(
+            f"captured.lr: captured.kind={cfg.captured.kind} needs the client's local learning rate (a number > 0)"
+        )
     if saved is not None:
         grads = as_gradients(model, saved.gradient, where=where)
     else:
@@ -109,27 +128,46 @@ def captured(cfg: DictConfig) -> Simulation:
     if cfg.attack.labels == "infer":
         labels = infer_labels(stack(grads), cfg.data.num_classes).view(1, 1)
     elif saved is None:
-        raise UserError(f"{where}: holds no labels; set attack.labels=infer (one image per client), or save the "
-                        "update with its labels (dia.capture_update(...).save)")
+        raise UserError(
+            f"{where}: holds no labels; set attack.labels=infer (one image per client), or save the "
+            "update with its labels (dia.capture_update(...).save)"
+        )
     else:
         labels = labels_of(saved.labels, 1, num_classes=cfg.data.num_classes)
     masks = saved.masks if saved is not None else None
     if ATTACKS.get(cfg.attack.name).needs_client_masks and not masks:
-        raise UserError(f"attack={cfg.attack.name}: needs the client's dropout masks; {where} has none "
-                        "(dia.capture_update records them)")
+        raise UserError(
+            f"attack={cfg.attack.name}: needs the client's dropout masks; {where} has none "
+            "(dia.capture_update records them)"
+        )
     b = int(labels.shape[1])
     if saved is not None:  # the file says how the client trained (FedSGD, or T local steps)
-        local = local_training(saved.steps, saved.lr, saved.local_batch, b) if saved.steps > 1 or saved.local_batch else None
+        local = (
+            local_training(saved.steps, saved.lr, saved.local_batch, b)
+            if saved.steps > 1 or saved.local_batch
+            else None
+        )
     else:  # a bare file: as the config's `client` section says
         local = LocalTraining.of(cfg.client, b)
-    problems = client_problems(model, grads, labels, shape, masks=masks, seed=cfg.run.seed,
-                               lower=(0 - mean) / std, upper=(1 - mean) / std, local=local)
+    problems = client_problems(
+        model,
+        grads,
+        labels,
+        shape,
+        masks=masks,
+        seed=cfg.run.seed,
+        lower=(0 - mean) / std,
+        upper=(1 - mean) / std,
+        local=local,
+    )
     victims = None
     if saved is not None and saved.images is not None:
         images = saved.images.float()
         if tuple(images.shape) != problems.input_shape:
             raise UserError(f"{where}: its images are {tuple(images.shape)}; the model takes {problems.input_shape}")
-        victims = Victims((images * std + mean).clamp(0, 1), saved.labels.long().flatten(), list(range(images.shape[0])))
+        victims = Victims(
+            (images * std + mean).clamp(0, 1), saved.labels.long().flatten(), list(range(images.shape[0]))
+        )
     return Simulation(cfg, victims, model, problems, mean, std)
 
 
@@ -163,15 +201,36 @@ class Reconstruction:
         """As a `dia.engine.AttackResult` (normalized space)."""
         from dia.engine import AttackResult
 
-        return AttackResult(x=self.normalized, masks=self.masks, best_loss=self.loss, best_iteration=self.best_iteration,
-                            iterations=self.iterations, status=list(self.status))
+        return AttackResult(
+            x=self.normalized,
+            masks=self.masks,
+            best_loss=self.loss,
+            best_iteration=self.best_iteration,
+            iterations=self.iterations,
+            status=list(self.status),
+        )
 
 
-def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shape: Sequence[int],
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, attack: Any = "dia",
-                kind: str = "gradient", lr: float | None = None, masks: Any = None, seed: int = 0,
-                device: str = "auto", out: str | Path | None = None, progress: bool = False,
-                local_steps: int | None = None, local_batch: int | None = None, **settings: Any) -> Reconstruction:
+def reconstruct(
+    model: nn.Module,
+    update: Any,
+    *,
+    labels: Any = None,
+    input_shape: Sequence[int],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    attack: Any = "dia",
+    kind: str = "gradient",
+    lr: float | None = None,
+    masks: Any = None,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+    progress: bool = False,
+    local_steps: int | None = None,
+    local_batch: int | None = None,
+    **settings: Any,
+) -> Reconstruction:
     """Reconstruct the images behind `update`, what one client (or several) sent for `model`.
 
     - `update`: a gradient as a dict name -> tensor, a list of arrays in `model.parameters()` order (Flower's
@@ -196,7 +255,16 @@ def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shap
     from dia.config import attack_settings
     from dia.run.cell import resolve_device
     from dia.run.pack import fit
-    from dia.updates import ClientUpdate, as_gradients, capturable, clients_of, labels_of, local_training, stack, _num_classes
+    from dia.updates import (
+        ClientUpdate,
+        _num_classes,
+        as_gradients,
+        capturable,
+        clients_of,
+        labels_of,
+        local_training,
+        stack,
+    )
 
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -222,25 +290,53 @@ def reconstruct(model: nn.Module, update: Any, *, labels: Any = None, input_shap
     if lr is None and captured:
         lr = captured[0].lr
     local = local_training(local_steps, lr, local_batch, int(y.shape[1]))
-    problems = client_problems(twin, grads, y, shape, masks=masks, seed=seed, lower=(0 - mean_t) / std_t,
-                               upper=(1 - mean_t) / std_t, local=local)
+    problems = client_problems(
+        twin,
+        grads,
+        y,
+        shape,
+        masks=masks,
+        seed=seed,
+        lower=(0 - mean_t) / std_t,
+        upper=(1 - mean_t) / std_t,
+        local=local,
+    )
     if cls.needs_client_masks and problems.true_masks is None:
         raise UserError(f"attack={cls.name}: needs the client's dropout masks (masks=...; capture_update records them)")
     module = cls(twin, cls.view(problems), cfg)
     fit(module, resolve_device(device), title=f"{cls.name.upper()} x{problems.num_problems}", progress=progress)
     res = module.result()
     rec = Reconstruction(
-        images=(res.x.flatten(0, 1) * std_t + mean_t).clamp(0, 1), labels=y, masks=res.masks, loss=res.best_loss,
-        status=res.status, iterations=res.iterations, best_iteration=res.best_iteration, attack=cls.name,
-        settings=cfg, problems=cls.view(problems), mean=mean_t, std=std_t)
+        images=(res.x.flatten(0, 1) * std_t + mean_t).clamp(0, 1),
+        labels=y,
+        masks=res.masks,
+        loss=res.best_loss,
+        status=res.status,
+        iterations=res.iterations,
+        best_iteration=res.best_iteration,
+        attack=cls.name,
+        settings=cfg,
+        problems=cls.view(problems),
+        mean=mean_t,
+        std=std_t,
+    )
     if out is not None:
         save(rec, out)
     return rec
 
 
-def client_problems(model: nn.Module, grads: list[dict[str, Tensor]], labels: Tensor, input_shape: tuple[int, ...], *,
-                    masks: Any = None, seed: int = 0, lower: Tensor | None = None, upper: Tensor | None = None,
-                    local: LocalTraining | None = None) -> Problems:
+def client_problems(
+    model: nn.Module,
+    grads: list[dict[str, Tensor]],
+    labels: Tensor,
+    input_shape: tuple[int, ...],
+    *,
+    masks: Any = None,
+    seed: int = 0,
+    lower: Tensor | None = None,
+    upper: Tensor | None = None,
+    local: LocalTraining | None = None,
+) -> Problems:
     """The attack problems of K clients' gradients for a capturable `model`: targets, labels (K, B), the
     dropout sites' shapes and rates (public: the model's), per-problem seeds, the clients' masks if given;
     `local`: the clients' T local steps (FedAvg; each site's masks are then (T * b, ...) per client)."""
@@ -256,9 +352,19 @@ def client_problems(model: nn.Module, grads: list[dict[str, Tensor]], labels: Te
         model(torch.zeros(per_step, *input_shape))
     shapes = {n: (steps * per_step, *probe.masks[n].shape[1:]) for n in sites if n in probe.masks}
     true = _masks(masks, shapes, k) if masks is not None else None
-    return Problems(targets=stack(grads), labels=labels, input_shape=(b, *input_shape), mask_shapes=shapes,
-                    rates={n: sites[n].p for n in shapes}, kinds={n: sites[n].kind for n in shapes},
-                    seeds=[problem_seed(seed, j) for j in range(k)], true_masks=true, lower=lower, upper=upper, local=local)
+    return Problems(
+        targets=stack(grads),
+        labels=labels,
+        input_shape=(b, *input_shape),
+        mask_shapes=shapes,
+        rates={n: sites[n].p for n in shapes},
+        kinds={n: sites[n].kind for n in shapes},
+        seeds=[problem_seed(seed, j) for j in range(k)],
+        true_masks=true,
+        lower=lower,
+        upper=upper,
+        local=local,
+    )
 
 
 def _masks(masks: Any, shapes: dict[str, tuple[int, ...]], k: int) -> dict[str, Tensor]:
@@ -276,15 +382,19 @@ def _masks(masks: Any, shapes: dict[str, tuple[int, ...]], k: int) -> dict[str, 
     unknown = [n for n in masks if n not in shapes]
     missing = [n for n in shapes if n not in masks]
     if unknown or missing:
-        raise UserError(f"masks: {'unknown site ' + repr(unknown[0]) if unknown else 'no mask for site ' + repr(missing[0])}; "
-                        f"the model's dropout sites: {', '.join(shapes)}")
+        raise UserError(
+            f"masks: {'unknown site ' + repr(unknown[0]) if unknown else 'no mask for site ' + repr(missing[0])}; "
+            f"the model's dropout sites: {', '.join(shapes)}"
+        )
     out = {}
     for n, shape in shapes.items():
         m = torch.as_tensor(np.asarray(masks[n]) if not isinstance(masks[n], Tensor) else masks[n]).float()
         if tuple(m.shape) == shape and k == 1:
             m = m.unsqueeze(0)
         if tuple(m.shape) != (k, *shape):
-            raise UserError(f"masks: '{n}' has shape {tuple(m.shape)}; the site's mask is {shape} per client ({k} client(s))")
+            raise UserError(
+                f"masks: '{n}' has shape {tuple(m.shape)}; the site's mask is {shape} per client ({k} client(s))"
+            )
         out[n] = m
     return out
 
@@ -300,7 +410,9 @@ def _normalization(mean: Sequence[float] | None, std: Sequence[float] | None, ch
     return torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
 
-def evaluate(reconstruction: Reconstruction, originals: Tensor, *, masks: Any = None, lpips: bool = False) -> dict[str, Any]:
+def evaluate(
+    reconstruction: Reconstruction, originals: Tensor, *, masks: Any = None, lpips: bool = False
+) -> dict[str, Any]:
     """How good a reconstruction is against the `originals` (N, C, H, W) in [0, 1] (client after client):
     the per-victim rows and their means of a run's metrics.json (MSE in normalized space, PSNR, SSIM, LPIPS
     with `lpips`, and, given the clients' true `masks`, how well recovered masks find the dropped units).
@@ -311,16 +423,26 @@ def evaluate(reconstruction: Reconstruction, originals: Tensor, *, masks: Any = 
 
     originals = torch.as_tensor(originals).float()
     if tuple(originals.shape) != tuple(reconstruction.images.shape):
-        raise UserError(f"originals: shape {tuple(originals.shape)}, the reconstruction's is {tuple(reconstruction.images.shape)}")
+        raise UserError(
+            f"originals: shape {tuple(originals.shape)}, the reconstruction's is {tuple(reconstruction.images.shape)}"
+        )
     problems = reconstruction.problems
     if masks is not None:
         problems = replace(problems, true_masks=_masks(masks, problems.mask_shapes, problems.num_problems))
-    rows, _ = evaluate_rows(reconstruction.result(), problems, originals, reconstruction.mean, reconstruction.std,
-                            lpips_fn=load_lpips("alex") if lpips else None)
+    rows, _ = evaluate_rows(
+        reconstruction.result(),
+        problems,
+        originals,
+        reconstruction.mean,
+        reconstruction.std,
+        lpips_fn=load_lpips("alex") if lpips else None,
+    )
     return {"mean": mean_metrics(rows), "victims": rows}
 
 
-def save(reconstruction: Reconstruction, folder: str | Path, *, originals: Tensor | None = None, masks: Any = None) -> Path:
+def save(
+    reconstruction: Reconstruction, folder: str | Path, *, originals: Tensor | None = None, masks: Any = None
+) -> Path:
     """Write `reconstruction` as a run folder (the files dia.train writes): built as `.<name>.partial` beside
     `folder` and renamed when complete; an existing `folder` is never replaced."""
     from dia.run.files import save_tensors, write_json, write_text
@@ -337,28 +459,53 @@ def save(reconstruction: Reconstruction, folder: str | Path, *, originals: Tenso
         from omegaconf import OmegaConf
 
         run.open(OmegaConf.to_yaml({"attack": OmegaConf.to_container(reconstruction.settings)}))
-        write_text(run / "config.yaml", OmegaConf.to_yaml({"attack": OmegaConf.to_container(reconstruction.settings),
-                                                            "input_shape": list(reconstruction.images.shape[1:]),
-                                                            "mean": reconstruction.mean.flatten().tolist(),
-                                                            "std": reconstruction.std.flatten().tolist()}))
-        metrics: dict[str, Any] = {"status": "diverged" if "diverged" in reconstruction.status else "completed",
-                                   "attack": reconstruction.attack, "clients": int(reconstruction.labels.shape[0]),
-                                   "iterations": int(reconstruction.iterations.max())}
+        write_text(
+            run / "config.yaml",
+            OmegaConf.to_yaml(
+                {
+                    "attack": OmegaConf.to_container(reconstruction.settings),
+                    "input_shape": list(reconstruction.images.shape[1:]),
+                    "mean": reconstruction.mean.flatten().tolist(),
+                    "std": reconstruction.std.flatten().tolist(),
+                }
+            ),
+        )
+        metrics: dict[str, Any] = {
+            "status": "diverged" if "diverged" in reconstruction.status else "completed",
+            "attack": reconstruction.attack,
+            "clients": int(reconstruction.labels.shape[0]),
+            "iterations": int(reconstruction.iterations.max()),
+        }
         if originals is not None:
             metrics |= evaluate(reconstruction, originals, masks=masks)
         else:
             b = reconstruction.labels.shape[1]
-            metrics["victims"] = [{"problem": i // b, "label": int(reconstruction.labels.flatten()[i]),
-                                   "status": reconstruction.status[i // b], "iterations": int(reconstruction.iterations[i // b]),
-                                   "loss": float(reconstruction.loss[i // b])} for i in range(reconstruction.images.shape[0])]
+            metrics["victims"] = [
+                {
+                    "problem": i // b,
+                    "label": int(reconstruction.labels.flatten()[i]),
+                    "status": reconstruction.status[i // b],
+                    "iterations": int(reconstruction.iterations[i // b]),
+                    "loss": float(reconstruction.loss[i // b]),
+                }
+                for i in range(reconstruction.images.shape[0])
+            ]
         tensors = {"reconstructions": reconstruction.images, "labels": reconstruction.labels.flatten()}
         tensors |= {f"masks/{k}": v for k, v in (reconstruction.masks or {}).items()}
         if originals is not None:
             tensors["originals"] = torch.as_tensor(originals)
         save_tensors(run / "reconstructions.pt", tensors)
-        titles = [f"#{i}" + (f"  SSIM {r['ssim']:.2f}" if originals is not None else "") for i, r in enumerate(metrics["victims"])]
-        reconstruction_grid(run / "reconstructions.png", originals, reconstruction.images, titles,
-                            title=f"{reconstruction.attack.upper()}: {len(titles)} reconstruction(s)")
+        titles = [
+            f"#{i}" + (f"  SSIM {r['ssim']:.2f}" if originals is not None else "")
+            for i, r in enumerate(metrics["victims"])
+        ]
+        reconstruction_grid(
+            run / "reconstructions.png",
+            originals,
+            reconstruction.images,
+            titles,
+            title=f"{reconstruction.attack.upper()}: {len(titles)} reconstruction(s)",
+        )
         write_json(run / "metrics.json", metrics)
         reconstruction.folder = run.finish()
     finally:
@@ -373,4 +520,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["Simulation", "simulate", "Reconstruction", "reconstruct", "client_problems", "evaluate", "save", "seed_everything"]
+__all__ = [
+    "Simulation",
+    "simulate",
+    "Reconstruction",
+    "reconstruct",
+    "client_problems",
+    "evaluate",
+    "save",
+    "seed_everything",
+]

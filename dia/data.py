@@ -7,10 +7,10 @@ Images are returned as float tensors in [0, 1], shape (N, C, H, W); the attack w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ from torch import Tensor
 from dia.config.schema import DataConfig
 from dia.errors import UserError
 from dia.registry import Registry
-
 
 
 @dataclass
@@ -40,7 +39,9 @@ def select_indices(n_available: int, what: str, indices: list[int] | None, count
             raise UserError("victims: the list is empty; give at least one index")
         bad = [i for i in indices if not 0 <= int(i) < n_available]
         if bad:
-            raise UserError(f"victims: index {bad[0]} out of range for {what} ({n_available} images: valid 0..{n_available - 1})")
+            raise UserError(
+                f"victims: index {bad[0]} out of range for {what} ({n_available} images: valid 0..{n_available - 1})"
+            )
         return [int(i) for i in indices]
     if not 1 <= count <= n_available:
         raise UserError(f"num_victims={count} out of range for {what} (1..{n_available})")
@@ -62,20 +63,30 @@ def read_embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
             with open(path, "rb") as f:
                 loaded = np.load(f, allow_pickle=False)
                 if not isinstance(loaded, np.lib.npyio.NpzFile):
-                    raise UserError(f"data.embedded: '{name}' is not an .npz archive with images and labels; shipped: {', '.join(shipped)}")
+                    raise UserError(
+                        f"data.embedded: '{name}' is not an .npz archive with images and labels; shipped: {', '.join(shipped)}"
+                    )
                 with loaded as npz:
                     missing = [k for k in ("images", "labels") if k not in npz.files]
                     if missing:
-                        raise UserError(f"data.embedded: '{name}' has no '{missing[0]}' array (it needs images and labels)")
+                        raise UserError(
+                            f"data.embedded: '{name}' has no '{missing[0]}' array (it needs images and labels)"
+                        )
                     images, labels = npz["images"], npz["labels"]
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - unreadable, object arrays (pickles), truncated: the input, not us
-        raise UserError(f"data.embedded: cannot read '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+    except Exception as exc:
+        raise UserError(
+            f"data.embedded: cannot read '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
+        ) from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or images.shape[0] == 0:
-        raise UserError(f"data.embedded: '{name}' images are {images.dtype} of shape {images.shape}; expected uint8 (N, H, W, 1 or 3)")
+        raise UserError(
+            f"data.embedded: '{name}' images are {images.dtype} of shape {images.shape}; expected uint8 (N, H, W, 1 or 3)"
+        )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"data.embedded: '{name}' labels are {labels.dtype} of shape {labels.shape}; expected {images.shape[0]} integers")
+        raise UserError(
+            f"data.embedded: '{name}' labels are {labels.dtype} of shape {labels.shape}; expected {images.shape[0]} integers"
+        )
     if labels.min() < 0:
         raise UserError(f"data.embedded: '{name}' has a negative label ({int(labels.min())})")
     return images, labels
@@ -102,7 +113,9 @@ def require_folder(cfg: DataConfig) -> Path:
     root = require_root(cfg)
     if not root.is_dir():
         what = "a file" if root.exists() else "it does not exist"
-        raise UserError(f"data.root: '{root}' is not a directory ({what}); give the folder that holds the images (data={cfg.name})")
+        raise UserError(
+            f"data.root: '{root}' is not a directory ({what}); give the folder that holds the images (data={cfg.name})"
+        )
     return root
 
 
@@ -118,9 +131,11 @@ def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, see
         raise UserError(f"data.torchvision_name: torchvision has no dataset '{cls_name}'")
     try:
         ds = cls(str(root), train=cfg.split == "train", download=cfg.download)
-    except Exception as exc:  # noqa: BLE001 - missing files or no network: the user's environment
+    except Exception as exc:
         hint = "" if cfg.download else " (set data.download=true to fetch it)"
-        raise UserError(f"data.root: cannot load {cls_name} from '{root}'{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(
+            f"data.root: cannot load {cls_name} from '{root}'{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     idx = select_indices(len(ds), f"data={cfg.name} ({cls_name} {cfg.split})", indices, count, seed)
     to_tensor = torchvision.transforms.functional.to_tensor
     images, labels = zip(*(ds[i] for i in idx))
@@ -133,6 +148,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def folder_samples(root: Path, labels_file: str | None) -> list[tuple[Path, int]]:
     """(image, label) pairs: class subfolders (sorted names -> 0, 1, ...), else the images directly in
     `root` with labels from `labels_file` (CSV lines `file,label`) or 0."""
+
     def image(f: Path) -> bool:  # regular files only: a FIFO or device named x.png would block the reader forever
         return f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
 
@@ -156,7 +172,9 @@ def folder_samples(root: Path, labels_file: str | None) -> list[tuple[Path, int]
             if line.strip() and not line.startswith("#"):
                 name, _, label = line.partition(",")
                 if not re.fullmatch(r"[0-9]{1,9}", label.strip()):  # ASCII digits: int() takes '٣' but not '²'
-                    raise UserError(f"data.labels_file: line {n} of '{labels_file}' is not 'file,label' with a label >= 0")
+                    raise UserError(
+                        f"data.labels_file: line {n} of '{labels_file}' is not 'file,label' with a label >= 0"
+                    )
                 table[name.strip()] = int(label)
         missing = [f.name for f in files if f.name not in table]
         if missing:
@@ -174,7 +192,9 @@ def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, see
     root = require_folder(cfg)
     samples = folder_samples(root, cfg.labels_file)
     if not samples:
-        raise UserError(f"data.root: '{root}' holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in class subfolders or directly")
+        raise UserError(
+            f"data.root: '{root}' holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in class subfolders or directly"
+        )
     tf = T.Compose([T.Resize(int(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), T.ToTensor()])
     idx = select_indices(len(samples), f"data={cfg.name} (folder '{root}')", indices, count, seed)
     mode = "L" if cfg.channels == 1 else "RGB"
@@ -184,7 +204,7 @@ def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, see
         try:
             with Image.open(path) as im:
                 images.append(tf(im.convert(mode)))
-        except Exception as exc:  # noqa: BLE001 - a corrupt image is an input problem
+        except Exception as exc:
             raise UserError(f"data.root: cannot read image '{path}' ({type(exc).__name__})") from None
     return Victims(torch.stack(images), torch.tensor([samples[i][1] for i in idx], dtype=torch.long), idx)
 
@@ -201,7 +221,9 @@ def load_victims(cfg: DataConfig, *, indices: list[int] | None, count: int, seed
     victims = SOURCES.get(cfg.source)(cfg, indices, count, seed)
     want = (cfg.channels, cfg.image_size, cfg.image_size)
     if tuple(victims.images.shape[1:]) != want:
-        raise UserError(f"data: images have shape {tuple(victims.images.shape[1:])} but data={cfg.name} declares {want} (data.channels, data.image_size)")
+        raise UserError(
+            f"data: images have shape {tuple(victims.images.shape[1:])} but data={cfg.name} declares {want} (data.channels, data.image_size)"
+        )
     return victims
 
 

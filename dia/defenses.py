@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -128,7 +129,7 @@ class Stage:
     private: bool = False  # a differential-privacy release: runs report its (epsilon, delta) (`privacy`)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default(name: str, key: str) -> Any:
     """A default of configs/defense/<name>.yaml (labels leave defaults out)."""
     from dia.config import group_settings
@@ -138,14 +139,29 @@ def _default(name: str, key: str) -> Any:
 
 DEFENSES: Registry[Stage] = Registry("defense")
 DEFENSES.register("none")(Stage(identity, label=lambda d: "none"))
-DEFENSES.register("dpsgd")(Stage(
-    dpsgd, per_example=True, private=True, strength="noise_multiplier", axis="noise multiplier σ",
-    label=lambda d: f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}"
-    + ("" if d.get("delta") in (None, _default("dpsgd", "delta")) else f" δ={d['delta']:g}")))
+DEFENSES.register("dpsgd")(
+    Stage(
+        dpsgd,
+        per_example=True,
+        private=True,
+        strength="noise_multiplier",
+        axis="noise multiplier σ",
+        label=lambda d: (
+            f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}"
+            + ("" if d.get("delta") in (None, _default("dpsgd", "delta")) else f" δ={d['delta']:g}")
+        ),
+    )
+)
 DEFENSES.register("prune")(Stage(prune, strength="ratio", axis="prune ratio", label=lambda d: f"prune {d['ratio']:g}"))
-DEFENSES.register("quantize")(Stage(
-    quantize, strength="bits", axis="bits", stronger_when_smaller=True,
-    label=lambda d: f"quantize {d['bits']}b" + (" stochastic" if d.get("rounding") == "stochastic" else "")))
+DEFENSES.register("quantize")(
+    Stage(
+        quantize,
+        strength="bits",
+        axis="bits",
+        stronger_when_smaller=True,
+        label=lambda d: f"quantize {d['bits']}b" + (" stochastic" if d.get("rounding") == "stochastic" else ""),
+    )
+)
 DEFENSES.register("sign")(Stage(sign, label=lambda d: "sign"))
 
 
@@ -204,8 +220,10 @@ def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor, masks: Mapping
     The gradient of the example's own cross-entropy, so their mean is the client's (mean-loss) gradient.
     """
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise UserError("defense=dpsgd with batch_size > 1: per-example gradients are undefined for BatchNorm "
-                        "models (examples share batch statistics); use batch_size=1 or a model without BatchNorm")
+        raise UserError(
+            "defense=dpsgd with batch_size > 1: per-example gradients are undefined for BatchNorm "
+            "models (examples share batch statistics); use batch_size=1 or a model without BatchNorm"
+        )
     params = {n: p.detach() for n, p in model.named_parameters()}
     rows = {n: m.unsqueeze(1) for n, m in masks.items()}  # each example is a 'problem' with a batch of one
     with torch.no_grad():
@@ -213,7 +231,9 @@ def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor, masks: Mapping
 
 
 def defend(
-    grads: Grads, cfg: Any, generator: torch.Generator,
+    grads: Grads,
+    cfg: Any,
+    generator: torch.Generator,
     per_example: Callable[[], Grads] | None = None,
 ) -> Grads:
     """The gradient the client sends: `grads` (its mean-loss gradient) through the stages of `cfg`, in order.
@@ -230,10 +250,13 @@ def defend(
         return grads
     per = per_example() if per_example is not None else {n: g.unsqueeze(0) for n, g in grads.items()}
     for stage in stages[:split]:  # before DP-SGD: on each example's gradient
-        rows = [stage.apply({n: g[i] for n, g in per.items()}, cfg, generator) for i in range(next(iter(per.values())).shape[0])]
+        rows = [
+            stage.apply({n: g[i] for n, g in per.items()}, cfg, generator)
+            for i in range(next(iter(per.values())).shape[0])
+        ]
         per = {n: torch.stack([r[n] for r in rows]) for n in per}
     grads = stages[split].apply(per, cfg, generator)
-    for stage in stages[split + 1:]:  # after DP-SGD: post-processing of the sent gradient
+    for stage in stages[split + 1 :]:  # after DP-SGD: post-processing of the sent gradient
         grads = stage.apply(grads, cfg, generator)
     return grads
 
@@ -289,6 +312,10 @@ def privacy(cfg: Any, steps: int = 1) -> dict[str, float | None] | None:
 def summary(cfg: Any, model_defense: bool = False, steps: int = 1) -> dict[str, Any]:
     """What metrics.json records about the defense: its keys, the attacker's knowledge of it, (epsilon, delta)
     of the client's release (`steps` local steps)."""
-    params = {"name": "none"} if cfg is None else dict(OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else dataclasses.asdict(cfg))
+    params = (
+        {"name": "none"}
+        if cfg is None
+        else dict(OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else dataclasses.asdict(cfg))
+    )
     dp = privacy(cfg, steps)
     return {**params, "model_defense": bool(model_defense), "epsilon": None if dp is None else dp["epsilon"]}

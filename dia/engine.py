@@ -15,8 +15,8 @@ ReduceLROnPlateau (mode 'min', relative threshold 1e-4) exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ class Layout:
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
 
     @classmethod
-    def of(cls, tensors: dict[str, Tensor]) -> "Layout":
+    def of(cls, tensors: dict[str, Tensor]) -> Layout:
         return cls(tuple((n, tuple(t.shape[1:])) for n, t in tensors.items()))
 
     def spans(self) -> list[tuple[str, tuple[int, ...], int, int]]:
@@ -97,19 +97,28 @@ class AttackState:
     layout: Layout
 
     @classmethod
-    def create(cls, params: dict[str, Tensor], lr: float) -> "AttackState":
+    def create(cls, params: dict[str, Tensor], lr: float) -> AttackState:
         layout = Layout.of(params)
         flat = layout.pack(params).detach().clone()
         k, device = flat.shape[0], flat.device
         inf = torch.full((k,), float("inf"), device=device)
         zeros = torch.zeros(k, dtype=torch.long, device=device)
         return cls(
-            flat=flat.requires_grad_(True), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat),
-            best=flat.detach().clone(), lr=torch.full((k,), float(lr), device=device),
-            plateau_best=inf.clone(), plateau_bad=zeros.clone(), best_loss=inf.clone(),
-            best_iteration=zeros.clone(), since_best=zeros.clone(), last_loss=inf.clone(),
-            iterations=zeros.clone(), status=zeros.clone(),
-            iteration=torch.zeros((), dtype=torch.long, device=device), layout=layout,
+            flat=flat.requires_grad_(True),
+            exp_avg=torch.zeros_like(flat),
+            exp_avg_sq=torch.zeros_like(flat),
+            best=flat.detach().clone(),
+            lr=torch.full((k,), float(lr), device=device),
+            plateau_best=inf.clone(),
+            plateau_bad=zeros.clone(),
+            best_loss=inf.clone(),
+            best_iteration=zeros.clone(),
+            since_best=zeros.clone(),
+            last_loss=inf.clone(),
+            iterations=zeros.clone(),
+            status=zeros.clone(),
+            iteration=torch.zeros((), dtype=torch.long, device=device),
+            layout=layout,
         )
 
     @property
@@ -133,14 +142,14 @@ class AttackState:
         """Flat name -> tensor dict (safe for `torch.save`, loadable with `weights_only=True`)."""
         return {f.name: getattr(self, f.name).detach().cpu() for f in fields(self) if f.name != "layout"}
 
-    def put(self, rows: Tensor, other: "AttackState") -> None:
+    def put(self, rows: Tensor, other: AttackState) -> None:
         """Overwrite rows `rows` (an index) with all rows of `other` (same layout): a problem enters a slot."""
         for f in fields(self):
             if f.name not in ("layout", "iteration"):
                 getattr(self, f.name).data[rows] = getattr(other, f.name).detach().to(self.flat.device)
 
     @classmethod
-    def from_dict(cls, saved: dict[str, Tensor], layout: Layout, device: torch.device | str = "cpu") -> "AttackState":
+    def from_dict(cls, saved: dict[str, Tensor], layout: Layout, device: torch.device | str = "cpu") -> AttackState:
         kwargs = {f.name: saved[f.name].to(device) for f in fields(cls) if f.name != "layout"}
         kwargs["flat"] = kwargs["flat"].clone().requires_grad_(True)
         return cls(layout=layout, **kwargs)
@@ -224,22 +233,26 @@ class AttackResult:
     """Best iterate and bookkeeping per problem (all on CPU): what an attack hands back, and what a checkpoint keeps."""
 
     x: Tensor  # (K, B, C, H, W) normalized
-    masks: Optional[dict[str, Tensor]]  # recovered masks (K, B, ...) for attacks that optimize them
+    masks: dict[str, Tensor] | None  # recovered masks (K, B, ...) for attacks that optimize them
     best_loss: Tensor
     best_iteration: Tensor
     iterations: Tensor
     status: list[str]
-    rates: Optional[dict[str, Tensor]] = None  # learned dropout rates (K,) per site, for attacks that learn them
+    rates: dict[str, Tensor] | None = None  # learned dropout rates (K,) per site, for attacks that learn them
 
     @classmethod
-    def cat(cls, parts: list["AttackResult"]) -> "AttackResult":
+    def cat(cls, parts: list[AttackResult]) -> AttackResult:
         """Several results of consecutive problems as one."""
         return cls(
             x=torch.cat([p.x for p in parts]),
-            masks=None if parts[0].masks is None else {k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
+            masks=None
+            if parts[0].masks is None
+            else {k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
             best_loss=torch.cat([p.best_loss for p in parts]),
             best_iteration=torch.cat([p.best_iteration for p in parts]),
             iterations=torch.cat([p.iterations for p in parts]),
             status=[s for p in parts for s in p.status],
-            rates=None if parts[0].rates is None else {k: torch.cat([p.rates[k] for p in parts]) for k in parts[0].rates},
+            rates=None
+            if parts[0].rates is None
+            else {k: torch.cat([p.rates[k] for p in parts]) for k in parts[0].rates},
         )

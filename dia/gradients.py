@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,14 @@ def client_gradients(
 
 
 def client_update(
-    model: nn.Module, x: Tensor, y: Tensor, local: "LocalTraining", *, generator: torch.Generator | None = None,
-    defend_step: Callable[[dict[str, Tensor], nn.Module, Tensor, Tensor, dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    local: LocalTraining,
+    *,
+    generator: torch.Generator | None = None,
+    defend_step: Callable[[dict[str, Tensor], nn.Module, Tensor, Tensor, dict[str, Tensor]], dict[str, Tensor]]
+    | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """A FedAvg client's update on batch (x, y): its own copy of `model` takes `local.steps` plain SGD steps
     (each on its share of the batch, fresh dropout masks drawn and recorded by the model's own sites); returns
@@ -70,7 +77,7 @@ def problem_gradients(
     y: Tensor,
     masks: Mapping[str, Tensor] | None,
     mode: Mode,
-    local: "LocalTraining | None" = None,
+    local: LocalTraining | None = None,
 ) -> dict[str, Tensor]:
     """Parameter gradients for K problems: x (K, B, ...), y (K, B), masks {site: (K, B, ...)} -> {name: (K, ...)}.
 
@@ -94,13 +101,16 @@ def problem_gradients(
             return vmap(fn, in_dims=(None, 0, 0, 0 if masks else None))(dict(params), x, y, masks)
         except (RuntimeError, NotImplementedError) as exc:  # an operation vmap cannot batch
             _SEQUENTIAL.add(type(model))
-            warnings.warn(f"{type(model).__name__} cannot be vectorized over problems ({str(exc).splitlines()[0][:120]}); "
-                          "attacking its problems one after another", stacklevel=2)
+            warnings.warn(
+                f"{type(model).__name__} cannot be vectorized over problems ({str(exc).splitlines()[0][:120]}); "
+                "attacking its problems one after another",
+                stacklevel=2,
+            )
     per_problem = [fn(dict(params), x[k], y[k], {n: m[k] for n, m in masks.items()}) for k in range(x.shape[0])]
     return {n: torch.stack([g[n] for g in per_problem]) for n in per_problem[0]}
 
 
-def _unrolled(step_grad: Any, local: "LocalTraining") -> Any:
+def _unrolled(step_grad: Any, local: LocalTraining) -> Any:
     """One problem's T local steps as a function of (p_0, x, y, masks): sum_t g_t along p_{t+1} = p_t - lr g_t."""
 
     def update(p0: dict[str, Tensor], xk: Tensor, yk: Tensor, mk: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -108,7 +118,7 @@ def _unrolled(step_grad: Any, local: "LocalTraining") -> Any:
         p, total = p0, None
         for t in range(local.steps):
             sl = local.images(t, xk.shape[0])
-            g = step_grad(p, xk[sl], yk[sl], {n: m[t * b:(t + 1) * b] for n, m in mk.items()})
+            g = step_grad(p, xk[sl], yk[sl], {n: m[t * b : (t + 1) * b] for n, m in mk.items()})
             total = g if total is None else {n: total[n] + g[n] for n in g}
             p = {n: p[n] - local.lr * g[n] for n in p}
         return total

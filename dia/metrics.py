@@ -7,8 +7,8 @@ the paper's code reports it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +58,12 @@ def problem_ssim(reconstructions: Tensor, originals: Tensor) -> Tensor:
     """Mean SSIM per problem (K,) of reconstructions (K, B, C, H, W) in [0, 1] against their originals
     (K * B, C, H, W), each batch matched first (`match_problems`)."""
     b = reconstructions.shape[1]
-    return torch.stack([ssim(rec[perm], originals[k * b : (k + 1) * b]).mean()
-                        for k, (rec, perm) in enumerate(zip(reconstructions, match_problems(reconstructions, originals)))])
+    return torch.stack(
+        [
+            ssim(rec[perm], originals[k * b : (k + 1) * b]).mean()
+            for k, (rec, perm) in enumerate(zip(reconstructions, match_problems(reconstructions, originals)))
+        ]
+    )
 
 
 MASK_MEASURES = ("recall", "precision", "bal_acc", "accuracy")
@@ -88,7 +92,12 @@ class Metric:
         return "-" if value is None else self.fmt.format(value)
 
 
-_MASK_LABELS = {"recall": "drop recall", "precision": "drop precision", "bal_acc": "mask bal. acc.", "accuracy": "mask accuracy"}
+_MASK_LABELS = {
+    "recall": "drop recall",
+    "precision": "drop precision",
+    "bal_acc": "mask bal. acc.",
+    "accuracy": "mask accuracy",
+}
 _BASELINES = {"": "", "_keep_all": " (keep-all)", "_init": " (init)"}
 # The one table of what a run reports per victim, in the order tables show it: dia.train's console,
 # metrics.json's means (dia.run.summary), dia.report's tables and figures and the W&B summary read it.
@@ -97,9 +106,18 @@ METRICS: tuple[Metric, ...] = (
     Metric("psnr", "PSNR", True, "{:.2f}", brief=True),
     Metric("lpips", "LPIPS", False, "{:.3f}", brief=True),
     Metric("mse", "MSE", False, "{:.4f}", brief=True),
-    *(Metric(f"mask_{m}{b}", _MASK_LABELS[m] + _BASELINES[b], True, "{:.3f}", brief=(m, b) == ("bal_acc", ""),
-             column=m != "accuracy" and (m == "bal_acc" or b != "_keep_all"))
-      for m in ("bal_acc", "recall", "precision", "accuracy") for b in _BASELINES),
+    *(
+        Metric(
+            f"mask_{m}{b}",
+            _MASK_LABELS[m] + _BASELINES[b],
+            True,
+            "{:.3f}",
+            brief=(m, b) == ("bal_acc", ""),
+            column=m != "accuracy" and (m == "bal_acc" or b != "_keep_all"),
+        )
+        for m in ("bal_acc", "recall", "precision", "accuracy")
+        for b in _BASELINES
+    ),
 )
 METRIC = {m.key: m for m in METRICS}
 
@@ -117,8 +135,12 @@ def _confusion_measures(drop_pred: Tensor, drop_true: Tensor) -> dict[str, Tenso
     neg = (1 - drop_true).sum(1)
     tn = neg - fp
     recall, specificity = tp / pos, tn / neg
-    return {"recall": recall, "precision": tp / (tp + fp), "bal_acc": (recall + specificity) / 2,
-            "accuracy": (tp + tn) / (pos + neg)}
+    return {
+        "recall": recall,
+        "precision": tp / (tp + fp),
+        "bal_acc": (recall + specificity) / 2,
+        "accuracy": (tp + tn) / (pos + neg),
+    }
 
 
 def mask_measures(
@@ -186,7 +208,7 @@ def load_lpips(net: str = "alex") -> LPIPSFn | None:
             warnings.simplefilter("ignore")
             model = lpips.LPIPS(net=net, verbose=False).eval()
         fn: LPIPSFn | None = lpips_from_network(model)
-    except Exception as exc:  # noqa: BLE001 - no network, no cached weights, or no lpips package
+    except Exception as exc:
         warnings.warn(
             f"LPIPS disabled: the pretrained {net} backbone could not be loaded "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); reported as null. "

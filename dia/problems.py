@@ -35,7 +35,7 @@ class LocalTraining:
         return self.batch or total
 
     @classmethod
-    def of(cls, client: Any, images: int) -> "LocalTraining | None":
+    def of(cls, client: Any, images: int) -> LocalTraining | None:
         """The `client` config section for clients of `images` images as local training; None for one full-batch
         step (FedSGD, bit for bit)."""
         if client is None:
@@ -60,17 +60,18 @@ class Problems:
     true_masks: dict[str, Tensor] | None = None  # the client's masks {site: (K, B, ...)}: WIIG and evaluation only
     lower: Tensor | None = None  # the valid image range in the attack's (normalized) space, (C, 1, 1): public
     upper: Tensor | None = None
-    local: "LocalTraining | None" = None  # FedAvg: the client's T local steps (public: the server sets them); None: FedSGD
+    # FedAvg: the client's T local steps (public: the server sets them); None: FedSGD
+    local: LocalTraining | None = None
 
     @property
     def num_problems(self) -> int:
         return self.labels.shape[0]
 
-    def public(self) -> "Problems":
+    def public(self) -> Problems:
         """What an honest-but-curious server sees: no client masks."""
         return replace(self, true_masks=None)
 
-    def subset(self, index: list[int]) -> "Problems":
+    def subset(self, index: list[int]) -> Problems:
         pick = torch.as_tensor(index, dtype=torch.long)
         return replace(
             self,
@@ -80,7 +81,7 @@ class Problems:
             true_masks=None if self.true_masks is None else {n: m[pick] for n, m in self.true_masks.items()},
         )
 
-    def to(self, device: torch.device | str) -> "Problems":
+    def to(self, device: torch.device | str) -> Problems:
         return replace(
             self,
             targets={n: t.to(device) for n, t in self.targets.items()},
@@ -97,8 +98,16 @@ def problem_seed(seed: int, index: int) -> int:
 
 
 def simulate_clients(
-    model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int, seed: int, defense: Any = None,
-    lower: Tensor | None = None, upper: Tensor | None = None, local: LocalTraining | None = None,
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    seed: int,
+    defense: Any = None,
+    lower: Tensor | None = None,
+    upper: Tensor | None = None,
+    local: LocalTraining | None = None,
 ) -> Problems:
     """Each consecutive group of `batch_size` (normalized) images is one client's batch and one problem.
     `lower`/`upper`: the valid image range in that normalized space (public: the attack keeps images in it).
@@ -118,13 +127,24 @@ def simulate_clients(
         noise = torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 2)
         if local is None:
             g, m = client_gradients(model, images[sl], labels[sl], generator=gen)
-            g = defend(g, defense, noise,
-                       None if batch_size == 1 else lambda: per_example_gradients(model, images[sl], labels[sl], m))
+            g = defend(
+                g,
+                defense,
+                noise,
+                None if batch_size == 1 else lambda: per_example_gradients(model, images[sl], labels[sl], m),
+            )
         else:
             per_step, final = split_defense(defense)
-            g, m = client_update(model, images[sl], labels[sl], local, generator=gen,
-                                 defend_step=lambda grads, mdl, x, y, mk: defend(
-                                     grads, per_step, noise, None if len(y) == 1 else lambda: per_example_gradients(mdl, x, y, mk)))
+            g, m = client_update(
+                model,
+                images[sl],
+                labels[sl],
+                local,
+                generator=gen,
+                defend_step=lambda grads, mdl, x, y, mk: defend(
+                    grads, per_step, noise, None if len(y) == 1 else lambda: per_example_gradients(mdl, x, y, mk)
+                ),
+            )
             g = defend(g, final, noise)
         targets.append(g)
         masks.append(m)

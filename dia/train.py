@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from dia.run import signals
 from dia.errors import ExitCode, UserError
 from dia.memory import keep_freed_memory
+from dia.run import signals
 
 USAGE_HINT = "see `python -m dia.train --help`"
 
@@ -20,8 +20,13 @@ def _table(rows: list[dict]) -> str:
     """The per-victim rows as a console table: the run's bookkeeping, then the metrics table's columns."""
     from dia.metrics import METRICS
 
-    cols = [("victim", "index", "{}"), ("label", "label", "{}"), ("status", "status", "{}"), ("iters", "iterations", "{}"),
-            ("loss", "loss", "{:.2e}")]
+    cols = [
+        ("victim", "index", "{}"),
+        ("label", "label", "{}"),
+        ("status", "status", "{}"),
+        ("iters", "iterations", "{}"),
+        ("loss", "loss", "{:.2e}"),
+    ]
     cols += [(m.label, m.key, m.fmt) for m in METRICS if m.column and any(r.get(m.key) is not None for r in rows)]
     cells = [[h for h, _, _ in cols]] + [
         ["-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols] for r in rows
@@ -64,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             signals.stop_point("the run")
             out = execute([cfg], progress=cfg.run.progress)[0].output
         except signals.Stopped as exc:
-            print(f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; "
-                  "rerun the same command to resume", file=sys.stderr)
+            print(
+                f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; "
+                "rerun the same command to resume",
+                file=sys.stderr,
+            )
             return exc.exit_code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -79,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DIA_DEBUG"):
             raise
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        print(f"error: {type(exc).__name__}: {first}; the run's folder and checkpoint are kept: fix the cause and rerun "
-              "the same command to resume (DIA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"error: {type(exc).__name__}: {first}; the run's folder and checkpoint are kept: fix the cause and rerun "
+            "the same command to resume (DIA_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return ExitCode.FAILED
     m = out.metrics
     print()
@@ -89,14 +100,25 @@ def main(argv: list[str] | None = None) -> int:
 
     mean = {k.key: m["mean"][k.key] for k in METRICS if k.brief and m["mean"].get(k.key) is not None}
     steps = (m.get("client") or {}).get("local_steps", 1)
-    parts = [f"status {m['status']}", *(f"mean {k} {v:.4g}" for k, v in mean.items()), f"{m['wall_time_s']:.1f} s on {m['device']}"]
-    print(f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}{f' T={steps}' if steps > 1 else ''}: "
-          + ", ".join(parts))
-    print(f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
-          + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else ""))
+    parts = [
+        f"status {m['status']}",
+        *(f"mean {k} {v:.4g}" for k, v in mean.items()),
+        f"{m['wall_time_s']:.1f} s on {m['device']}",
+    ]
+    print(
+        f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}{f' T={steps}' if steps > 1 else ''}: "
+        + ", ".join(parts)
+    )
+    print(
+        f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
+        + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else "")
+    )
     if out.wandb_dir:
-        print(f"W&B offline run: {out.wandb_dir} (upload with `wandb sync {Path(out.wandb_dir).parent}`, which holds every process's part of it)" if m and "offline" in out.wandb_dir
-              else f"W&B run: {out.wandb_dir}")
+        print(
+            f"W&B offline run: {out.wandb_dir} (upload with `wandb sync {Path(out.wandb_dir).parent}`, which holds every process's part of it)"
+            if m and "offline" in out.wandb_dir
+            else f"W&B run: {out.wandb_dir}"
+        )
     return ExitCode.OK if m["status"] == "completed" else ExitCode.DIVERGED
 
 
@@ -109,8 +131,10 @@ def _describe(cfg) -> int:
     example = torch.zeros(cfg.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sites = describe_sites(model, example)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model={cfg.model.name} on {cfg.data.channels}x{cfg.data.image_size}x{cfg.data.image_size}: "
-          f"{n_params:,} parameters, {len(sites)} dropout sites")
+    print(
+        f"model={cfg.model.name} on {cfg.data.channels}x{cfg.data.image_size}x{cfg.data.image_size}: "
+        f"{n_params:,} parameters, {len(sites)} dropout sites"
+    )
     for s in sites:
         print(f"  {s['site']:<28} p={s['p']:<5g} mask {s['mask_shape']}  ({s['captured_by']})")
     return 0

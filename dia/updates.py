@@ -14,9 +14,10 @@ inputs and names the usual reasons when it does not match what was sent.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ class ClientUpdate:
     images: Tensor | None = None  # (B, C, H, W) the client's batch as its model took it, evaluation only
     lr: float | None = None  # the local learning rate, when it stepped
     steps: int = 1  # T: local SGD steps (FedAvg), each with fresh dropout masks
-    local_batch: int | None = None  # images per local step (consecutive chunks, step t takes chunk t mod B/b); None: all B
+    # images per local step (consecutive chunks, step t takes chunk t mod B/b); None: all B
+    local_batch: int | None = None
 
     def delta(self) -> Grads:
         """w_0 - w_T after its T SGD steps with `lr`: what a FedAvg client sends."""
@@ -66,21 +68,30 @@ class ClientUpdate:
         return save_tensors(Path(path), flat)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClientUpdate":
+    def load(cls, path: str | Path) -> ClientUpdate:
         """An update written by `save`."""
         flat = _load_file(Path(path))
         if not isinstance(flat, dict) or "labels" not in flat:
-            raise UserError(f"update '{path}': not a saved ClientUpdate (no 'labels'); give the gradient itself instead")
+            raise UserError(
+                f"update '{path}': not a saved ClientUpdate (no 'labels'); give the gradient itself instead"
+            )
         return cls.from_tensors(flat)
 
     @classmethod
-    def from_tensors(cls, flat: Mapping[str, Any]) -> "ClientUpdate":
+    def from_tensors(cls, flat: Mapping[str, Any]) -> ClientUpdate:
         """An update from the tensors `save` writes (a dict holding 'labels')."""
-        part = lambda prefix: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix: {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
         lr = flat.get("lr")
         batch = int(flat.get("local_batch", 0))
-        return cls(part("gradient/"), flat["labels"], part("masks/") or None, flat.get("images"),
-                   None if lr is None else float(lr), int(flat.get("local_steps", 1)), batch or None)
+        return cls(
+            part("gradient/"),
+            flat["labels"],
+            part("masks/") or None,
+            flat.get("images"),
+            None if lr is None else float(lr),
+            int(flat.get("local_steps", 1)),
+            batch or None,
+        )
 
 
 # ---- reading updates ---------------------------------------------------------------------------------
@@ -96,12 +107,15 @@ def clients_of(sent: Any) -> list[Any]:
             return [sent]
         if all(isinstance(x, (Mapping, ClientUpdate, str, Path, list, tuple)) for x in sent):
             return list(sent)
-    raise UserError(f"update: a {type(sent).__name__} is not an update; give a dict name -> tensor, a list of arrays "
-                    "in model.parameters() order, a .pt/.npz file, a ClientUpdate, or a list of those (several clients)")
+    raise UserError(
+        f"update: a {type(sent).__name__} is not an update; give a dict name -> tensor, a list of arrays "
+        "in model.parameters() order, a .pt/.npz file, a ClientUpdate, or a list of those (several clients)"
+    )
 
 
-def as_gradients(model: nn.Module, sent: Any, *, kind: str = "gradient", lr: float | None = None,
-                 where: str = "update") -> list[Grads]:
+def as_gradients(
+    model: nn.Module, sent: Any, *, kind: str = "gradient", lr: float | None = None, where: str = "update"
+) -> list[Grads]:
     """Each client's update in `sent` as the gradient of its mean loss, {param name: tensor} in the model's
     parameter order, checked: every parameter present with its shape, floating point, finite.
 
@@ -134,7 +148,7 @@ def _unwrap(raw: Any) -> Any:
     if isinstance(raw, (str, Path)):
         flat = _load_file(Path(raw))
         if isinstance(flat, dict) and any(str(k).startswith("gradient/") for k in flat):
-            return {k[len("gradient/"):]: v for k, v in flat.items() if str(k).startswith("gradient/")}
+            return {k[len("gradient/") :]: v for k, v in flat.items() if str(k).startswith("gradient/")}
         return flat
     return raw
 
@@ -156,9 +170,11 @@ def _load_file(path: Path) -> Any:
                     return [npz[k] for k in keys]
                 return {k: npz[k] for k in keys}
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, a pickle, not ours: the user's input
-        raise UserError(f"update: cannot read '{path}' as tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-                        "give a .pt of tensors (torch.save of a dict or list) or a .npz") from None
+    except Exception as exc:
+        raise UserError(
+            f"update: cannot read '{path}' as tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+            "give a .pt of tensors (torch.save of a dict or list) or a .npz"
+        ) from None
 
 
 def _named(model: nn.Module, values: Any, where: str) -> Grads:
@@ -172,16 +188,29 @@ def _named(model: nn.Module, values: Any, where: str) -> Grads:
         extra = [k for k in keys if k not in shapes and k not in buffers]
         missing = [n for n in names if n not in keys]
         if extra or missing:
-            what = (f"unknown name{'s' * (len(extra) > 1)} {extra[:3]}" if extra else "") + \
-                   ("; " if extra and missing else "") + (f"missing {missing[:3]}" if missing else "")
-            raise UserError(f"{where}: does not fit this model: {what}{' ...' if len(extra) > 3 or len(missing) > 3 else ''} "
-                            f"(the model has {len(names)} parameters: {names[:3]}...); an update from another model?")
+            what = (
+                (f"unknown name{'s' * (len(extra) > 1)} {extra[:3]}" if extra else "")
+                + ("; " if extra and missing else "")
+                + (f"missing {missing[:3]}" if missing else "")
+            )
+            raise UserError(
+                f"{where}: does not fit this model: {what}{' ...' if len(extra) > 3 or len(missing) > 3 else ''} "
+                f"(the model has {len(names)} parameters: {names[:3]}...); an update from another model?"
+            )
         items = [(n, values[n]) for n in names]
     elif isinstance(values, (list, tuple)):
-        order = names if len(values) == len(names) else list(model.state_dict()) if len(values) == len(model.state_dict()) else None
+        order = (
+            names
+            if len(values) == len(names)
+            else list(model.state_dict())
+            if len(values) == len(model.state_dict())
+            else None
+        )
         if order is None:
-            raise UserError(f"{where}: {len(values)} arrays, but the model has {len(names)} parameters "
-                            f"({len(model.state_dict())} state_dict entries); an update from another model?")
+            raise UserError(
+                f"{where}: {len(values)} arrays, but the model has {len(names)} parameters "
+                f"({len(model.state_dict())} state_dict entries); an update from another model?"
+            )
         items = [(n, v) for n, v in zip(order, values) if n in shapes]
     else:
         raise UserError(f"{where}: a {type(values).__name__}; give a dict name -> tensor or a list of arrays")
@@ -189,8 +218,10 @@ def _named(model: nn.Module, values: Any, where: str) -> Grads:
     for name, value in items:
         t = _tensor(value, f"{where}: '{name}'")
         if tuple(t.shape) != shapes[name]:
-            raise UserError(f"{where}: '{name}' has shape {tuple(t.shape)}, the model's parameter has {shapes[name]}; "
-                            "an update from another model, or arrays in another order?")
+            raise UserError(
+                f"{where}: '{name}' has shape {tuple(t.shape)}, the model's parameter has {shapes[name]}; "
+                "an update from another model, or arrays in another order?"
+            )
         out[name] = t
     return out
 
@@ -224,7 +255,9 @@ def labels_of(labels: Any, clients: int, *, num_classes: int) -> Tensor:
     t = t.reshape(clients, -1).long()
     if int(t.min()) < 0 or int(t.max()) >= num_classes:
         bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
-        raise UserError(f"labels: label {bad} out of range for a model with {num_classes} classes (valid 0..{num_classes - 1})")
+        raise UserError(
+            f"labels: label {bad} out of range for a model with {num_classes} classes (valid 0..{num_classes - 1})"
+        )
     return t
 
 
@@ -248,8 +281,16 @@ def capturable(model: nn.Module, example: Tensor) -> nn.Module:
         raise UserError(f"model: {str(exc).splitlines()[0]}") from None
 
 
-def capture_update(model: nn.Module, images: Tensor, labels: Any, *, lr: float | None = None,
-                   seed: int | None = None, local_steps: int = 1, local_batch: int | None = None) -> ClientUpdate:
+def capture_update(
+    model: nn.Module,
+    images: Tensor,
+    labels: Any,
+    *,
+    lr: float | None = None,
+    seed: int | None = None,
+    local_steps: int = 1,
+    local_batch: int | None = None,
+) -> ClientUpdate:
     """What a client sends after one training step of `model` on its batch (`images` as the model takes them,
     `labels`): the gradient of the mean cross-entropy with the model in train mode (dropout drawn at random,
     from a generator seeded with `seed` if given), and for evaluation only the masks it drew. `model` is not
@@ -282,8 +323,12 @@ def local_training(steps: Any, lr: Any, batch: Any, images: int) -> Any:
 
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise UserError(f"local_steps={steps!r}: must be an integer >= 1")
-    if batch is not None and not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1 and images % batch == 0):
-        raise UserError(f"local_batch={batch!r}: must be a positive integer dividing the {images} images per client (or None: all)")
+    if batch is not None and not (
+        isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1 and images % batch == 0
+    ):
+        raise UserError(
+            f"local_batch={batch!r}: must be a positive integer dividing the {images} images per client (or None: all)"
+        )
     if steps == 1 and batch in (None, images):
         return None
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -316,27 +361,39 @@ class UpdateCheck:
         return self.cosine > 0.9999 and self.rel_error < 1e-3
 
     def __str__(self) -> str:
-        head = (f"update {'consistent' if self.consistent else 'NOT consistent'} with a recomputation at the true inputs: "
-                f"cosine {self.cosine:.6f}, relative error {self.rel_error:.2e}")
+        head = (
+            f"update {'consistent' if self.consistent else 'NOT consistent'} with a recomputation at the true inputs: "
+            f"cosine {self.cosine:.6f}, relative error {self.rel_error:.2e}"
+        )
         rows = [f"  {r['name']:<32} cosine {r['cosine']:.6f}  rel. error {r['rel_error']:.2e}" for r in self.layers]
         why = [f"  likely: {c}" for c in self.culprits]
         return "\n".join([head, *why, *rows])
 
 
-def check_update(model: nn.Module, update: Any, images: Tensor, labels: Any, *, masks: Mapping[str, Tensor] | None = None,
-                 kind: str = "gradient", lr: float | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> UpdateCheck:
+def check_update(
+    model: nn.Module,
+    update: Any,
+    images: Tensor,
+    labels: Any,
+    *,
+    masks: Mapping[str, Tensor] | None = None,
+    kind: str = "gradient",
+    lr: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> UpdateCheck:
     """Recompute one client's gradient at its true inputs (`images` as its model took them, `labels`, its
     dropout `masks` if you recorded them) and compare it with what it sent (`update`, read as in
     `dia.reconstruct`). When they disagree, tries the usual culprits and names those that explain it: the loss
     reduction (sum instead of mean), the learning rate of a weight update, train/eval mode (dropout or
     BatchNorm), the dropout masks, the normalization (`mean`/`std`), the labels."""
-    from dia.gradients import client_gradients
     from dia.models.dropout import dropout_control, dropout_sites
 
     if isinstance(update, ClientUpdate) and (update.steps > 1 or update.local_batch is not None):
-        raise UserError(f"update: a client update of {update.steps} local steps; check_update recomputes one full-batch "
-                        "step (FedSGD) only: replay a multi-step update with dia.reconstruct(..., attack='wiig')")
+        raise UserError(
+            f"update: a client update of {update.steps} local steps; check_update recomputes one full-batch "
+            "step (FedSGD) only: replay a multi-step update with dia.reconstruct(..., attack='wiig')"
+        )
     images = images.detach().cpu().float()
     twin = capturable(model, images[:1])
     y = labels_of(labels, 1, num_classes=_num_classes(twin, images[:1])).view(-1)
@@ -348,7 +405,9 @@ def check_update(model: nn.Module, update: Any, images: Tensor, labels: Any, *, 
     if masks and not sites:
         raise UserError("masks: given, but the model has no dropout")
 
-    def gradient(x: Tensor, y: Tensor, mode: str = "replay", m: Mapping[str, Tensor] | None = None, train: bool = True) -> Grads:
+    def gradient(
+        x: Tensor, y: Tensor, mode: str = "replay", m: Mapping[str, Tensor] | None = None, train: bool = True
+    ) -> Grads:
         twin.train(train)
         params = dict(twin.named_parameters())
         with dropout_control(twin, mode, dict(m or {})):
@@ -366,32 +425,64 @@ def check_update(model: nn.Module, update: Any, images: Tensor, labels: Any, *, 
     ratio = _norm(sent_g) / max(_norm(reference), 1e-30)
     if cos > 0.9999 and abs(ratio - 1) > 1e-3:
         if b > 1 and abs(ratio - b) / b < 1e-3:
-            candidates.append((f"loss reduction: the update is {b}x the mean-loss gradient (reduction='sum'); "
-                               "divide it by the batch size", {n: g * b for n, g in reference.items()}))
+            candidates.append(
+                (
+                    f"loss reduction: the update is {b}x the mean-loss gradient (reduction='sum'); "
+                    "divide it by the batch size",
+                    {n: g * b for n, g in reference.items()},
+                )
+            )
         else:
-            candidates.append((f"scale: the update is {ratio:.4g}x the gradient; a wrong learning rate (lr) for a weight "
-                               "update, or another loss scaling", {n: g * ratio for n, g in reference.items()}))
+            candidates.append(
+                (
+                    f"scale: the update is {ratio:.4g}x the gradient; a wrong learning rate (lr) for a weight "
+                    "update, or another loss scaling",
+                    {n: g * ratio for n, g in reference.items()},
+                )
+            )
     if sites and not masks:
-        candidates.append(("dropout: the client's model drew dropout masks this check does not know; pass masks= "
-                           "(capture_update records them) to check exactly", reference))
+        candidates.append(
+            (
+                "dropout: the client's model drew dropout masks this check does not know; pass masks= "
+                "(capture_update records them) to check exactly",
+                reference,
+            )
+        )
     if sites and masks:
         candidates.append(("train/eval mode: the client ran without dropout (eval mode)", gradient(images, y, "off")))
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in twin.modules()):
-        candidates.append(("BatchNorm: the client normalized with running statistics (eval mode)",
-                           gradient(images, y, mode, masks, train=False)))
+        candidates.append(
+            (
+                "BatchNorm: the client normalized with running statistics (eval mode)",
+                gradient(images, y, mode, masks, train=False),
+            )
+        )
     if mean is not None and std is not None:
         mu = torch.tensor(list(mean)).view(-1, 1, 1)
         sd = torch.tensor(list(std)).view(-1, 1, 1)
-        candidates.append(("normalization: the client's model took (x - mean) / std of these images",
-                           gradient((images - mu) / sd, y, mode, masks)))
-        candidates.append(("normalization: the client's model took un-normalized images (x * std + mean)",
-                           gradient(images * sd + mu, y, mode, masks)))
+        candidates.append(
+            (
+                "normalization: the client's model took (x - mean) / std of these images",
+                gradient((images - mu) / sd, y, mode, masks),
+            )
+        )
+        candidates.append(
+            (
+                "normalization: the client's model took un-normalized images (x * std + mean)",
+                gradient(images * sd + mu, y, mode, masks),
+            )
+        )
     if b == 1:
         from dia.problems import infer_labels
 
         guess = infer_labels({n: g.unsqueeze(0) for n, g in sent_g.items()}, _num_classes(twin, images[:1]))
         if int(guess[0]) != int(y[0]):
-            candidates.append((f"labels: the gradient says label {int(guess[0])}, not {int(y[0])}", gradient(images, guess, mode, masks)))
+            candidates.append(
+                (
+                    f"labels: the gradient says label {int(guess[0])}, not {int(y[0])}",
+                    gradient(images, guess, mode, masks),
+                )
+            )
     scored = []
     for text, g in candidates:
         c, r, _ = _compare(sent_g, g)

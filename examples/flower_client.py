@@ -34,8 +34,9 @@ MEAN, STD = 0.1307, 0.3081
 class Net(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(p),
-                                  nn.Linear(256, 256), nn.ReLU(), nn.Dropout(p))
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(p), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(p)
+        )
         self.head = nn.Linear(256, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,9 @@ def main() -> int:
     a.add_argument("--iterations", type=int, default=1500)
     a.add_argument("--clients", type=int, default=2)
     a.add_argument("--dropout", type=float, default=0.25)
-    a.add_argument("--lr", type=float, default=0.05, help="the clients' SGD learning rate (the server knows it: it sent it)")
+    a.add_argument(
+        "--lr", type=float, default=0.05, help="the clients' SGD learning rate (the server knows it: it sent it)"
+    )
     a.add_argument("--local-steps", type=int, default=3, help="local SGD steps per round (the server sent it too)")
     a.add_argument("--min-ssim", type=float, default=0.9, help="fail (exit 1) if DIA's mean SSIM is below this")
     args = a.parse_args()
@@ -87,12 +90,23 @@ def main() -> int:
         res = client.fit(ins)  # what travels back to the server
         received.append(parameters_to_ndarrays(res.parameters))
 
-    r = dia.reconstruct(server_model, received, kind="weights", lr=args.lr, local_steps=args.local_steps,
-                        input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="dia",
-                        max_iterations=args.iterations)  # labels inferred from the update
+    r = dia.reconstruct(
+        server_model,
+        received,
+        kind="weights",
+        lr=args.lr,
+        local_steps=args.local_steps,
+        input_shape=(1, 28, 28),
+        mean=(MEAN,),
+        std=(STD,),
+        attack="dia",
+        max_iterations=args.iterations,
+    )  # labels inferred from the update
     m = dia.evaluate(r, images)
-    print(f"DIA on {args.clients} Flower clients ({args.local_steps} local steps each): labels {r.labels.flatten().tolist()} (true {labels.tolist()}), "
-          f"SSIM {m['mean']['ssim']:.3f}, PSNR {m['mean']['psnr']:.1f} dB")
+    print(
+        f"DIA on {args.clients} Flower clients ({args.local_steps} local steps each): labels {r.labels.flatten().tolist()} (true {labels.tolist()}), "
+        f"SSIM {m['mean']['ssim']:.3f}, PSNR {m['mean']['psnr']:.1f} dB"
+    )
     if m["mean"]["ssim"] < args.min_ssim or r.labels.flatten().tolist() != labels.tolist():
         print(f"FAILED: SSIM {m['mean']['ssim']:.3f} (needs >= {args.min_ssim}) or wrong labels", file=sys.stderr)
         return 1

@@ -52,11 +52,16 @@ def main() -> int:
     a.add_argument("--victims", type=int, default=2)
     a.add_argument("--dropout", type=float, default=0.25)
     a.add_argument("--min-ssim", type=float, default=0.9, help="fail (exit 1) if DIA's mean SSIM is below this")
-    a.add_argument("--out", type=Path, default=None, help="write DIA's run folder (reconstructions.png, metrics.json) here")
+    a.add_argument(
+        "--out", type=Path, default=None, help="write DIA's run folder (reconstructions.png, metrics.json) here"
+    )
     args = a.parse_args()
 
     torch.manual_seed(0)
-    with resources.as_file(resources.files("dia.assets") / "mnist_128.npz") as f, np.load(f) as npz:  # 128 MNIST test images
+    with (
+        resources.as_file(resources.files("dia.assets") / "mnist_128.npz") as f,
+        np.load(f) as npz,
+    ):  # 128 MNIST test images
         images = torch.from_numpy(npz["images"][: args.victims]).permute(0, 3, 1, 2).float() / 255
         labels = torch.from_numpy(npz["labels"][: args.victims]).long()
     model = Net(args.dropout)
@@ -64,17 +69,29 @@ def main() -> int:
 
     scores = {}
     for attack in ("ig", "dia"):
-        r = dia.reconstruct(model, sent, labels=labels.view(-1, 1), input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,),
-                            attack=attack, max_iterations=args.iterations)
+        r = dia.reconstruct(
+            model,
+            sent,
+            labels=labels.view(-1, 1),
+            input_shape=(1, 28, 28),
+            mean=(MEAN,),
+            std=(STD,),
+            attack=attack,
+            max_iterations=args.iterations,
+        )
         m = dia.evaluate(r, images)
         scores[attack] = m["mean"]["ssim"]
-        print(f"{attack.upper():>4}: SSIM {m['mean']['ssim']:.3f}  PSNR {m['mean']['psnr']:.1f} dB  "
-              f"({', '.join(f'{s} after {int(i)} its' for s, i in zip(r.status, r.iterations))})")
+        print(
+            f"{attack.upper():>4}: SSIM {m['mean']['ssim']:.3f}  PSNR {m['mean']['psnr']:.1f} dB  "
+            f"({', '.join(f'{s} after {int(i)} its' for s, i in zip(r.status, r.iterations))})"
+        )
         if attack == "dia" and args.out is not None:
             print(f"wrote {dia.save(r, args.out, originals=images)}")
     if scores["dia"] < args.min_ssim or scores["dia"] - scores["ig"] < 0.3:
-        print(f"FAILED: DIA SSIM {scores['dia']:.3f} (needs >= {args.min_ssim}, and 0.3 above IG's {scores['ig']:.3f})",
-              file=sys.stderr)
+        print(
+            f"FAILED: DIA SSIM {scores['dia']:.3f} (needs >= {args.min_ssim}, and 0.3 above IG's {scores['ig']:.3f})",
+            file=sys.stderr,
+        )
         return 1
     print(f"ok: dropout did not protect the images (DIA {scores['dia']:.3f} vs IG {scores['ig']:.3f})")
     return 0

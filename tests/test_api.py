@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dia
-from dia.data import load_victims
 from dia.config import group_settings
+from dia.data import load_victims
 from dia.updates import as_gradients, capturable
 
 MEAN, STD = 0.1307, 0.3081
@@ -61,7 +61,7 @@ def test_reconstructs_your_own_model_from_your_own_gradient(setup, tmp_path, mon
     model, x, y, grads = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
     r = dia.reconstruct(model, grads, labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="dia", **FAST)
-    assert r.images.shape == (1, 1, 28, 28) and 0 <= float(r.images.min()) and float(r.images.max()) <= 1
+    assert r.images.shape == (1, 1, 28, 28) and float(r.images.min()) >= 0 and float(r.images.max()) <= 1
     assert set(r.masks) == {"drop1", "drop2"} and r.masks["drop1"].shape == (1, 1, 128)  # your module names
     dia_ssim = dia.evaluate(r, x)["mean"]["ssim"]
     ig = dia.reconstruct(model, grads, labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", **FAST)
@@ -84,8 +84,15 @@ def test_every_form_of_an_update_reads_as_the_same_gradient(setup, tmp_path):
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     delta = {n: lr * g for n, g in grads.items()}
     weights = [(w0[n] - lr * g).numpy() for n, g in grads.items()]
-    forms = [(arrays, {}), (tmp_path / "g.pt", {}), (str(tmp_path / "list.pt"), {}), (tmp_path / "named.npz", {}),
-             (tmp_path / "ordered.npz", {}), (delta, dict(kind="delta", lr=lr)), (weights, dict(kind="weights", lr=lr))]
+    forms = [
+        (arrays, {}),
+        (tmp_path / "g.pt", {}),
+        (str(tmp_path / "list.pt"), {}),
+        (tmp_path / "named.npz", {}),
+        (tmp_path / "ordered.npz", {}),
+        (delta, dict(kind="delta", lr=lr)),
+        (weights, dict(kind="weights", lr=lr)),
+    ]
     for form, kw in forms:
         got = as_gradients(twin, form, **kw)
         assert len(got) == 1 and list(got[0]) == list(ref)
@@ -98,14 +105,19 @@ def test_several_clients_in_one_program_and_labels_inferred(tmp_path):
     torch.manual_seed(1)
     model = Net(p=0.0, width=64)
     x, y = victims(2)
-    grads = [own_gradient(model, x[i:i + 1], y[i:i + 1]) for i in range(2)]
-    r = dia.reconstruct(model, grads, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", out=tmp_path / "run",
-                        **FAST)
+    grads = [own_gradient(model, x[i : i + 1], y[i : i + 1]) for i in range(2)]
+    r = dia.reconstruct(
+        model, grads, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", out=tmp_path / "run", **FAST
+    )
     assert r.labels.flatten().tolist() == y.tolist()  # inferred from the gradients (batch size 1)
     assert r.images.shape == (2, 1, 28, 28) and len(r.status) == 2
     assert dia.evaluate(r, x)["mean"]["ssim"] > 0.9  # no dropout: IG recovers both
-    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.yaml", "metrics.json", "reconstructions.png",
-                                                             "reconstructions.pt"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {
+        "config.yaml",
+        "metrics.json",
+        "reconstructions.png",
+        "reconstructions.pt",
+    }
     with pytest.raises(dia.UserError, match="already exists"):
         dia.save(r, tmp_path / "run")
 
@@ -131,35 +143,58 @@ def test_capture_check_and_evaluate_round_trip():
     sent = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert "eval mode" in dia.check_update(model, sent, xn, y, masks=update.masks).culprits[0]
     # WIIG with the recorded masks reconstructs almost exactly; evaluate reports mask recovery for DIA
-    wiig = dia.reconstruct(model, update.delta(), kind="delta", lr=0.1, labels=y, masks=update.masks, input_shape=(1, 28, 28),
-                           mean=(MEAN,), std=(STD,), attack="wiig", **FAST)
+    wiig = dia.reconstruct(
+        model,
+        update.delta(),
+        kind="delta",
+        lr=0.1,
+        labels=y,
+        masks=update.masks,
+        input_shape=(1, 28, 28),
+        mean=(MEAN,),
+        std=(STD,),
+        attack="wiig",
+        **FAST,
+    )
     assert dia.evaluate(wiig, x)["mean"]["ssim"] > 0.9
-    r = dia.reconstruct(model, update, labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="dia",
-                        compile=False, max_iterations=20)
+    r = dia.reconstruct(
+        model,
+        update,
+        labels=y,
+        input_shape=(1, 28, 28),
+        mean=(MEAN,),
+        std=(STD,),
+        attack="dia",
+        compile=False,
+        max_iterations=20,
+    )
     scores = dia.evaluate(r, x, masks=update.masks)
     assert scores["mean"]["mask_bal_acc"] is not None and len(scores["victims"]) == 2
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing", "missing \\['out.weight'\\]"),
-    ("extra", "unknown name \\['head.weight'\\]"),
-    ("shape", "'fc2.weight' has shape \\(4, 4\\)"),
-    ("nan", "'fc1.weight' holds NaN or inf"),
-    ("int", "'fc1.weight' has dtype torch.int64"),
-    ("count", "2 arrays, but the model has 3 parameters"),
-    ("labels", "label 12 out of range for a model with 10 classes"),
-    ("no_dropout_masks", "masks: given, but the model has no dropout"),
-    ("wiig_without_masks", "needs the client's dropout masks"),
-    ("setting", "unknown key 'attack.mask_wieght'"),
-    ("setting_value", "attack.max_iterations=0"),
-    ("attack", "unknown attack 'dai'"),
-    ("kind", "kind='grad'"),
-    ("lr", "lr=0: kind=delta needs"),
-    ("file", "no such file"),
-    ("pickle", "cannot read"),
-    ("shape_input", "input_shape=\\(28, 28\\)"),
-    ("std", "std=\\(0.0,\\)"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "missing \\['out.weight'\\]"),
+        ("extra", "unknown name \\['head.weight'\\]"),
+        ("shape", "'fc2.weight' has shape \\(4, 4\\)"),
+        ("nan", "'fc1.weight' holds NaN or inf"),
+        ("int", "'fc1.weight' has dtype torch.int64"),
+        ("count", "2 arrays, but the model has 3 parameters"),
+        ("labels", "label 12 out of range for a model with 10 classes"),
+        ("no_dropout_masks", "masks: given, but the model has no dropout"),
+        ("wiig_without_masks", "needs the client's dropout masks"),
+        ("setting", "unknown key 'attack.mask_wieght'"),
+        ("setting_value", "attack.max_iterations=0"),
+        ("attack", "unknown attack 'dai'"),
+        ("kind", "kind='grad'"),
+        ("lr", "lr=0: kind=delta needs"),
+        ("file", "no such file"),
+        ("pickle", "cannot read"),
+        ("shape_input", "input_shape=\\(28, 28\\)"),
+        ("std", "std=\\(0.0,\\)"),
+    ],
+)
 def test_bad_input_is_one_line_naming_it(setup, tmp_path, case, match):
     model, x, y, grads = setup
     kw = dict(labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", compile=False, max_iterations=1)
@@ -211,16 +246,29 @@ def test_import_dia_loads_no_heavy_library():
     import subprocess
     import sys
 
-    code = ("import sys, dia; heavy = [m for m in ('torch', 'lightning', 'wandb', 'timm', 'torchmetrics') if m in sys.modules]; "
-            "print(heavy)")
+    code = (
+        "import sys, dia; heavy = [m for m in ('torch', 'lightning', 'wandb', 'timm', 'torchmetrics') if m in sys.modules]; "
+        "print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     code = "import sys; from dia.config import help_text; help_text([]); print([m for m in ('torch', 'lightning', 'wandb', 'timm') if m in sys.modules])"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
-CLI = ["model=mlp", "model.width=64", "model.dropout=0.25", "attack.max_iterations=150", "attack.compile=false",
-       "logger.wandb.mode=disabled", "metrics.lpips=off", "run.progress=false", "metrics.curves_ssim=false"]
+CLI = [
+    "model=mlp",
+    "model.width=64",
+    "model.dropout=0.25",
+    "attack.max_iterations=150",
+    "attack.compile=false",
+    "logger.wandb.mode=disabled",
+    "metrics.lpips=off",
+    "run.progress=false",
+    "metrics.curves_ssim=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +293,18 @@ def test_the_command_line_attacks_a_captured_update_file(captured):
     assert main([*args, f"captured.file={root / 'client.pt'}", "run.name=full"]) == 0
     m = json.loads((root / "runs" / "full" / "metrics.json").read_text())
     assert m["victims"][0]["ssim"] > 0.8 and m["victims"][0]["mask_bal_acc"] > 0.8 and m["label_accuracy"] == 1.0
-    api = dia.reconstruct(sim.model, update, labels=update.labels, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,),
-                          attack="dia", compile=False, max_iterations=150, seed=0)
+    api = dia.reconstruct(
+        sim.model,
+        update,
+        labels=update.labels,
+        input_shape=(1, 28, 28),
+        mean=(MEAN,),
+        std=(STD,),
+        attack="dia",
+        compile=False,
+        max_iterations=150,
+        seed=0,
+    )
     saved = torch.load(root / "runs" / "full" / "reconstructions.pt", weights_only=True)
     assert torch.allclose(saved["reconstructions"], api.images, atol=1e-5)  # one attack, two doors
     assert main([*args, f"captured.file={root / 'bare.npz'}", "attack.labels=infer", "run.name=bare"]) == 0
@@ -257,20 +315,33 @@ def test_the_command_line_attacks_a_captured_update_file(captured):
     assert torch.allclose(rec, saved["reconstructions"], atol=1e-5)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["captured.file=bare.npz"], "captured.file 'bare.npz': holds no labels; set attack.labels=infer"),
-    (["captured.file=bare.npz", "attack=wiig", "attack.labels=infer"], "attack=wiig: needs the client's dropout masks"),
-    (["captured.file=missing.pt"], "captured.file='missing.pt': no such file"),
-    (["captured.file=bare.npz", "captured.kind=delta", "attack.labels=infer"], "captured.lr: captured.kind=delta needs"),
-    (["captured.file=client.pt", "defense=prune"], "defense=prune: defenses apply to simulated clients"),
-    (["captured.file=client.pt", "model.width=32"], "an update from another model"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["captured.file=bare.npz"], "captured.file 'bare.npz': holds no labels; set attack.labels=infer"),
+        (
+            ["captured.file=bare.npz", "attack=wiig", "attack.labels=infer"],
+            "attack=wiig: needs the client's dropout masks",
+        ),
+        (["captured.file=missing.pt"], "captured.file='missing.pt': no such file"),
+        (
+            ["captured.file=bare.npz", "captured.kind=delta", "attack.labels=infer"],
+            "captured.lr: captured.kind=delta needs",
+        ),
+        (["captured.file=client.pt", "defense=prune"], "defense=prune: defenses apply to simulated clients"),
+        (["captured.file=client.pt", "model.width=32"], "an update from another model"),
+    ],
+)
 def test_a_bad_captured_update_is_one_line_and_writes_nothing(captured, extra, message, monkeypatch, capsys):
     from dia.train import main
 
     root, _, _ = captured
     monkeypatch.chdir(root)
-    args = [*CLI, "model.checkpoint=ckpt.pt" if "model.width=32" not in extra else "model.checkpoint=", "run.output_dir=bad"]
+    args = [
+        *CLI,
+        "model.checkpoint=ckpt.pt" if "model.width=32" not in extra else "model.checkpoint=",
+        "run.output_dir=bad",
+    ]
     assert main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -283,8 +354,9 @@ def test_a_captured_multi_step_update_is_attacked_as_such(captured):
     from dia.train import main
 
     root, sim, _ = captured
-    update = dia.capture_update(sim.model, (sim.victims.images - sim.mean) / sim.std, sim.victims.labels, seed=1,
-                                local_steps=3, lr=0.1)
+    update = dia.capture_update(
+        sim.model, (sim.victims.images - sim.mean) / sim.std, sim.victims.labels, seed=1, local_steps=3, lr=0.1
+    )
     update.save(root / "client3.pt")
     args = [*CLI, f"model.checkpoint={root / 'ckpt.pt'}", f"run.output_dir={root / 'runs'}", "attack=wiig"]
     assert main([*args, f"captured.file={root / 'client3.pt'}", "run.name=t3"]) == 0

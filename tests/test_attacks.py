@@ -18,8 +18,9 @@ BUDGET = ["attack.max_iterations=250", "logger.wandb.mode=disabled", "run.progre
 
 def _ssim(problems_factory, args: list[str], victims=(0, 1)):
     cfg, model, problems, v, mean, std = problems_factory(BUDGET + args, list(victims))
-    res = attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std,
-                 device=torch.device("cpu"), progress=False)
+    res = attack(
+        model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=torch.device("cpu"), progress=False
+    )
     rec = (res.x.flatten(0, 1) * std + mean).clamp(0, 1)
     return M.ssim(rec, v.images), res
 
@@ -64,8 +65,11 @@ def test_mask_agnostic_attacks_refuse_the_client_masks(problems_factory, name):
 
 
 def test_sigmoid_masks_stay_in_unit_interval_and_reconstruct(problems_factory):
-    ssim, res = _ssim(problems_factory, ["attack=dia", "model.dropout=0.5", "attack.mask_param=sigmoid",
-                                         "attack.max_iterations=150"], victims=(0,))
+    ssim, res = _ssim(
+        problems_factory,
+        ["attack=dia", "model.dropout=0.5", "attack.mask_param=sigmoid", "attack.max_iterations=150"],
+        victims=(0,),
+    )
     assert ssim.min() > 0.6, ssim
     assert all(((m > 0) & (m < 1)).all() for m in res.masks.values())
 
@@ -89,11 +93,19 @@ def test_batches_are_matched_to_their_originals_before_scoring():
 
 
 def test_dia_models_drop_path_only_when_asked(problems_factory):
-    args = ["attack=dia", "model=timm", "model.arch=vit_tiny_patch16_224", "data=cifar10", "model.dropout=0.2",
-            "model.drop_path=0.3"]
+    args = [
+        "attack=dia",
+        "model=timm",
+        "model.arch=vit_tiny_patch16_224",
+        "data=cifar10",
+        "model.dropout=0.2",
+        "model.drop_path=0.3",
+    ]
     for flag, expect in (("false", False), ("true", True)):
         cfg, model, problems, _, mean, std = problems_factory(args + [f"attack.model_drop_path={flag}"], [0])
-        module = ATTACKS.get("dia")(model, problems.public(), cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
+        module = ATTACKS.get("dia")(
+            model, problems.public(), cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std
+        )
         module.on_fit_start()
         modelled = {k.removeprefix("mask/") for k in module.state.params if k.startswith("mask/")}
         paths = {s for s, kind in problems.kinds.items() if kind == "drop_path"}

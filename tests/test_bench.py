@@ -15,10 +15,18 @@ def mlp_setup():
 
 
 def test_benchmark_structure() -> None:
-    out = bench.benchmark(models=["mlp"], attacks=["dia"], ks=[1, 2], iterations=2, warmup=1, seq_problems=2, device="cpu")
+    out = bench.benchmark(
+        models=["mlp"], attacks=["dia"], ks=[1, 2], iterations=2, warmup=1, seq_problems=2, device="cpu"
+    )
     assert out["device"] and out["date"] and out["iterations"] == 2
     rows = out["results"]
-    assert [(r["mode"], r["k"]) for r in rows] == [("baseline", 1), ("sequential", 1), ("vectorized", 1), ("vectorized", 2), ("lightning", 2)]
+    assert [(r["mode"], r["k"]) for r in rows] == [
+        ("baseline", 1),
+        ("sequential", 1),
+        ("vectorized", 1),
+        ("vectorized", 2),
+        ("lightning", 2),
+    ]
     for r in rows:
         assert r["model"] == "mlp" and r["data"] == "mnist" and r["attack"] == "dia"
         assert r["victim_its_per_s"] > 0 and r["ms_per_iteration"] > 0 and r["speedup_vs_baseline"] > 0
@@ -34,15 +42,29 @@ def test_baseline_matches_engine(mlp_setup, attack: str) -> None:
     """From the same start, the authors' loop and our engine (K=1) follow the same losses."""
     model, problems, lower, upper = mlp_setup
     j = 1
-    module = bench.engine_module(attack, model, problems.subset([j]), bench.config("mlp", attack), lower, upper, torch.device("cpu"))
+    module = bench.engine_module(
+        attack, model, problems.subset([j]), bench.config("mlp", attack), lower, upper, torch.device("cpu")
+    )
     x0 = module.state.params["x"][0].detach().clone()  # the engine's start, already clamped to the box
-    masks0 = {k.removeprefix("mask/"): v[0].detach().clone() for k, v in module.state.params.items() if k.startswith("mask/")}
+    masks0 = {
+        k.removeprefix("mask/"): v[0].detach().clone() for k, v in module.state.params.items() if k.startswith("mask/")
+    }
     assert bool(masks0) == (attack == "dia")
     found = [(p.requires_grad, p.grad) for p in model.parameters()]
     ours = bench.engine_steps(module, 6)[:, 0]
     _, theirs = run_baseline(
-        model, {k: t[j] for k, t in problems.targets.items()}, problems.labels[j], problems.rates, problems.mask_shapes,
-        attack=attack, iterations=6, lower=lower, upper=upper, seed=problems.seeds[j], init_x=x0, init_masks=masks0 or None,
+        model,
+        {k: t[j] for k, t in problems.targets.items()},
+        problems.labels[j],
+        problems.rates,
+        problems.mask_shapes,
+        attack=attack,
+        iterations=6,
+        lower=lower,
+        upper=upper,
+        seed=problems.seeds[j],
+        init_x=x0,
+        init_masks=masks0 or None,
     )
     assert len(theirs) == 6
     torch.testing.assert_close(ours, torch.tensor(theirs), rtol=1e-5, atol=2e-5)
@@ -53,23 +75,47 @@ def test_baseline_matches_engine(mlp_setup, attack: str) -> None:
 def test_baseline_draws_the_engines_start(mlp_setup) -> None:
     """Without an explicit start the baseline draws the engine's (unclamped) initial dummy from the seed."""
     model, problems, lower, upper = mlp_setup
-    module = bench.engine_module("dia", model, problems.subset([0]), bench.config("mlp", "dia"), lower, upper, torch.device("cpu"))
+    module = bench.engine_module(
+        "dia", model, problems.subset([0]), bench.config("mlp", "dia"), lower, upper, torch.device("cpu")
+    )
     x, losses = run_baseline(
-        model, {k: t[0] for k, t in problems.targets.items()}, problems.labels[0], problems.rates, problems.mask_shapes,
-        attack="dia", iterations=0, lower=lower, upper=upper, seed=problems.seeds[0], input_shape=problems.input_shape,
+        model,
+        {k: t[0] for k, t in problems.targets.items()},
+        problems.labels[0],
+        problems.rates,
+        problems.mask_shapes,
+        attack="dia",
+        iterations=0,
+        lower=lower,
+        upper=upper,
+        seed=problems.seeds[0],
+        input_shape=problems.input_shape,
     )
     assert losses == []
     torch.testing.assert_close(x, module.start()["x"][0])
 
 
 def test_compiled_variants_are_rows_of_their_own() -> None:
-    out = bench.benchmark(models=["mlp"], attacks=["ig"], ks=[2], iterations=2, warmup=1, seq_problems=1, device="cpu",
-                          lightning=False, compile_ks=(2,), variants=("default", "reduce-overhead+tf32"))
+    out = bench.benchmark(
+        models=["mlp"],
+        attacks=["ig"],
+        ks=[2],
+        iterations=2,
+        warmup=1,
+        seq_problems=1,
+        device="cpu",
+        lightning=False,
+        compile_ks=(2,),
+        variants=("default", "reduce-overhead+tf32"),
+    )
     rows = out["results"]
     assert [r["mode"] for r in rows][-2:] == ["compiled", "compiled:reduce-overhead+tf32"]
     assert all(r["victim_its_per_s"] > 0 and r["compile_s"] > 0 for r in rows[-2:])
     assert torch.get_float32_matmul_precision() == "highest"  # the variant's precision does not leak out
-    assert bench.variant_settings("reduce-overhead+tf32") == {"compile_mode": "reduce-overhead", "matmul_precision": "high"}
+    assert bench.variant_settings("reduce-overhead+tf32") == {
+        "compile_mode": "reduce-overhead",
+        "matmul_precision": "high",
+    }
 
 
 def test_medium_precision_reaches_onednn_only_inside_the_attack() -> None:

@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dia.train import main
 from dia.run.tracking import read_offline_run
+from dia.train import main
 
-FAST = ["attack.max_iterations=30", "num_victims=2", "run.progress=false", "attack.log_every=10", "attack.compile=false"]
+FAST = [
+    "attack.max_iterations=30",
+    "num_victims=2",
+    "run.progress=false",
+    "attack.log_every=10",
+    "attack.compile=false",
+]
 
 
 def _only_run(out: Path) -> Path:
@@ -29,7 +35,9 @@ def test_run_folder_holds_config_metrics_png_tensors_and_offline_wandb_run(tmp_p
     assert run.name.startswith("dia-mlp-mnist-p0.25-")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    assert {"mse", "psnr", "ssim", "lpips", "mask_bal_acc", "mask_bal_acc_keep_all", "mask_bal_acc_init"} <= set(metrics["mean"])
+    assert {"mse", "psnr", "ssim", "lpips", "mask_bal_acc", "mask_bal_acc_keep_all", "mask_bal_acc_init"} <= set(
+        metrics["mean"]
+    )
     assert len(metrics["victims"]) == 2 and metrics["victims"][1]["index"] == 1
     assert 0 < metrics["mean"]["ssim"] <= 1 and 0.5 < metrics["mean"]["mask_bal_acc"] <= 1
     assert metrics["iterations"] == 30 and metrics["wall_time_s"] > 0
@@ -105,7 +113,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["data.source=torchvision"], "data.root is required"),
         (["data=imagenet", "data.source=imagefolder", f"data.root={tmp / 'missing'}"], "is not a directory"),
         (["data=imagenet", "data.source=imagefolder", f"data.root={empty}"], "holds no images"),
-        (["data=imagenet", "data.source=imagefolder", f"data.root={tmp / 'broken'}", "num_victims=1"], "cannot read image"),
+        (
+            ["data=imagenet", "data.source=imagefolder", f"data.root={tmp / 'broken'}", "num_victims=1"],
+            "cannot read image",
+        ),
         ([f"model.checkpoint={wrong}"], "does not fit this model"),
         ([f"run.output_dir={afile / 'sub'}"], "run.output_dir: cannot write"),
         (["batch_size=3"], "do not split"),
@@ -116,7 +127,11 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
 def test_bad_input_gets_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "runs"
     for args, expected in _bad_inputs(tmp_path):
-        code = main(args + ["logger.wandb.mode=disabled", f"run.output_dir={out}"] if "run.output_dir" not in " ".join(args) else args)
+        code = main(
+            args + ["logger.wandb.mode=disabled", f"run.output_dir={out}"]
+            if "run.output_dir" not in " ".join(args)
+            else args
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, args
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (args, err)
@@ -124,21 +139,35 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
 
 
 def test_the_real_process_prints_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "dia.train", "attack=foo"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dia.train", "attack=foo"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown attack 'foo'; choose one of: dia, dlg, ig, wiig"
 
 
 def test_vit_on_cifar10_runs_end_to_end(tmp_path):
-    args = ["model=vit", "data=cifar10", "attack=dia", "attack.max_iterations=3", "num_victims=1", "attack.compile=false",
-            "run.progress=false", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]
+    args = [
+        "model=vit",
+        "data=cifar10",
+        "attack=dia",
+        "attack.max_iterations=3",
+        "num_victims=1",
+        "attack.compile=false",
+        "run.progress=false",
+        "logger.wandb.mode=disabled",
+        f"run.output_dir={tmp_path}",
+    ]
     assert main(args) == 0
     metrics = json.loads((_only_run(tmp_path) / "metrics.json").read_text())
     assert metrics["model"] == "vit" and metrics["victims"][0]["mask_bal_acc_attention"] is not None
 
 
 def test_batches_of_two_are_matched_and_labels_can_be_inferred(tmp_path):
-    assert main(FAST + ["batch_size=2", "num_victims=4", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path / 'b'}"]) == 0
+    assert (
+        main(FAST + ["batch_size=2", "num_victims=4", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path / 'b'}"])
+        == 0
+    )
     m = json.loads((_only_run(tmp_path / "b") / "metrics.json").read_text())
     assert [v["problem"] for v in m["victims"]] == [0, 0, 1, 1]
     assert sorted(v["matched_reconstruction"] for v in m["victims"][:2]) == [0, 1]
@@ -148,5 +177,7 @@ def test_batches_of_two_are_matched_and_labels_can_be_inferred(tmp_path):
 
 
 def test_label_inference_refuses_batches(tmp_path, capsys):
-    assert main(["attack.labels=infer", "batch_size=2", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]) == 2
+    assert (
+        main(["attack.labels=infer", "batch_size=2", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]) == 2
+    )
     assert "batch_size=1 only" in capsys.readouterr().err

@@ -29,6 +29,7 @@ def test_failed_compilation_falls_back_to_eager_with_one_notice(problems_factory
     def broken_compile(fn, **kwargs):
         def fail(*args):
             raise RuntimeError("no C++ compiler found")
+
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -47,23 +48,42 @@ def test_a_compiled_program_sees_the_problems_that_enter_it(tmp_path):
     from dia.config import compose
     from dia.run import execute
 
-    base = ["model=mlp", "model.width=64", "model.depth=2", "num_victims=2", "attack.max_iterations=40", "attack.check_every=10",
-            "run.progress=false", "logger.wandb.mode=disabled", "metrics.lpips=off", "run.checkpoint_every=-1",
-            "attack.loss_threshold=0.005"]
+    base = [
+        "model=mlp",
+        "model.width=64",
+        "model.depth=2",
+        "num_victims=2",
+        "attack.max_iterations=40",
+        "attack.check_every=10",
+        "run.progress=false",
+        "logger.wandb.mode=disabled",
+        "metrics.lpips=off",
+        "run.checkpoint_every=-1",
+        "attack.loss_threshold=0.005",
+    ]
     cells = [(a, p) for a in ("ig", "wiig", "dia") for p in (0.0, 0.5)]
 
     def configs(out, extra):
-        return [compose(base + extra + [f"attack={a}", f"model.dropout={p}", f"run.output_dir={out}", f"run.name={a}-{p:g}"])
-                for a, p in cells]
+        return [
+            compose(
+                base + extra + [f"attack={a}", f"model.dropout={p}", f"run.output_dir={out}", f"run.name={a}-{p:g}"]
+            )
+            for a, p in cells
+        ]
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a failed compilation (eager fallback) must not pass silently
         warnings.filterwarnings("ignore", message=".*(no dropout|srun|LeafSpec|eval mode|configure_optimizers).*")
-        assert {o.code for o in execute(configs(tmp_path / "c", ["attack.compile=true", "attack.parallel=4"]), progress=False)} == {0}
+        assert {
+            o.code
+            for o in execute(configs(tmp_path / "c", ["attack.compile=true", "attack.parallel=4"]), progress=False)
+        } == {0}
     assert {o.code for o in execute(configs(tmp_path / "e", ["attack.compile=false"]), progress=False)} == {0}
     for a, p in cells:
         name = f"{a}-{p:g}"
-        compiled, eager = (json.loads((tmp_path / k / name / "metrics.json").read_text())["victims"] for k in ("c", "e"))
+        compiled, eager = (
+            json.loads((tmp_path / k / name / "metrics.json").read_text())["victims"] for k in ("c", "e")
+        )
         for u, v in zip(compiled, eager):
             assert u["iterations"] == v["iterations"] and u["status"] == v["status"], name
             assert u["loss"] == pytest.approx(v["loss"], rel=2e-3, abs=1e-6), name

@@ -17,7 +17,7 @@ def test_embedded_sets_load_offline_in_unit_range(name, shape):
     cfg = compose([f"data={name}"]).data
     v = load_victims(cfg, indices=None, count=3, seed=None)
     assert v.images.shape == (3, *shape) and v.indices == [0, 1, 2]
-    assert 0 <= v.images.min() and v.images.max() <= 1 and v.images.std() > 0.05
+    assert v.images.min() >= 0 and v.images.max() <= 1 and v.images.std() > 0.05
     assert v.labels.dtype == torch.long and (v.labels < cfg.num_classes).all()
 
 
@@ -53,9 +53,19 @@ def test_flat_folder_with_label_file_and_statistics_saved_with_the_run(tmp_path)
         Image.fromarray(np.full((40, 50, 3), value, dtype=np.uint8)).save(images / f"p{i}.png")
     (tmp_path / "labels.csv").write_text("p0.png,5\np1.png,7\np2.png,9\n")
     out = tmp_path / "runs"
-    args = ["data=folder", f"data.root={images}", f"data.labels_file={tmp_path / 'labels.csv'}", "data.image_size=32",
-            "data.num_classes=10", "num_victims=3", "attack.max_iterations=3", "attack.compile=false",
-            "logger.wandb.mode=disabled", "run.progress=false", f"run.output_dir={out}"]
+    args = [
+        "data=folder",
+        f"data.root={images}",
+        f"data.labels_file={tmp_path / 'labels.csv'}",
+        "data.image_size=32",
+        "data.num_classes=10",
+        "num_victims=3",
+        "attack.max_iterations=3",
+        "attack.compile=false",
+        "logger.wandb.mode=disabled",
+        "run.progress=false",
+        f"run.output_dir={out}",
+    ]
     assert main(args) == 0
     run = next(p for p in out.iterdir() if not p.name.startswith("."))
     assert [v["label"] for v in json.loads((run / "metrics.json").read_text())["victims"]] == [5, 7, 9]

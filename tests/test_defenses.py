@@ -16,10 +16,10 @@ from dia.attacks import ATTACKS
 from dia.config import compose, group_settings
 from dia.data import load_victims, normalizer
 from dia.errors import UserError
-from dia.run.pack import attack
 from dia.gradients import client_gradients
 from dia.models import build_for
 from dia.problems import simulate_clients
+from dia.run.pack import attack
 
 GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
 
@@ -51,7 +51,9 @@ def test_clipping_bounds_every_examples_norm_and_leaves_small_ones_alone():
     assert torch.allclose(after[big], torch.full_like(after[big], clip), rtol=1e-5)  # clipped ones land on the ball
     for n in per:  # small ones are untouched, and clipping only rescales (direction kept)
         assert torch.equal(clipped[n][~big], per[n][~big])
-        assert torch.allclose(clipped[n][big] * (before[big] / after[big]).view(-1, *[1] * (per[n].dim() - 1)), per[n][big], rtol=1e-4)
+        assert torch.allclose(
+            clipped[n][big] * (before[big] / after[big]).view(-1, *[1] * (per[n].dim() - 1)), per[n][big], rtol=1e-4
+        )
 
 
 def test_dpsgd_noise_has_the_stated_std_on_the_sum_and_comes_from_the_given_generator():
@@ -99,7 +101,7 @@ def test_pruning_keeps_exactly_the_stated_share_of_the_largest_entries(ratio):
         kept = out[n] != 0
         assert int(kept.sum()) == round((1 - ratio) * t.numel())
         assert torch.equal(out[n][kept], t[kept])  # survivors unchanged
-        if 0 < ratio:
+        if ratio > 0:
             assert t[kept].abs().min() >= t[~kept].abs().max()  # and they are the largest
 
 
@@ -111,7 +113,7 @@ def test_quantization_levels_nearest_and_stochastic(bits):
     near = D.quantize(g, group_settings("defense", "quantize", bits=bits), GEN())["a"]
     q = near / scale * levels
     assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= levels + 1e-4
-    assert len(torch.unique(q.round())) <= 2 ** bits - 1
+    assert len(torch.unique(q.round())) <= 2**bits - 1
     assert (near - g["a"]).abs().max() <= scale / levels / 2 + 1e-6  # nearest level
     cfg = group_settings("defense", "quantize", bits=bits, rounding="stochastic")
     gen = GEN(10)
@@ -120,7 +122,7 @@ def test_quantization_levels_nearest_and_stochastic(bits):
     qs = draws / scale * levels
     assert torch.allclose(qs, qs.round(), atol=1e-4)
     assert ((qs.round() == v.floor()) | (qs.round() == v.ceil())).all()  # one of the two neighbouring levels
-    assert (draws.mean(0) - g["a"]).abs().max() < 4 * (scale / levels) / 2 / 3000 ** 0.5 + 1e-6  # unbiased
+    assert (draws.mean(0) - g["a"]).abs().max() < 4 * (scale / levels) / 2 / 3000**0.5 + 1e-6  # unbiased
 
 
 def test_sign_sends_signs_only():
@@ -152,7 +154,12 @@ def test_composition_applies_stages_in_the_listed_order():
 def test_config_group_list_form_and_one_line_errors(tmp_path: Path):
     assert _cfg().defense.name == "none"
     cfg = _cfg("defense=[prune,dpsgd]", "defense.ratio=0.5", "defense.clip=2")
-    assert (cfg.defense.name, cfg.defense.ratio, cfg.defense.clip, cfg.defense.noise_multiplier) == ("prune+dpsgd", 0.5, 2.0, 1.0)
+    assert (cfg.defense.name, cfg.defense.ratio, cfg.defense.clip, cfg.defense.noise_multiplier) == (
+        "prune+dpsgd",
+        0.5,
+        2.0,
+        1.0,
+    )
     saved = tmp_path / "config.yaml"
     saved.write_text(OmegaConf.to_yaml(cfg))
     assert compose([], base=saved).defense == cfg.defense  # a saved run reruns with its defense
@@ -160,18 +167,25 @@ def test_config_group_list_form_and_one_line_errors(tmp_path: Path):
     del old["defense"]
     saved.write_text(OmegaConf.to_yaml(old))
     assert compose([], base=saved).defense.name == "none"  # configs saved before defenses existed
-    for bad, words in [(["defense=noise"], "dpsgd, none, prune"), (["defense=[prune,prune]"], "twice"),
-                       (["defense=prune", "defense.clip=1"], "valid keys here: name, ratio"),
-                       (["defense=prune", "defense.ratio=1"], "defense.ratio"), (["defense=quantize", "defense.bits=1"], "defense.bits"),
-                       (["defense=quantize", "defense.rounding=up"], "nearest, stochastic"),
-                       (["defense=dpsgd", "defense.delta=0"], "defense.delta"), (["defense=[none,sign]"], "none")]:
+    for bad, words in [
+        (["defense=noise"], "dpsgd, none, prune"),
+        (["defense=[prune,prune]"], "twice"),
+        (["defense=prune", "defense.clip=1"], "valid keys here: name, ratio"),
+        (["defense=prune", "defense.ratio=1"], "defense.ratio"),
+        (["defense=quantize", "defense.bits=1"], "defense.bits"),
+        (["defense=quantize", "defense.rounding=up"], "nearest, stochastic"),
+        (["defense=dpsgd", "defense.delta=0"], "defense.delta"),
+        (["defense=[none,sign]"], "none"),
+    ]:
         with pytest.raises(UserError, match=words):
             _cfg(*bad)
 
 
 def test_epsilon_from_the_accountant():
     def eps(sigma: float, delta: float = 1e-5):
-        return D.privacy(_cfg("defense=dpsgd", f"defense.noise_multiplier={sigma}", f"defense.delta={delta}").defense)["epsilon"]
+        return D.privacy(_cfg("defense=dpsgd", f"defense.noise_multiplier={sigma}", f"defense.delta={delta}").defense)[
+            "epsilon"
+        ]
 
     e = [eps(s) for s in (0.5, 1.0, 2.0, 4.0)]
     assert all(a > b > 0 for a, b in zip(e, e[1:]))  # more noise, less epsilon
@@ -209,7 +223,9 @@ def test_defense_none_changes_nothing_bit_for_bit_and_defenses_leave_the_clients
 
 
 def test_model_defense_matches_only_what_survived():
-    cfg, model, x, v, mean, std = _clients(["model.dropout=0", "attack=ig"], [0], ["defense=prune", "defense.ratio=0.9"])
+    cfg, model, x, v, mean, std = _clients(
+        ["model.dropout=0", "attack=ig"], [0], ["defense=prune", "defense.ratio=0.9"]
+    )
     problems = simulate_clients(model, x, v.labels, batch_size=1, seed=0, defense=cfg.defense)
     truth = {"x": x.unsqueeze(0)}
 
@@ -226,13 +242,23 @@ def test_model_defense_matches_only_what_survived():
 
 
 def test_a_strong_defense_stops_dia_on_a_tiny_mlp():
-    cfg, model, x, v, mean, std = _clients(["model.dropout=0.25", "model.width=64", "attack=dia", "attack.max_iterations=200"], [0, 1])
+    cfg, model, x, v, mean, std = _clients(
+        ["model.dropout=0.25", "model.width=64", "attack=dia", "attack.max_iterations=200"], [0, 1]
+    )
     clear = simulate_clients(model, x, v.labels, batch_size=1, seed=0)
-    noisy = simulate_clients(model, x, v.labels, batch_size=1, seed=0, defense=_cfg("defense=dpsgd", "defense.noise_multiplier=1").defense)
-    both = replace(clear, targets={n: torch.cat([clear.targets[n], noisy.targets[n]]) for n in clear.targets},
-                   labels=torch.cat([clear.labels, noisy.labels]), seeds=clear.seeds * 2,
-                   true_masks={n: torch.cat([m, m]) for n, m in clear.true_masks.items()})  # one attack run for both
-    res = attack(model, both, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=torch.device("cpu"), progress=False)
+    noisy = simulate_clients(
+        model, x, v.labels, batch_size=1, seed=0, defense=_cfg("defense=dpsgd", "defense.noise_multiplier=1").defense
+    )
+    both = replace(
+        clear,
+        targets={n: torch.cat([clear.targets[n], noisy.targets[n]]) for n in clear.targets},
+        labels=torch.cat([clear.labels, noisy.labels]),
+        seeds=clear.seeds * 2,
+        true_masks={n: torch.cat([m, m]) for n, m in clear.true_masks.items()},
+    )  # one attack run for both
+    res = attack(
+        model, both, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=torch.device("cpu"), progress=False
+    )
     ssim = M.ssim((res.x.flatten(0, 1) * std + mean).clamp(0, 1), torch.cat([v.images, v.images]))
     undefended, defended = ssim[:2], ssim[2:]
     assert undefended.mean() > 0.7, undefended

@@ -12,12 +12,24 @@ from dia.attacks import ATTACKS
 from dia.gradients import problem_gradients
 from dia.models import dropout_sites
 
-SMALL = ["model=vit", "data=cifar10", "model.depth=2", "model.dim=64", "model.heads=4", "model.mlp_dim=64",
-         "model.dropout=0.1", "model.drop_path=0.5", "logger.wandb.mode=disabled", "run.progress=false"]
+SMALL = [
+    "model=vit",
+    "data=cifar10",
+    "model.depth=2",
+    "model.dim=64",
+    "model.heads=4",
+    "model.mlp_dim=64",
+    "model.dropout=0.1",
+    "model.drop_path=0.5",
+    "logger.wandb.mode=disabled",
+    "run.progress=false",
+]
 
 
 def _module(problems_factory, attack: str, flag: str):
-    cfg, model, problems, _, mean, std = problems_factory(SMALL + [f"attack={attack}", f"attack.model_drop_path={flag}"], [0])
+    cfg, model, problems, _, mean, std = problems_factory(
+        SMALL + [f"attack={attack}", f"attack.model_drop_path={flag}"], [0]
+    )
     cls = ATTACKS.get(attack)
     module = cls.for_problems(model, problems, cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
     module.on_fit_start()
@@ -41,8 +53,9 @@ def test_wiig_replaying_the_true_drop_path_masks_reproduces_the_clients_gradient
     paths = {s for s, k in problems.kinds.items() if k == "drop_path"}
     assert paths and (paths <= set(rows.sites)) == (flag == "true")
     truth = problems.true_masks
-    grads = problem_gradients(module.model, module.model_params, _images(problems_factory), rows.labels,
-                              rows.applied(rows.masks({})), "apply")
+    grads = problem_gradients(
+        module.model, module.model_params, _images(problems_factory), rows.labels, rows.applied(rows.masks({})), "apply"
+    )
     close = all(torch.allclose(grads[n], t, rtol=1e-4, atol=1e-6) for n, t in rows.targets.items())
     dropped_any = any(bool((truth[s] == 0).any()) for s in paths)
     assert dropped_any  # p = 0.5 on the last block: this client dropped a residual branch

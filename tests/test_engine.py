@@ -24,7 +24,9 @@ def _module(cfg, model, problems, mean, std):
 
 def test_advance_follows_torch_adam_and_reduce_lr_on_plateau():
     # Unsigned gradients on f(w) = sum(w^2); with patience 2 the lr drops several times once Adam oscillates.
-    sched = Schedule(lr=0.3, signed=frozenset(), lr_patience=2, lr_factor=0.5, early_stop_patience=10**6, max_iterations=10**6)
+    sched = Schedule(
+        lr=0.3, signed=frozenset(), lr_patience=2, lr_factor=0.5, early_stop_patience=10**6, max_iterations=10**6
+    )
     w0 = torch.tensor([[1.5, -2.0, 0.5]])
     state = AttackState.create({"w": w0}, lr=sched.lr)
     ref = w0[0].clone().requires_grad_(True)
@@ -49,7 +51,9 @@ def test_k_problems_at_once_equal_one_by_one(problems_factory):
     together = _drive(_module(cfg, model, problems, mean, std), 8)
     for k in range(3):
         alone = _drive(_module(cfg, model, problems.subset([k]), mean, std), 8)
-        torch.testing.assert_close(torch.stack([l[k] for l in together]), torch.stack([l[0] for l in alone]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            torch.stack([l[k] for l in together]), torch.stack([l[0] for l in alone]), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_a_diverging_problem_stops_alone_and_keeps_its_best_iterate(problems_factory):
@@ -67,7 +71,9 @@ def test_a_diverging_problem_stops_alone_and_keeps_its_best_iterate(problems_fac
 
 
 def test_converged_and_early_stopped_problems_are_frozen(problems_factory):
-    cfg, model, problems, _, mean, std = problems_factory(["attack=wiig", "model.dropout=0.25", "attack.early_stop_patience=3"], [0])
+    cfg, model, problems, _, mean, std = problems_factory(
+        ["attack=wiig", "model.dropout=0.25", "attack.early_stop_patience=3"], [0]
+    )
     module = _module(cfg, model, problems, mean, std)
     module.schedule = Schedule(lr=0.1, loss_threshold=2.0, max_iterations=100)  # every loss < 2: converges at once
     _drive(module, 4)
@@ -92,12 +98,24 @@ def test_batchnorm_models_vectorize_with_the_clients_batch_statistics(problems_f
     from dia.gradients import client_gradients, problem_gradients
     from dia.problems import Problems
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 26 * 26, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 26 * 26, 10),
+    )
     x, y = torch.randn(2, 2, 1, 28, 28), torch.tensor([[1, 2], [3, 4]])
     targets = [client_gradients(model, x[k], y[k])[0] for k in range(2)]
-    problems = Problems(targets={n: torch.stack([t[n] for t in targets]) for n in targets[0]}, labels=y,
-                        input_shape=(2, 1, 28, 28), mask_shapes={}, rates={}, kinds={}, seeds=[0, 1])
+    problems = Problems(
+        targets={n: torch.stack([t[n] for t in targets]) for n in targets[0]},
+        labels=y,
+        input_shape=(2, 1, 28, 28),
+        mask_shapes={},
+        rates={},
+        kinds={},
+        seeds=[0, 1],
+    )
     cfg, *_ = problems_factory(["attack=ig"], [0])
     module = ATTACKS.get("ig")(model, problems, cfg.attack, lower=torch.tensor(-1.0), upper=torch.tensor(1.0))
     module.on_fit_start()
@@ -110,10 +128,10 @@ def test_batchnorm_models_vectorize_with_the_clients_batch_statistics(problems_f
             torch.testing.assert_close(got[n][k], t, rtol=1e-4, atol=1e-6)
 
 
-
 def test_best_iterate_is_the_one_after_the_improving_step_as_in_the_papers_code():
     """By default the best iterate is the (projected) iterate the improving step produced, as the authors' loop
     keeps it; `best_iterate="at_loss"` keeps the iterate the improving loss was measured at."""
+
     def run(mode: str, steps: int) -> tuple[AttackState, list[torch.Tensor]]:
         sched = Schedule(lr=0.5, signed=frozenset(), early_stop_patience=10**6, max_iterations=10**6, best_iterate=mode)
         state = AttackState.create({"w": torch.tensor([[2.0, -1.0], [0.3, 0.1]])}, lr=sched.lr)

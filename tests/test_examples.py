@@ -12,14 +12,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("script, args", [
-    ("own_model.py", ["--iterations", "400", "--victims", "2", "--min-ssim", "0.8"]),
-    ("flower_client.py", ["--iterations", "300", "--clients", "2", "--min-ssim", "0.8"]),
-])
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("own_model.py", ["--iterations", "400", "--victims", "2", "--min-ssim", "0.8"]),
+        ("flower_client.py", ["--iterations", "300", "--clients", "2", "--min-ssim", "0.8"]),
+    ],
+)
 def test_example_reaches_its_quality_bar(script, args, tmp_path):
     extra = ["--out", str(tmp_path / "run")] if script == "own_model.py" else []
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args, *extra], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args, *extra],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "ok:" in proc.stdout and "Traceback" not in proc.stderr
     if extra:

@@ -17,8 +17,14 @@ from dia.run import execute
 from dia.run.pack import attack as run_attack
 
 OFFSET = 10.0  # above any cosine distance (<= 2) plus DIA's regularizer
-FAST = ["attack.max_iterations=20", "attack.compile=false", "logger.wandb.mode=disabled", "metrics.lpips=off",
-        "run.progress=false", "metrics.curves_ssim=false"]
+FAST = [
+    "attack.max_iterations=20",
+    "attack.compile=false",
+    "logger.wandb.mode=disabled",
+    "metrics.lpips=off",
+    "run.progress=false",
+    "metrics.curves_ssim=false",
+]
 
 
 class Offset(DropoutInversionAttack):
@@ -53,15 +59,44 @@ def test_api_train_grid_and_packs_all_run_the_subclass(tmp_path, problems_factor
     cfg, model, problems, v, mean, std = problems_factory(["attack=dia", "model.dropout=0.25", "model.width=64"], [0])
     grads = {n: t[0] for n, t in problems.targets.items()}
     for attack in (Offset, "offset_test"):
-        r = dia.reconstruct(model, grads, labels=problems.labels[0], input_shape=(1, 28, 28), mean=(0.1307,),
-                            std=(0.3081,), attack=attack, compile=False, max_iterations=20)
+        r = dia.reconstruct(
+            model,
+            grads,
+            labels=problems.labels[0],
+            input_shape=(1, 28, 28),
+            mean=(0.1307,),
+            std=(0.3081,),
+            attack=attack,
+            compile=False,
+            max_iterations=20,
+        )
         assert float(r.loss.min()) >= OFFSET
-    base = dia.reconstruct(model, grads, labels=problems.labels[0], input_shape=(1, 28, 28), mean=(0.1307,),
-                           std=(0.3081,), attack="dia", compile=False, max_iterations=20)
+    base = dia.reconstruct(
+        model,
+        grads,
+        labels=problems.labels[0],
+        input_shape=(1, 28, 28),
+        mean=(0.1307,),
+        std=(0.3081,),
+        attack="dia",
+        compile=False,
+        max_iterations=20,
+    )
     assert float(base.loss.max()) < OFFSET
     # dia.train's path (the run contract), two rates packed into one program
-    cfgs = [compose(["attack=offset_test", f"model.dropout={p}", "victims=[0]", f"run.output_dir={tmp_path / 'runs'}",
-                     f"run.name=off{p}"] + FAST) for p in (0.25, 0.5)]
+    cfgs = [
+        compose(
+            [
+                "attack=offset_test",
+                f"model.dropout={p}",
+                "victims=[0]",
+                f"run.output_dir={tmp_path / 'runs'}",
+                f"run.name=off{p}",
+            ]
+            + FAST
+        )
+        for p in (0.25, 0.5)
+    ]
     notes: list[str] = []
     outcomes = execute(cfgs, progress=False, note=notes.append)
     assert [int(o.code) for o in outcomes] == [0, 0]
@@ -72,8 +107,10 @@ def test_api_train_grid_and_packs_all_run_the_subclass(tmp_path, problems_factor
     from dia import grid as G
 
     sweep = tmp_path / "offset.yaml"
-    sweep.write_text("name: offset\nmethod: grid\nparameters:\n  attack: {value: offset_test}\n  model.dropout: {values: [0.25]}\n"
-                     + "".join(f"  {a.split('=')[0]}: {{value: {a.split('=')[1]}}}\n" for a in FAST + ["victims=[1]"]))
+    sweep.write_text(
+        "name: offset\nmethod: grid\nparameters:\n  attack: {value: offset_test}\n  model.dropout: {values: [0.25]}\n"
+        + "".join(f"  {a.split('=')[0]}: {{value: {a.split('=')[1]}}}\n" for a in FAST + ["victims=[1]"])
+    )
     grid = G.load(sweep)
     folder = G.prepare(grid, tmp_path / "results")
     assert G.run_cells(grid, folder, list(grid.cells)) == 0
@@ -82,7 +119,9 @@ def test_api_train_grid_and_packs_all_run_the_subclass(tmp_path, problems_factor
 
 def test_every_attack_is_a_plain_lightning_module(problems_factory, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a plain Trainer writes its logs here
-    cfg, model, problems, v, mean, std = problems_factory(["attack=dia", "model.dropout=0.5", "attack.max_iterations=30"], [0, 1])
+    cfg, model, problems, v, mean, std = problems_factory(
+        ["attack=dia", "model.dropout=0.5", "attack.max_iterations=30"], [0, 1]
+    )
     module = DropoutInversionAttack(model, problems.public(), cfg.attack)
     lightning.Trainer(enable_progress_bar=False).fit(module)  # the defaults: max_epochs, logger, checkpoints
     plain = module.result()

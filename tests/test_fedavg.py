@@ -21,8 +21,15 @@ from dia.problems import LocalTraining, simulate_clients
 from dia.run.pack import attack
 from dia.train import main
 
-TINY_VIT = ["model=vit", "data=cifar10", "model.dim=16", "model.depth=1", "model.heads=2", "model.mlp_dim=16",
-            "model.patch_size=8"]
+TINY_VIT = [
+    "model=vit",
+    "data=cifar10",
+    "model.dim=16",
+    "model.depth=1",
+    "model.heads=2",
+    "model.mlp_dim=16",
+    "model.patch_size=8",
+]
 TINY_MLP = ["model.width=64", "model.depth=1"]
 
 
@@ -35,16 +42,21 @@ def replay(sim, masks):
     return problem_gradients(sim.model, params, x, p.labels, applied, "apply" if applied else "off", p.local)
 
 
-@pytest.mark.parametrize("args", [
-    [*TINY_MLP, "client.local_steps=2"],
-    [*TINY_MLP, "client.local_steps=5", "batch_size=2", "client.local_batch=1"],
-    ["client.local_steps=3", "batch_size=2"],  # the paper's MLP, the whole batch every step
-    [*TINY_VIT, "client.local_steps=3", "model.dropout=0.5"],  # every ViT site: embeddings, attention, MLP
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [*TINY_MLP, "client.local_steps=2"],
+        [*TINY_MLP, "client.local_steps=5", "batch_size=2", "client.local_batch=1"],
+        ["client.local_steps=3", "batch_size=2"],  # the paper's MLP, the whole batch every step
+        [*TINY_VIT, "client.local_steps=3", "model.dropout=0.5"],  # every ViT site: embeddings, attention, MLP
+    ],
+)
 def test_replaying_the_recorded_masks_reproduces_the_clients_update(args):
     sim = simulate(*args, "num_victims=4", "client.local_lr=0.05")
     p, lr = sim.problems, sim.problems.local.lr
-    assert p.local.steps > 1 and all(m.shape[1] == p.local.steps * p.local.per_step(p.input_shape[0]) for m in p.true_masks.values())
+    assert p.local.steps > 1 and all(
+        m.shape[1] == p.local.steps * p.local.per_step(p.input_shape[0]) for m in p.true_masks.values()
+    )
     start = {n: w.detach() for n, w in sim.model.named_parameters()}
     exact, blind = replay(sim, p.true_masks), replay(sim, None)
     for n, w in start.items():  # the client's w_T, rebuilt from the replay: w_0 - lr * sum_t g_t
@@ -55,19 +67,40 @@ def test_replaying_the_recorded_masks_reproduces_the_clients_update(args):
 
 
 def test_one_local_step_is_fedsgd_bit_for_bit():
-    base = simulate(*TINY_MLP, "num_victims=2", "model.dropout=0.5", "attack=dia", "attack.max_iterations=20", "attack.compile=false")
-    one = simulate(*TINY_MLP, "num_victims=2", "model.dropout=0.5", "attack=dia", "attack.max_iterations=20", "attack.compile=false",
-                   "client.local_steps=1", "client.local_lr=0.7", "client.local_batch=1")
+    base = simulate(
+        *TINY_MLP,
+        "num_victims=2",
+        "model.dropout=0.5",
+        "attack=dia",
+        "attack.max_iterations=20",
+        "attack.compile=false",
+    )
+    one = simulate(
+        *TINY_MLP,
+        "num_victims=2",
+        "model.dropout=0.5",
+        "attack=dia",
+        "attack.max_iterations=20",
+        "attack.compile=false",
+        "client.local_steps=1",
+        "client.local_lr=0.7",
+        "client.local_batch=1",
+    )
     assert one.problems.local is None  # one full-batch step is FedSGD, whatever the learning rate
     assert all(torch.equal(base.problems.targets[n], one.problems.targets[n]) for n in base.problems.targets)
     assert all(torch.equal(base.problems.true_masks[n], one.problems.true_masks[n]) for n in base.problems.rates)
     a = attack(base.model, base.problems, base.cfg, device=torch.device("cpu"), lower=base.lower, upper=base.upper)
     b = attack(one.model, one.problems, one.cfg, device=torch.device("cpu"), lower=one.lower, upper=one.upper)
-    assert torch.equal(a.x, b.x) and torch.equal(a.masks["net.3"], b.masks["net.3"]) and torch.equal(a.best_loss, b.best_loss)
+    assert (
+        torch.equal(a.x, b.x)
+        and torch.equal(a.masks["net.3"], b.masks["net.3"])
+        and torch.equal(a.best_loss, b.best_loss)
+    )
     # and the FedAvg path itself, forced at T = 1, is the gradient: the client's update and the attacker's unroll
     x = (base.victims.images - base.mean) / base.std
-    forced = simulate_clients(base.model, x, base.victims.labels, batch_size=1, seed=base.cfg.run.seed,
-                              local=LocalTraining(1, 0.7))
+    forced = simulate_clients(
+        base.model, x, base.victims.labels, batch_size=1, seed=base.cfg.run.seed, local=LocalTraining(1, 0.7)
+    )
     assert all(torch.equal(forced.true_masks[n], base.problems.true_masks[n]) for n in base.problems.rates)
     for n, t in base.problems.targets.items():
         assert torch.allclose(forced.targets[n], t, rtol=1e-3, atol=1e-6), n
@@ -80,9 +113,24 @@ def test_one_local_step_is_fedsgd_bit_for_bit():
 
 def test_wiig_reconstructs_through_three_local_steps(tmp_path):
     """The oracle replays the client's three mask sets and recovers the images (tiny MLP, p = 0.25)."""
-    assert main([*TINY_MLP, "attack=wiig", "client.local_steps=3", "num_victims=2", "attack.max_iterations=80",
-                 "attack.compile=false", "metrics.lpips=off", "metrics.curves_ssim=false", "run.progress=false",
-                 "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                *TINY_MLP,
+                "attack=wiig",
+                "client.local_steps=3",
+                "num_victims=2",
+                "attack.max_iterations=80",
+                "attack.compile=false",
+                "metrics.lpips=off",
+                "metrics.curves_ssim=false",
+                "run.progress=false",
+                "logger.wandb.mode=disabled",
+                f"run.output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     (run,) = tmp_path.glob("wiig-mlp-mnist-p0.25-T3-*")  # T names the run folder
     m = json.loads((run / "metrics.json").read_text())
     assert m["client"]["local_steps"] == 3 and min(v["ssim"] for v in m["victims"]) > 0.9
@@ -92,8 +140,15 @@ def test_dia_beats_ig_by_a_wide_margin_at_two_local_steps():
     """p = 0.5, T = 2: IG's dropout-free model misses the update; DIA's two trained mask sets find it."""
     scores = {}
     for name in ("ig", "dia"):
-        sim = simulate(*TINY_MLP, f"attack={name}", "model.dropout=0.5", "client.local_steps=2", "num_victims=2",
-                       "attack.max_iterations=100", "attack.compile=false")
+        sim = simulate(
+            *TINY_MLP,
+            f"attack={name}",
+            "model.dropout=0.5",
+            "client.local_steps=2",
+            "num_victims=2",
+            "attack.max_iterations=100",
+            "attack.compile=false",
+        )
         r = attack(sim.model, sim.problems, sim.cfg, device=torch.device("cpu"), lower=sim.lower, upper=sim.upper)
         scores[name] = float(ssim((r.x.flatten(0, 1) * sim.std + sim.mean).clamp(0, 1), sim.victims.images).mean())
         if name == "dia":  # two mask sets per site, each pulled toward the keep-rate
@@ -104,7 +159,9 @@ def test_dia_beats_ig_by_a_wide_margin_at_two_local_steps():
 def test_defenses_act_where_they_do_in_practice():
     """DP-SGD on every local step (its accountant composes the T steps), pruning on the update sent."""
     sim = simulate(*TINY_MLP, "defense=prune", "defense.ratio=0.9", "client.local_steps=3", "num_victims=1")
-    share = sum(int((t == 0).sum()) for t in sim.problems.targets.values()) / sum(t.numel() for t in sim.problems.targets.values())
+    share = sum(int((t == 0).sum()) for t in sim.problems.targets.values()) / sum(
+        t.numel() for t in sim.problems.targets.values()
+    )
     assert abs(share - 0.9) < 0.01  # the final update is pruned, not each step's gradient (their sum would be denser)
     dp = simulate(*TINY_MLP, "defense=[prune,dpsgd]", "client.local_steps=2", "num_victims=1").cfg.defense
     per_step, final = split_defense(dp)
@@ -112,15 +169,18 @@ def test_defenses_act_where_they_do_in_practice():
     assert privacy(dp, 4)["epsilon"] > privacy(dp, 1)["epsilon"]
 
 
-@pytest.mark.parametrize("args, key", [
-    (["client.local_steps=0"], "client.local_steps"),
-    (["client.local_lr=0"], "client.local_lr"),
-    (["client.local_lr=-0.1"], "client.local_lr"),
-    (["client.local_lr=nan"], "client.local_lr"),
-    (["client.local_lr=inf"], "client.local_lr"),
-    (["client.local_batch=3", "batch_size=2", "num_victims=4"], "client.local_batch"),
-    (["client.local_steps=1000000"], "client.local_steps"),  # more than any machine's memory holds
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["client.local_steps=0"], "client.local_steps"),
+        (["client.local_lr=0"], "client.local_lr"),
+        (["client.local_lr=-0.1"], "client.local_lr"),
+        (["client.local_lr=nan"], "client.local_lr"),
+        (["client.local_lr=inf"], "client.local_lr"),
+        (["client.local_batch=3", "batch_size=2", "num_victims=4"], "client.local_batch"),
+        (["client.local_steps=1000000"], "client.local_steps"),  # more than any machine's memory holds
+    ],
+)
 def test_bad_local_training_is_one_line_and_writes_nothing(args, key, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main([*args, "logger.wandb.mode=disabled", f"run.output_dir={out}"]) == 2
@@ -131,8 +191,9 @@ def test_bad_local_training_is_one_line_and_writes_nothing(args, key, tmp_path, 
 def test_the_api_takes_a_multi_step_update(tmp_path):
     """capture_update plays a FedAvg client (its own nn.Module); the update keeps its T, learning rate and split
     through a file, and dia.reconstruct unrolls them: WIIG given the T mask sets fits the update exactly."""
-    import dia
     from torch import nn
+
+    import dia
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.25), nn.Linear(32, 3))
@@ -141,8 +202,9 @@ def test_the_api_takes_a_multi_step_update(tmp_path):
     assert u.masks["3"].shape == (4, 32)  # four steps of one image each
     back = dia.ClientUpdate.load(u.save(tmp_path / "u.pt"))
     assert (back.steps, back.lr, back.local_batch) == (4, 0.05, 1)
-    r = dia.reconstruct(model, back, labels=labels, input_shape=(1, 4, 4), attack="wiig", masks=back, max_iterations=3,
-                        compile=False)
+    r = dia.reconstruct(
+        model, back, labels=labels, input_shape=(1, 4, 4), attack="wiig", masks=back, max_iterations=3, compile=False
+    )
     assert r.problems.local == LocalTraining(4, 0.05, 1)
     with pytest.raises(dia.UserError, match="^local_batch=3"):
         dia.capture_update(model, images, labels, lr=0.05, local_steps=2, local_batch=3)
@@ -156,8 +218,9 @@ def test_a_resumed_multi_step_attack_continues_bit_for_bit():
     from dia.attacks import ATTACKS
     from dia.engine import AttackState
 
-    sim = simulate(*TINY_MLP, "attack=dia", "model.dropout=0.5", "client.local_steps=3", "num_victims=2",
-                   "attack.compile=false")
+    sim = simulate(
+        *TINY_MLP, "attack=dia", "model.dropout=0.5", "client.local_steps=3", "num_victims=2", "attack.compile=false"
+    )
     cls = ATTACKS.get("dia")
 
     def module():

@@ -35,7 +35,7 @@ def fake_python(tmp_path, monkeypatch):
     script = tmp_path / "fake_grid.py"
     script.write_text(FAKE_GRID)
     exe = tmp_path / "fake-python"
-    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    exe.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("FAKE_OUT", str(tmp_path))
     return str(exe)
@@ -58,7 +58,12 @@ def test_smoke_cells_are_a_stable_cartesian_product():
     grid = G.load(SMOKE)
     assert grid.name == "smoke" and len(grid.cells) == 4
     # W&B's grid order: parameters sorted by name ('attack' < 'model.dropout'), the first varying slowest
-    assert [(c.overrides["model.dropout"], c.overrides["attack"]) for c in grid.cells] == [(0.25, "ig"), (0.5, "ig"), (0.25, "dia"), (0.5, "dia")]
+    assert [(c.overrides["model.dropout"], c.overrides["attack"]) for c in grid.cells] == [
+        (0.25, "ig"),
+        (0.5, "ig"),
+        (0.25, "dia"),
+        (0.5, "dia"),
+    ]
     assert [c.id for c in grid.cells] == [c.id for c in G.load(SMOKE).cells]
     assert grid.cells[2].id.startswith("mnist-mlp-p0.25-dia-v0-1-") and len(set(c.id for c in grid.cells)) == 4
     assert grid.blocks[0].spec["command"][:5] == G.WANDB_COMMAND and grid.blocks[0].spec["method"] == "grid"
@@ -79,8 +84,16 @@ def test_paper_grid_covers_the_paper_and_only_models_that_fit():
     assert grid.name == "paper" and [b.path.name for b in grid.blocks] == ["imagenet.yaml", "mnist-cifar10.yaml"]
     cells = [c.overrides for c in grid.cells]
     pairs = {(c["data"], c["model"]) for c in cells}
-    assert pairs == {("mnist", "mlp"), ("mnist", "vit"), ("mnist", "cnn"), ("cifar10", "mlp"), ("cifar10", "vit"),
-                     ("cifar10", "cnn"), ("imagenet", "mlp"), ("imagenet", "vit_b16")}
+    assert pairs == {
+        ("mnist", "mlp"),
+        ("mnist", "vit"),
+        ("mnist", "cnn"),
+        ("cifar10", "mlp"),
+        ("cifar10", "vit"),
+        ("cifar10", "cnn"),
+        ("imagenet", "mlp"),
+        ("imagenet", "vit_b16"),
+    }
     assert {c["model.dropout"] for c in cells} == {0.0, 0.1, 0.25, 0.5, 0.75, 0.9}
     assert {c["attack"] for c in cells} == {"ig", "wiig", "dia"}
     assert all(c["attack.max_iterations"] == 20000 for c in cells)
@@ -106,14 +119,17 @@ def test_wandb_sweeps_export_is_exactly_the_grid(tmp_path):
     assert sorted(got) == want
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model__dropuot": {"value": 0.5}}, "unknown key 'model.dropuot'"),
-    ({"model__dropout": {"values": [0.25, 1.5]}}, "model.dropout=1.5: must be in [0, 1)"),
-    ({"attack": {"values": ["ig", "dai"]}}, "unknown attack 'dai'"),
-    ({"victims": {"value": [0, 500]}}, "victims: index 500 out of range"),
-    ({"run__name": {"value": "x"}}, "set by dia.grid"),
-    ({"model__dropout": {"min": 0.0, "max": 0.5}}, "needs 'values' or 'value'"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model__dropuot": {"value": 0.5}}, "unknown key 'model.dropuot'"),
+        ({"model__dropout": {"values": [0.25, 1.5]}}, "model.dropout=1.5: must be in [0, 1)"),
+        ({"attack": {"values": ["ig", "dai"]}}, "unknown attack 'dai'"),
+        ({"victims": {"value": [0, 500]}}, "victims: index 500 out of range"),
+        ({"run__name": {"value": "x"}}, "set by dia.grid"),
+        ({"model__dropout": {"min": 0.0, "max": 0.5}}, "needs 'values' or 'value'"),
+    ],
+)
 def test_bad_sweep_ends_with_one_line_before_running_anything(tmp_path, capsys, changes, message, fake_python):
     path = sweep(tmp_path, **changes)
     code = G.main([str(path), "--run-all", "--results-root", str(tmp_path / "res")])
@@ -169,8 +185,10 @@ def test_parallel_shares_whole_packs_between_gpus(tmp_path, fake_python, monkeyp
     assert sorted(i for share in shares for i in share) == list(range(8)) and all(len(m) == 1 for m in models)
 
 
-@pytest.mark.parametrize("cores, user_threads, expected", [(2, None, ["1", "1"]), (8, None, ["4", "4"]),
-                                                           (1, None, ["1", "1"]), (8, "3", ["3", "3"])])
+@pytest.mark.parametrize(
+    "cores, user_threads, expected",
+    [(2, None, ["1", "1"]), (8, None, ["4", "4"]), (1, None, ["1", "1"]), (8, "3", ["3", "3"])],
+)
 def test_parallel_cpu_children_share_the_cores(tmp_path, fake_python, monkeypatch, cores, user_threads, expected):
     """Two CPU children each starting one torch thread per core oversubscribed the CPU (the issue: 10x slower):
     each gets its share of this process's cores, unless the user chose OMP_NUM_THREADS."""
@@ -210,9 +228,13 @@ def test_array_tasks_hold_whole_packs(tmp_path):
     for t in range(grid.tasks(18)):
         cells = grid.task(t, 18)
         assert len({(c.overrides["data"], c.overrides["model"]) for c in cells}) == 1
-        assert {(c.overrides["attack"], c.overrides["model.dropout"]) for c in cells} == \
-            {(a, p) for a in ("ig", "wiig", "dia") for p in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)}
+        assert {(c.overrides["attack"], c.overrides["model.dropout"]) for c in cells} == {
+            (a, p) for a in ("ig", "wiig", "dia") for p in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
+        }
     assert sorted(c.index for t in range(grid.tasks(18)) for c in grid.task(t, 18)) == list(range(len(grid)))
-    assert all(grid.task_of(i, 18) == next(t for t in range(8) if i in {c.index for c in grid.task(t, 18)}) for i in range(0, 144, 7))
+    assert all(
+        grid.task_of(i, 18) == next(t for t in range(8) if i in {c.index for c in grid.task(t, 18)})
+        for i in range(0, 144, 7)
+    )
     with pytest.raises(G.UserError, match="--task 8 is outside the grid"):
         grid.task(8, 18)

@@ -10,15 +10,23 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from dia import bench, grid as G, report as R, slurm
-from dia.run.checks import check
+from dia import bench, slurm
+from dia import grid as G
+from dia import report as R
 from dia.config import compose
 from dia.errors import ExitCode, UserError
+from dia.run.checks import check
 from dia.train import main as train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
-QUIET = ["logger.wandb.mode=disabled", "run.progress=false", "attack.compile=false", "attack.max_iterations=2", "num_victims=1"]
+QUIET = [
+    "logger.wandb.mode=disabled",
+    "run.progress=false",
+    "attack.compile=false",
+    "attack.max_iterations=2",
+    "num_victims=1",
+]
 
 
 def _one_line(capsys, expected: str) -> str:
@@ -89,16 +97,29 @@ CASES = {  # id -> (arguments, or a function of tmp_path giving them; the expect
     "vit-patch-0": (["model=vit", "data=cifar10", "model.patch_size=0"], "model.patch_size=0"),
     "vit-patch-5": (["model=vit", "data=cifar10", "model.patch_size=5"], "does not divide data.image_size=32"),
     "vit-heads-0": (["model=vit", "data=cifar10", "model.heads=0"], "model.heads=0"),
-    "iterations-20-digits": (["attack.max_iterations=12345678901234567890"], "attack.max_iterations=12345678901234567890"),
+    "iterations-20-digits": (
+        ["attack.max_iterations=12345678901234567890"],
+        "attack.max_iterations=12345678901234567890",
+    ),
     "unparsable": (["victims=[0,1"], "victims: cannot parse value '[0,1'"),
-    "interpolation-cycle": (lambda t: ["--config", str(_saved_config(t, "seed: 0", "seed: ${run.seed}"))], "Recursive interpolation"),
-    "unset-env": (lambda t: ["--config", str(_saved_config(t, "device: auto", "device: ${oc.env:DIA_SURELY_UNSET}"))],
-                  "cannot resolve an interpolation"),
+    "interpolation-cycle": (
+        lambda t: ["--config", str(_saved_config(t, "seed: 0", "seed: ${run.seed}"))],
+        "Recursive interpolation",
+    ),
+    "unset-env": (
+        lambda t: ["--config", str(_saved_config(t, "device: auto", "device: ${oc.env:DIA_SURELY_UNSET}"))],
+        "cannot resolve an interpolation",
+    ),
     "cmdline-env": (["run.name=${oc.env:DIA_SURELY_UNSET}"], "cannot resolve an interpolation"),
-    "label-negative": (lambda t: ["data=folder", f"data.root={_folder(t, '-3')}", f"data.labels_file={t / 'labels.csv'}"],
-                       "with a label >= 0"),
+    "label-negative": (
+        lambda t: ["data=folder", f"data.root={_folder(t, '-3')}", f"data.labels_file={t / 'labels.csv'}"],
+        "with a label >= 0",
+    ),
     "folder-missing": (lambda t: ["data=folder", f"data.root={t / 'nope'}"], "is not a directory (it does not exist)"),
-    "folder-is-file": (lambda t: ["data=folder", f"data.root={(t / 'f').write_text('x') and t / 'f'}"], "is not a directory (a file)"),
+    "folder-is-file": (
+        lambda t: ["data=folder", f"data.root={(t / 'f').write_text('x') and t / 'f'}"],
+        "is not a directory (a file)",
+    ),
     # issue 17: bad input that exited 1 or 3 (some leaving a .partial and a lock behind)
     "labels-not-utf8": (lambda t: _labels(t, b"a.png,\xff\xfe1\n"), "data.labels_file: "),
     "labels-odd-digits": (lambda t: _labels(t, "a.png,\u00b2\n".encode()), "is not 'file,label' with a label >= 0"),
@@ -155,11 +176,14 @@ def test_distinct_names_get_distinct_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["007", "7"]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["victims=[0,500]"], "index 500 out of range"),
-    (["batch_size=3"], "do not split into client batches"),
-    (["data=imagenet", "num_victims=6"], "num_victims=6 out of range"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["victims=[0,500]"], "index 500 out of range"),
+        (["batch_size=3"], "do not split into client batches"),
+        (["data=imagenet", "num_victims=6"], "num_victims=6 out of range"),
+    ],
+)
 def test_checks_look_at_the_data_cheaply(args, expected):
     with pytest.raises(UserError, match=expected.replace("[", r"\[")):
         check(compose(args))
@@ -168,8 +192,15 @@ def test_checks_look_at_the_data_cheaply(args, expected):
 
 def test_checks_labels_against_num_classes(tmp_path):
     root = _folder(tmp_path, "12")
-    cfg = compose(["data=folder", f"data.root={root}", f"data.labels_file={tmp_path / 'labels.csv'}", "num_victims=1",
-                   "data.num_classes=10"])
+    cfg = compose(
+        [
+            "data=folder",
+            f"data.root={root}",
+            f"data.labels_file={tmp_path / 'labels.csv'}",
+            "num_victims=1",
+            "data.num_classes=10",
+        ]
+    )
     with pytest.raises(UserError, match="data.num_classes=10 but a victim has label 12"):
         check(cfg)
 
@@ -199,62 +230,89 @@ def test_grid_validate_runs_the_data_checks_for_every_cell(tmp_path, capsys):
 def test_grid_file_where_a_folder_is_needed(option, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    what = ["--wandb-sweeps", str(afile)] if option == "--wandb-sweeps" else ["--validate", "--results-root", str(afile)]
+    what = (
+        ["--wandb-sweeps", str(afile)] if option == "--wandb-sweeps" else ["--validate", "--results-root", str(afile)]
+    )
     assert G.main([str(SMOKE), *what]) == 2
     _one_line(capsys, "is a file")
     assert afile.read_text() == "x"
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--ks", "a,b"], "--ks 'a,b'"),
-    (["--ks", "0"], "integers >= 1"),
-    (["--models", "resnet"], "choose from: mlp, vit"),
-    (["--attacks", "foo"], "choose from: dia, dlg, ig, wiig"),
-    (["--device", "cuda:abc"], "--device 'cuda:abc'"),
-    (["--iterations", "-3"], "--iterations=-3"),
-    (["--warmup", "x"], "invalid int value"),
-    (["--frobnicate"], "unrecognized arguments"),
-    (["--variants", "default,fast"], "choose from: default, reduce-overhead, max-autotune, tf32, bf16"),
-    (["--variants", "tf32+turbo"], "unknown 'turbo'"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--ks", "a,b"], "--ks 'a,b'"),
+        (["--ks", "0"], "integers >= 1"),
+        (["--models", "resnet"], "choose from: mlp, vit"),
+        (["--attacks", "foo"], "choose from: dia, dlg, ig, wiig"),
+        (["--device", "cuda:abc"], "--device 'cuda:abc'"),
+        (["--iterations", "-3"], "--iterations=-3"),
+        (["--warmup", "x"], "invalid int value"),
+        (["--frobnicate"], "unrecognized arguments"),
+        (["--variants", "default,fast"], "choose from: default, reduce-overhead, max-autotune, tf32, bf16"),
+        (["--variants", "tf32+turbo"], "unknown 'turbo'"),
+    ],
+)
 def test_bench_bad_arguments(argv, expected, capsys, tmp_path):
     assert bench.main(argv + ["--out", str(tmp_path / "b.json")]) == 2
     _one_line(capsys, expected)
     _nothing_in(tmp_path)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--partition", "gpu\necho pwned"], "--partition"),
-    (["--extra-sbatch=--account=lab\necho pwned"], "--extra-sbatch"),
-    (["--extra-sbatch=echo pwned"], "--extra-sbatch"),
-    (["--extra-sbatch=--account=lab --qos=high"], "one sbatch option"),  # two options in one
-    (["--extra-sbatch=--output=/elsewhere"], "dia.slurm sets --output itself"),
-    (["--mem-per-program", "lots"], "--mem-per-program 'lots'"),
-    (["--time", "1:00\n"], "--time"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--partition", "gpu\necho pwned"], "--partition"),
+        (["--extra-sbatch=--account=lab\necho pwned"], "--extra-sbatch"),
+        (["--extra-sbatch=echo pwned"], "--extra-sbatch"),
+        (["--extra-sbatch=--account=lab --qos=high"], "one sbatch option"),  # two options in one
+        (["--extra-sbatch=--output=/elsewhere"], "dia.slurm sets --output itself"),
+        (["--mem-per-program", "lots"], "--mem-per-program 'lots'"),
+        (["--time", "1:00\n"], "--time"),
+    ],
+)
 def test_slurm_options_cannot_inject_script_lines(argv, expected, tmp_path, capsys):
     assert slurm.main(["submit", str(SMOKE), "--time", "10", "--dry-run", "--results-root", str(tmp_path), *argv]) == 2
     _one_line(capsys, expected)
-    assert slurm.main(["submit", str(SMOKE), "--time", "10", "--dry-run", "--results-root", str(tmp_path / "a\nb")]) == 2
+    assert (
+        slurm.main(["submit", str(SMOKE), "--time", "10", "--dry-run", "--results-root", str(tmp_path / "a\nb")]) == 2
+    )
     _one_line(capsys, "control characters")
     _nothing_in(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- report
 
+
 def _run(folder: Path, ssim: float = 0.5) -> None:
     folder.mkdir(parents=True)
     victims = [{"index": 0, "ssim": ssim, "psnr": 20.0, "lpips": None, "mse": 0.1, "mask_recovery": None}]
-    (folder / "metrics.json").write_text(json.dumps({"status": "completed", "attack": "ig", "model": "mlp", "data": "mnist",
-                                                     "dropout": 0.25, "victims": victims}))
-    torch.save({"originals": torch.rand(1, 1, 28, 28), "reconstructions": torch.rand(1, 1, 28, 28)}, folder / "reconstructions.pt")
+    (folder / "metrics.json").write_text(
+        json.dumps(
+            {
+                "status": "completed",
+                "attack": "ig",
+                "model": "mlp",
+                "data": "mnist",
+                "dropout": 0.25,
+                "victims": victims,
+            }
+        )
+    )
+    torch.save(
+        {"originals": torch.rand(1, 1, 28, 28), "reconstructions": torch.rand(1, 1, 28, 28)},
+        folder / "reconstructions.pt",
+    )
 
 
-@pytest.mark.parametrize("breakage, warned", [
-    ("truncated-pt", "reconstructions.pt cannot be read"),
-    ("victims-not-rows", "is not a dia metrics.json"),
-    ("cell-without-overrides", "cell 1 has no id, index or overrides"),
-])
+@pytest.mark.parametrize(
+    "breakage, warned",
+    [
+        ("truncated-pt", "reconstructions.pt cannot be read"),
+        ("victims-not-rows", "is not a dia metrics.json"),
+        ("cell-without-overrides", "cell 1 has no id, index or overrides"),
+    ],
+)
 def test_report_skips_a_broken_cell_with_one_warning(breakage, warned, tmp_path, capsys):
     _run(tmp_path / "good")
     _run(tmp_path / "bad", ssim=0.9)
@@ -266,8 +324,9 @@ def test_report_skips_a_broken_cell_with_one_warning(breakage, warned, tmp_path,
         m = json.loads((bad / "metrics.json").read_text())
         (bad / "metrics.json").write_text(json.dumps(m | {"victims": [1, 2]}))
     else:
-        (tmp_path / "grid.json").write_text(json.dumps({"name": "g", "cells": [{"index": 0, "id": "good", "overrides": {}},
-                                                                               {"index": 1, "id": "x"}]}))
+        (tmp_path / "grid.json").write_text(
+            json.dumps({"name": "g", "cells": [{"index": 0, "id": "good", "overrides": {}}, {"index": 1, "id": "x"}]})
+        )
     assert R.main([str(tmp_path)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: ") and warned in err[0], err
@@ -329,8 +388,10 @@ def test_report_survives_fifos_deep_nesting_bad_bytes_and_infinite_iterations(tm
     _run(res / "latin1")
     (res / "latin1" / "metrics.json").write_bytes(b'{"data": "\xe9"}')
     _run(res / "inf")
-    (res / "inf" / "curves.jsonl").write_text('{"iteration": Infinity, "eval/ssim": 0.5}\n{"iteration": 1e400, "eval/ssim": 0.5}\n'
-                                              '{"iteration": 10, "eval/ssim": 0.5}\n')
+    (res / "inf" / "curves.jsonl").write_text(
+        '{"iteration": Infinity, "eval/ssim": 0.5}\n{"iteration": 1e400, "eval/ssim": 0.5}\n'
+        '{"iteration": 10, "eval/ssim": 0.5}\n'
+    )
     deep = res / "deep"
     deep.mkdir()
     here = os.getcwd()
@@ -342,33 +403,61 @@ def test_report_survives_fifos_deep_nesting_bad_bytes_and_infinite_iterations(tm
         (Path.cwd() / "grid.json").write_bytes(b"\xff\xfe")
     finally:
         os.chdir(here)  # (other tests import this checkout's dia from the working folder)
-    done = subprocess.run([sys.executable, "-m", "dia.report", str(res)], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "dia.report", str(res)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     warnings = done.stderr.strip().splitlines()  # FIFOs are not files: passed over without a word, like any non-file
     assert all(w.startswith("warning: ") for w in warnings) and len(warnings) == 3, warnings
     assert "nested/metrics.json is not a dia metrics.json (ValueError: nested too deeply)" in done.stderr
-    assert "latin1/metrics.json is not a dia metrics.json" in done.stderr and "/d/grid.json is not a dia grid.json" in done.stderr
-    assert done.stdout.startswith("3 runs in")  # good, pt-fifo (no montage), inf (its curve without the infinite points)
+    assert (
+        "latin1/metrics.json is not a dia metrics.json" in done.stderr
+        and "/d/grid.json is not a dia grid.json" in done.stderr
+    )
+    assert done.stdout.startswith(
+        "3 runs in"
+    )  # good, pt-fifo (no montage), inf (its curve without the infinite points)
 
 
 def test_grid_huge_grids_and_yaml_bombs_end_in_one_line(tmp_path, capsys):
     huge = tmp_path / "huge.yaml"
-    huge.write_text(yaml.safe_dump({"method": "grid", "parameters": {
-        f"attack.{k}": {"values": list(range(1, 21))} for k in ("lr_patience", "check_every", "log_every", "iterations_per_step",
-                                                                 "early_stop_patience", "max_iterations")}}))
+    huge.write_text(
+        yaml.safe_dump(
+            {
+                "method": "grid",
+                "parameters": {
+                    f"attack.{k}": {"values": list(range(1, 21))}
+                    for k in (
+                        "lr_patience",
+                        "check_every",
+                        "log_every",
+                        "iterations_per_step",
+                        "early_stop_patience",
+                        "max_iterations",
+                    )
+                },
+            }
+        )
+    )
     for what in (["--validate"], ["--list"], ["--run-all"], ["--unfinished"]):
         assert G.main([str(huge), *what, "--results-root", str(tmp_path / "res")]) == 2
         _one_line(capsys, "has 64,000,000 cells")
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("method: grid\nx0: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
-                    + "".join(f"x{i}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(20))
-                    + "parameters:\n  victims: {values: [*u]}\n")
+    bomb.write_text(
+        "method: grid\nx0: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        + "".join(
+            f"x{i}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+            for i in range(20)
+        )
+        + "parameters:\n  victims: {values: [*u]}\n"
+    )
     assert G.main([str(bomb), "--count"]) == 2
     _one_line(capsys, "aliases (*name) are not supported")
     dup = tmp_path / "dup.yaml"
-    dup.write_text("method: grid\nparameters:\n  attack: {values: [ig, dia]}\n  model.dropout: {values: [0.25]}\n"
-                   "  attack: {values: [wiig]}\n")
+    dup.write_text(
+        "method: grid\nparameters:\n  attack: {values: [ig, dia]}\n  model.dropout: {values: [0.25]}\n"
+        "  attack: {values: [wiig]}\n"
+    )
     assert G.main([str(dup), "--count"]) == 2  # the second 'attack' silently dropped ig and dia
     _one_line(capsys, "line 5: duplicate key 'attack'")
     _nothing_in(tmp_path / "res")
@@ -418,7 +507,9 @@ def test_wandb_sweeps_copies_are_accepted_by_dia_grid(tmp_path):
         copy = G.load(path)
         assert copy.name == "paper"  # its agents write results/paper, as dia.grid on the folder does
         block = next(b for b in grid.blocks if path.stem.endswith(b.path.stem))
-        assert [c.id for c in copy.cells] == [grid.cell(i).id for i in range(len(grid)) if grid.cell(i).file == block.path.name]
+        assert [c.id for c in copy.cells] == [
+            grid.cell(i).id for i in range(len(grid)) if grid.cell(i).file == block.path.name
+        ]
     other = tmp_path / "other.yaml"
     spec = yaml.safe_load((tmp_path / "paper-imagenet.yaml").read_text())
     spec["parameters"]["logger.wandb.group"] = {"value": "elsewhere"}
@@ -435,7 +526,22 @@ def test_a_fifo_among_the_images_is_skipped_not_read(tmp_path):
 
     root = _folder(tmp_path, None)
     os.mkfifo(root / "b.png")
-    done = subprocess.run([sys.executable, "-m", "dia.train", *QUIET, "metrics.lpips=off", "data=folder", f"data.root={root}",
-                           f"run.output_dir={tmp_path / 'runs'}", "run.name=f"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dia.train",
+            *QUIET,
+            "metrics.lpips=off",
+            "data=folder",
+            f"data.root={root}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=f",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["victims"][0]["index"] == 0

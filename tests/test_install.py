@@ -4,8 +4,9 @@ pyproject.toml, so `pip install` from the wheel (what `pip install git+URL` buil
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

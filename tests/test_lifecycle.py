@@ -15,9 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-ARGS = ["attack=dia", "model.width=32", "model.depth=2", "model.dropout=0.5", "num_victims=2", "attack.max_iterations=4000",
-        "attack.loss_threshold=0", "attack.early_stop_patience=100000", "run.checkpoint_every=20",
-        "attack.compile=false", "logger.wandb.mode=disabled", "run.progress=false", "metrics.lpips=off"]
+ARGS = [
+    "attack=dia",
+    "model.width=32",
+    "model.depth=2",
+    "model.dropout=0.5",
+    "num_victims=2",
+    "attack.max_iterations=4000",
+    "attack.loss_threshold=0",
+    "attack.early_stop_patience=100000",
+    "run.checkpoint_every=20",
+    "attack.compile=false",
+    "logger.wandb.mode=disabled",
+    "run.progress=false",
+    "metrics.lpips=off",
+]
 
 
 def _train(out: Path, *extra: str, limit_file_size: int | None = None) -> subprocess.Popen:
@@ -25,8 +37,13 @@ def _train(out: Path, *extra: str, limit_file_size: int | None = None) -> subpro
         if limit_file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
 
-    return subprocess.Popen([sys.executable, "-m", "dia.train", *ARGS, f"run.output_dir={out}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dia.train", *ARGS, f"run.output_dir={out}", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -176,23 +193,36 @@ def test_a_terminated_grid_counts_its_cells_unfinished_and_resumes(tmp_path):
     sweep = tmp_path / "faults.yaml"
     sweep.write_text(SWEEP)
     root = tmp_path / "results"
-    grid = subprocess.Popen([sys.executable, "-m", "dia.grid", str(sweep), "--run-all", "--results-root", str(root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    grid = subprocess.Popen(
+        [sys.executable, "-m", "dia.grid", str(sweep), "--run-all", "--results-root", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 180
-    while len(list((root / "faults").glob(".*.partial/checkpoint.pt"))) < 2 and time.time() < deadline and grid.poll() is None:
+    while (
+        len(list((root / "faults").glob(".*.partial/checkpoint.pt"))) < 2
+        and time.time() < deadline
+        and grid.poll() is None
+    ):
         time.sleep(0.1)
     grid.send_signal(signal.SIGTERM)
     _, err = grid.communicate(timeout=120)
     assert grid.returncode == 75, err
     assert "2 cell(s) unfinished" in err
     assert len(list((root / "faults").glob(".*.partial/checkpoint.pt"))) == 2
-    again = subprocess.run([sys.executable, "-m", "dia.grid", str(sweep), "--run-all", "--results-root", str(root)],
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "dia.grid", str(sweep), "--run-all", "--results-root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr and len(list((root / "faults").glob("*/metrics.json"))) == 2
 
 
 # ----------------------------------------------------------------------------------------------- issue 17
+
 
 @pytest.fixture
 def restore_signals():
@@ -213,14 +243,28 @@ def _bump(flat: dict, key: str, value) -> None:
 CHECKPOINT_CASES = {  # how the checkpoint is changed -> the expected piece of the one line
     "group-index": (lambda f: _bump(f, "meta/running", torch.tensor(3)), "says group 3 is running"),
     "iteration-counter": (lambda f: _bump(f, "state/iteration", torch.tensor(-5)), "at iteration -5"),
-    "int64-cast": (lambda f: _bump(f, "state/iterations", f["state/iterations"].float()), "as torch.float32 (expected int64)"),
-    "past-budget": (lambda f: (_bump(f, "state/iterations", f["state/iterations"] + 10**6),
-                               _bump(f, "state/iteration", f["state/iterations"].max())), "outside 0..4000"),
-    "wrong-shape": (lambda f: _bump(f, "state/flat/x", torch.zeros(2, 1, 1, 14, 14)), "this run expects (2, 1, 1, 28, 28)"),
+    "int64-cast": (
+        lambda f: _bump(f, "state/iterations", f["state/iterations"].float()),
+        "as torch.float32 (expected int64)",
+    ),
+    "past-budget": (
+        lambda f: (
+            _bump(f, "state/iterations", f["state/iterations"] + 10**6),
+            _bump(f, "state/iteration", f["state/iterations"].max()),
+        ),
+        "outside 0..4000",
+    ),
+    "wrong-shape": (
+        lambda f: _bump(f, "state/flat/x", torch.zeros(2, 1, 1, 14, 14)),
+        "this run expects (2, 1, 1, 28, 28)",
+    ),
     "wrong-mask-shape": (lambda f: _bump(f, "state/exp_avg/mask/net.3", torch.zeros(2, 1, 7)), "does not fit this run"),
     "non-tensor": (lambda f: _bump(f, "meta/note", "hello"), "holds 'meta/note', which is not a tensor"),
     "mixed-keys": (lambda f: _bump(f, 3, torch.tensor(1)), "not a dict of named tensors"),
-    "group-of-nothing": (lambda f: _bump(f, "meta/group_size", torch.tensor(7)), "group size 7 for a run of 2 problem(s)"),
+    "group-of-nothing": (
+        lambda f: _bump(f, "meta/group_size", torch.tensor(7)),
+        "group size 7 for a run of 2 problem(s)",
+    ),
 }
 
 
@@ -293,12 +337,17 @@ def test_other_wandb_settings_resume_the_run_and_wall_time_counts_every_process(
     assert "project: renamed" in text  # the saved config says what was done
     from dia.run.folder import default_name
 
-    assert default_name("dia", "mlp", "mnist", 0.5, text) == default_name("dia", "mlp", "mnist", 0.5, text.replace("renamed", "dia"))
-    assert default_name("dia", "mlp", "mnist", 0.5, text) != default_name("dia", "mlp", "mnist", 0.5, text.replace("seed: 0", "seed: 1"))
+    assert default_name("dia", "mlp", "mnist", 0.5, text) == default_name(
+        "dia", "mlp", "mnist", 0.5, text.replace("renamed", "dia")
+    )
+    assert default_name("dia", "mlp", "mnist", 0.5, text) != default_name(
+        "dia", "mlp", "mnist", 0.5, text.replace("seed: 0", "seed: 1")
+    )
 
 
-def test_a_failed_final_rename_keeps_the_checkpoint_and_the_rerun_does_not_start_over(tmp_path, monkeypatch, capsys,
-                                                                                      restore_signals):
+def test_a_failed_final_rename_keeps_the_checkpoint_and_the_rerun_does_not_start_over(
+    tmp_path, monkeypatch, capsys, restore_signals
+):
     """The checkpoint was deleted before the final rename: when the rename failed (something appeared at the
     final name), the message said the checkpoint was kept, and a rerun started from 0."""
     import dia.run.contract as run
@@ -325,8 +374,18 @@ def test_a_failed_final_rename_keeps_the_checkpoint_and_the_rerun_does_not_start
     assert (tmp_path / "w" / "metrics.json").is_file() and not (tmp_path / "w" / "checkpoint.pt").exists()
 
 
-QUICK = ["attack=ig", "model.width=32", "model.depth=2", "num_victims=1", "attack.max_iterations=5", "attack.compile=false",
-         "logger.wandb.mode=disabled", "run.progress=false", "metrics.lpips=off", "run.name=q"]
+QUICK = [
+    "attack=ig",
+    "model.width=32",
+    "model.depth=2",
+    "num_victims=1",
+    "attack.max_iterations=5",
+    "attack.compile=false",
+    "logger.wandb.mode=disabled",
+    "run.progress=false",
+    "metrics.lpips=off",
+    "run.name=q",
+]
 
 
 def _signal_while_writing(monkeypatch, *signals: int) -> None:
@@ -373,7 +432,9 @@ def test_sigterm_with_checkpoint_every_minus_1_does_not_claim_a_save(tmp_path):
     _wait_for(tmp_path / ".n.partial" / "curves.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75 and "not saved (run.checkpoint_every=-1): a rerun starts them from iteration 0" in err, err
+    assert (
+        proc.returncode == 75 and "not saved (run.checkpoint_every=-1): a rerun starts them from iteration 0" in err
+    ), err
     assert "saved in their checkpoints" not in err and not (tmp_path / ".n.partial" / "checkpoint.pt").exists()
 
 
@@ -392,13 +453,19 @@ runpy.run_module(MODULE, run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("module, args", [("dia.grid", ["sweeps/smoke.yaml", "--count"]),
-                                          ("dia.train", ["--describe-model"])])
+@pytest.mark.parametrize(
+    "module, args", [("dia.grid", ["sweeps/smoke.yaml", "--count"]), ("dia.train", ["--describe-model"])]
+)
 def test_signal_handlers_come_before_anything_slow(module, args):
     """A SIGTERM/SIGUSR1 during start-up killed the process (143/138: Slurm does not requeue that)."""
     code = SPY.replace("MODULE", repr(module))
-    done = subprocess.run([sys.executable, "-c", code, module, *args], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", code, module, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.stdout.splitlines()[0] == "torch imported: False", done.stdout + done.stderr[-2000:]
 
 
@@ -408,11 +475,18 @@ def test_a_signal_while_the_grid_is_validated_is_a_clean_stop(tmp_path):
 
     spec = yaml.safe_load(SWEEP)
     del spec["parameters"]["num_victims"]
-    spec["parameters"].update({"victims": {"values": [[i] for i in range(100)]}, "model.dropout": {"values": [0.1 * i for i in range(9)]}})
+    spec["parameters"].update(
+        {"victims": {"values": [[i] for i in range(100)]}, "model.dropout": {"values": [0.1 * i for i in range(9)]}}
+    )
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.Popen([sys.executable, "-m", "dia.grid", str(path), "--validate", "--results-root", str(tmp_path / "res")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dia.grid", str(path), "--validate", "--results-root", str(tmp_path / "res")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     status = Path(f"/proc/{proc.pid}/status")
     deadline = time.time() + 5  # the handler is there within a fraction of a second (without it: killed by the signal)
     while time.time() < deadline and proc.poll() is None:

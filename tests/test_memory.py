@@ -20,8 +20,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _probe(keep: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
-                         env={"DIA_KEEP_MEMORY": keep, "PATH": "/usr/bin:/bin"}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"DIA_KEEP_MEMORY": keep, "PATH": "/usr/bin:/bin"},
+    ).stdout.split()
     return out[0], int(out[1])
 
 

@@ -24,7 +24,10 @@ def test_image_metrics_on_known_inputs():
 def test_mask_measures_count_dropped_units_per_problem_and_part():
     # problem 0: units 1 (a) and 5 (b) dropped; predicted dropped (< 0.5): 1 and 4 -> 1 hit, 1 false alarm
     # problem 1: units 0, 1 (a) and 5 (b) dropped; predicted dropped: 0 and 5 -> 2 hits, no false alarm
-    true = {"a": torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]), "b": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])}
+    true = {
+        "a": torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]),
+        "b": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]),
+    }
     got = {"a": torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.7, 0.6]]), "b": torch.tensor([[0.8, 0.3, 0.5], [0.5, 0.9, 0.2]])}
     out = M.mask_measures(got, true, {"a": "attention", "b": "mlp"}, {"a": 0.5, "b": 0.25})
     torch.testing.assert_close(out["mask_recall"], torch.tensor([1 / 2, 2 / 3]))
@@ -46,8 +49,15 @@ def test_mask_init_baseline_is_the_expectation_of_bernoulli_draws():
     rates = {"a": 0.25, "b": 0.5}
     true = {n: torch.bernoulli(torch.full((1, 400), 1 - p), generator=g) for n, p in rates.items()}
     expected = M.mask_measures(true, true, {"a": "x", "b": "y"}, rates)
-    draws = [M.mask_measures({n: torch.bernoulli(torch.full((1, 400), 1 - p), generator=g) for n, p in rates.items()},
-                             true, {"a": "x", "b": "y"}, rates) for _ in range(300)]
+    draws = [
+        M.mask_measures(
+            {n: torch.bernoulli(torch.full((1, 400), 1 - p), generator=g) for n, p in rates.items()},
+            true,
+            {"a": "x", "b": "y"},
+            rates,
+        )
+        for _ in range(300)
+    ]
     for m in ("recall", "precision", "bal_acc", "accuracy"):
         mean = torch.stack([d[f"mask_{m}"] for d in draws]).mean()
         torch.testing.assert_close(mean, expected[f"mask_{m}_init"][0], atol=0.01, rtol=0)

@@ -11,15 +11,32 @@ from dia.config import compose
 from dia.run import execute
 from dia.run.pack import pack_key_of
 
-BASE = ["model=mlp", "model.width=64", "model.depth=2", "data=mnist", "num_victims=2", "attack.max_iterations=40",
-        "attack.compile=false", "attack.check_every=10", "run.progress=false", "logger.wandb.mode=disabled",
-        "metrics.lpips=off", "run.checkpoint_every=-1"]
+BASE = [
+    "model=mlp",
+    "model.width=64",
+    "model.depth=2",
+    "data=mnist",
+    "num_victims=2",
+    "attack.max_iterations=40",
+    "attack.compile=false",
+    "attack.check_every=10",
+    "run.progress=false",
+    "logger.wandb.mode=disabled",
+    "metrics.lpips=off",
+    "run.checkpoint_every=-1",
+]
 CELLS = [(attack, p) for attack in ("ig", "wiig", "dia") for p in (0.0, 0.5)]
 
 
 def _configs(out, **extra):
-    return [compose(BASE + [f"attack={a}", f"model.dropout={p}", f"run.output_dir={out}", f"run.name={a}-{p:g}"]
-                    + [f"{k}={v}" for k, v in extra.items()]) for a, p in CELLS]
+    return [
+        compose(
+            BASE
+            + [f"attack={a}", f"model.dropout={p}", f"run.output_dir={out}", f"run.name={a}-{p:g}"]
+            + [f"{k}={v}" for k, v in extra.items()]
+        )
+        for a, p in CELLS
+    ]
 
 
 def _victims(out, name):
@@ -61,16 +78,25 @@ def test_what_may_differ_inside_a_pack():
 def _refill_configs(out, **extra):
     # 6 runs x 2 problems in 4 rows: two runs start, the others wait and take the rows of stopped ones
     # (with a loss threshold some problems converge early, so rows free up while others go on).
-    return [compose(BASE + [f"attack={a}", f"model.dropout={p}", f"run.output_dir={out}", f"run.name={a}-{p:g}",
-                            "attack.parallel=4"] + [f"{k}={v}" for k, v in extra.items()]) for a, p in CELLS]
+    return [
+        compose(
+            BASE
+            + [f"attack={a}", f"model.dropout={p}", f"run.output_dir={out}", f"run.name={a}-{p:g}", "attack.parallel=4"]
+            + [f"{k}={v}" for k, v in extra.items()]
+        )
+        for a, p in CELLS
+    ]
 
 
 def test_waiting_runs_take_the_rows_of_stopped_ones_and_equal_the_runs_alone(tmp_path):
     notes: list[str] = []
-    packed = execute(_refill_configs(tmp_path / "refill", **{"attack.loss_threshold": 0.005}), progress=False,
-                     note=notes.append)
+    packed = execute(
+        _refill_configs(tmp_path / "refill", **{"attack.loss_threshold": 0.005}), progress=False, note=notes.append
+    )
     assert [o.code for o in packed] == [0] * len(CELLS)
-    assert [n for n in notes if n.startswith("program:")] == ["program: 2 runs: IGx4; 8 problems waiting"]  # one program
+    assert [n for n in notes if n.startswith("program:")] == [
+        "program: 2 runs: IGx4; 8 problems waiting"
+    ]  # one program
     for cfg in _configs(tmp_path / "alone", **{"attack.loss_threshold": 0.005}):
         assert execute([cfg], progress=False)[0].code == 0
     assert _assert_same_runs(tmp_path / "refill", tmp_path / "alone") > 0  # some problems stop before the budget
@@ -105,7 +131,9 @@ def test_a_refilled_program_stopped_and_resumed_equals_one_never_stopped(tmp_pat
     finally:
         STOP.clear()
     monkeypatch.setattr(packs.Program, "fill", fill)
-    unfinished = [c for c in _refill_configs(tmp_path / "stopped", **extra) if not (tmp_path / "stopped" / c.run.name).exists()]
+    unfinished = [
+        c for c in _refill_configs(tmp_path / "stopped", **extra) if not (tmp_path / "stopped" / c.run.name).exists()
+    ]
     assert 0 < len(unfinished) < len(CELLS)  # stopped with some runs written, some running, some waiting
     resumed = execute(unfinished, progress=False)
     assert [o.code for o in resumed] == [0] * len(unfinished)

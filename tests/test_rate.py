@@ -16,8 +16,9 @@ BUDGET = ["attack=dia", "model.width=64", "logger.wandb.mode=disabled", "run.pro
 
 def _run(problems_factory, args: list[str], victims=(0, 1)):
     cfg, model, problems, v, mean, std = problems_factory(BUDGET + args, list(victims))
-    return attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std,
-                  device=torch.device("cpu"), progress=False)
+    return attack(
+        model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=torch.device("cpu"), progress=False
+    )
 
 
 def test_null_assumed_rate_is_the_models_rate_bit_for_bit(problems_factory):
@@ -31,8 +32,10 @@ def test_null_assumed_rate_is_the_models_rate_bit_for_bit(problems_factory):
 
 
 def test_learned_rate_moves_from_a_wrong_start_toward_the_clients(problems_factory):
-    res = _run(problems_factory, ["model.dropout=0.5", "attack.assumed_rate=0.1", "attack.rate=learn",
-                                  "attack.max_iterations=300"])
+    res = _run(
+        problems_factory,
+        ["model.dropout=0.5", "attack.assumed_rate=0.1", "attack.rate=learn", "attack.max_iterations=300"],
+    )
     learned = torch.stack(list(res.rates.values()))  # (sites, problems)
     assert learned.shape == (len(res.rates), 2)
     # Per site it is noisy (one site of one victim went down); per victim, over its sites, it moved up by
@@ -45,20 +48,26 @@ def test_learned_rate_reaches_metrics(problems_factory):
     from dia.run.cell import evaluate
 
     cfg, model, problems, v, mean, std = problems_factory(
-        BUDGET + ["model.dropout=0.5", "attack.assumed_rate=0.2", "attack.rate=learn", "attack.max_iterations=20"], [0, 1])
-    res = attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=torch.device("cpu"),
-                 progress=False)
+        BUDGET + ["model.dropout=0.5", "attack.assumed_rate=0.2", "attack.rate=learn", "attack.max_iterations=20"],
+        [0, 1],
+    )
+    res = attack(
+        model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=torch.device("cpu"), progress=False
+    )
     rows, _ = evaluate(res, problems, v.images, mean, std, lpips_fn=None)
     expect = torch.stack(list(res.rates.values())).mean(0)
     assert [r["mask_rate"] for r in rows] == pytest.approx(expect.tolist())
 
 
-@pytest.mark.parametrize("args, key", [
-    (["attack.assumed_rate=1.0"], "attack.assumed_rate"),
-    (["attack.assumed_rate=-0.1"], "attack.assumed_rate"),
-    (["attack.rate=guess"], "attack.rate"),
-    (["attack.rate=learn", "attack.assumed_rate=0"], "attack.assumed_rate"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["attack.assumed_rate=1.0"], "attack.assumed_rate"),
+        (["attack.assumed_rate=-0.1"], "attack.assumed_rate"),
+        (["attack.rate=guess"], "attack.rate"),
+        (["attack.rate=learn", "attack.assumed_rate=0"], "attack.assumed_rate"),
+    ],
+)
 def test_bad_rate_settings_are_one_line_errors(problems_factory, args, key):
     with pytest.raises(UserError, match=key) as err:
         problems_factory(BUDGET + args, [0])

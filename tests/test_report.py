@@ -20,21 +20,57 @@ from dia.config import compose
 SMOKE = Path(__file__).resolve().parent.parent / "sweeps" / "smoke.yaml"
 
 
-def fake_run(folder: Path, attack: str, dropout: float, ssims: list[float], status: str = "completed",
-             defense: dict[str, Any] | None = None, budget: int | None = 20) -> None:
+def fake_run(
+    folder: Path,
+    attack: str,
+    dropout: float,
+    ssims: list[float],
+    status: str = "completed",
+    defense: dict[str, Any] | None = None,
+    budget: int | None = 20,
+) -> None:
     """A run folder as dia.train writes it; without `defense`, a metrics.json from before defenses existed;
     without `budget`, no config.yaml (the grid's cell, if any, says what it is)."""
     folder.mkdir(parents=True)
     if budget is not None:
-        config = {"attack": {"name": attack, "max_iterations": budget}, "victims": list(range(len(ssims))),
-                  "num_victims": len(ssims), "victim_seed": None, "model": {"dropout": dropout}}
+        config = {
+            "attack": {"name": attack, "max_iterations": budget},
+            "victims": list(range(len(ssims))),
+            "num_victims": len(ssims),
+            "victim_seed": None,
+            "model": {"dropout": dropout},
+        }
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    victims = [{"index": i, "ssim": s, "psnr": 10 + 10 * s, "lpips": None, "mse": 1 - s,
-                "mask_bal_acc": 0.9 if attack == "dia" else None, "status": "max_iterations"} for i, s in enumerate(ssims)]
-    (folder / "metrics.json").write_text(json.dumps({"status": status, "attack": attack, "model": "mlp", "data": "mnist",
-                                                     "dropout": dropout, "victims": victims} | ({"defense": defense} if defense else {})))
+    victims = [
+        {
+            "index": i,
+            "ssim": s,
+            "psnr": 10 + 10 * s,
+            "lpips": None,
+            "mse": 1 - s,
+            "mask_bal_acc": 0.9 if attack == "dia" else None,
+            "status": "max_iterations",
+        }
+        for i, s in enumerate(ssims)
+    ]
+    (folder / "metrics.json").write_text(
+        json.dumps(
+            {
+                "status": status,
+                "attack": attack,
+                "model": "mlp",
+                "data": "mnist",
+                "dropout": dropout,
+                "victims": victims,
+            }
+            | ({"defense": defense} if defense else {})
+        )
+    )
     n = len(ssims)
-    torch.save({"originals": torch.rand(n, 1, 28, 28), "reconstructions": torch.rand(n, 1, 28, 28)}, folder / "reconstructions.pt")
+    torch.save(
+        {"originals": torch.rand(n, 1, 28, 28), "reconstructions": torch.rand(n, 1, 28, 28)},
+        folder / "reconstructions.pt",
+    )
 
 
 @pytest.fixture
@@ -60,7 +96,9 @@ def test_table_has_mean_std_counts_and_lists_missing_cells(results, capsys):
     assert "| mnist | mlp | 0.25 | ig | — | 0 | 1/1 | 1 | 0 | 0.600 ± 0.000 |" in md
     assert "| mnist | mlp | 0.25 | dia | smoke | 0-1 | 1/1 | 2 | 0 | 0.850 ± 0.071 |" in md
     assert "| mnist | mlp | 0.5 | dia | smoke | 0-1 | 1/1 | 2 | 1 |" in md  # diverged runs are counted, not hidden
-    assert "| mnist | mlp | 0.5 | ig | smoke | 0-1 | 0/1 | 0 | 0 | — |" in md  # a group with nothing finished stays in the table
+    assert (
+        "| mnist | mlp | 0.5 | ig | smoke | 0-1 | 0/1 | 0 | 0 | — |" in md
+    )  # a group with nothing finished stays in the table
     assert "## Missing cells (1)" in md and f"| smoke | {grid.cells[1].index} | {grid.cells[1].id} | partial |" in md
     rows = list(csv.DictReader((root / "report" / "table.csv").open()))
     dia = next(r for r in rows if r["attack"] == "dia" and r["dropout"] == "0.25")
@@ -71,40 +109,80 @@ def test_table_has_mean_std_counts_and_lists_missing_cells(results, capsys):
     assert [m["id"] for m in missing] == [grid.cells[1].id] and missing[0]["budget"] == "20"
     assert "4 runs in 5 groups, 1 missing cells" in capsys.readouterr().out
     # no defended run, one budget: no defense, ε or budget columns; grid and victims differ: shown
-    assert "| data | model | p | attack | grid | victim set | cells | victims |" in md and "defense" not in md and "ε" not in md
-    assert next(csv.reader((root / "report" / "table.csv").open()))[:10] == \
-        ["data", "model", "dropout", "attack", "defense", "epsilon", "grid", "budget", "victim_set", "cells_finished"]
+    assert (
+        "| data | model | p | attack | grid | victim set | cells | victims |" in md
+        and "defense" not in md
+        and "ε" not in md
+    )
+    assert next(csv.reader((root / "report" / "table.csv").open()))[:10] == [
+        "data",
+        "model",
+        "dropout",
+        "attack",
+        "defense",
+        "epsilon",
+        "grid",
+        "budget",
+        "victim_set",
+        "cells_finished",
+    ]
     assert {(r["defense"], r["epsilon"]) for r in rows} == {("none", "")}
 
 
 def test_grids_and_budgets_of_one_results_folder_keep_their_own_rows(tmp_path):
     """README runs the 1,000- and 20,000-iteration MNIST grids side by side: `dia.report results/` keeps them apart."""
     for name, budget, ssims in (("paper-lite-cpu", 1000, [0.5, 0.6]), ("paper-mnist-mlp-cpu", 20000, [0.9, 1.0])):
-        spec = {"name": name, "method": "grid", "parameters": {"attack": {"value": "ig"}, "model.dropout": {"value": 0.25},
-                                                                "num_victims": {"value": 2}, "attack.max_iterations": {"value": budget}}}
+        spec = {
+            "name": name,
+            "method": "grid",
+            "parameters": {
+                "attack": {"value": "ig"},
+                "model.dropout": {"value": 0.25},
+                "num_victims": {"value": 2},
+                "attack.max_iterations": {"value": budget},
+            },
+        }
         path = tmp_path / "sweeps" / f"{name}.yaml"
         path.parent.mkdir(exist_ok=True)
         path.write_text(yaml.safe_dump(spec))
         grid = G.load(path)
         G.write_grid_json(grid, tmp_path / "results" / name)
-        fake_run(tmp_path / "results" / name / grid.cells[0].id, "ig", 0.25, ssims, budget=None if budget == 1000 else budget)
+        fake_run(
+            tmp_path / "results" / name / grid.cells[0].id, "ig", 0.25, ssims, budget=None if budget == 1000 else budget
+        )
     r = R.build(tmp_path / "results", montages=False)
     assert r["groups"] == 2 and r["runs"] == 2
     md = (tmp_path / "results" / "report" / "table.md").read_text()
-    assert "| mnist | mlp | 0.25 | ig | paper-lite-cpu | 1000 | 1/1 | 2 | 0 | 0.550 ± 0.071 |" in md  # budget from its grid cell
+    assert (
+        "| mnist | mlp | 0.25 | ig | paper-lite-cpu | 1000 | 1/1 | 2 | 0 | 0.550 ± 0.071 |" in md
+    )  # budget from its grid cell
     assert "| mnist | mlp | 0.25 | ig | paper-mnist-mlp-cpu | 20000 | 1/1 | 2 | 0 | 0.950 ± 0.071 |" in md
     assert "victim set" not in md  # the same victims: no column
-    one = R.build(tmp_path / "results" / "paper-lite-cpu", montages=False)  # one grid: the same rows, no variant columns
+    one = R.build(
+        tmp_path / "results" / "paper-lite-cpu", montages=False
+    )  # one grid: the same rows, no variant columns
     assert one["groups"] == 1
-    assert "| data | model | p | attack | cells |" in (tmp_path / "results" / "paper-lite-cpu" / "report" / "table.md").read_text()
+    assert (
+        "| data | model | p | attack | cells |"
+        in (tmp_path / "results" / "paper-lite-cpu" / "report" / "table.md").read_text()
+    )
 
 
 def test_runs_of_one_attack_with_other_settings_keep_their_own_rows(tmp_path):
     """The unknown-rate grid runs DIA at several assumed rates and with a learned one: one row each (with the
     cells not run yet counted in theirs), never pooled; settings of how it runs (compile) make no row."""
-    spec = {"name": "rate", "method": "grid", "parameters": {
-        "attack": {"value": "dia"}, "model.dropout": {"value": 0.5}, "num_victims": {"value": 2},
-        "attack.compile": {"value": False}, "attack.assumed_rate": {"values": [0.1, 0.5]}, "attack.rate": {"values": ["known", "learn"]}}}
+    spec = {
+        "name": "rate",
+        "method": "grid",
+        "parameters": {
+            "attack": {"value": "dia"},
+            "model.dropout": {"value": 0.5},
+            "num_victims": {"value": 2},
+            "attack.compile": {"value": False},
+            "attack.assumed_rate": {"values": [0.1, 0.5]},
+            "attack.rate": {"values": ["known", "learn"]},
+        },
+    }
     path = tmp_path / "rate.yaml"
     path.write_text(yaml.safe_dump(spec))
     grid = G.load(path)
@@ -121,7 +199,9 @@ def test_runs_of_one_attack_with_other_settings_keep_their_own_rows(tmp_path):
     md = (tmp_path / "results" / "report" / "table.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| mnist | mlp | 0.5 | dia")]
     assert len(rows) == 4 and sum("| 0/1 |" in line for line in rows) == 1, md  # the missing cell in its own row
-    assert any("dia (assumed_rate=0.1, rate=learn)" in line for line in rows) and not any("compile" in line for line in rows)
+    assert any("dia (assumed_rate=0.1, rate=learn)" in line for line in rows) and not any(
+        "compile" in line for line in rows
+    )
 
 
 def test_figures_and_montages_are_pngs(results):
@@ -158,21 +238,39 @@ def defended(tmp_path):
     σ = 10 not run; beside it a run from before defenses (no `defense` key) of the same cell."""
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    base = "  data: {value: mnist}\n  model: {value: mlp}\n  model.dropout: {value: 0.25}\n  attack: {value: ig}\n" \
-           "  victims: {value: [0, 1]}\n"
+    base = (
+        "  data: {value: mnist}\n  model: {value: mlp}\n  model.dropout: {value: 0.25}\n  attack: {value: ig}\n"
+        "  victims: {value: [0, 1]}\n"
+    )
     (sweep / "a_none.yaml").write_text("method: grid\nparameters:\n" + base)
-    (sweep / "b_dpsgd.yaml").write_text("method: grid\nparameters:\n" + base + "  defense: {value: dpsgd}\n"
-                                        f"  defense.noise_multiplier: {{values: {list(SIGMAS)}}}\n")
+    (sweep / "b_dpsgd.yaml").write_text(
+        "method: grid\nparameters:\n" + base + "  defense: {value: dpsgd}\n"
+        f"  defense.noise_multiplier: {{values: {list(SIGMAS)}}}\n"
+    )
     grid = G.load(sweep)
     folder = tmp_path / "results" / grid.name
     G.write_grid_json(grid, folder)
     none, *dp = grid.cells
     assert [c.overrides.get("defense.noise_multiplier") for c in dp] == list(SIGMAS)
-    fake_run(folder / none.id, "ig", 0.25, [0.8, 0.9], defense=recorded("attack=ig"), budget=None)  # (the grid says: 2000)
-    fake_run(folder / dp[0].id, "ig", 0.25, [0.5, 0.7], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=0.1"),
-             budget=None)
-    fake_run(folder / dp[1].id, "ig", 0.25, [0.1, 0.2], defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=1.0"),
-             budget=None)
+    fake_run(
+        folder / none.id, "ig", 0.25, [0.8, 0.9], defense=recorded("attack=ig"), budget=None
+    )  # (the grid says: 2000)
+    fake_run(
+        folder / dp[0].id,
+        "ig",
+        0.25,
+        [0.5, 0.7],
+        defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=0.1"),
+        budget=None,
+    )
+    fake_run(
+        folder / dp[1].id,
+        "ig",
+        0.25,
+        [0.1, 0.2],
+        defense=recorded("attack=ig", "defense=dpsgd", "defense.noise_multiplier=1.0"),
+        budget=None,
+    )
     fake_run(folder / "old", "ig", 0.25, [0.7, 0.8], budget=2000)  # in the grid's folder, no defense key: undefended
     return tmp_path / "results", grid
 
@@ -197,24 +295,33 @@ def test_defended_runs_get_their_own_rows_with_epsilon(defended):
     table = {row["defense"]: row for row in csv.DictReader((root / "report" / "table.csv").open())}
     assert list(table) == ["none", "dpsgd σ=0.1 C=1", "dpsgd σ=1 C=1", "dpsgd σ=10 C=1"]
     assert [float(table[k]["ssim_mean"]) for k in list(table)[:3]] == pytest.approx([0.8, 0.6, 0.15])
-    assert table["none"]["epsilon"] == "" and [float(t["epsilon"]) for t in list(table.values())[1:]] == pytest.approx(eps, rel=1e-5)
+    assert table["none"]["epsilon"] == "" and [float(t["epsilon"]) for t in list(table.values())[1:]] == pytest.approx(
+        eps, rel=1e-5
+    )
     assert [m["defense"] for m in csv.DictReader((root / "report" / "missing.csv").open())] == ["dpsgd σ=10 C=1"]
     assert r["runs"] == 4 and r["groups"] == 4
     assert {p.name for p in r["figures"]} >= {"ssim_vs_dropout.png", "defense_ssim_mnist_mlp.png"}
 
 
-@pytest.mark.parametrize("overrides, label, epsilon", [
-    ([], "none", None),
-    (["defense=dpsgd", "defense.noise_multiplier=0.5", "defense.clip=2"], "dpsgd σ=0.5 C=2", "accountant"),
-    (["defense=dpsgd", "defense.noise_multiplier=0"], "dpsgd σ=0 C=1", math.inf),  # no noise: no privacy
-    (["defense=dpsgd", "defense.delta=1e-6"], "dpsgd σ=1 C=1 δ=1e-06", "accountant"),
-    (["defense=prune"], "prune 0.9", None),
-    (["defense=prune", "attack.model_defense=true"], "prune 0.9 (md)", None),
-    (["defense=quantize"], "quantize 4b", None),
-    (["defense=quantize", "defense.bits=2", "defense.rounding=stochastic"], "quantize 2b stochastic", None),
-    (["defense=sign"], "sign", None),
-    (["defense=[prune,dpsgd]", "defense.ratio=0.99", "defense.noise_multiplier=0.1"], "prune 0.99+dpsgd σ=0.1 C=1", "accountant"),
-])
+@pytest.mark.parametrize(
+    "overrides, label, epsilon",
+    [
+        ([], "none", None),
+        (["defense=dpsgd", "defense.noise_multiplier=0.5", "defense.clip=2"], "dpsgd σ=0.5 C=2", "accountant"),
+        (["defense=dpsgd", "defense.noise_multiplier=0"], "dpsgd σ=0 C=1", math.inf),  # no noise: no privacy
+        (["defense=dpsgd", "defense.delta=1e-6"], "dpsgd σ=1 C=1 δ=1e-06", "accountant"),
+        (["defense=prune"], "prune 0.9", None),
+        (["defense=prune", "attack.model_defense=true"], "prune 0.9 (md)", None),
+        (["defense=quantize"], "quantize 4b", None),
+        (["defense=quantize", "defense.bits=2", "defense.rounding=stochastic"], "quantize 2b stochastic", None),
+        (["defense=sign"], "sign", None),
+        (
+            ["defense=[prune,dpsgd]", "defense.ratio=0.99", "defense.noise_multiplier=0.1"],
+            "prune 0.99+dpsgd σ=0.1 C=1",
+            "accountant",
+        ),
+    ],
+)
 def test_defense_label_keeps_every_setting(overrides, label, epsilon):
     d = R.describe_defense(recorded(*overrides))
     assert d.label == label
@@ -223,7 +330,9 @@ def test_defense_label_keeps_every_setting(overrides, label, epsilon):
 
 def test_default_delta_is_left_out_of_the_label():
     default = compose(["defense=dpsgd"]).defense.delta
-    assert "δ" not in R.describe_defense({"name": "dpsgd", "noise_multiplier": 1.0, "clip": 1.0, "delta": default}).label
+    assert (
+        "δ" not in R.describe_defense({"name": "dpsgd", "noise_multiplier": 1.0, "clip": 1.0, "delta": default}).label
+    )
     assert "δ=0.001" in R.describe_defense({"name": "dpsgd", "noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-3}).label
 
 
@@ -236,13 +345,28 @@ def test_every_composition_has_a_label_and_a_figure(parts, tmp_path):
     assert d.label and all(p in d.label for p in parts if p != "none")
     stage = next((D.DEFENSES.get(p) for p in reversed(parts) if D.DEFENSES.get(p).strength), None)
     if stage is not None:
-        strong[stage.strength] = weak[stage.strength] / 2 if stage.stronger_when_smaller else weak[stage.strength] * 1.05
+        strong[stage.strength] = (
+            weak[stage.strength] / 2 if stage.stronger_when_smaller else weak[stage.strength] * 1.05
+        )
         assert R.describe_defense(strong).kind == d.kind and R.describe_defense(strong).axis == stage.axis
     if parts == ["none"]:
         return
-    runs = [{"data": "mnist", "model": "mlp", "dropout": 0.5, "attack": a, "defense": dd,
-             "victims": [{"ssim": 0.5, "psnr": 10.0, "lpips": None}]} for a in ("ig", "dia") for dd in (weak, strong)]
-    groups = {i: R.Group("mnist", "mlp", 0.5, r["attack"], R.describe_defense(r["defense"]), runs=[r]) for i, r in enumerate(runs)}
+    runs = [
+        {
+            "data": "mnist",
+            "model": "mlp",
+            "dropout": 0.5,
+            "attack": a,
+            "defense": dd,
+            "victims": [{"ssim": 0.5, "psnr": 10.0, "lpips": None}],
+        }
+        for a in ("ig", "dia")
+        for dd in (weak, strong)
+    ]
+    groups = {
+        i: R.Group("mnist", "mlp", 0.5, r["attack"], R.describe_defense(r["defense"]), runs=[r])
+        for i, r in enumerate(runs)
+    }
     paths = R.defense_figures(groups, tmp_path)
     assert paths and all(p.stat().st_size > 0 for p in paths)
 
@@ -250,9 +374,20 @@ def test_every_composition_has_a_label_and_a_figure(parts, tmp_path):
 def test_ssim_curves_end_at_the_runs_ssim_and_are_drawn(tmp_path):
     from dia.run import execute
 
-    base = ["model=mlp", "model.width=64", "model.depth=2", "num_victims=2", "attack.max_iterations=60", "attack.compile=false",
-            "attack.log_every=20", "run.checkpoint_every=20", "run.progress=false", "logger.wandb.mode=disabled", "metrics.lpips=off",
-            f"run.output_dir={tmp_path}"]
+    base = [
+        "model=mlp",
+        "model.width=64",
+        "model.depth=2",
+        "num_victims=2",
+        "attack.max_iterations=60",
+        "attack.compile=false",
+        "attack.log_every=20",
+        "run.checkpoint_every=20",
+        "run.progress=false",
+        "logger.wandb.mode=disabled",
+        "metrics.lpips=off",
+        f"run.output_dir={tmp_path}",
+    ]
     cfgs = [compose(base + [f"attack={a}", "model.dropout=0.5", f"run.name={a}"]) for a in ("ig", "dia")]
     assert [o.code for o in execute(cfgs, progress=False)] == [0, 0]
     for name in ("ig", "dia"):
@@ -275,7 +410,7 @@ def test_montage_titles_fit_with_few_victims(victims, tmp_path):
     fig = R.montage_figure(run | {"folder": tmp_path / "mnist-mlp-p0.25-ig-v0-1-0123abcd"})
     fig.canvas.draw()
     box = fig.texts[0].get_window_extent(fig.canvas.get_renderer())
-    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
     plt.close(fig)
 
 
@@ -287,10 +422,15 @@ def test_a_runs_own_picture_fits_its_title_with_one_victim(tmp_path, monkeypatch
 
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))  # keep the figure to measure it
-    plotting.reconstruction_grid(tmp_path / "r.png", torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), ["#0  SSIM 0.50"],
-                                 title="WIIG on vit_b16/imagenet, p=0.25")
+    plotting.reconstruction_grid(
+        tmp_path / "r.png",
+        torch.rand(1, 3, 8, 8),
+        torch.rand(1, 3, 8, 8),
+        ["#0  SSIM 0.50"],
+        title="WIIG on vit_b16/imagenet, p=0.25",
+    )
     fig = figures[-1]
     fig.canvas.draw()
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
-    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

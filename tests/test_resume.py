@@ -9,14 +9,27 @@ import sys
 import time
 from pathlib import Path
 
-ARGS = ["attack=dia", "model.dropout=0.5", "num_victims=2", "attack.parallel=1", "attack.max_iterations=150",
-        "run.checkpoint_every=20", "attack.compile=false", "logger.wandb.mode=disabled", "run.progress=false",
-        "run.name=cell"]
+ARGS = [
+    "attack=dia",
+    "model.dropout=0.5",
+    "num_victims=2",
+    "attack.parallel=1",
+    "attack.max_iterations=150",
+    "run.checkpoint_every=20",
+    "attack.compile=false",
+    "logger.wandb.mode=disabled",
+    "run.progress=false",
+    "run.name=cell",
+]
 
 
 def _train(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dia.train", *ARGS, f"run.output_dir={out}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dia.train", *ARGS, f"run.output_dir={out}", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_signal_checkpoints_and_rerun_resumes_bit_for_bit(tmp_path):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sweeps import schema_violations_from_proposed_config
 
 from dia import grid as G
-from dia.grid import sweep as S
 from dia.config import compose
+from dia.grid import sweep as S
+from sweeps import schema_violations_from_proposed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_FILES = sorted((ROOT / "sweeps").rglob("*.yaml"))
@@ -57,7 +57,9 @@ def test_paper_lite_is_the_brief():
     grid = G.load(ROOT / "sweeps" / "paper-lite.yaml")
     cells = [c.overrides for c in grid.cells]
     assert len(cells) == 2 * 3 * 6 * 3
-    assert {(c["data"], c["model"]) for c in cells} == {(d, m) for d in ("mnist", "cifar10") for m in ("mlp", "vit", "cnn")}
+    assert {(c["data"], c["model"]) for c in cells} == {
+        (d, m) for d in ("mnist", "cifar10") for m in ("mlp", "vit", "cnn")
+    }
     assert {c["model.dropout"] for c in cells} == {0.0, 0.1, 0.25, 0.5, 0.75, 0.9}
     assert {c["attack"] for c in cells} == {"ig", "wiig", "dia"}
     assert {(c["num_victims"], c["attack.max_iterations"]) for c in cells} == {(16, 3000)}
@@ -73,8 +75,17 @@ def _write(path: Path, params: dict, name: str | None = None) -> Path:
 
 
 def test_a_huge_grid_is_counted_and_indexed_without_expanding_it(tmp_path, capsys):
-    params = {f"attack.{k}": {"values": list(range(1, 21))} for k in ("lr_patience", "check_every", "log_every",
-                                                                       "iterations_per_step", "early_stop_patience", "max_iterations")}
+    params = {
+        f"attack.{k}": {"values": list(range(1, 21))}
+        for k in (
+            "lr_patience",
+            "check_every",
+            "log_every",
+            "iterations_per_step",
+            "early_stop_patience",
+            "max_iterations",
+        )
+    }
     path = _write(tmp_path / "huge.yaml", params)
     started = time.time()
     assert G.main([str(path), "--count"]) == 0
@@ -90,17 +101,26 @@ def test_a_huge_grid_is_counted_and_indexed_without_expanding_it(tmp_path, capsy
 
 def test_a_folder_is_one_grid_the_union_of_its_files(tmp_path):
     a = _write(tmp_path / "g" / "a.yaml", {"data": {"value": "mnist"}, "attack": {"values": ["ig", "dia"]}})
-    _write(tmp_path / "g" / "b.yaml", {"data": {"value": "cifar10"}, "attack": {"value": "dia"}, "model": {"value": "cnn"}})
+    _write(
+        tmp_path / "g" / "b.yaml", {"data": {"value": "cifar10"}, "attack": {"value": "dia"}, "model": {"value": "cnn"}}
+    )
     grid = G.load(tmp_path / "g")
     assert grid.name == "g" and len(grid.cells) == 3
-    assert [c.overrides for c in grid.cells] == [{"data": "mnist", "attack": "ig"}, {"data": "mnist", "attack": "dia"},
-                                                 {"data": "cifar10", "attack": "dia", "model": "cnn"}]
-    assert [c.id for c in G.load(a).cells] == [c.id for c in grid.cells[:2]]  # ids do not depend on the rest of the grid
+    assert [c.overrides for c in grid.cells] == [
+        {"data": "mnist", "attack": "ig"},
+        {"data": "mnist", "attack": "dia"},
+        {"data": "cifar10", "attack": "dia", "model": "cnn"},
+    ]
+    assert [c.id for c in G.load(a).cells] == [
+        c.id for c in grid.cells[:2]
+    ]  # ids do not depend on the rest of the grid
 
 
 def test_a_grown_grid_is_accepted_in_its_results_folder_a_changed_one_is_not(tmp_path, capsys):
     res = str(tmp_path / "res")
-    path = _write(tmp_path / "s" / "t.yaml", {"model.dropout": {"values": [0.25, 0.5]}, "attack": {"value": "ig"}}, name="t")
+    path = _write(
+        tmp_path / "s" / "t.yaml", {"model.dropout": {"values": [0.25, 0.5]}, "attack": {"value": "ig"}}, name="t"
+    )
     assert G.main([str(path), "--validate", "--results-root", res]) == 0
     old = [c.id for c in G.load(path).cells]
     _write(path, {"model.dropout": {"values": [0.25, 0.5, 0.75]}, "attack": {"value": "ig"}}, name="t")  # a rate added
@@ -118,14 +138,20 @@ def test_a_grown_grid_is_accepted_in_its_results_folder_a_changed_one_is_not(tmp
 def test_cell_id_sees_values_as_dia_train_parses_them():
     base = {"data": "mnist", "model.dropout": 0.0, "victims": [0, 1], "attack.compile": False}
     as_text = {"data": "mnist", "model.dropout": "0", "victims": "[0, 1]", "attack.compile": "False"}  # W&B's str()
-    assert S.cell_id(base) == S.cell_id(as_text) == S.cell_id({**base, "logger.wandb.mode": "online", "run.output_dir": "x"})
+    assert (
+        S.cell_id(base)
+        == S.cell_id(as_text)
+        == S.cell_id({**base, "logger.wandb.mode": "online", "run.output_dir": "x"})
+    )
     assert S.cell_id(base) != S.cell_id({**base, "model.dropout": 0.1})
     assert S.cell_id(base).startswith("mnist-p0-v0-1-")
 
 
 def test_the_old_dia_section_is_refused_with_a_pointer(tmp_path, capsys):
     path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {"attack": {"value": "ig"}}, "dia": {"blocks": []}}))
+    path.write_text(
+        yaml.safe_dump({"method": "grid", "parameters": {"attack": {"value": "ig"}}, "dia": {"blocks": []}})
+    )
     assert G.main([str(path), "--count"]) == 2
     err = capsys.readouterr().err
     assert "one folder" in err and err.count("\n") == 1
@@ -133,7 +159,9 @@ def test_the_old_dia_section_is_refused_with_a_pointer(tmp_path, capsys):
 
 def test_the_same_cell_in_two_files_is_refused(tmp_path, capsys):
     _write(tmp_path / "g" / "a.yaml", {"attack": {"values": ["ig", "dia"]}})
-    _write(tmp_path / "g" / "b.yaml", {"attack": {"value": "dia"}, "logger.wandb.mode": {"value": "disabled"}})  # logging: same cell
+    _write(
+        tmp_path / "g" / "b.yaml", {"attack": {"value": "dia"}, "logger.wandb.mode": {"value": "disabled"}}
+    )  # logging: same cell
     assert G.main([str(tmp_path / "g"), "--validate", "--results-root", str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err
     assert "cells 1 and 2 are the same cell" in err and err.count("\n") == 1
@@ -173,8 +201,11 @@ def test_the_files_of_a_folder_run_one_by_one_share_its_results_folder(tmp_path,
     for path in (a, b, tmp_path / "g", a):
         assert G.main([str(path), "--validate", "--results-root", res]) == 0, capsys.readouterr().err
     saved = json.loads((tmp_path / "res" / "g" / "grid.json").read_text())
-    assert sorted((c["file"], c["overrides"]["attack"]) for c in saved["cells"]) == [("a.yaml", "dia"), ("a.yaml", "ig"),
-                                                                                     ("b.yaml", "wiig")]
+    assert sorted((c["file"], c["overrides"]["attack"]) for c in saved["cells"]) == [
+        ("a.yaml", "dia"),
+        ("a.yaml", "ig"),
+        ("b.yaml", "wiig"),
+    ]
     a.write_text(yaml.safe_dump(spec | {"parameters": {"attack": {"value": "ig"}}}))  # a.yaml lost its dia cell
     capsys.readouterr()
     assert G.main([str(a), "--validate", "--results-root", res]) == 2
@@ -196,7 +227,9 @@ def test_a_command_and_a_folder_that_disagree_are_refused(tmp_path, capsys):
 
 
 def test_tags_fit_wandb():
-    cell = S.Cell(0, "x", {"data.root": "/a/very/long/path/" + "d" * 80}, {"data.root": "/a/very/long/path/" + "d" * 80})
+    cell = S.Cell(
+        0, "x", {"data.root": "/a/very/long/path/" + "d" * 80}, {"data.root": "/a/very/long/path/" + "d" * 80}
+    )
     tags = cell.tags("g")
     assert all(1 <= len(t) <= 64 for t in tags) and tags[1].startswith("data.root:/a/very/long/path/")
     assert len(set(S.Cell(0, "x", {}, {"k": "v" * 70 + str(i)}).tags("g")[1] for i in range(5))) == 5  # still distinct

@@ -22,9 +22,18 @@ from dia.run.summary import mean_metrics
 from dia.run.tracking import read_offline_file, read_offline_run, read_offline_runs, to_image, victim_columns
 from dia.train import main
 
-TINY = ["model.width=32", "model.depth=2", "model.dropout=0.5", "num_victims=2", "attack.max_iterations=60",
-        "attack.log_every=20", "attack.compile=false", "metrics.lpips=off", "run.progress=false",
-        "logger.wandb.mode=offline"]
+TINY = [
+    "model.width=32",
+    "model.depth=2",
+    "model.dropout=0.5",
+    "num_victims=2",
+    "attack.max_iterations=60",
+    "attack.log_every=20",
+    "attack.compile=false",
+    "metrics.lpips=off",
+    "run.progress=false",
+    "logger.wandb.mode=offline",
+]
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -52,8 +61,17 @@ def test_an_image_is_its_pixels_times_255():
 
 
 def test_victim_columns_come_from_the_rows_and_the_metric_names():
-    rows = [{"problem": 0, "status": "converged", "ssim": 0.5, "lpips": None, "mask_bal_acc_attention": 0.7,
-             "index": 3, "label": 1}]
+    rows = [
+        {
+            "problem": 0,
+            "status": "converged",
+            "ssim": 0.5,
+            "lpips": None,
+            "mask_bal_acc_attention": 0.7,
+            "index": 3,
+            "label": 1,
+        }
+    ]
     metrics = [m for m in mean_metrics(rows) if rows[0].get(m) is not None]
     assert victim_columns(rows) == ["index", "label", "problem", "status"] + metrics
     assert "mask_bal_acc_attention" in victim_columns(rows) and "lpips" not in victim_columns(rows)
@@ -95,7 +113,9 @@ def test_packed_runs_are_live_wandb_runs_ending_with_their_images_table_and_summ
         assert record["stats"] and "[step 40 ended]" in record["console"]  # system metrics and console, as W&B does
         # the images and the victims table at the last iteration, with the curves' last point
         (last,) = [r for r in record["history"] if "victims._type" in r]
-        assert last["_step"] == 60 == metrics["iterations"] and "reconstructions._type" in last and "attack/loss" in last
+        assert (
+            last["_step"] == 60 == metrics["iterations"] and "reconstructions._type" in last and "attack/loss" in last
+        )
         logged = read_offline_file(run_dir, last, "reconstructions")
         assert np.array_equal(_pixels(logged), _pixels(folder / "reconstructions.png"))
         tensors = torch.load(folder / "reconstructions.pt", weights_only=True)
@@ -107,7 +127,8 @@ def test_packed_runs_are_live_wandb_runs_ending_with_their_images_table_and_summ
         assert summary["wall_time_s"] == pytest.approx(metrics["wall_time_s"])
         assert summary["victims/max_iterations"] + summary["victims/converged"] + summary["victims/early_stopped"] == 2
         assert {f"final/{k}": v for k, v in metrics["mean"].items() if v is not None} == pytest.approx(
-            {k: v for k, v in summary.items() if k.startswith("final/")})
+            {k: v for k, v in summary.items() if k.startswith("final/")}
+        )
         assert (attack == "dia") == ("final/mask_bal_acc" in summary)
     assert len(ids) == 2
 
@@ -140,10 +161,15 @@ def test_a_run_stopped_and_failed_continues_one_wandb_run_on_the_points_of_an_un
     straight, resumed = tmp_path / "straight" / "r", tmp_path / "broken" / "r"
     assert _curve_steps(resumed) == _curve_steps(straight) == [10, 20, 40, 60]
     first, second, third = records = read_offline_runs(resumed / "wandb")
-    assert [r["exit_code"] for r in records] == [1, 75, 0] and [r["preempting"] for r in records] == [False, True, False]
+    assert [r["exit_code"] for r in records] == [1, 75, 0] and [r["preempting"] for r in records] == [
+        False,
+        True,
+        False,
+    ]
     assert {r["run"]["run_id"] for r in records} == {(resumed / "wandb-id").read_text().strip()}
     steps = [row["_step"] for r in records for row in r["history"] if "attack/loss" in row]
     assert steps == _curve_steps(straight)  # nothing twice, nothing off the grid, in order across the processes
+
     def losses(parts):
         return {row["_step"]: row["attack/loss"] for r in parts for row in r["history"] if "attack/loss" in row}
 
@@ -184,11 +210,21 @@ def test_a_failing_wandb_costs_one_warning_never_the_run(tmp_path, monkeypatch, 
 
 
 def test_disabled_wandb_and_help_import_nothing_from_wandb(tmp_path):
-    args = ["attack=ig", "attack.max_iterations=10", "num_victims=1", "attack.compile=false", "metrics.lpips=off",
-            "run.progress=false", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]
-    code = (f"import sys; from dia.train import main; assert main({args!r}) == 0; "
-            "assert main(['--help']) == 0; "
-            "bad = sorted(m for m in sys.modules if m == 'wandb' or m.startswith('wandb.')); assert not bad, bad")
+    args = [
+        "attack=ig",
+        "attack.max_iterations=10",
+        "num_victims=1",
+        "attack.compile=false",
+        "metrics.lpips=off",
+        "run.progress=false",
+        "logger.wandb.mode=disabled",
+        f"run.output_dir={tmp_path}",
+    ]
+    code = (
+        f"import sys; from dia.train import main; assert main({args!r}) == 0; "
+        "assert main(['--help']) == 0; "
+        "bad = sorted(m for m in sys.modules if m == 'wandb' or m.startswith('wandb.')); assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not list(tmp_path.glob("*/wandb")) and not list(tmp_path.glob("*/wandb-id"))
@@ -209,8 +245,10 @@ def test_a_sweep_agents_run_is_grouped_by_its_sweep_and_tagged(tmp_path, monkeyp
     from dia.run.signals import STOP, Preempted
 
     cell = load(Path(__file__).parent.parent / "sweeps" / "smoke.yaml").cell(3)
-    params = {k: {"value": v} for k, v in cell.overrides.items()} | {"logger.wandb.mode": {"value": "offline"},
-                                                                          "metrics.lpips": {"value": "off"}}
+    params = {k: {"value": v} for k, v in cell.overrides.items()} | {
+        "logger.wandb.mode": {"value": "offline"},
+        "metrics.lpips": {"value": "off"},
+    }
     if lookup == "fails":  # as in the files `dia.grid --wandb-sweeps` writes: the grid is the group
         params["logger.wandb.group"] = {"value": "smoke-grid"}
     asked: list[str] = []
@@ -227,8 +265,12 @@ def test_a_sweep_agents_run_is_grouped_by_its_sweep_and_tagged(tmp_path, monkeyp
 
     def agent_runs(run_id: str) -> int:
         config_util.save_config_file_from_dict(str(tmp_path / f"config-{run_id}.yaml"), params)
-        env = {"WANDB_SWEEP_ID": "sw33p", "WANDB_RUN_ID": run_id, "WANDB_PROJECT": "dia",
-               "WANDB_SWEEP_PARAM_PATH": str(tmp_path / f"config-{run_id}.yaml")}
+        env = {
+            "WANDB_SWEEP_ID": "sw33p",
+            "WANDB_RUN_ID": run_id,
+            "WANDB_PROJECT": "dia",
+            "WANDB_SWEEP_PARAM_PATH": str(tmp_path / f"config-{run_id}.yaml"),
+        }
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         wandb.teardown()  # W&B reads these at its setup, once per process (the agent starts a fresh process)

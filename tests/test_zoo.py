@@ -18,10 +18,9 @@ from torch import nn
 from dia.config import compose, group_settings
 from dia.errors import UserError
 from dia.gradients import client_gradients, problem_gradients
-from dia.models import build_for, build_model, describe_sites, dropout_control, dropout_sites
+from dia.models import build_for, build_model, describe_sites, dropout_control, dropout_sites, site_parts
 from dia.models.capture import UncapturableModel, make_capturable
 from dia.models.dropout import name_sites
-from dia.models import site_parts
 
 
 def model_settings(name: str, **settings):
@@ -43,9 +42,24 @@ ZOO = {
     "cnn-cifar": (model_settings("cnn", dropout=0.3), 3, 32, {"module"}),
     "resnet18": (model_settings("resnet18", dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
     "vit_b16-small": (model_settings("vit_b16", dropout=0.3, dim=32, depth=2, heads=4, mlp_dim=64), 3, 32, {"module"}),
-    "timm-vit_tiny": (model_settings("timm", arch="vit_tiny_patch16_224", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
-    "timm-resnet10t": (model_settings("timm", arch="resnet10t", dropout=0.3, drop_path=0.2), 3, 32, {"functional", "drop_path"}),
-    "timm-convnext_atto": (model_settings("timm", arch="convnext_atto", dropout=0.3, drop_path=0.2), 3, 32, {"module", "drop_path"}),
+    "timm-vit_tiny": (
+        model_settings("timm", arch="vit_tiny_patch16_224", dropout=0.3, drop_path=0.2),
+        3,
+        32,
+        {"module", "drop_path"},
+    ),
+    "timm-resnet10t": (
+        model_settings("timm", arch="resnet10t", dropout=0.3, drop_path=0.2),
+        3,
+        32,
+        {"functional", "drop_path"},
+    ),
+    "timm-convnext_atto": (
+        model_settings("timm", arch="convnext_atto", dropout=0.3, drop_path=0.2),
+        3,
+        32,
+        {"module", "drop_path"},
+    ),
 }
 HEAVY = {"resnet18", "timm-convnext_atto"}  # one problem is enough to check them; saves CPU time
 
@@ -57,7 +71,9 @@ def _attacker_copy(model: nn.Module) -> nn.Module:
     return attacker
 
 
-def _replay_check(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def _replay_check(
+    model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
     """K problems: the client's masks replayed (vectorized, on the attacker's copy) give the client's gradient;
     without them ("off") the gradient differs."""
     k = xs.shape[0]
@@ -89,28 +105,55 @@ def test_zoo_replayed_masks_reproduce_client_gradient_and_withheld_masks_do_not(
 
 
 def test_native_batch_norm_replays_with_batch_statistics():
-    model = build_model(model_settings("timm", arch="resnet10t", dropout=0.3, batch_norm="native"), channels=3, image_size=32,
-                        num_classes=10, seed=0)
+    model = build_model(
+        model_settings("timm", arch="resnet10t", dropout=0.3, batch_norm="native"),
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        seed=0,
+    )
     _replay_check(model, torch.randn(1, 2, 3, 32, 32), torch.tensor([[3, 7]]), rtol=1e-4, atol=1e-5)
 
 
 def test_sites_are_named_like_the_models_and_described_by_kind():
-    vit = build_model(model_settings("timm", arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
-                      num_classes=10, seed=0)
+    vit = build_model(
+        model_settings("timm", arch="vit_tiny_patch16_224", drop_path=0.1),
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        seed=0,
+    )
     rows = {r["site"]: r for r in describe_sites(vit, torch.zeros(1, 3, 32, 32))}
-    for site in ("pos_drop", "blocks.0.attn.attn_drop", "blocks.0.attn.proj_drop", "blocks.0.mlp.drop1", "blocks.0.mlp.drop2"):
+    for site in (
+        "pos_drop",
+        "blocks.0.attn.attn_drop",
+        "blocks.0.attn.proj_drop",
+        "blocks.0.mlp.drop1",
+        "blocks.0.mlp.drop2",
+    ):
         assert rows[site]["kind"] == "module" and rows[site]["p"] == 0.25
     assert rows["blocks.0.attn.attn_drop"]["mask_shape"] == [3, 5, 5]  # heads, tokens, tokens
     assert rows["blocks.1.drop_path1"]["kind"] == "drop_path" and rows["blocks.1.drop_path1"]["mask_shape"] == [1, 1]
     resnet = build_model(model_settings("resnet18"), channels=3, image_size=32, num_classes=10, seed=0)
     (head,) = [r for r in describe_sites(resnet, torch.zeros(1, 3, 32, 32)) if r["kind"] == "functional"]
-    assert head["site"] == "functional_dropout" and head["mask_shape"] == [512] and "F.dropout in forward_head()" in head["captured_by"]
+    assert (
+        head["site"] == "functional_dropout"
+        and head["mask_shape"] == [512]
+        and "F.dropout in forward_head()" in head["captured_by"]
+    )
 
 
 def test_site_parts_tell_embedding_attention_and_mlp_sites_apart():
-    ours = build_model(model_settings("vit", dim=32, heads=4, depth=2, mlp_dim=32), channels=3, image_size=32, num_classes=10, seed=0)
-    timm_vit = build_model(model_settings("timm", arch="vit_tiny_patch16_224", drop_path=0.1), channels=3, image_size=32,
-                           num_classes=10, seed=0)
+    ours = build_model(
+        model_settings("vit", dim=32, heads=4, depth=2, mlp_dim=32), channels=3, image_size=32, num_classes=10, seed=0
+    )
+    timm_vit = build_model(
+        model_settings("timm", arch="vit_tiny_patch16_224", drop_path=0.1),
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        seed=0,
+    )
     mlp = build_model(model_settings("mlp", width=16), channels=1, image_size=28, num_classes=10, seed=0)
     for model, depth in ((ours, 2), (timm_vit, 12)):
         parts = site_parts(dropout_sites(model, active_only=True))
@@ -128,15 +171,33 @@ def _vit_b16_parameter_shapes(channels: int = 3, size: int = 224, classes: int =
     embedding, 12 pre-norm blocks (LayerNorm, qkv without bias, output projection; LayerNorm, MLP 3072),
     LayerNorm + linear head."""
     dim, depth, mlp, tokens = 768, 12, 3072, (size // 16) ** 2 + 1
-    shapes = {"to_patch_embedding.weight": (dim, channels * 16 * 16), "to_patch_embedding.bias": (dim,),
-              "pos_embedding": (1, tokens, dim), "cls_token": (1, 1, dim)}
+    shapes = {
+        "to_patch_embedding.weight": (dim, channels * 16 * 16),
+        "to_patch_embedding.bias": (dim,),
+        "pos_embedding": (1, tokens, dim),
+        "cls_token": (1, 1, dim),
+    }
     for i in range(depth):
         a, f = f"blocks.{i}.0", f"blocks.{i}.1.net"
-        shapes |= {f"{a}.norm.weight": (dim,), f"{a}.norm.bias": (dim,), f"{a}.to_qkv.weight": (3 * dim, dim),
-                   f"{a}.to_out.weight": (dim, dim), f"{a}.to_out.bias": (dim,),
-                   f"{f}.0.weight": (dim,), f"{f}.0.bias": (dim,), f"{f}.1.weight": (mlp, dim), f"{f}.1.bias": (mlp,),
-                   f"{f}.4.weight": (dim, mlp), f"{f}.4.bias": (dim,)}
-    return shapes | {"head.0.weight": (dim,), "head.0.bias": (dim,), "head.1.weight": (classes, dim), "head.1.bias": (classes,)}
+        shapes |= {
+            f"{a}.norm.weight": (dim,),
+            f"{a}.norm.bias": (dim,),
+            f"{a}.to_qkv.weight": (3 * dim, dim),
+            f"{a}.to_out.weight": (dim, dim),
+            f"{a}.to_out.bias": (dim,),
+            f"{f}.0.weight": (dim,),
+            f"{f}.0.bias": (dim,),
+            f"{f}.1.weight": (mlp, dim),
+            f"{f}.1.bias": (mlp,),
+            f"{f}.4.weight": (dim, mlp),
+            f"{f}.4.bias": (dim,),
+        }
+    return shapes | {
+        "head.0.weight": (dim,),
+        "head.0.bias": (dim,),
+        "head.1.weight": (classes, dim),
+        "head.1.bias": (classes,),
+    }
 
 
 def test_vit_b16_is_the_papers_model_at_b16_size():
@@ -150,7 +211,12 @@ def test_vit_b16_is_the_papers_model_at_b16_size():
     sites = dropout_sites(model, active_only=True)
     assert len(sites) == 1 + 12 * 4 and {s.p for s in sites.values()} == {cfg.model.dropout}
     parts = site_parts(sites)
-    assert [sum(v == p for v in parts.values()) for p in ("embedding", "attention", "attention_out", "mlp")] == [1, 12, 12, 24]
+    assert [sum(v == p for v in parts.values()) for p in ("embedding", "attention", "attention_out", "mlp")] == [
+        1,
+        12,
+        12,
+        24,
+    ]
     # randn class token and position embedding (not timm's truncated normal with std 0.02)
     assert 0.9 < model.pos_embedding.std().item() < 1.1 and model.pos_embedding.abs().max() > 3
 
@@ -165,7 +231,11 @@ def test_vit_b16_is_the_small_vits_builder_so_one_seed_gives_the_same_weights():
         assert torch.equal(a, b), n
     with torch.no_grad(), dropout_control(b16, "record") as ctl:
         assert b16(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
-    assert ctl.masks["blocks.1.0.attn_drop"].shape == (2, 4, 17, 17) and ctl.masks["blocks.1.1.net.3"].shape == (2, 17, 64)
+    assert ctl.masks["blocks.1.0.attn_drop"].shape == (2, 4, 17, 17) and ctl.masks["blocks.1.1.net.3"].shape == (
+        2,
+        17,
+        64,
+    )
 
 
 def test_timm_vit_b16_stays_reachable():
@@ -175,8 +245,11 @@ def test_timm_vit_b16_stays_reachable():
 
 
 def test_configs_build_every_zoo_model_from_the_command_line_groups():
-    for args, shape in [(["model=cnn", "data=cifar10"], (1, 10)), (["model=resnet18", "data=mnist"], (1, 10)),
-                        (["model=timm", "model.arch=convnext_atto", "data=cifar10", "model.drop_path=0.1"], (1, 10))]:
+    for args, shape in [
+        (["model=cnn", "data=cifar10"], (1, 10)),
+        (["model=resnet18", "data=mnist"], (1, 10)),
+        (["model=timm", "model.arch=convnext_atto", "data=cifar10", "model.drop_path=0.1"], (1, 10)),
+    ]:
         cfg = compose(args)
         model = build_for(cfg)
         assert model(torch.zeros(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)).shape == shape
@@ -246,7 +319,11 @@ def test_fused_attention_dropout_is_captured():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed, self.block, self.head = nn.Linear(6, 16), Block(16, num_heads=2, attn_drop=0.3, proj_drop=0.2), nn.Linear(16, 4)
+            self.embed, self.block, self.head = (
+                nn.Linear(6, 16),
+                Block(16, num_heads=2, attn_drop=0.3, proj_drop=0.2),
+                nn.Linear(16, 4),
+            )
 
         def forward(self, x):
             return self.head(self.block(self.embed(x)).mean(1))
@@ -281,7 +358,9 @@ def test_randomness_nobody_captures_is_refused():
 
 
 def test_drop_path_sites_keep_or_drop_whole_samples():
-    model = build_model(model_settings("timm", arch="convnext_atto", drop_path=0.5), channels=3, image_size=32, num_classes=10, seed=0)
+    model = build_model(
+        model_settings("timm", arch="convnext_atto", drop_path=0.5), channels=3, image_size=32, num_classes=10, seed=0
+    )
     paths = {n: s for n, s in dropout_sites(model, active_only=True).items() if s.kind == "drop_path"}
     assert len(paths) == 11  # convnext_atto: 2+2+6+2 blocks, the first at rate 0
     with torch.no_grad(), dropout_control(model, "record", generator=torch.Generator().manual_seed(0)) as ctl:
@@ -302,13 +381,16 @@ def test_unknown_timm_arch_is_one_line_with_suggestions():
         build_model(model_settings("timm", arch="convnext_ato"), channels=3, image_size=32, num_classes=10, seed=0)
 
 
-@pytest.mark.parametrize("cfg, size, match", [
-    (model_settings("timm", arch="convnext_atto"), 28, "cannot take 1x28x28 inputs"),
-    (model_settings("timm", arch="vit_tiny_patch16_224"), 28, "does not divide the input size 28"),
-    (model_settings("vit_b16", dim=32, depth=1, heads=4, mlp_dim=32), 28, "does not divide the input size 28"),
-    (model_settings("timm", arch="convnext_atto", attn_dropout=0.2), 32, "no attention dropout sites"),
-    (_unchecked(model_settings("timm", arch="vit_tiny_patch16_224"), drop_path=1.5), 32, "model.drop_path=1.5"),
-])
+@pytest.mark.parametrize(
+    "cfg, size, match",
+    [
+        (model_settings("timm", arch="convnext_atto"), 28, "cannot take 1x28x28 inputs"),
+        (model_settings("timm", arch="vit_tiny_patch16_224"), 28, "does not divide the input size 28"),
+        (model_settings("vit_b16", dim=32, depth=1, heads=4, mlp_dim=32), 28, "does not divide the input size 28"),
+        (model_settings("timm", arch="convnext_atto", attn_dropout=0.2), 32, "no attention dropout sites"),
+        (_unchecked(model_settings("timm", arch="vit_tiny_patch16_224"), drop_path=1.5), 32, "model.drop_path=1.5"),
+    ],
+)
 def test_inputs_a_model_cannot_take_are_user_errors(cfg, size, match):
     with pytest.raises(UserError, match=match) as err:
         build_model(cfg, channels=1, image_size=size, num_classes=10, seed=0)
@@ -334,5 +416,6 @@ def test_dropout_does_not_import_capture():
 
     tree = ast.parse(inspect.getsource(dropout_module))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
-        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
     assert not any(m and "capture" in m for m in imported), imported

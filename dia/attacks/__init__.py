@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from dia.registry import Registry
 
@@ -21,6 +22,7 @@ A = TypeVar("A")
 
 def register(name: str) -> Callable[[A], A]:
     """Class decorator: make an attack class the code of `attack=<name>` (and set its `name`)."""
+
     def deco(cls: A) -> A:
         cls.name = name  # type: ignore[attr-defined]
         return ATTACKS.register(name)(cls)
@@ -28,8 +30,8 @@ def register(name: str) -> Callable[[A], A]:
     return deco
 
 
-from dia.attacks.rows import Part  # noqa: E402
 from dia.attacks.ig import InvertingGradients  # noqa: E402
+from dia.attacks.rows import Part  # noqa: E402
 from dia.engine import AttackResult  # noqa: E402
 
 for _module in pkgutil.iter_modules(__path__):  # every attack of the package registers itself
@@ -38,4 +40,12 @@ for _module in pkgutil.iter_modules(__path__):  # every attack of the package re
 from dia.attacks.dia import DropoutInversionAttack  # noqa: E402
 from dia.attacks.wiig import WellInformedIG  # noqa: E402
 
-__all__ = ["ATTACKS", "register", "AttackResult", "InvertingGradients", "Part", "WellInformedIG", "DropoutInversionAttack"]
+__all__ = [
+    "ATTACKS",
+    "register",
+    "AttackResult",
+    "InvertingGradients",
+    "Part",
+    "WellInformedIG",
+    "DropoutInversionAttack",
+]

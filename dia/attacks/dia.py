@@ -50,7 +50,9 @@ class DropoutInversionAttack(InvertingGradients):
     def check_config(cls, cfg: Any) -> None:
         super().check_config(cfg)
         if getattr(cfg, "rate", None) == "learn" and getattr(cfg, "assumed_rate", None) == 0:
-            raise UserError("attack.assumed_rate=0: rate=learn starts from it and needs it in (0, 1); set it > 0 or null")
+            raise UserError(
+                "attack.assumed_rate=0: rate=learn starts from it and needs it in (0, 1); set it > 0 or null"
+            )
 
     @classmethod
     def site_role(cls, part: Part, site: str) -> str | None:

@@ -17,7 +17,8 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -97,9 +98,18 @@ class InvertingGradients(L.LightningModule):
         return self.cfg.tv_weight * total_variation(x)
 
     # ---- construction --------------------------------------------------------------------------------
-    def __init__(self, model: nn.Module, problems: Problems | None = None, cfg: Any = None, *,
-                 lower: Tensor | None = None, upper: Tensor | None = None, parts: Sequence[Part] = (),
-                 expect: Sequence[Part] = (), **settings: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        problems: Problems | None = None,
+        cfg: Any = None,
+        *,
+        lower: Tensor | None = None,
+        upper: Tensor | None = None,
+        parts: Sequence[Part] = (),
+        expect: Sequence[Part] = (),
+        **settings: Any,
+    ) -> None:
         """The attack on `problems` (as the server sees them: `view`), with settings `cfg` (the attack section
         of a run config) or the attack's defaults updated by keyword `settings`; images are kept in
         [`lower`, `upper`] (normalized space; default: the problems' own bounds). `parts` instead of
@@ -118,8 +128,11 @@ class InvertingGradients(L.LightningModule):
         self.automatic_optimization = False
         for part in parts:
             if not part.problems.rates and part.attack.site_role.__func__ is not InvertingGradients.site_role.__func__:
-                warnings.warn(f"{part.attack.__name__}: the model has no dropout (p=0 everywhere), so there are no masks "
-                              "to use: it behaves as IG", stacklevel=2)
+                warnings.warn(
+                    f"{part.attack.__name__}: the model has no dropout (p=0 everywhere), so there are no masks "
+                    "to use: it behaves as IG",
+                    stacklevel=2,
+                )
         self.rows = Rows(parts, expect)
         cfg = parts[0].cfg  # a pack shares every setting but the attack's own (dia.run.pack checks it)
         self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg  # a plain object: cheap to read
@@ -135,9 +148,12 @@ class InvertingGradients(L.LightningModule):
         self.register_buffer("lower", torch.as_tensor(lower).clone())
         self.register_buffer("upper", torch.as_tensor(upper).clone())
         self.schedule = Schedule(
-            lr=self.cfg.lr, signed=frozenset({"x"}) if self.cfg.signed_gradients else frozenset(),
-            lr_factor=self.cfg.lr_factor, lr_patience=self.cfg.lr_patience,
-            early_stop_patience=self.cfg.early_stop_patience, loss_threshold=self.cfg.loss_threshold,
+            lr=self.cfg.lr,
+            signed=frozenset({"x"}) if self.cfg.signed_gradients else frozenset(),
+            lr_factor=self.cfg.lr_factor,
+            lr_patience=self.cfg.lr_patience,
+            early_stop_patience=self.cfg.early_stop_patience,
+            loss_threshold=self.cfg.loss_threshold,
             max_iterations=self.cfg.max_iterations,
         )
         self.state: AttackState | None = None
@@ -153,26 +169,34 @@ class InvertingGradients(L.LightningModule):
         return problems if cls.needs_client_masks else problems.public()
 
     @classmethod
-    def for_problems(cls, model: nn.Module, problems: Problems, cfg: Any = None, **kwargs: Any) -> "InvertingGradients":
+    def for_problems(cls, model: nn.Module, problems: Problems, cfg: Any = None, **kwargs: Any) -> InvertingGradients:
         """The attack on `problems` as its server sees them (`view`)."""
         return cls(model, cls.view(problems), cfg, **kwargs)
 
     @classmethod
-    def program(cls) -> type["InvertingGradients"]:
+    def program(cls) -> type[InvertingGradients]:
         """The class whose objective this attack's rows are optimized under: attacks with the same program
         can share one (a pack); an attack that overrides the objective has its own."""
         return next(k for k in cls.__mro__ if any(name in vars(k) for name in OBJECTIVE))
 
     @staticmethod
-    def pack(model: nn.Module, parts: Sequence[Part], *, lower: Tensor | None = None, upper: Tensor | None = None,
-             expect: Sequence[Part] = ()) -> "InvertingGradients":
+    def pack(
+        model: nn.Module,
+        parts: Sequence[Part],
+        *,
+        lower: Tensor | None = None,
+        upper: Tensor | None = None,
+        expect: Sequence[Part] = (),
+    ) -> InvertingGradients:
         """One module for several parts (attacks, rates, victims) of one model, one program and equal shared
         settings; `expect`: parts that may take rows later. Built as the parts' own attack class when they
         share one, else as their common program class."""
         classes = {p.attack for p in list(parts) + list(expect)}
         programs = {c.program() for c in classes}
         if len(programs) > 1:
-            raise ValueError(f"attacks with different objectives cannot share a program: {sorted(c.__name__ for c in classes)}")
+            raise ValueError(
+                f"attacks with different objectives cannot share a program: {sorted(c.__name__ for c in classes)}"
+            )
         cls = classes.pop() if len(classes) == 1 else programs.pop()
         return cls(model, parts=parts, expect=expect, lower=lower, upper=upper)
 
@@ -187,8 +211,15 @@ class InvertingGradients(L.LightningModule):
         """Reconstruction loss per problem (K,): gradient distance + image prior + the masks' regularizer."""
         masks = self.rows.masks(params)
         applied = self.rows.applied(masks, params)
-        grads = problem_gradients(self.model, self.model_params, params["x"], self.rows.labels, applied,
-                                  "apply" if applied else "off", self.rows.local)
+        grads = problem_gradients(
+            self.model,
+            self.model_params,
+            params["x"],
+            self.rows.labels,
+            applied,
+            "apply" if applied else "off",
+            self.rows.local,
+        )
         grads = surviving(grads, self.rows.targets) if self.cfg.model_defense else grads
         return self.distance(grads, self.rows.targets) + self.prior(params["x"]) + self.regularizer(masks, params)
 
@@ -344,11 +375,14 @@ class CompiledOrEager:
             self.compile_s = time.perf_counter() - started
             logging.getLogger("dia").info("torch.compile: first call %.1f s", self.compile_s)
             return out
-        except Exception as exc:  # noqa: BLE001 - no compiler toolchain, an unsupported op, ...
+        except Exception as exc:
             if self.strict:
                 raise
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
-                          "running eagerly (set attack.compile=false to skip the attempt)", stacklevel=2)
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                "running eagerly (set attack.compile=false to skip the attempt)",
+                stacklevel=2,
+            )
             self.compiled = None
             return self.fn(*args)
 

@@ -19,8 +19,9 @@ program is not recompiled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ class Part:
     `problems` are as the attack's server sees them (`InvertingGradients.view`); `cfg` is the attack's config.
     """
 
-    attack: type["InvertingGradients"]
+    attack: type[InvertingGradients]
     problems: Problems
     cfg: Any
 
@@ -79,8 +80,12 @@ class Rows:
         self.targets = {n: torch.cat([p.problems.targets[n] for p in parts]) for n in first.targets}
         self.labels = torch.cat([p.problems.labels for p in parts])
         tables = [self._tables(part) for part in parts]
-        self.tables = {name: {s: torch.cat([t[name][s] for t in tables]) for s in tables[0][name]} for name in tables[0]}
-        self.weights = torch.cat([torch.full((p.problems.num_problems,), float(p.attack.mask_weight(p))) for p in parts])
+        self.tables = {
+            name: {s: torch.cat([t[name][s] for t in tables]) for s in tables[0][name]} for name in tables[0]
+        }
+        self.weights = torch.cat(
+            [torch.full((p.problems.num_problems,), float(p.attack.mask_weight(p))) for p in parts]
+        )
 
     # ---- the scheme: sites, and which rows do what there -------------------------------------------
     def _scheme(self, parts: list[Part]) -> None:
@@ -104,7 +109,14 @@ class Rows:
         n = part.problems.num_problems
         sigmoid = part.attack.mask_parametrization(part) == "sigmoid"
         learns = part.attack.learns_rate(part)
-        out: dict[str, dict[str, Tensor]] = {"train": {}, "scale": {}, "rate": {}, "sigmoid": {}, "learn": {}, "client": {}}
+        out: dict[str, dict[str, Tensor]] = {
+            "train": {},
+            "scale": {},
+            "rate": {},
+            "sigmoid": {},
+            "learn": {},
+            "client": {},
+        }
         for site, shape in self.sites.items():
             r = part.role(site)
             p = part.attack.attacker_rate(part, site) if r == "train" else part.problems.rates.get(site, 0.0)
@@ -156,13 +168,19 @@ class Rows:
                 continue
             value = raw
             if self.sigmoid_any:
-                value = torch.sigmoid(raw) if not self.clip_any else torch.where(column(self.tables["sigmoid"][site], raw), torch.sigmoid(raw), raw)
+                value = (
+                    torch.sigmoid(raw)
+                    if not self.clip_any
+                    else torch.where(column(self.tables["sigmoid"][site], raw), torch.sigmoid(raw), raw)
+                )
             if self.mixed[site]:
                 value = torch.where(column(self.tables["train"][site], value), value, 1.0 if fixed is None else fixed)
             out[site] = value
         return out
 
-    def applied(self, masks: dict[str, Tensor] | None, params: dict[str, Tensor] | None = None) -> dict[str, Tensor] | None:
+    def applied(
+        self, masks: dict[str, Tensor] | None, params: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor] | None:
         """`masks` scaled by each row's 1/(1-p): what the attacker's copy multiplies each site's input by
         (p learned from `params` at the sites where rows learn it)."""
         if masks is None:
@@ -170,7 +188,9 @@ class Rows:
         scales = dict(self.tables["scale"])
         if self.learned and params is not None:
             rates = self.rates(params)
-            scales.update({s: torch.where(self.tables["learn"][s], 1.0 / (1.0 - rates[s]), scales[s]) for s in self.learned})
+            scales.update(
+                {s: torch.where(self.tables["learn"][s], 1.0 / (1.0 - rates[s]), scales[s]) for s in self.learned}
+            )
         return {s: m * column(scales[s], m) for s, m in masks.items()}
 
     def rates(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -204,8 +224,11 @@ class Rows:
         gens = [torch.Generator().manual_seed(s) for s in part.problems.seeds]
         out = {"x": torch.stack([init(self.input_shape, g) for g in gens])}
         for site in self.trained:
-            out[MASK + site] = (part.attack.init_mask(part, site, gens) if part.role(site) == "train"
-                                else torch.ones(len(gens), *self.sites[site]))
+            out[MASK + site] = (
+                part.attack.init_mask(part, site, gens)
+                if part.role(site) == "train"
+                else torch.ones(len(gens), *self.sites[site])
+            )
         for site in self.learned:
             learns = part.role(site) == "train" and part.attack.learns_rate(part)
             logit = torch.logit(torch.tensor(part.attack.attacker_rate(part, site))) if learns else torch.tensor(0.0)
@@ -243,7 +266,7 @@ class Rows:
     def _position(self, part: Part) -> int:
         return next(i for i, p in enumerate(self.parts) if p is part)
 
-    def to(self, device: torch.device) -> "Rows":
+    def to(self, device: torch.device) -> Rows:
         self.targets = {n: t.to(device) for n, t in self.targets.items()}
         self.labels = self.labels.to(device)
         self.tables = {name: {s: t.to(device) for s, t in table.items()} for name, table in self.tables.items()}

@@ -31,8 +31,9 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -44,9 +45,10 @@ from dia.bench.baseline import run_baseline
 from dia.config import DEVICE, compose
 from dia.errors import ExitCode, UserError
 from dia.memory import keep_freed_memory
-from dia.run.cell import resolve_device
-from dia.run.pack import attack as lightning_attack, matmul_precision
 from dia.problems import Problems
+from dia.run.cell import resolve_device
+from dia.run.pack import attack as lightning_attack
+from dia.run.pack import matmul_precision
 
 PAIRS = {"mlp": "mnist", "vit": "cifar10"}  # model -> victim data
 DROPOUT = 0.25
@@ -54,8 +56,18 @@ EMBEDDED_VICTIMS = 128  # size of the embedded victim sets; larger K wraps aroun
 
 
 def config(model: str, attack: str, *overrides: str) -> DictConfig:
-    return compose([f"model={model}", f"data={PAIRS[model]}", f"attack={attack}", f"model.dropout={DROPOUT}",
-                    "run.progress=false", "logger.wandb.mode=disabled", "attack.compile=false", *overrides])
+    return compose(
+        [
+            f"model={model}",
+            f"data={PAIRS[model]}",
+            f"attack={attack}",
+            f"model.dropout={DROPOUT}",
+            "run.progress=false",
+            "logger.wandb.mode=disabled",
+            "attack.compile=false",
+            *overrides,
+        ]
+    )
 
 
 def setup(model_name: str, n: int, device: torch.device) -> tuple[nn.Module, Problems, Tensor, Tensor]:
@@ -64,16 +76,41 @@ def setup(model_name: str, n: int, device: torch.device) -> tuple[nn.Module, Pro
     return sim.model.to(device), sim.problems, sim.lower.to(device), sim.upper.to(device)
 
 
-def authors_loop(model: nn.Module, problems: Problems, *, attack: str, iterations: int, lower: Tensor, upper: Tensor,
-                 device: torch.device) -> None:
+def authors_loop(
+    model: nn.Module,
+    problems: Problems,
+    *,
+    attack: str,
+    iterations: int,
+    lower: Tensor,
+    upper: Tensor,
+    device: torch.device,
+) -> None:
     """`iterations` of the authors' loop (`dia.bench.baseline.run_baseline`) on the first of `problems`."""
-    run_baseline(model, {k: t[0].to(device) for k, t in problems.targets.items()}, problems.labels[0].to(device),
-                 problems.rates, problems.mask_shapes, attack=attack, iterations=iterations, lower=lower, upper=upper,
-                 seed=problems.seeds[0], input_shape=problems.input_shape)
+    run_baseline(
+        model,
+        {k: t[0].to(device) for k, t in problems.targets.items()},
+        problems.labels[0].to(device),
+        problems.rates,
+        problems.mask_shapes,
+        attack=attack,
+        iterations=iterations,
+        lower=lower,
+        upper=upper,
+        seed=problems.seeds[0],
+        input_shape=problems.input_shape,
+    )
 
 
-def engine_module(attack: str, model: nn.Module, problems: Problems, cfg: DictConfig, lower: Tensor, upper: Tensor,
-                  device: torch.device) -> InvertingGradients:
+def engine_module(
+    attack: str,
+    model: nn.Module,
+    problems: Problems,
+    cfg: DictConfig,
+    lower: Tensor,
+    upper: Tensor,
+    device: torch.device,
+) -> InvertingGradients:
     """An attack module with its state initialised on `device`, ready for `engine_steps`."""
     module = ATTACKS.get(attack).for_problems(model, problems, cfg.attack, lower=lower, upper=upper).to(device)
     module.on_fit_start()
@@ -107,17 +144,45 @@ def measure(device: torch.device, prepare: Callable[[], Any], work: Callable[[An
     return seconds, peak
 
 
-def _row(model: str, attack: str, mode: str, k: int, live: int, steps: int, victim_its: int, seconds: float,
-         peak: float | None) -> dict[str, Any]:
-    return {"model": model, "data": PAIRS[model], "attack": attack, "mode": mode, "k": k,
-            "victim_iterations": victim_its, "seconds": round(seconds, 4),
-            "victim_its_per_s": victim_its / seconds, "ms_per_iteration": 1000 * seconds / steps,
-            "mem_per_victim_mib": None if peak is None else peak / live}
+def _row(
+    model: str,
+    attack: str,
+    mode: str,
+    k: int,
+    live: int,
+    steps: int,
+    victim_its: int,
+    seconds: float,
+    peak: float | None,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "data": PAIRS[model],
+        "attack": attack,
+        "mode": mode,
+        "k": k,
+        "victim_iterations": victim_its,
+        "seconds": round(seconds, 4),
+        "victim_its_per_s": victim_its / seconds,
+        "ms_per_iteration": 1000 * seconds / steps,
+        "mem_per_victim_mib": None if peak is None else peak / live,
+    }
 
 
-def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, warmup: int, seq_problems: int,
-               device: torch.device, lightning: bool = True, compile_ks: tuple[int, ...] = (),
-               variants: tuple[str, ...] = ("default",), report: Callable[[dict], None] = lambda r: None) -> list[dict]:
+def bench_pair(
+    model_name: str,
+    attack: str,
+    ks: list[int],
+    *,
+    iterations: int,
+    warmup: int,
+    seq_problems: int,
+    device: torch.device,
+    lightning: bool = True,
+    compile_ks: tuple[int, ...] = (),
+    variants: tuple[str, ...] = ("default",),
+    report: Callable[[dict], None] = lambda r: None,
+) -> list[dict]:
     """All modes for one model/attack; rows with speed-up and memory ratio against the baseline."""
     model, problems, lower, upper = setup(model_name, max([*ks, *compile_ks, seq_problems]), device)
     cfg = config(model_name, attack, f"attack.max_iterations={warmup + iterations}")
@@ -151,10 +216,12 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
     # (c) our engine, K problems at once
     loop_rate = {}
     for k in ks:
+
         def prepare(k: int = k) -> InvertingGradients:
             module = engine_module(attack, model, problems.subset(list(range(k))), cfg, lower, upper, device)
             engine_steps(module, warmup)
             return module
+
         s, peak = measure(device, prepare, lambda module: engine_steps(module, iterations))
         add(_row(model_name, attack, "vectorized", k, k, iterations, k * iterations, s, peak))
         loop_rate[k] = rows[-1]["victim_its_per_s"]
@@ -162,18 +229,26 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
     # (c') the same with the gradient program compiled, in each variant (compile mode, matmul precision)
     for variant in variants:
         settings = variant_settings(variant)
-        compiled_cfg = config(model_name, attack, f"attack.max_iterations={warmup + iterations}", "attack.compile=true",
-                              *(f"attack.{k}={v}" for k, v in settings.items()))
+        compiled_cfg = config(
+            model_name,
+            attack,
+            f"attack.max_iterations={warmup + iterations}",
+            "attack.compile=true",
+            *(f"attack.{k}={v}" for k, v in settings.items()),
+        )
         for k in compile_ks:
             started = {}
 
             def prepare_compiled(k: int = k) -> InvertingGradients:
                 started["t"] = time.perf_counter()
-                module = engine_module(attack, model, problems.subset(list(range(k))), compiled_cfg, lower, upper, device)
+                module = engine_module(
+                    attack, model, problems.subset(list(range(k))), compiled_cfg, lower, upper, device
+                )
                 engine_steps(module, warmup)
                 _sync(device)
                 started["compile_s"] = time.perf_counter() - started["t"]
                 return module
+
             with matmul_precision(settings.get("matmul_precision", "highest")):
                 s, peak = measure(device, prepare_compiled, lambda module: engine_steps(module, iterations))
             mode = "compiled" if variant == "default" else f"compiled:{variant}"
@@ -207,8 +282,12 @@ def bench_pair(model_name: str, attack: str, ks: list[int], *, iterations: int, 
 
 VARIANTS = {  # attack.* settings; "bf16" is torch's "medium" float32 matmul precision: TF32/bf16 on GPUs, and on a
     # CPU oneDNN's bf16 math mode for float32 matmuls where the CPU has bf16 instructions (avx512_bf16, AMX)
-    "default": {}, "reduce-overhead": {"compile_mode": "reduce-overhead"}, "max-autotune": {"compile_mode": "max-autotune"},
-    "tf32": {"matmul_precision": "high"}, "bf16": {"matmul_precision": "medium"}}
+    "default": {},
+    "reduce-overhead": {"compile_mode": "reduce-overhead"},
+    "max-autotune": {"compile_mode": "max-autotune"},
+    "tf32": {"matmul_precision": "high"},
+    "bf16": {"matmul_precision": "medium"},
+}
 
 
 def variant_settings(variant: str) -> dict[str, str]:
@@ -231,19 +310,49 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
 
 
-def benchmark(*, models: list[str], attacks: list[str], ks: list[int], iterations: int = 30, warmup: int = 3,
-              seq_problems: int = 3, device: str = "cpu", lightning: bool = True, compile_ks: tuple[int, ...] = (),
-              variants: tuple[str, ...] = ("default",), report: Callable[[dict], None] = lambda r: None) -> dict[str, Any]:
+def benchmark(
+    *,
+    models: list[str],
+    attacks: list[str],
+    ks: list[int],
+    iterations: int = 30,
+    warmup: int = 3,
+    seq_problems: int = 3,
+    device: str = "cpu",
+    lightning: bool = True,
+    compile_ks: tuple[int, ...] = (),
+    variants: tuple[str, ...] = ("default",),
+    report: Callable[[dict], None] = lambda r: None,
+) -> dict[str, Any]:
     """The whole benchmark as a JSON-able dict: environment, settings and one row per (model, attack, mode, K)."""
     dev = resolve_device(device)
     rows: list[dict] = []
     for model_name in models:
         for attack in attacks:
-            rows += bench_pair(model_name, attack, ks, iterations=iterations, warmup=warmup, seq_problems=seq_problems,
-                               device=dev, lightning=lightning, compile_ks=compile_ks, variants=variants, report=report)
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(dev),
-            "torch": torch.__version__, "dropout": DROPOUT, "iterations": iterations, "warmup": warmup,
-            "seq_problems": seq_problems, "ks": ks, "results": rows}
+            rows += bench_pair(
+                model_name,
+                attack,
+                ks,
+                iterations=iterations,
+                warmup=warmup,
+                seq_problems=seq_problems,
+                device=dev,
+                lightning=lightning,
+                compile_ks=compile_ks,
+                variants=variants,
+                report=report,
+            )
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "dropout": DROPOUT,
+        "iterations": iterations,
+        "warmup": warmup,
+        "seq_problems": seq_problems,
+        "ks": ks,
+        "results": rows,
+    }
 
 
 HEADER = f"{'model':<5} {'attack':<6} {'mode':<10} {'K':>5} {'victim-it/s':>12} {'ms/it':>9} {'MiB/victim':>11} {'speedup':>8} {'mem':>6}"
@@ -258,8 +367,10 @@ def format_row(r: dict) -> str:
         if "startup_s" in r:
             extra += f"; start-up {r['startup_s']:.2f} s, then {100 * r['steady_overhead_vs_loop']:+.0f}% per iteration"
         extra += ")"
-    return (f"{r['model']:<5} {r['attack']:<6} {r['mode']:<10} {r['k']:>5} {r['victim_its_per_s']:>12.1f} "
-            f"{r['ms_per_iteration']:>9.2f} {mem:>11} {r['speedup_vs_baseline']:>7.2f}x {ratio:>6}{extra}")
+    return (
+        f"{r['model']:<5} {r['attack']:<6} {r['mode']:<10} {r['k']:>5} {r['victim_its_per_s']:>12.1f} "
+        f"{r['ms_per_iteration']:>9.2f} {mem:>11} {r['speedup_vs_baseline']:>7.2f}x {ratio:>6}{extra}"
+    )
 
 
 def _ints(option: str, text: str, lo: int) -> list[int]:
@@ -290,8 +401,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attacks", default="ig,dia")
     parser.add_argument("--seq-problems", type=int, default=3, help="problems run one after another in 'sequential'")
     parser.add_argument("--compile-ks", default="", help="K values to also run with the compiled gradient program")
-    parser.add_argument("--variants", default="default",
-                        help=f"compiled variants (comma-separated; '+' combines): {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants",
+        default="default",
+        help=f"compiled variants (comma-separated; '+' combines): {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning harness measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -333,16 +447,27 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     dev = resolve_device(args.device)
     print(f"# dia.bench  {datetime.datetime.now():%Y-%m-%d %H:%M}  {device_name(dev)}  torch {torch.__version__}")
-    print(f"# dropout p={DROPOUT}, {args.iterations} timed iterations after {args.warmup} warm-up; "
-          f"speedup and mem are relative to the baseline (authors' loop, one victim) of the same model/attack")
+    print(
+        f"# dropout p={DROPOUT}, {args.iterations} timed iterations after {args.warmup} warm-up; "
+        f"speedup and mem are relative to the baseline (authors' loop, one victim) of the same model/attack"
+    )
     print(HEADER, flush=True)
-    out = benchmark(models=args.models, attacks=args.attacks, ks=args.ks, iterations=args.iterations, warmup=args.warmup,
-                    seq_problems=args.seq_problems, device=args.device, lightning=not args.no_lightning,
-                    compile_ks=args.compile_ks, variants=args.variants, report=lambda r: print(format_row(r), flush=True))
+    out = benchmark(
+        models=args.models,
+        attacks=args.attacks,
+        ks=args.ks,
+        iterations=args.iterations,
+        warmup=args.warmup,
+        seq_problems=args.seq_problems,
+        device=args.device,
+        lightning=not args.no_lightning,
+        compile_ks=args.compile_ks,
+        variants=args.variants,
+        report=lambda r: print(format_row(r), flush=True),
+    )
     if args.out:
         tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
         tmp.write_text(json.dumps(out, indent=2))
         os.replace(tmp, args.out)
         print(f"# wrote {args.out}")
     return ExitCode.OK
-

@@ -22,7 +22,7 @@ the same losses from the same starting point.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,11 @@ def run_baseline(
     masks: dict[str, Tensor] = {}
     if attack == "dia":
         for site, shape in mask_shapes.items():
-            m = init_masks[site] if init_masks is not None else torch.bernoulli(torch.full(shape, 1.0 - rates[site]), generator=gen)
+            m = (
+                init_masks[site]
+                if init_masks is not None
+                else torch.bernoulli(torch.full(shape, 1.0 - rates[site]), generator=gen)
+            )
             masks[site] = m.detach().clone().to(device).requires_grad_(True)
 
     params = list(model.parameters())

@@ -17,8 +17,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +38,11 @@ def config_dir() -> Path:
     the one beside the package (a source checkout)."""
     env = os.environ.get("DIA_CONFIG_DIR")
     here = Path(__file__).resolve().parent.parent  # the dia package
-    path = Path(env) if env else next((p for p in (here / "configs", here.parent / "configs") if p.is_dir()), here / "configs")
+    path = (
+        Path(env)
+        if env
+        else next((p for p in (here / "configs", here.parent / "configs") if p.is_dir()), here / "configs")
+    )
     if not (path / "config.yaml").is_file():
         raise UserError(f"configs: no config.yaml in '{path}'; set DIA_CONFIG_DIR to a dia configs/ folder")
     return path
@@ -51,12 +56,14 @@ def choices(group: str, root: Path | None = None) -> list[str]:
 def _load_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
-    except Exception as exc:  # noqa: BLE001 - malformed YAML is an input problem
+    except Exception as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
         raise UserError(f"{path}: expected a mapping of keys to values")
     try:
-        OmegaConf.resolve(cfg)  # interpolations (${...}, ${oc.env:...}) once, here: a cycle or unset variable is one line
+        OmegaConf.resolve(
+            cfg
+        )  # interpolations (${...}, ${oc.env:...}) once, here: a cycle or unset variable is one line
     except OmegaConfBaseException as exc:
         raise UserError(f"{path}: cannot resolve an interpolation ({str(exc).splitlines()[0]})") from None
     return cfg
@@ -85,7 +92,11 @@ def _defaults(group: str, name: str, root: Path) -> dict[str, Any]:
     stages = stage_names(name) if group in LIST_GROUPS else [name]
     if group == "attack" and not (root / group / f"{name}.yaml").is_file() and _registered(group, name):
         cls = sys.modules["dia.attacks"].ATTACKS.get(name)
-        stages = [next((k.name for k in cls.__mro__ if "name" in vars(k) and (root / group / f"{k.name}.yaml").is_file()), name)]
+        stages = [
+            next(
+                (k.name for k in cls.__mro__ if "name" in vars(k) and (root / group / f"{k.name}.yaml").is_file()), name
+            )
+        ]
     for stage in stages:
         path = root / group / f"{stage}.yaml"
         if path.is_file():
@@ -119,7 +130,7 @@ def _parse(dotted: str, text: str, node: Any) -> Any:
         return text
     try:
         value = OmegaConf.from_dotlist([f"v={text}"])["v"]
-    except Exception:  # noqa: BLE001 - the parser's errors are many; all mean the same here
+    except Exception:
         raise UserError(f"{dotted}: cannot parse value '{text}'") from None
     return value
 
@@ -130,7 +141,7 @@ def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "", *, tex
     The one merge of the module: a section value (a DictConfig) is merged key by key into the section it
     names. With `text`, `value` is command-line text, parsed by the key's type (`_parse`).
     """
-    key = dotted[len(root_prefix) + 1:] if root_prefix else dotted
+    key = dotted[len(root_prefix) + 1 :] if root_prefix else dotted
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not isinstance(parent, DictConfig) or leaf not in parent:
@@ -224,7 +235,9 @@ def _load_choice(group: str, choice: Any, root: Path) -> tuple[DictConfig, str]:
         return OmegaConf.create({"name": names[0]}), f"{group} {names[0]} (registered in this process)"
     for name in names:
         if name not in valid:
-            raise UserError(f"unknown {group} '{name}'{did_you_mean(str(name), valid)}; choose one of: {', '.join(valid)}")
+            raise UserError(
+                f"unknown {group} '{name}'{did_you_mean(str(name), valid)}; choose one of: {', '.join(valid)}"
+            )
     if len(set(names)) != len(names):
         raise UserError(f"{group}={'+'.join(names)}: a choice is listed twice")
     nodes = [_load_yaml(root / group / f"{name}.yaml") for name in names]
@@ -252,8 +265,10 @@ CHECKS: list[Check] = [
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("model.attn_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("model.drop_path", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    *[(f"model.{k}", _count(1, 10**6), "must be a positive integer (at most 1000000)")
-      for k in ("width", "depth", "patch_size", "dim", "heads", "mlp_dim", "dim_head", "conv1", "conv2", "kernel")],
+    *[
+        (f"model.{k}", _count(1, 10**6), "must be a positive integer (at most 1000000)")
+        for k in ("width", "depth", "patch_size", "dim", "heads", "mlp_dim", "dim_head", "conv1", "conv2", "kernel")
+    ],
     ("model.hidden", lambda v: all(isinstance(h, int) and 1 <= h <= 10**6 for h in v), "must be positive integers"),
     ("attack.max_iterations", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.lr", lambda v: 0 < v < float("inf"), "must be > 0"),
@@ -302,7 +317,9 @@ def check_name(name: str, key: str = "run.name") -> None:
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise UserError(f"{key}={name!r}: control characters are not allowed in a folder name")
     if "/" in name or "\\" in name or os.sep in name or os.path.isabs(name):
-        raise UserError(f"{key}={name!r}: must be a folder name, not a path (no '/'); set run.output_dir for the parent folder")
+        raise UserError(
+            f"{key}={name!r}: must be a folder name, not a path (no '/'); set run.output_dir for the parent folder"
+        )
     if name.startswith("."):
         raise UserError(f"{key}={name!r}: must not start with '.' (hidden and in-progress folders do)")
 
@@ -320,10 +337,14 @@ def validate(cfg: DictConfig) -> None:
     if any(s <= 0 for s in cfg.data.std):
         raise UserError("data.std: every value must be > 0")
     if cfg.attack.labels == "infer" and cfg.batch_size != 1:
-        raise UserError(f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}")
+        raise UserError(
+            f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}"
+        )
     if cfg.client.local_batch != "full" and cfg.batch_size % cfg.client.local_batch:
-        raise UserError(f"client.local_batch={cfg.client.local_batch} does not divide batch_size={cfg.batch_size} "
-                        "(the images each local step takes; or full: the whole batch every step)")
+        raise UserError(
+            f"client.local_batch={cfg.client.local_batch} does not divide batch_size={cfg.batch_size} "
+            "(the images each local step takes; or full: the whole batch every step)"
+        )
     model = cfg.model
     if "patch_size" in model and cfg.data.image_size % model.patch_size:
         raise UserError(f"model.patch_size={model.patch_size} does not divide data.image_size={cfg.data.image_size}")
@@ -426,6 +447,10 @@ def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(node, dict):
         out = []
         for k, v in node.items():
-            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k)) if isinstance(v, dict) else [(f"{prefix}.{k}" if prefix else str(k), v)]
+            out += (
+                _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+                if isinstance(v, dict)
+                else [(f"{prefix}.{k}" if prefix else str(k), v)]
+            )
         return out
     return [(prefix, node)]

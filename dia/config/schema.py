@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 @dataclass
@@ -50,25 +50,25 @@ class ModelConfig:
 
     name: str = "mlp"
     dropout: float = 0.25
-    checkpoint: Optional[str] = None  # a local state dict (weights_only=True)
+    checkpoint: str | None = None  # a local state dict (weights_only=True)
 
 
 @dataclass
 class DataConfig:
     name: str = "mnist"
     source: str = "embedded"  # embedded | torchvision | imagefolder
-    root: Optional[str] = None  # torchvision cache / ImageFolder root
+    root: str | None = None  # torchvision cache / ImageFolder root
     download: bool = True  # torchvision: download when missing (needs the internet)
     embedded: str = "mnist_128.npz"  # file under dia/assets for source=embedded
-    torchvision_name: Optional[str] = None  # torchvision.datasets class for source=torchvision
+    torchvision_name: str | None = None  # torchvision.datasets class for source=torchvision
     split: str = "test"
     channels: int = 1
     image_size: int = 28
     num_classes: int = 10
-    labels_file: Optional[str] = None  # imagefolder without class subfolders: CSV lines `file,label`
+    labels_file: str | None = None  # imagefolder without class subfolders: CSV lines `file,label`
     normalize: str = "dataset"  # dataset: the mean/std below | folder: computed from the images (saved with the run)
-    mean: List[float] = field(default_factory=lambda: [0.1307])
-    std: List[float] = field(default_factory=lambda: [0.3081])
+    mean: list[float] = field(default_factory=lambda: [0.1307])
+    std: list[float] = field(default_factory=lambda: [0.3081])
 
 
 @dataclass
@@ -82,21 +82,22 @@ class DefenseConfig:
 class RunConfig:
     seed: int = 0  # seeds model weights, client dropout, attack initialisation
     output_dir: str = "runs"  # each run writes runs/<attack>-<model>-<data>-p<rate>-<id>/ under it
-    name: Optional[str] = None  # folder name instead of the generated one; auto-cell: the grid cell id of the overrides
+    name: str | None = None  # folder name instead of the generated one; auto-cell: the grid cell id of the overrides
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_tensors: bool = True
     progress: bool = True  # progress bar
     checkpoint_every: int = 500  # iterations between saves of the attack state (0: only on SIGUSR1/SIGTERM; -1: never)
-    compile_cache: Optional[str] = None  # torch.compile's persistent cache: a folder, off, or null (<output_dir>/.compile-cache)
+    # torch.compile's persistent cache: a folder, off, or null (<output_dir>/.compile-cache)
+    compile_cache: str | None = None
 
 
 @dataclass
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "dia"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -116,7 +117,8 @@ class ClientConfig:
 @dataclass
 class MetricsConfig:
     lpips: str = "auto"  # auto (AlexNet LPIPS; null with one warning when its weights cannot be had) | off
-    curves_ssim: bool = True  # curves.jsonl (and W&B) get eval/ssim of the best iterates every attack.log_every iterations
+    # curves.jsonl (and W&B) get eval/ssim of the best iterates every attack.log_every iterations
+    curves_ssim: bool = True
 
 
 @dataclass
@@ -124,9 +126,9 @@ class CapturedConfig:
     """An update captured from a real client (`python -m dia.train captured.file=client.pt`): attacked instead of
     simulated clients; model, checkpoint and data (shape, normalization, classes) come from the config."""
 
-    file: Optional[str] = None  # a ClientUpdate .pt (dia.capture_update), or a gradient/delta/weights .pt or .npz
+    file: str | None = None  # a ClientUpdate .pt (dia.capture_update), or a gradient/delta/weights .pt or .npz
     kind: str = "gradient"  # gradient | delta (w_0 - w_1) | weights (w_1): see dia.updates.as_gradients
-    lr: Optional[float] = None  # the client's local learning rate (delta/weights; a ClientUpdate file carries it)
+    lr: float | None = None  # the client's local learning rate (delta/weights; a ClientUpdate file carries it)
 
 
 @dataclass
@@ -135,9 +137,9 @@ class Config:
     model: Any = None
     data: Any = None
     defense: Any = None
-    victims: Optional[List[int]] = None  # explicit victim indices; None: use num_victims
+    victims: list[int] | None = None  # explicit victim indices; None: use num_victims
     num_victims: int = 4  # without `victims`: the first N, or N drawn with victim_seed
-    victim_seed: Optional[int] = None
+    victim_seed: int | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     batch_size: int = 1  # victims per client batch: one shared gradient comes from B images
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -148,7 +150,9 @@ class Config:
 
 # Each group's base schema; a choice adds the keys of its YAML.
 GROUPS: dict[str, type] = {"attack": AttackConfig, "model": ModelConfig, "data": DataConfig, "defense": DefenseConfig}
-LIST_GROUPS = {"defense": "none"}  # groups whose choice may be a list applied in order (defense=[prune,dpsgd]): their default
+LIST_GROUPS = {
+    "defense": "none"
+}  # groups whose choice may be a list applied in order (defense=[prune,dpsgd]): their default
 
 
 def _type_of(value: Any) -> Any:
@@ -158,9 +162,9 @@ def _type_of(value: Any) -> Any:
             return t
     if isinstance(value, list):
         kinds = {type(v) for v in value}
-        return List[kinds.pop()] if len(kinds) == 1 and kinds <= {bool, int, float, str} else List[Any]
+        return list[kinds.pop()] if len(kinds) == 1 and kinds <= {bool, int, float, str} else list[Any]
     if isinstance(value, dict):
-        return Dict[str, Any]
+        return dict[str, Any]
     return Any
 
 

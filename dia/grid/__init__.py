@@ -25,16 +25,17 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from dia.errors import ExitCode, UserError
-from dia.memory import keep_freed_memory
 from dia.grid.sweep import WANDB_COMMAND, Cell, Grid, format_value, load, wandb_sweeps  # noqa: F401 - the grid's model
-from dia.run.signals import STOP, Stopped, install as install_signals, stop_point
-
+from dia.memory import keep_freed_memory
+from dia.run.signals import STOP, Stopped, stop_point
+from dia.run.signals import install as install_signals
 
 
 def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
@@ -43,8 +44,8 @@ def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
     The first bad cell raises one UserError line; two cells with the same id (the same overrides in two
     files) too; a stop signal raises `Stopped` between cells. Returns the number of cells checked.
     """
-    from dia.run.checks import check
     from dia.config import compose
+    from dia.run.checks import check
 
     if cells is None:
         grid.check_size("validating every cell")
@@ -54,7 +55,9 @@ def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
     for cell in grid.cells if cells is None else cells:
         stop_point("running any cell (while checking the grid)")
         if cell.id in seen:
-            raise UserError(f"{grid.path}: cells {seen[cell.id]} and {cell.index} are the same cell ({cell.id}); remove the duplicate")
+            raise UserError(
+                f"{grid.path}: cells {seen[cell.id]} and {cell.index} are the same cell ({cell.id}); remove the duplicate"
+            )
         seen[cell.id] = cell.index
         try:
             check(compose(cell.args()), memo=memo)
@@ -65,6 +68,7 @@ def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- results
+
 
 def grid_dir(grid: Grid, results_root: str | Path) -> Path:
     """<results_root>/<grid name>; a UserError if the results root (or that folder) is not a directory."""
@@ -84,8 +88,14 @@ def describe(grid: Grid, saved: dict[str, Any] | None = None) -> dict[str, Any]:
         kept = [c for c in saved["cells"] if c.get("file") and c["file"] not in files]
         cells += kept
         files = {k: v for k, v in (saved.get("files") or {}).items() if any(c["file"] == k for c in kept)} | files
-    return {"name": grid.name, "sweep": str(grid.path), "sha256": grid.sha256, "files": files, "num_cells": len(cells),
-            "cells": cells}
+    return {
+        "name": grid.name,
+        "sweep": str(grid.path),
+        "sha256": grid.sha256,
+        "files": files,
+        "num_cells": len(cells),
+        "cells": cells,
+    }
 
 
 def check_results_dir(grid: Grid, folder: Path) -> dict[str, Any] | None:
@@ -110,8 +120,10 @@ def check_results_dir(grid: Grid, folder: Path) -> dict[str, Any] | None:
     gone = [i for i, f in ids if i not in have and (not f or f in mine)]  # an old grid.json (no files): all are ours
     if saved.get("name") != grid.name or gone:
         why = f"cell {gone[0]} of it is not in {grid.path}" if gone else f"it is named '{saved.get('name')}'"
-        raise UserError(f"results dir '{folder}' holds another grid ('{saved.get('name')}' from {saved.get('sweep')}, "
-                        f"{len(ids)} cells; {why}); use another --results-root or name:")
+        raise UserError(
+            f"results dir '{folder}' holds another grid ('{saved.get('name')}' from {saved.get('sweep')}, "
+            f"{len(ids)} cells; {why}); use another --results-root or name:"
+        )
     return saved
 
 
@@ -127,7 +139,9 @@ def write_grid_json(grid: Grid, folder: Path, saved: dict[str, Any] | None = Non
         raise UserError(f"--results-root: cannot write '{folder}' ({exc.strerror})") from None
 
 
-def check(grid: Grid, results_root: str | Path, cells: list[Cell] | None = None) -> tuple[Path, dict[str, Any] | None, bool]:
+def check(
+    grid: Grid, results_root: str | Path, cells: list[Cell] | None = None
+) -> tuple[Path, dict[str, Any] | None, bool]:
     """Check the results dir belongs to this grid and validate (all cells, unless grid.json already says so);
     nothing is written. Returns (folder, saved grid.json, whether grid.json must be (re)written)."""
     folder = grid_dir(grid, results_root)
@@ -161,11 +175,16 @@ def status(grid: Grid, folder: Path, cell: Cell) -> str:
 
 
 def train_args(grid: Grid, folder: Path, cell: Cell) -> list[str]:
-    return cell.args() + [f"run.output_dir={folder}", f"run.name={cell.id}", f"logger.wandb.group={grid.name}",
-                          f"logger.wandb.tags={format_value(cell.tags(grid.name))}"]
+    return cell.args() + [
+        f"run.output_dir={folder}",
+        f"run.name={cell.id}",
+        f"logger.wandb.group={grid.name}",
+        f"logger.wandb.tags={format_value(cell.tags(grid.name))}",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- running
+
 
 def note(msg: str) -> None:
     print(f"[dia.grid] {msg}", file=sys.stderr, flush=True)
@@ -200,16 +219,24 @@ def worst(codes: Iterable[int]) -> int:
     return min(codes, key=lambda c: WORST.index(c) if c in WORST else WORST.index(ExitCode.FAILED), default=ExitCode.OK)
 
 
-def run_cells(grid: Grid, folder: Path, cells: list[Cell], *, force: bool = False, parallel: int = 1,
-              python: str = sys.executable, results_root: str | Path | None = None) -> int:
+def run_cells(
+    grid: Grid,
+    folder: Path,
+    cells: list[Cell],
+    *,
+    force: bool = False,
+    parallel: int = 1,
+    python: str = sys.executable,
+    results_root: str | Path | None = None,
+) -> int:
     """Run the unfinished `cells`, packed into as few programs as their configs allow (dia.run.pack).
 
     With `parallel` > 1 the cells are shared out (whole packs at a time) between that many child
     processes, one GPU each (on a CPU: the cores shared out, `_cpu_threads`). Returns the worst exit code (see `worst`).
     """
     from dia.config import compose
-    from dia.run.console import quiet_libraries
     from dia.run import execute
+    from dia.run.console import quiet_libraries
 
     quiet_libraries()
     todo: list[Cell] = []
@@ -255,8 +282,10 @@ def _remove(folder: Path, cell: Cell) -> bool:
 
     run = RunFolder(folder, cell.id)
     if not run.acquire():
-        note(f"cell {cell.index} ({cell.id}): --force: being run by another process (pid {run.holder()}, lock "
-             f"'{run.lock_path}'); nothing removed")
+        note(
+            f"cell {cell.index} ({cell.id}): --force: being run by another process (pid {run.holder()}, lock "
+            f"'{run.lock_path}'); nothing removed"
+        )
         return False
     try:
         for p in (run.final, run.partial):
@@ -268,8 +297,9 @@ def _remove(folder: Path, cell: Cell) -> bool:
     return True
 
 
-def _run_children(grid: Grid, todo: list[Cell], configs: list[Any], parallel: int, python: str,
-                  results_root: str | Path | None) -> int:
+def _run_children(
+    grid: Grid, todo: list[Cell], configs: list[Any], parallel: int, python: str, results_root: str | Path | None
+) -> int:
     """Share `todo` between `parallel` child processes (`dia.grid --run`), keeping packable cells together."""
     from dia.run.pack import pack_key_of
 
@@ -290,7 +320,11 @@ def _run_children(grid: Grid, todo: list[Cell], configs: list[Any], parallel: in
         args = [python, "-m", "dia.grid", str(grid.path), "--run", ",".join(str(c.index) for c in share)]
         if results_root is not None:
             args += ["--results-root", str(results_root)]
-        note(f"{len(share)} cell(s) on GPU {device}" if threads is None else f"{len(share)} cell(s) on {threads} CPU thread(s)")
+        note(
+            f"{len(share)} cell(s) on GPU {device}"
+            if threads is None
+            else f"{len(share)} cell(s) on {threads} CPU thread(s)"
+        )
         procs.append(subprocess.Popen(args, env=env))
 
     def forward(signum: int, _frame: Any) -> None:
@@ -326,27 +360,50 @@ def parse_indices(text: str, n: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dia.grid", description="Run the cells of a W&B grid sweep file (or a folder of them) with dia.train.")
+    p = argparse.ArgumentParser(
+        prog="python -m dia.grid",
+        description="Run the cells of a W&B grid sweep file (or a folder of them) with dia.train.",
+    )
     p.add_argument("sweep", help="a sweep file (sweeps/smoke.yaml) or a folder of them, one grid (sweeps/paper)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--count", action="store_true", help="print the number of cells")
     what.add_argument("--list", action="store_true", help="one line per cell: index, id, status, overrides")
     what.add_argument("--show", type=int, metavar="I", help="cell I as JSON (id, folder, status, dia.train command)")
     what.add_argument("--run", metavar="I", help="run cell I (or a list 0,2 or a range 4-7)")
-    what.add_argument("--task", type=int, metavar="T", help="run array task T: P cells where P is --per-task, positions T*P .. T*P+P-1 in task order "
-                      "(the keys that vary inside a pack fastest: whole packs where the grid allows)")
+    what.add_argument(
+        "--task",
+        type=int,
+        metavar="T",
+        help="run array task T: P cells where P is --per-task, positions T*P .. T*P+P-1 in task order "
+        "(the keys that vary inside a pack fastest: whole packs where the grid allows)",
+    )
     what.add_argument("--run-all", action="store_true", help="run every unfinished cell")
-    what.add_argument("--validate", action="store_true", help="check every cell (config and data), write grid.json, print the count")
-    what.add_argument("--unfinished", action="store_true", help="print the indices of the cells without results, comma-separated")
-    what.add_argument("--wandb-sweeps", metavar="DIR", help="write the grid's files as W&B sweeps for agents (online, group <grid>)")
+    what.add_argument(
+        "--validate", action="store_true", help="check every cell (config and data), write grid.json, print the count"
+    )
+    what.add_argument(
+        "--unfinished", action="store_true", help="print the indices of the cells without results, comma-separated"
+    )
+    what.add_argument(
+        "--wandb-sweeps", metavar="DIR", help="write the grid's files as W&B sweeps for agents (online, group <grid>)"
+    )
     p.add_argument("--per-task", type=int, default=1, metavar="P", help="cells per --task (default 1)")
-    p.add_argument("--parallel", type=int, default=None, metavar="G",
-                   help="processes at once, one GPU each (CUDA_VISIBLE_DEVICES per child; on a CPU the cores are shared out), each packing its share of the cells; "
-                        "default 1 (--task: one per visible GPU)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="G",
+        help="processes at once, one GPU each (CUDA_VISIBLE_DEVICES per child; on a CPU the cores are shared out), each packing its share of the cells; "
+        "default 1 (--task: one per visible GPU)",
+    )
     p.add_argument("--force", action="store_true", help="recompute finished cells (their folders are removed first)")
-    p.add_argument("--results-root", default=os.environ.get("DIA_RESULTS_ROOT", "results"),
-                   help="results go to <results-root>/<grid name>/<cell id>/ (default: $DIA_RESULTS_ROOT or results)")
+    p.add_argument(
+        "--results-root",
+        default=os.environ.get("DIA_RESULTS_ROOT", "results"),
+        help="results go to <results-root>/<grid name>/<cell id>/ (default: $DIA_RESULTS_ROOT or results)",
+    )
     return p
 
 
@@ -396,9 +453,21 @@ def main(argv: list[str] | None = None) -> int:
         if a.show is not None:
             c = grid.cell(a.show)
             args = train_args(grid, folder, c)
-            print(json.dumps({"index": c.index, "id": c.id, "grid": grid.name, "folder": str(folder / c.id),
-                              "status": status(grid, folder, c), "coords": c.coords, "overrides": c.overrides,
-                              "command": ["python", "-m", "dia.train", *args]}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "index": c.index,
+                        "id": c.id,
+                        "grid": grid.name,
+                        "folder": str(folder / c.id),
+                        "status": status(grid, folder, c),
+                        "coords": c.coords,
+                        "overrides": c.overrides,
+                        "command": ["python", "-m", "dia.train", *args],
+                    },
+                    indent=1,
+                )
+            )
             return ExitCode.OK
         if a.unfinished:
             check_results_dir(grid, folder)
@@ -424,9 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
     except Stopped as exc:  # a signal while checking the grid: nothing ran, nothing half written
-        note(f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; rerun the same command")
+        note(
+            f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; rerun the same command"
+        )
         return exc.exit_code
     except KeyboardInterrupt:
         note("interrupted before any cell ran; rerun the same command")
         return ExitCode.INTERRUPTED
-

@@ -31,10 +31,10 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -42,14 +42,44 @@ from dia.errors import UserError
 
 WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "dia.train", "${args_no_hyphens}"]
 AUTO_CELL = "auto-cell"  # run.name=auto-cell: name the run folder with its cell id (see `cell_id`)
-SWEEP_KEYS = {"name", "description", "program", "method", "metric", "parameters", "command", "project", "entity",
-              "run_cap", "early_terminate"}
+SWEEP_KEYS = {
+    "name",
+    "description",
+    "program",
+    "method",
+    "metric",
+    "parameters",
+    "command",
+    "project",
+    "entity",
+    "run_cap",
+    "early_terminate",
+}
 RESERVED = ("run.output_dir", "run.name", "logger.wandb.group", "logger.wandb.tags")  # set by dia.grid per cell
 AGENT_ARGS = ("run.name", "run.output_dir")  # literal arguments a sweep file's command may add for W&B agents
-HEADLINE = ("data", "model", "model.dropout", "client.local_steps", "attack", "victims", "num_victims")  # the readable prefix of an id
+HEADLINE = (
+    "data",
+    "model",
+    "model.dropout",
+    "client.local_steps",
+    "attack",
+    "victims",
+    "num_victims",
+)  # the readable prefix of an id
 # keys that may differ between the runs of one packed program (dia.run.pack: PER_ROW, NOT_SHARED): fastest in task order
-INNER = ("attack", "attack.mask_weight", "attack.assumed_rate", "attack.rate", "model.dropout", "victims", "num_victims", "victim_seed", "defense", "run.progress",
-         "run.save_tensors")
+INNER = (
+    "attack",
+    "attack.mask_weight",
+    "attack.assumed_rate",
+    "attack.rate",
+    "model.dropout",
+    "victims",
+    "num_victims",
+    "victim_seed",
+    "defense",
+    "run.progress",
+    "run.save_tensors",
+)
 INNER_PREFIXES = ("defense.", "logger.", "metrics.")
 MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a few hundred bytes; more is a mistake (or an attack)
 MAX_TAG = 64  # W&B refuses longer tags
@@ -66,6 +96,7 @@ def _not_hashed(key: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- values
 
+
 def format_value(value: Any) -> str:
     """A value as dia.train's `key=value` parser (YAML) reads it back."""
     if isinstance(value, bool):
@@ -73,8 +104,14 @@ def format_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(json.dumps(v) if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9._-]+", v)
-                               else format_value(v) for v in value) + "]"
+        return (
+            "["
+            + ", ".join(
+                json.dumps(v) if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9._-]+", v) else format_value(v)
+                for v in value
+            )
+            + "]"
+        )
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
@@ -92,7 +129,7 @@ def parse_value(text: str) -> Any:
 
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
-    except Exception:  # noqa: BLE001 - unparsable text is kept as text
+    except Exception:
         return text
 
 
@@ -141,11 +178,14 @@ def cell_id(overrides: dict[str, Any]) -> str:
     """
     hashed = {k: canonical(v) for k, v in overrides.items() if not _not_hashed(k)}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
-    prefix = "-".join(_short(k, hashed[k]) for k in HEADLINE if k in hashed and not (k == "client.local_steps" and hashed[k] == 1))
+    prefix = "-".join(
+        _short(k, hashed[k]) for k in HEADLINE if k in hashed and not (k == "client.local_steps" and hashed[k] == 1)
+    )
     return f"{prefix}-{digest}" if prefix else digest
 
 
 # ----------------------------------------------------------------------------------------------- grid
+
 
 @dataclass
 class Cell:
@@ -160,8 +200,12 @@ class Cell:
 
     def tags(self, grid: str) -> list[str]:
         """W&B tags: the grid and the cell's coordinates, each cut to W&B's 64 characters (a hash keeps them distinct)."""
-        tags = [f"grid:{grid}"] + [f"{k}:{format_value(v) if not isinstance(v, list) else _short(k, v)}" for k, v in self.coords.items()]
-        return [t if len(t) <= MAX_TAG else t[: MAX_TAG - 9] + "~" + hashlib.sha1(t.encode()).hexdigest()[:8] for t in tags]
+        tags = [f"grid:{grid}"] + [
+            f"{k}:{format_value(v) if not isinstance(v, list) else _short(k, v)}" for k, v in self.coords.items()
+        ]
+        return [
+            t if len(t) <= MAX_TAG else t[: MAX_TAG - 9] + "~" + hashlib.sha1(t.encode()).hexdigest()[:8] for t in tags
+        ]
 
 
 @dataclass
@@ -246,7 +290,9 @@ class Grid:
     def cell(self, index: int) -> Cell:
         _, b, i = self._block(index)
         overrides = b.overrides(i)
-        return Cell(index, cell_id(overrides), overrides, {k: overrides[k] for k in self.varying if k in overrides}, b.path.name)
+        return Cell(
+            index, cell_id(overrides), overrides, {k: overrides[k] for k in self.varying if k in overrides}, b.path.name
+        )
 
     def index_at(self, position: int) -> int:
         """The cell index at task-order `position` (array tasks take consecutive positions: `task`)."""
@@ -264,8 +310,10 @@ class Grid:
     def task(self, t: int, per: int) -> list[Cell]:
         """The cells of array task `t` (`per` consecutive positions in task order: whole packs where possible)."""
         if not 0 <= t < self.tasks(per):
-            raise UserError(f"--task {t} is outside the grid '{self.name}' ({len(self)} cells in {self.tasks(per)} task(s) of {per}: "
-                            f"valid 0..{self.tasks(per) - 1})")
+            raise UserError(
+                f"--task {t} is outside the grid '{self.name}' ({len(self)} cells in {self.tasks(per)} task(s) of {per}: "
+                f"valid 0..{self.tasks(per) - 1})"
+            )
         return [self.cell(self.index_at(p)) for p in range(t * per, min(len(self), (t + 1) * per))]
 
     def task_of(self, index: int, per: int) -> int:
@@ -274,8 +322,10 @@ class Grid:
     def check_size(self, what: str, limit: int = 100_000) -> None:
         """A UserError when `what` would expand more than `limit` cells (a typo in a values list, not a plan)."""
         if len(self) > limit:
-            raise UserError(f"grid '{self.name}' has {len(self):,} cells; {what} handles at most {limit:,} "
-                            "(--count, --show I and --run I work on any size)")
+            raise UserError(
+                f"grid '{self.name}' has {len(self):,} cells; {what} handles at most {limit:,} "
+                "(--count, --show I and --run I work on any size)"
+            )
 
     @property
     def cells(self) -> Cells:
@@ -302,7 +352,13 @@ class Cells(Sequence):
         for b in self.grid.blocks:
             for i in range(len(b)):
                 overrides = b.overrides(i)
-                yield Cell(index, cell_id(overrides), overrides, {k: overrides[k] for k in varying if k in overrides}, b.path.name)
+                yield Cell(
+                    index,
+                    cell_id(overrides),
+                    overrides,
+                    {k: overrides[k] for k in varying if k in overrides},
+                    b.path.name,
+                )
                 index += 1
 
 
@@ -337,13 +393,15 @@ def _check_command(path: Path, command: Any) -> None:
     """The command must run dia.train with the sweep's arguments; it may add run.name=auto-cell and run.output_dir."""
     if command is None:
         return
-    if not isinstance(command, list) or [str(c) for c in command[:len(WANDB_COMMAND)]] != WANDB_COMMAND:
+    if not isinstance(command, list) or [str(c) for c in command[: len(WANDB_COMMAND)]] != WANDB_COMMAND:
         raise UserError(f"{path}: command must start with {WANDB_COMMAND} (dia.grid runs exactly these arguments)")
-    for extra in command[len(WANDB_COMMAND):]:
+    for extra in command[len(WANDB_COMMAND) :]:
         key, _, value = str(extra).partition("=")
         if key not in AGENT_ARGS or (key == "run.name" and value != AUTO_CELL):
-            raise UserError(f"{path}: command argument '{extra}' would make W&B agents run another cell than dia.grid; "
-                            f"allowed after ${{args_no_hyphens}}: run.name={AUTO_CELL}, run.output_dir=DIR")
+            raise UserError(
+                f"{path}: command argument '{extra}' would make W&B agents run another cell than dia.grid; "
+                f"allowed after ${{args_no_hyphens}}: run.name={AUTO_CELL}, run.output_dir=DIR"
+            )
 
 
 class _Refused(yaml.YAMLError):
@@ -359,7 +417,9 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            raise _Refused("aliases (*name) are not supported in sweep files; write the values out", self.peek_event().start_mark)
+            raise _Refused(
+                "aliases (*name) are not supported in sweep files; write the values out", self.peek_event().start_mark
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -367,7 +427,9 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise _Refused(f"duplicate key '{key}' (the second would silently replace the first)", key_node.start_mark)
+                raise _Refused(
+                    f"duplicate key '{key}' (the second would silently replace the first)", key_node.start_mark
+                )
             seen.add(key if isinstance(key, (str, int, float, bool)) else id(key_node))
         return super().construct_mapping(node, deep=deep)
 
@@ -377,18 +439,24 @@ def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
         if not path.is_file():
             raise UserError(f"sweep file '{path}' is not a regular file")
         if path.stat().st_size > MAX_SWEEP_BYTES:
-            raise UserError(f"sweep file '{path}' is larger than {MAX_SWEEP_BYTES // 1024} KiB; a sweep file lists values, not data")
+            raise UserError(
+                f"sweep file '{path}' is larger than {MAX_SWEEP_BYTES // 1024} KiB; a sweep file lists values, not data"
+            )
         raw = path.read_bytes()
-        spec = yaml.load(raw, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        spec = yaml.load(raw, Loader=_Loader)
     except OSError as exc:
         raise UserError(f"sweep file '{path}': cannot read it ({exc.strerror})") from None
     except (yaml.YAMLError, RecursionError) as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0] if str(exc) else 'too deeply nested'})") from None
+        raise UserError(
+            f"{path}: not valid YAML ({str(exc).splitlines()[0] if str(exc) else 'too deeply nested'})"
+        ) from None
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a W&B sweep mapping (method, metric, parameters, command)")
     if "dia" in spec:
-        raise UserError(f"{path}: the 'dia' section is gone (W&B rejects it); put each block in its own file of one folder "
-                        "and give dia.grid the folder (see docs/cluster.md)")
+        raise UserError(
+            f"{path}: the 'dia' section is gone (W&B rejects it); put each block in its own file of one folder "
+            "and give dia.grid the folder (see docs/cluster.md)"
+        )
     unknown = sorted(set(map(str, spec)) - SWEEP_KEYS)
     if unknown:
         raise UserError(f"{path}: unknown top-level key '{unknown[0]}'; valid: {', '.join(sorted(SWEEP_KEYS))}")
@@ -406,7 +474,7 @@ def _name(path: Path, text: str) -> str:
 
 def agent_folder(spec: dict[str, Any]) -> str | None:
     """The `run.output_dir=` a sweep file's command gives W&B agents (None: it sets none)."""
-    for extra in (spec.get("command") or [])[len(WANDB_COMMAND):]:
+    for extra in (spec.get("command") or [])[len(WANDB_COMMAND) :]:
         key, _, value = str(extra).partition("=")
         if key == "run.output_dir":
             return value
@@ -436,8 +504,10 @@ def load(path: str | Path) -> Grid:
         if not name:
             name = _name(f, Path(target).name if target else str(spec.get("name") or f.stem))
         if target is not None and (Path(target).name != name or Path(target).parent != Path("results")):
-            raise UserError(f"{f}: its command writes W&B agents' runs to run.output_dir={target}, but dia.grid writes this grid "
-                            f"to results/{name} (results/<grid>: the folder's name, or the file's); make them agree")
+            raise UserError(
+                f"{f}: its command writes W&B agents' runs to run.output_dir={target}, but dia.grid writes this grid "
+                f"to results/{name} (results/<grid>: the folder's name, or the file's); make them agree"
+            )
         blocks.append(Block(f, spec, _parameters(f"{f}: parameters", spec.get("parameters"), name)))
     return Grid(name, path, digest.hexdigest(), blocks)
 
@@ -454,7 +524,7 @@ def wandb_sweeps(grid: Grid) -> list[dict[str, Any]]:
         parameters["logger.wandb.group"] = {"value": grid.name}
         spec["parameters"] = parameters
         # agents name their runs by cell and write them where dia.grid does (so the copy is the same grid)
-        extra = [a for a in (spec.get("command") or [])[len(WANDB_COMMAND):] if not str(a).startswith(AGENT_ARGS)]
+        extra = [a for a in (spec.get("command") or [])[len(WANDB_COMMAND) :] if not str(a).startswith(AGENT_ARGS)]
         spec["command"] = WANDB_COMMAND + extra + [f"run.name={AUTO_CELL}", f"run.output_dir=results/{grid.name}"]
         out.append(spec)
     return out

@@ -7,17 +7,18 @@ settings are its YAML (`configs/model/<name>.yaml`, typed by dia.config.schema);
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from dia.errors import UserError
-from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites
-from dia.models.cnn import build_cnn
-from dia.models.mlp import build_mlp
 from dia.models import timm_zoo, vit
+from dia.models.cnn import build_cnn
+from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites
+from dia.models.mlp import build_mlp
 from dia.models.timm_zoo import build_resnet18, build_timm
 from dia.models.vit import build_vit
 from dia.registry import Registry
@@ -30,8 +31,16 @@ MODELS.register("resnet18")(build_resnet18)
 MODELS.register("vit_b16")(build_vit)
 MODELS.register("timm")(build_timm)
 
-__all__ = ["MODELS", "build_model", "build_for", "CapturableDropout", "dropout_control", "dropout_sites", "describe_sites",
-           "site_parts"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "build_for",
+    "CapturableDropout",
+    "dropout_control",
+    "dropout_sites",
+    "describe_sites",
+    "site_parts",
+]
 
 # Rules naming the part of the network a dropout site is in, each next to its model's code (first match wins).
 _PART_RULES = (vit.site_part, timm_zoo.site_part)
@@ -58,8 +67,13 @@ def build_model(cfg: Any, *, channels: int, image_size: int, num_classes: int, s
 
 def build_for(cfg: Any) -> nn.Module:
     """The model of a whole run config (`cfg.model`) for its data (`cfg.data`), seeded with `cfg.run.seed`."""
-    return build_model(cfg.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
-                       num_classes=cfg.data.num_classes, seed=cfg.run.seed)
+    return build_model(
+        cfg.model,
+        channels=cfg.data.channels,
+        image_size=cfg.data.image_size,
+        num_classes=cfg.data.num_classes,
+        seed=cfg.run.seed,
+    )
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -69,8 +83,12 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise UserError(f"model.checkpoint: no such file '{path}'")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise UserError(f"model.checkpoint: cannot read '{path}' as a tensor state dict ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    except Exception as exc:
+        raise UserError(
+            f"model.checkpoint: cannot read '{path}' as a tensor state dict ({type(exc).__name__}: {exc})".splitlines()[
+                0
+            ]
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -102,7 +120,12 @@ def describe_sites(model: nn.Module, example: torch.Tensor) -> list[dict[str, An
     with torch.no_grad(), dropout_control(model, "record") as ctl:
         model(example)
     return [
-        {"site": name, "p": site.p, "mask_shape": list(ctl.masks[name].shape[1:]) if name in ctl.masks else None,
-         "kind": site.kind, "captured_by": site.describe()}
+        {
+            "site": name,
+            "p": site.p,
+            "mask_shape": list(ctl.masks[name].shape[1:]) if name in ctl.masks else None,
+            "kind": site.kind,
+            "captured_by": site.describe(),
+        }
         for name, site in dropout_sites(model).items()
     ]

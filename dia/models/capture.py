@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,15 +138,24 @@ def _routed_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplac
     return _F_DROPOUT(input, p, training, inplace)
 
 
-def _routed_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+def _routed_sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
     site = _site_for(sys._getframe(1), "sdpa", dropout_p)
     if site is None:
         if ROUTING.probe is not None:
             dropout_p = 0.0
         extra = {"enable_gqa": True} if enable_gqa else {}  # torch < 2.5 has no enable_gqa
-        return _F_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                       scale=scale, **extra)
+        return _F_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra
+        )
     # the math of scaled_dot_product_attention, with the attention weights through the site
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         rep = query.shape[-3] // key.shape[-3]
@@ -170,7 +180,7 @@ class ModelInputError(UncapturableModel):
     """The model cannot run on the example input (its own message)."""
 
 
-Converter = Callable[[nn.Module], Optional[nn.Module]]
+Converter = Callable[[nn.Module], nn.Module | None]
 
 
 def _default_converter(module: nn.Module) -> nn.Module | None:
@@ -246,9 +256,11 @@ def make_capturable(
             ctl.visited = set()
             try:
                 reference = model(example)
-            except Exception as exc:  # noqa: BLE001 - the model's own complaint about the input
+            except Exception as exc:
                 text = str(exc).strip()
-                raise ModelInputError(f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__) from exc
+                raise ModelInputError(
+                    f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+                ) from exc
         _add_functional_sites(calls)
         _release_unused(model, ctl.visited)
         name_sites(model)
@@ -305,7 +317,11 @@ def _release_unused(model: nn.Module, visited: set[str]) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in (CapturableDropout, CapturableChannelDropout) and child.site not in visited:
-                plain = nn.Dropout(child.p) if type(child) is CapturableDropout else getattr(nn, f"Dropout{child.dims}d")(child.p)
+                plain = (
+                    nn.Dropout(child.p)
+                    if type(child) is CapturableDropout
+                    else getattr(nn, f"Dropout{child.dims}d")(child.p)
+                )
                 plain.train(child.training)
                 setattr(parent, name, plain)
 

@@ -23,12 +23,26 @@ def feature_size(image_size: int, kernel: int) -> int:
 
 
 class CNN(nn.Module):
-    def __init__(self, *, channels: int, image_size: int, num_classes: int, conv1: int, conv2: int, kernel: int,
-                 hidden: list[int], dropout: float) -> None:
+    def __init__(
+        self,
+        *,
+        channels: int,
+        image_size: int,
+        num_classes: int,
+        conv1: int,
+        conv2: int,
+        kernel: int,
+        hidden: list[int],
+        dropout: float,
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channels, conv1, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(conv1, conv2, kernel), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, conv1, kernel, padding=kernel // 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, kernel),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
         )
         side = feature_size(image_size, kernel)
@@ -46,12 +60,22 @@ class CNN(nn.Module):
 
 def build_cnn(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     if image_size < MIN_SIZE:
-        raise UserError(f"model=cnn needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px, the data are {image_size}x{image_size}")
+        raise UserError(
+            f"model=cnn needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px, the data are {image_size}x{image_size}"
+        )
     if cfg.kernel < 1 or cfg.kernel % 2 == 0:
         raise UserError(f"model.kernel={cfg.kernel}: must be an odd positive integer")
     if feature_size(image_size, cfg.kernel) < 1:
         raise UserError(f"model.kernel={cfg.kernel} is too large for {image_size}x{image_size} inputs")
     if min([cfg.conv1, cfg.conv2, *cfg.hidden], default=1) < 1:
         raise UserError("model.conv1, model.conv2 and model.hidden must be positive")
-    return CNN(channels=channels, image_size=image_size, num_classes=num_classes, conv1=cfg.conv1, conv2=cfg.conv2,
-               kernel=cfg.kernel, hidden=list(cfg.hidden), dropout=cfg.dropout)
+    return CNN(
+        channels=channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        conv1=cfg.conv1,
+        conv2=cfg.conv2,
+        kernel=cfg.kernel,
+        hidden=list(cfg.hidden),
+        dropout=cfg.dropout,
+    )

@@ -31,9 +31,10 @@ Sites come in three kinds (`site.kind`), so that attacks and reports can tell th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class DropoutControl:
     mode: Mode
     masks: dict[str, Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
-    visited: Optional[set[str]] = None  # when a set: the names of the sites that ran (probe passes)
+    visited: set[str] | None = None  # when a set: the names of the sites that ran (probe passes)
 
 
 class CapturableDropout(nn.Module):
@@ -167,11 +168,7 @@ def name_sites(model: nn.Module) -> nn.Module:
 
 def dropout_sites(model: nn.Module, *, active_only: bool = False) -> dict[str, CapturableDropout]:
     """All capturable dropout sites by name (only those with p > 0 when `active_only`)."""
-    return {
-        m.site: m
-        for m in model.modules()
-        if isinstance(m, CapturableDropout) and (m.p > 0 or not active_only)
-    }
+    return {m.site: m for m in model.modules() if isinstance(m, CapturableDropout) and (m.p > 0 or not active_only)}
 
 
 @contextmanager

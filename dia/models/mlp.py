@@ -10,7 +10,9 @@ from dia.models.dropout import CapturableDropout
 
 
 class MLP(nn.Module):
-    def __init__(self, *, in_features: int, num_classes: int, width: int, depth: int, dropout: float, bias: bool) -> None:
+    def __init__(
+        self, *, in_features: int, num_classes: int, width: int, depth: int, dropout: float, bias: bool
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_features

@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,8 +44,13 @@ BATCH_NORM = ("running", "native")
 
 def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     _check_rates(cfg)
-    model = _create("resnet18", "model=resnet18", channels, image_size,
-                    dict(num_classes=num_classes, in_chans=channels, drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path))
+    model = _create(
+        "resnet18",
+        "model=resnet18",
+        channels,
+        image_size,
+        dict(num_classes=num_classes, in_chans=channels, drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path),
+    )
     return _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
 
 
@@ -54,14 +59,28 @@ def build_timm(cfg: Any, *, channels: int, image_size: int, num_classes: int) ->
     arch = check_arch(cfg.arch)
     what = f"model.arch={arch}"
     attn = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
-    rates = dict(drop_rate=cfg.dropout, proj_drop_rate=cfg.dropout, pos_drop_rate=cfg.dropout, attn_drop_rate=attn,
-                 drop_path_rate=cfg.drop_path)
-    model = _create(arch, what, channels, image_size, dict(num_classes=num_classes, in_chans=channels,
-                                                           img_size=image_size, **rates),
-                    optional=("img_size", *rates))
+    rates = dict(
+        drop_rate=cfg.dropout,
+        proj_drop_rate=cfg.dropout,
+        pos_drop_rate=cfg.dropout,
+        attn_drop_rate=attn,
+        drop_path_rate=cfg.drop_path,
+    )
+    model = _create(
+        arch,
+        what,
+        channels,
+        image_size,
+        dict(num_classes=num_classes, in_chans=channels, img_size=image_size, **rates),
+        optional=("img_size", *rates),
+    )
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if isinstance(patch, (tuple, list)) and patch and all(isinstance(s, int) and s > 0 for s in patch) \
-            and any(image_size % s for s in patch):
+    if (
+        isinstance(patch, (tuple, list))
+        and patch
+        and all(isinstance(s, int) and s > 0 for s in patch)
+        and any(image_size % s for s in patch)
+    ):
         raise UserError(f"{what} has patch size {tuple(patch)}, which does not divide the input size {image_size}")
     for name, module in model.named_modules():  # model.dropout / model.attn_dropout at every dropout module
         if type(module) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
@@ -104,8 +123,9 @@ def _check_rates(cfg: Any) -> None:
         raise UserError(f"model.batch_norm={cfg.batch_norm!r}: must be one of: {', '.join(BATCH_NORM)}")
 
 
-def _create(arch: str, what: str, channels: int, image_size: int, kwargs: dict[str, Any],
-            optional: tuple[str, ...] = ()) -> nn.Module:
+def _create(
+    arch: str, what: str, channels: int, image_size: int, kwargs: dict[str, Any], optional: tuple[str, ...] = ()
+) -> nn.Module:
     """timm.create_model(arch, pretrained=False, **kwargs), leaving out `optional` arguments the model does not take."""
     import timm
 
@@ -119,16 +139,21 @@ def _create(arch: str, what: str, channels: int, image_size: int, kwargs: dict[s
                 kwargs.pop(bad.group(1))
                 continue
             raise UserError(f"{what}: timm cannot build it with {_fmt(kwargs)} ({_line(exc)})") from None
-        except Exception as exc:  # noqa: BLE001 - e.g. an image size the architecture cannot take
-            raise UserError(f"{what} cannot be built for {channels}x{image_size}x{image_size} inputs ({_line(exc)})") from None
+        except Exception as exc:
+            raise UserError(
+                f"{what} cannot be built for {channels}x{image_size}x{image_size} inputs ({_line(exc)})"
+            ) from None
 
 
 def _capturable(model: nn.Module, what: str, channels: int, image_size: int, *, batch_norm: str) -> nn.Module:
     if batch_norm == "running":
         running_stats_batch_norm(model)
-    native_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in _RUNNING.values()
-                    for m in model.modules())
-    example = torch.randn(2 if native_bn else 1, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    native_bn = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in _RUNNING.values() for m in model.modules()
+    )
+    example = torch.randn(
+        2 if native_bn else 1, channels, image_size, image_size, generator=torch.Generator().manual_seed(0)
+    )
     try:
         return make_capturable(model, example, converters=[_drop_path])
     except ModelInputError as exc:
@@ -196,7 +221,10 @@ def _line(exc: BaseException) -> str:
 # Which part of the network a site of a timm ViT-style model is in (for per-part mask measures).
 _PARTS = (
     (re.compile(r"(.*\.)?(pos_drop|patch_drop)"), "embedding"),
-    (re.compile(r".*(attn\.attn_drop|functional_attn_drop\w*)"), "attention"),  # attention weights (SDPA's dropout_p too)
+    (
+        re.compile(r".*(attn\.attn_drop|functional_attn_drop\w*)"),
+        "attention",
+    ),  # attention weights (SDPA's dropout_p too)
     (re.compile(r".*attn\.proj_drop"), "attention_out"),
     (re.compile(r".*mlp\.drop\d*"), "mlp"),
     (re.compile(r".*drop_path\d*"), "drop_path"),
@@ -208,5 +236,12 @@ def site_part(name: str) -> str | None:
     return next((part for pattern, part in _PARTS if pattern.fullmatch(name)), None)
 
 
-__all__ = ["build_resnet18", "build_timm", "site_part",
-           "check_arch", "running_stats_batch_norm", "CapturableDropout", "FunctionalDropoutSite"]
+__all__ = [
+    "build_resnet18",
+    "build_timm",
+    "site_part",
+    "check_arch",
+    "running_stats_batch_norm",
+    "CapturableDropout",
+    "FunctionalDropoutSite",
+]

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from dia.errors import UserError
 from dia.models.dropout import CapturableDropout, CapturableDropPath
 
-
 # Which part of the network each dropout site is in (for per-part mask measures), from the site names
 # of these ViTs: the embeddings, the attention weights, the attention output, the MLP sublayers.
 _PARTS = (
@@ -82,8 +81,19 @@ class FeedForward(nn.Module):
 
 class ViT(nn.Module):
     def __init__(
-        self, *, image_size: int, channels: int, num_classes: int, patch_size: int, dim: int, depth: int,
-        heads: int, mlp_dim: int, dim_head: int, dropout: float, drop_path: float = 0.0,
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        num_classes: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        dim_head: int,
+        dropout: float,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -98,8 +108,11 @@ class ViT(nn.Module):
         )
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
-        self.drop_paths = nn.ModuleList(nn.ModuleList([CapturableDropPath(r), CapturableDropPath(r)]) for r in rates) \
-            if drop_path > 0 else None
+        self.drop_paths = (
+            nn.ModuleList(nn.ModuleList([CapturableDropPath(r), CapturableDropPath(r)]) for r in rates)
+            if drop_path > 0
+            else None
+        )
 
     def patchify(self, img: Tensor) -> Tensor:
         """b c (h p1) (w p2) -> b (h w) (p1 p2 c), the paper's patch layout."""
@@ -131,7 +144,15 @@ def build_vit(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> 
     if cfg.dim % cfg.heads and cfg.dim_head is None:
         raise UserError(f"model.heads={cfg.heads} does not divide model.dim={cfg.dim}; set model.dim_head")
     return ViT(
-        image_size=image_size, channels=channels, num_classes=num_classes, patch_size=cfg.patch_size,
-        dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim,
-        dim_head=cfg.dim_head or cfg.dim // cfg.heads, dropout=cfg.dropout, drop_path=cfg.drop_path,
+        image_size=image_size,
+        channels=channels,
+        num_classes=num_classes,
+        patch_size=cfg.patch_size,
+        dim=cfg.dim,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        mlp_dim=cfg.mlp_dim,
+        dim_head=cfg.dim_head or cfg.dim // cfg.heads,
+        dropout=cfg.dropout,
+        drop_path=cfg.drop_path,
     )

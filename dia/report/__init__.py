@@ -46,7 +46,11 @@ from typing import Any, NamedTuple
 
 from dia.errors import ExitCode, UserError
 
-ORDER = {"data": ["mnist", "cifar10", "imagenet"], "model": ["mlp", "cnn", "vit", "vit_b16"], "attack": ["ig", "wiig", "dia"]}
+ORDER = {
+    "data": ["mnist", "cifar10", "imagenet"],
+    "model": ["mlp", "cnn", "vit", "vit_b16"],
+    "attack": ["ig", "wiig", "dia"],
+}
 
 
 def _metrics() -> list[tuple[str, str, str]]:
@@ -89,7 +93,9 @@ def describe_defense(d: dict[str, Any] | None) -> Defense:
 
     d = d or {"name": "none"}
     name = str(d["name"])
-    stages = [(s, DEFENSES.get(s) if s in DEFENSES else Stage(identity, label=lambda _, s=s: s)) for s in name.split("+")]
+    stages = [
+        (s, DEFENSES.get(s) if s in DEFENSES else Stage(identity, label=lambda _, s=s: s)) for s in name.split("+")
+    ]
     label = "+".join(stage.label(d) for _, stage in stages) + (" (md)" if d.get("model_defense") else "")
     epsilon = d.get("epsilon")
     epsilon = math.inf if epsilon is None and any(stage.private for _, stage in stages) else epsilon
@@ -98,7 +104,9 @@ def describe_defense(d: dict[str, Any] | None) -> Defense:
     tick = (f"{value:g}" + (f"\nε={d['epsilon']:.3g}" if d.get("epsilon") is not None else "")) if strong else label
     others = sorted(k for k in d if k not in NOT_SETTINGS and (strong is None or k != strong.strength))
     kind = name + "".join(f", {k}={d[k]}" for k in others)
-    return Defense(kind, value, tick, label, epsilon, strong.axis if strong else "", bool(strong and strong.stronger_when_smaller))
+    return Defense(
+        kind, value, tick, label, epsilon, strong.axis if strong else "", bool(strong and strong.stronger_when_smaller)
+    )
 
 
 NONE = Defense("none", 0.0, "none", "none", None)
@@ -122,19 +130,39 @@ class Group:
     @property
     def key(self) -> tuple:
         d = self.defense
-        return (_rank("data", self.data), _rank("model", self.model), self.grid, -1 if self.budget is None else self.budget,
-                self.victims_set, self.steps, self.dropout, _rank("attack", self.attack), d.kind != "none", d.kind.count("+"), d.kind,
-                d.strength, d.label)
+        return (
+            _rank("data", self.data),
+            _rank("model", self.model),
+            self.grid,
+            -1 if self.budget is None else self.budget,
+            self.victims_set,
+            self.steps,
+            self.dropout,
+            _rank("attack", self.attack),
+            d.kind != "none",
+            d.kind.count("+"),
+            d.kind,
+            d.strength,
+            d.label,
+        )
 
     def variant(self, shown: list[str]) -> str:
         """The group's grid, budget, victim set and local steps where they differ between groups (`shown`), for labels."""
-        parts = {"grid": self.grid or "no grid", "budget": f"{self.budget} it" if self.budget is not None else "? it",
-                 "victims": f"victims {self.victims_set}", "steps": f"T={self.steps}"}
+        parts = {
+            "grid": self.grid or "no grid",
+            "budget": f"{self.budget} it" if self.budget is not None else "? it",
+            "victims": f"victims {self.victims_set}",
+            "steps": f"T={self.steps}",
+        }
         return ", ".join(parts[k] for k in shown)
 
     def values(self, metric: str) -> list[float]:
-        return [v[metric] for r in self.runs for v in r["victims"]
-                if isinstance(v.get(metric), (int, float)) and not isinstance(v[metric], bool) and math.isfinite(v[metric])]
+        return [
+            v[metric]
+            for r in self.runs
+            for v in r["victims"]
+            if isinstance(v.get(metric), (int, float)) and not isinstance(v[metric], bool) and math.isfinite(v[metric])
+        ]
 
     def stats(self, metric: str) -> tuple[float, float, int] | None:
         vals = self.values(metric)
@@ -146,8 +174,12 @@ class Group:
 
 
 def _coords(overrides: dict[str, Any], config_defaults: dict[str, Any]) -> tuple[str, str, float, str]:
-    return (str(overrides.get("data", config_defaults["data"])), str(overrides.get("model", config_defaults["model"])),
-            float(overrides.get("model.dropout", config_defaults["dropout"])), str(overrides.get("attack", config_defaults["attack"])))
+    return (
+        str(overrides.get("data", config_defaults["data"])),
+        str(overrides.get("model", config_defaults["model"])),
+        float(overrides.get("model.dropout", config_defaults["dropout"])),
+        str(overrides.get("attack", config_defaults["attack"])),
+    )
 
 
 def _defaults() -> dict[str, Any]:
@@ -157,7 +189,7 @@ def _defaults() -> dict[str, Any]:
 
         cfg = compose([])
         return {"data": cfg.data.name, "model": cfg.model.name, "dropout": cfg.model.dropout, "attack": cfg.attack.name}
-    except Exception:  # noqa: BLE001 - a report should not need a working config tree
+    except Exception:
         return {"data": "mnist", "model": "mlp", "dropout": 0.25, "attack": "dia"}
 
 
@@ -197,7 +229,10 @@ def _read_metrics(path: Path) -> dict[str, Any] | None:
     """A run's metrics.json, or None (with one warning) when it is not one dia wrote."""
     try:
         m = read_json(path)
-        key = (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"])), describe_defense(m.get("defense"))
+        key = (
+            (str(m["data"]), str(m["model"]), float(m["dropout"]), str(m["attack"])),
+            describe_defense(m.get("defense")),
+        )
         if not isinstance(m["victims"], list) or not all(isinstance(v, dict) for v in m["victims"]):
             raise TypeError("victims is not a list of per-victim rows")
         if not math.isfinite(key[0][2]):
@@ -221,8 +256,14 @@ def _grid_cells(path: Path) -> tuple[str, list[dict[str, Any]]]:
         return "", []
     good = []
     for i, cell in enumerate(cells):
-        ok = isinstance(cell, dict) and isinstance(cell.get("overrides"), dict) and isinstance(cell.get("id"), str) \
-            and isinstance(cell.get("index"), int) and "/" not in cell["id"] and not cell["id"].startswith(".")
+        ok = (
+            isinstance(cell, dict)
+            and isinstance(cell.get("overrides"), dict)
+            and isinstance(cell.get("id"), str)
+            and isinstance(cell.get("index"), int)
+            and "/" not in cell["id"]
+            and not cell["id"].startswith(".")
+        )
         if ok:
             good.append(cell)
         else:
@@ -273,11 +314,22 @@ def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str, int]
     return budget, label, steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 1
 
 
-ENGINE_KEYS = {"name", "max_iterations", "compile", "compile_mode", "parallel", "refill", "log_every", "check_every",
-               "iterations_per_step", "matmul_precision", "model_defense"}  # how it runs, or shown elsewhere (budget, defense)
+ENGINE_KEYS = {
+    "name",
+    "max_iterations",
+    "compile",
+    "compile_mode",
+    "parallel",
+    "refill",
+    "log_every",
+    "check_every",
+    "iterations_per_step",
+    "matmul_precision",
+    "model_defense",
+}  # how it runs, or shown elsewhere (budget, defense)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _attack_defaults(name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -294,7 +346,7 @@ def attack_variant(attack: Any) -> str:
         return ""
     try:
         base = _attack_defaults(attack["name"])
-    except Exception:  # noqa: BLE001 - an attack this version does not know: shown by its name
+    except Exception:
         return ""
     diff = [f"{k}={attack[k]}" for k in sorted(attack) if k not in ENGINE_KEYS and k in base and attack[k] != base[k]]
     return f" ({', '.join(diff)})" if diff else ""
@@ -308,7 +360,7 @@ def _cell_attack_variant(overrides: dict[str, Any]) -> str:
     return _composed_attack_variant(args) if any(a.startswith("attack.") for a in args) else ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed_attack_variant(args: tuple[str, ...]) -> str:
     try:
         from omegaconf import OmegaConf
@@ -316,36 +368,50 @@ def _composed_attack_variant(args: tuple[str, ...]) -> str:
         from dia.config import compose
 
         return attack_variant(OmegaConf.to_container(compose(list(args)).attack))
-    except Exception:  # noqa: BLE001 - a report should not need a working config tree
+    except Exception:
         return ""
 
 
-def _group(groups: dict[tuple, Group], coords: tuple[str, str, float, str], defense: Defense, grid: str, budget: int | None,
-           victims: str, steps: int = 1) -> Group:
+def _group(
+    groups: dict[tuple, Group],
+    coords: tuple[str, str, float, str],
+    defense: Defense,
+    grid: str,
+    budget: int | None,
+    victims: str,
+    steps: int = 1,
+) -> Group:
     """The group of a run or cell: its data, model, rate and attack, its defense's label, its grid, budget, victims
     and the clients' local steps."""
-    return groups.setdefault((*coords, defense.label, grid, budget, victims, steps),
-                             Group(*coords, defense, grid, budget, victims, steps))
+    return groups.setdefault(
+        (*coords, defense.label, grid, budget, victims, steps), Group(*coords, defense, grid, budget, victims, steps)
+    )
 
 
 def _cell_variant(overrides: dict[str, Any]) -> tuple[int | None, str, int]:
     """(budget, victim set, local steps) a grid cell that has not run yet will have: its overrides composed as dia.train does."""
     from dia.grid.sweep import format_value
 
-    keys = [k for k in ("attack", "attack.max_iterations", "victims", "num_victims", "victim_seed", "client.local_steps")
-            if k in overrides]
+    keys = [
+        k
+        for k in ("attack", "attack.max_iterations", "victims", "num_victims", "victim_seed", "client.local_steps")
+        if k in overrides
+    ]
     return _composed_variant(tuple(f"{k}={format_value(overrides[k])}" for k in keys))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed_variant(args: tuple[str, ...]) -> tuple[int | None, str, int]:
     try:
         from dia.config import compose
 
         cfg = compose(list(args))
-        return int(cfg.attack.max_iterations), victim_label(None if cfg.victims is None else list(cfg.victims), cfg.num_victims,
-                                                              cfg.victim_seed), int(cfg.client.local_steps)
-    except Exception:  # noqa: BLE001 - a report should not need a working config tree
+        return (
+            int(cfg.attack.max_iterations),
+            victim_label(None if cfg.victims is None else list(cfg.victims), cfg.num_victims, cfg.victim_seed),
+            int(cfg.client.local_steps),
+        )
+    except Exception:
         return None, "?", 1
 
 
@@ -359,7 +425,7 @@ def _cell_defense(overrides: dict[str, Any]) -> Defense:
     return _composed_defense(tuple(f"{k}={format_value(overrides[k])}" for k in keys))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed_defense(args: tuple[str, ...]) -> Defense:
     """`describe_defense` of what dia.defenses.summary records for these overrides (cached: grid cells share them)."""
     try:
@@ -368,7 +434,7 @@ def _composed_defense(args: tuple[str, ...]) -> Defense:
 
         cfg = compose(list(args))
         return describe_defense(summary(cfg.defense, cfg.attack.model_defense))
-    except Exception as exc:  # noqa: BLE001 - a report should not need a working config tree for undefended cells
+    except Exception as exc:
         if args:
             raise ValueError(" ".join(str(exc).split())) from None
         return NONE
@@ -445,7 +511,11 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
                 continue
             folder = (where / cell["id"]).resolve()
             try:
-                defense = describe_defense(runs[folder].get("defense")) if folder in runs else _cell_defense(cell["overrides"])
+                defense = (
+                    describe_defense(runs[folder].get("defense"))
+                    if folder in runs
+                    else _cell_defense(cell["overrides"])
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable defense ({str(exc)[:80]}); skipped")
                 continue
@@ -454,10 +524,21 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
             group.expected += 1
             if folder not in runs:
                 state = "partial" if (where / f".{cell['id']}.partial").is_dir() else "pending"
-                entry = {"grid": name, "index": cell["index"], "id": cell["id"], "state": state,
-                         "data": key[0], "model": key[1], "dropout": key[2], "attack": key[3], "defense": defense.label,
-                         "budget": "" if budget is None else budget, "victims": victims, "steps": steps,
-                         "file": cell.get("file", "")}
+                entry = {
+                    "grid": name,
+                    "index": cell["index"],
+                    "id": cell["id"],
+                    "state": state,
+                    "data": key[0],
+                    "model": key[1],
+                    "dropout": key[2],
+                    "attack": key[3],
+                    "defense": defense.label,
+                    "budget": "" if budget is None else budget,
+                    "victims": victims,
+                    "steps": steps,
+                    "file": cell.get("file", ""),
+                }
                 group.missing.append(entry)
                 missing.append(entry)
     return groups, missing
@@ -466,9 +547,16 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Group], l
 def differing(groups: dict[tuple, Group]) -> list[str]:
     """Which of grid, budget, victim set and local steps T take more than one value among the groups (the columns to show)."""
     ordered = list(groups.values())
-    return [k for k, get in (("grid", lambda g: g.grid), ("budget", lambda g: g.budget), ("victims", lambda g: g.victims_set),
-                             ("steps", lambda g: g.steps))
-            if len({get(g) for g in ordered}) > 1]
+    return [
+        k
+        for k, get in (
+            ("grid", lambda g: g.grid),
+            ("budget", lambda g: g.budget),
+            ("victims", lambda g: g.victims_set),
+            ("steps", lambda g: g.steps),
+        )
+        if len({get(g) for g in ordered}) > 1
+    ]
 
 
 def _fmt(stats: tuple[float, float, int] | None, metric: str) -> str:
@@ -491,45 +579,145 @@ def tables(groups: dict[tuple, Group], missing: list[dict[str, Any]]) -> tuple[s
     ordered = sorted(groups.values(), key=lambda g: g.key)
     defended = any(g.defense.label != "none" for g in ordered)  # every missing cell has its group
     vary = differing(groups)  # grid, budget, victim set: shown where they differ (always in the CSV)
-    shown = (["defense", "ε"] if defended else []) + [{"grid": "grid", "budget": "budget", "victims": "victim set", "steps": "T"}[k] for k in vary]
-    head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [f"{name} {arrow}" for _, name, arrow in _metrics()]
+    shown = (["defense", "ε"] if defended else []) + [
+        {"grid": "grid", "budget": "budget", "victims": "victim set", "steps": "T"}[k] for k in vary
+    ]
+    head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [
+        f"{name} {arrow}" for _, name, arrow in _metrics()
+    ]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(["data", "model", "dropout", "attack", "defense", "epsilon", "grid", "budget", "victim_set", "cells_finished",
-                "cells_expected", "victims", "diverged", "local_steps"] + [f"{m}_{s}" for m, _, _ in _metrics() for s in ("mean", "std", "n")])
+    w.writerow(
+        [
+            "data",
+            "model",
+            "dropout",
+            "attack",
+            "defense",
+            "epsilon",
+            "grid",
+            "budget",
+            "victim_set",
+            "cells_finished",
+            "cells_expected",
+            "victims",
+            "diverged",
+            "local_steps",
+        ]
+        + [f"{m}_{s}" for m, _, _ in _metrics() for s in ("mean", "std", "n")]
+    )
     for g in ordered:
         expected = g.expected or len(g.runs)
         n_victims = sum(len(r["victims"]) for r in g.runs)
         diverged = sum(r.get("status") == "diverged" for r in g.runs)
         defense = [g.defense.label, _epsilon(g.defense.epsilon)] if defended else []
-        variant = [{"grid": g.grid or "—", "budget": "?" if g.budget is None else str(g.budget), "victims": g.victims_set,
-                    "steps": str(g.steps)}[k] for k in vary]
-        md.append("| " + " | ".join([g.data, g.model, f"{g.dropout:g}", g.attack, *defense, *variant, f"{len(g.runs)}/{expected}",
-                                     str(n_victims), str(diverged)] + [_fmt(g.stats(m), m) for m, _, _ in _metrics()]) + " |")
+        variant = [
+            {
+                "grid": g.grid or "—",
+                "budget": "?" if g.budget is None else str(g.budget),
+                "victims": g.victims_set,
+                "steps": str(g.steps),
+            }[k]
+            for k in vary
+        ]
+        md.append(
+            "| "
+            + " | ".join(
+                [
+                    g.data,
+                    g.model,
+                    f"{g.dropout:g}",
+                    g.attack,
+                    *defense,
+                    *variant,
+                    f"{len(g.runs)}/{expected}",
+                    str(n_victims),
+                    str(diverged),
+                ]
+                + [_fmt(g.stats(m), m) for m, _, _ in _metrics()]
+            )
+            + " |"
+        )
         eps = g.defense.epsilon
-        row: list[Any] = [g.data, g.model, g.dropout, g.attack, g.defense.label, "" if eps is None else f"{eps:.6g}", g.grid,
-                          "" if g.budget is None else g.budget, g.victims_set, len(g.runs), expected, n_victims, diverged, g.steps]
+        row: list[Any] = [
+            g.data,
+            g.model,
+            g.dropout,
+            g.attack,
+            g.defense.label,
+            "" if eps is None else f"{eps:.6g}",
+            g.grid,
+            "" if g.budget is None else g.budget,
+            g.victims_set,
+            len(g.runs),
+            expected,
+            n_victims,
+            diverged,
+            g.steps,
+        ]
         for m, _, _ in _metrics():
             s = g.stats(m)
             row += ["", "", 0] if s is None else [f"{s[0]:.6g}", f"{s[1]:.6g}", s[2]]
         w.writerow(row)
-    note = " defense: what the clients sent ((md): attack.model_defense=true); ε: of one client's DP-SGD release, δ=1e-5 " \
-           "unless its label names δ (∞: no noise)." if defended else ""
-    text = ["# Results", "", f"{sum(len(g.runs) for g in ordered)} finished runs in {len(ordered)} groups; "
-            "mean ± std over victims (std with n-1; 0 for one victim). cells: finished/expected." + note, ""] + md
+    note = (
+        " defense: what the clients sent ((md): attack.model_defense=true); ε: of one client's DP-SGD release, δ=1e-5 "
+        "unless its label names δ (∞: no noise)."
+        if defended
+        else ""
+    )
+    text = [
+        "# Results",
+        "",
+        f"{sum(len(g.runs) for g in ordered)} finished runs in {len(ordered)} groups; "
+        "mean ± std over victims (std with n-1; 0 for one victim). cells: finished/expected." + note,
+        "",
+    ] + md
     text += ["", f"## Missing cells ({len(missing)})", ""]
     if missing:
         extra = [k for k in vary if k != "grid"]
         cols = ["grid", "index", "cell", "state", "data", "model", "p", "attack"] + ["defense"] * defended + extra
         text += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        text += ["| " + " | ".join([m["grid"], str(m["index"]), m["id"], m["state"], m["data"], m["model"], f"{m['dropout']:g}", m["attack"]]
-                                   + [m["defense"]] * defended + [str(m[k]) for k in extra]) + " |" for m in missing]
+        text += [
+            "| "
+            + " | ".join(
+                [
+                    m["grid"],
+                    str(m["index"]),
+                    m["id"],
+                    m["state"],
+                    m["data"],
+                    m["model"],
+                    f"{m['dropout']:g}",
+                    m["attack"],
+                ]
+                + [m["defense"]] * defended
+                + [str(m[k]) for k in extra]
+            )
+            + " |"
+            for m in missing
+        ]
     else:
         text.append("none")
     miss = io.StringIO()
-    mw = csv.DictWriter(miss, fieldnames=["grid", "file", "index", "id", "state", "data", "model", "dropout", "attack", "defense",
-                                          "budget", "victims", "steps"])
+    mw = csv.DictWriter(
+        miss,
+        fieldnames=[
+            "grid",
+            "file",
+            "index",
+            "id",
+            "state",
+            "data",
+            "model",
+            "dropout",
+            "attack",
+            "defense",
+            "budget",
+            "victims",
+            "steps",
+        ],
+    )
     mw.writeheader()
     mw.writerows(missing)
     return "\n".join(text) + "\n", out.getvalue(), miss.getvalue()
@@ -544,8 +732,13 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
 
     vary = differing(groups)
     groups = {k: g for k, g in groups.items() if g.defense.label == "none"}
-    panels = sorted({(g.data, g.model) for g in groups.values() if g.runs}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1])))
-    attacks = sorted({(g.attack, g.variant(vary)) for g in groups.values() if g.runs}, key=lambda a: (_rank("attack", a[0]), a[1]))
+    panels = sorted(
+        {(g.data, g.model) for g in groups.values() if g.runs},
+        key=lambda p: (_rank("data", p[0]), _rank("model", p[1])),
+    )
+    attacks = sorted(
+        {(g.attack, g.variant(vary)) for g in groups.values() if g.runs}, key=lambda a: (_rank("attack", a[0]), a[1])
+    )
     written = []
     if not panels:
         return written
@@ -558,18 +751,29 @@ def figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
         fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
         for ax, (data, model) in zip(axes.flat, panels):
             for attack, variant in attacks:
-                pts = sorted((g.dropout, g.stats(metric)) for g in groups.values()
-                             if (g.data, g.model, g.attack, g.variant(vary)) == (data, model, attack, variant) and g.stats(metric))
+                pts = sorted(
+                    (g.dropout, g.stats(metric))
+                    for g in groups.values()
+                    if (g.data, g.model, g.attack, g.variant(vary)) == (data, model, attack, variant)
+                    and g.stats(metric)
+                )
                 if pts:
-                    ax.errorbar([p for p, _ in pts], [s[0] for _, s in pts], yerr=[s[1] for _, s in pts],
-                                marker="o", ms=3, capsize=2, label=attack.upper() + (f" ({variant})" if variant else ""))
+                    ax.errorbar(
+                        [p for p, _ in pts],
+                        [s[0] for _, s in pts],
+                        yerr=[s[1] for _, s in pts],
+                        marker="o",
+                        ms=3,
+                        capsize=2,
+                        label=attack.upper() + (f" ({variant})" if variant else ""),
+                    )
             ax.set_title(f"{data} / {model}", fontsize=9)
             ax.set_xlabel("dropout rate p", fontsize=8)
             ax.set_ylabel(f"{name} {arrow}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(panels):]:
+        for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         fig.tight_layout()
         path = out / f"{metric}_vs_dropout.png"
@@ -595,7 +799,12 @@ def _ssim_curve(folder: Path) -> dict[int, list[float]]:
         try:
             row = json.loads(line)
             it, value = row["iteration"], float(row["eval/ssim"])
-            if isinstance(it, bool) or not isinstance(it, (int, float)) or not 0 <= it < 2**53 or not math.isfinite(value):
+            if (
+                isinstance(it, bool)
+                or not isinstance(it, (int, float))
+                or not 0 <= it < 2**53
+                or not math.isfinite(value)
+            ):
                 continue  # Infinity, NaN, negative: not a point of a curve
             points.setdefault(int(it), []).append(value)
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
@@ -619,19 +828,35 @@ def curve_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
             continue
         for run in g.runs:
             for it, values in _ssim_curve(Path(run["folder"])).items():
-                curves.setdefault((g.data, g.model, g.dropout, (g.attack, g.variant(vary))), {}).setdefault(it, []).extend(values)
+                curves.setdefault((g.data, g.model, g.dropout, (g.attack, g.variant(vary))), {}).setdefault(
+                    it, []
+                ).extend(values)
     written = []
     for data, model in sorted({k[:2] for k in curves}, key=lambda p: (_rank("data", p[0]), _rank("model", p[1]))):
         rates = sorted({k[2] for k in curves if k[:2] == (data, model)})
         cols = min(3, len(rates))
-        fig, axes = plt.subplots(math.ceil(len(rates) / cols), cols, figsize=(3.4 * cols, 2.7 * math.ceil(len(rates) / cols)),
-                                 squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            math.ceil(len(rates) / cols),
+            cols,
+            figsize=(3.4 * cols, 2.7 * math.ceil(len(rates) / cols)),
+            squeeze=False,
+            sharey=True,
+        )
         for ax, rate in zip(axes.flat, rates):
-            for attack, variant in sorted({k[3] for k in curves if k[:3] == (data, model, rate)}, key=lambda a: (_rank("attack", a[0]), a[1])):
+            for attack, variant in sorted(
+                {k[3] for k in curves if k[:3] == (data, model, rate)}, key=lambda a: (_rank("attack", a[0]), a[1])
+            ):
                 pts = sorted(curves[(data, model, rate, (attack, variant))].items())
                 its = [i for i, _ in pts]
-                line, = ax.plot(its, [statistics.mean(v) for _, v in pts], label=attack.upper() + (f" ({variant})" if variant else ""), lw=1.2)
-                ax.fill_between(its, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
+                (line,) = ax.plot(
+                    its,
+                    [statistics.mean(v) for _, v in pts],
+                    label=attack.upper() + (f" ({variant})" if variant else ""),
+                    lw=1.2,
+                )
+                ax.fill_between(
+                    its, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15
+                )
             ax.set_title(f"p = {rate:g}", fontsize=9)
             ax.set_xlabel("attack iteration", fontsize=8)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
@@ -640,7 +865,7 @@ def curve_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
         for ax in axes[:, 0]:
             ax.set_ylabel("SSIM of the best iterate", fontsize=8)
         axes.flat[0].legend(fontsize=7)
-        for ax in list(axes.flat)[len(rates):]:
+        for ax in list(axes.flat)[len(rates) :]:
             ax.axis("off")
         fig.suptitle(f"{data} / {model}: SSIM against iterations", fontsize=10)
         fig.tight_layout()
@@ -660,8 +885,12 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
     to the right); error bars: std over victims.
     """
     vary = differing(groups)
-    runs = [r | {"attack": r["attack"] + (f" ({g.variant(vary)})" if vary else "")}
-            for g in groups.values() for r in g.runs if isinstance(r.get("defense"), dict)]  # variants never pool
+    runs = [
+        r | {"attack": r["attack"] + (f" ({g.variant(vary)})" if vary else "")}
+        for g in groups.values()
+        for r in g.runs
+        if isinstance(r.get("defense"), dict)
+    ]  # variants never pool
     if not any(r["defense"].get("name") != "none" for r in runs):
         return []
     import matplotlib
@@ -682,33 +911,71 @@ def defense_figures(groups: dict[tuple, Group], out: Path) -> list[Path]:
         for metric, name, arrow in _metrics()[:3]:
             if not any(v.get(metric) is not None for r in defended for v in r["victims"]):
                 continue
-            fig, axes = plt.subplots(len(kinds), len(rates), figsize=(3.8 * len(rates), 2.9 * len(kinds)), squeeze=False)
+            fig, axes = plt.subplots(
+                len(kinds), len(rates), figsize=(3.8 * len(rates), 2.9 * len(kinds)), squeeze=False
+            )
             for row, kind in enumerate(kinds):
                 for col, rate in enumerate(rates):
                     ax = axes[row][col]
-                    cell = [r for r in defended if float(r["dropout"]) == rate and describe_defense(r["defense"]).kind == kind]
-                    ticks = sorted({(pt.strength, pt.tick) for pt in (describe_defense(r["defense"]) for r in cell)}, reverse=describe_defense(cell[0]["defense"]).reverse if cell else False)
+                    cell = [
+                        r
+                        for r in defended
+                        if float(r["dropout"]) == rate and describe_defense(r["defense"]).kind == kind
+                    ]
+                    ticks = sorted(
+                        {(pt.strength, pt.tick) for pt in (describe_defense(r["defense"]) for r in cell)},
+                        reverse=describe_defense(cell[0]["defense"]).reverse if cell else False,
+                    )
                     pos = {v: i for i, (v, _) in enumerate(ticks)}
                     for attack in attacks:
                         for md in (False, True):
                             pts = []
                             for v, _ in ticks:
-                                vals = [x[metric] for r in cell if r["attack"] == attack and bool(r["defense"].get("model_defense")) == md
-                                        and describe_defense(r["defense"]).strength == v for x in r["victims"] if x.get(metric) is not None]
+                                vals = [
+                                    x[metric]
+                                    for r in cell
+                                    if r["attack"] == attack
+                                    and bool(r["defense"].get("model_defense")) == md
+                                    and describe_defense(r["defense"]).strength == v
+                                    for x in r["victims"]
+                                    if x.get(metric) is not None
+                                ]
                                 if vals:
                                     mean = sum(vals) / len(vals)
-                                    pts.append((pos[v], mean, math.sqrt(sum((x - mean) ** 2 for x in vals) / max(1, len(vals) - 1))))
+                                    pts.append(
+                                        (
+                                            pos[v],
+                                            mean,
+                                            math.sqrt(sum((x - mean) ** 2 for x in vals) / max(1, len(vals) - 1)),
+                                        )
+                                    )
                             if pts:
-                                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
-                                            capsize=2, color=colors.get(attack.split(" ")[0]), ls="--" if md else "-",
-                                            label=attack.upper() + (" (model_defense)" if md else ""))
-                        clear = [x[metric] for r in mine if r["defense"]["name"] == "none" and r["attack"] == attack
-                                 and float(r["dropout"]) == rate for x in r["victims"] if x.get(metric) is not None]
+                                ax.errorbar(
+                                    [p[0] for p in pts],
+                                    [p[1] for p in pts],
+                                    yerr=[p[2] for p in pts],
+                                    marker="o",
+                                    ms=3,
+                                    capsize=2,
+                                    color=colors.get(attack.split(" ")[0]),
+                                    ls="--" if md else "-",
+                                    label=attack.upper() + (" (model_defense)" if md else ""),
+                                )
+                        clear = [
+                            x[metric]
+                            for r in mine
+                            if r["defense"]["name"] == "none" and r["attack"] == attack and float(r["dropout"]) == rate
+                            for x in r["victims"]
+                            if x.get(metric) is not None
+                        ]
                         if clear:
                             ax.axhline(sum(clear) / len(clear), color=colors.get(attack.split(" ")[0]), ls=":", lw=1)
                     ax.set_xticks(range(len(ticks)), [t for _, t in ticks], fontsize=6)
                     ax.set_title(f"{kind}, p={rate:g}", fontsize=9)
-                    ax.set_xlabel((describe_defense(cell[0]["defense"]).axis if cell else "strength") + " (dotted: undefended)", fontsize=7)
+                    ax.set_xlabel(
+                        (describe_defense(cell[0]["defense"]).axis if cell else "strength") + " (dotted: undefended)",
+                        fontsize=7,
+                    )
                     ax.set_ylabel(f"{name} {arrow}", fontsize=8)
                     ax.tick_params(axis="y", labelsize=7)
                     ax.grid(alpha=0.3)
@@ -741,14 +1008,21 @@ def montage_figure(run: dict[str, Any], max_victims: int = 16) -> Any:
         orig, rec = t["originals"][:max_victims], t["reconstructions"][:max_victims]
         if orig.dim() != 4 or orig.shape != rec.shape or orig.shape[1] not in (1, 3):
             raise ValueError(f"tensors of shapes {tuple(orig.shape)} and {tuple(rec.shape)}")
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: this montage only
-        warn(f"{tensors_file} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}); montage skipped")
+    except Exception as exc:
+        warn(
+            f"{tensors_file} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}); montage skipped"
+        )
         return None
     n = orig.shape[0]
     steps = run["client"].get("local_steps", 1) if isinstance(run.get("client"), dict) else 1
-    title = (f"{run['attack'].upper()} on {run['model']}/{run['data']}, p={run['dropout']:g}" + (f", T={steps}" if steps != 1 else "")
-             + f"  ({Path(run['folder']).name})")
-    width = max(1.3 * n + 0.4, 0.075 * len(title) + 0.6)  # a few victims: as wide as the title (9 pt: ~0.075 in a character)
+    title = (
+        f"{run['attack'].upper()} on {run['model']}/{run['data']}, p={run['dropout']:g}"
+        + (f", T={steps}" if steps != 1 else "")
+        + f"  ({Path(run['folder']).name})"
+    )
+    width = max(
+        1.3 * n + 0.4, 0.075 * len(title) + 0.6
+    )  # a few victims: as wide as the title (9 pt: ~0.075 in a character)
     fig, axes = plt.subplots(2, n, figsize=(width, 3.0), squeeze=False)
     for i in range(n):
         for row, img in enumerate((orig[i], rec[i])):
@@ -801,7 +1075,11 @@ def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[st
         (tmp / "table.md").write_text(md)
         (tmp / "table.csv").write_text(table_csv)
         (tmp / "missing.csv").write_text(missing_csv)
-        figs = figures(groups, tmp / "figures") + defense_figures(groups, tmp / "figures") + curve_figures(groups, tmp / "figures")
+        figs = (
+            figures(groups, tmp / "figures")
+            + defense_figures(groups, tmp / "figures")
+            + curve_figures(groups, tmp / "figures")
+        )
         mont = []
         if montages:
             for g in groups.values():
@@ -815,8 +1093,14 @@ def build(root: Path, out: Path | None = None, montages: bool = True) -> dict[st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     moved = lambda ps: [out / p.relative_to(tmp) for p in ps]  # noqa: E731
-    return {"out": out, "groups": len(groups), "runs": sum(len(g.runs) for g in groups.values()), "missing": len(missing),
-            "figures": moved(figs), "montages": moved(mont)}
+    return {
+        "out": out,
+        "groups": len(groups),
+        "runs": sum(len(g.runs) for g in groups.values()),
+        "missing": len(missing),
+        "figures": moved(figs),
+        "montages": moved(mont),
+    }
 
 
 MARKER = ".dia-report"  # in every report folder dia.report makes: the only folders a rebuild may replace
@@ -837,11 +1121,15 @@ def check_out(root: Path, out: Path) -> None:
     anything but a report dia made."""
     r, o = root.resolve(), out.resolve()
     if o == r or o in r.parents:
-        raise UserError(f"--out '{out}' is the results folder or holds it; the report replaces its folder: give a folder of "
-                        "its own (default: RESULTS/report)")
+        raise UserError(
+            f"--out '{out}' is the results folder or holds it; the report replaces its folder: give a folder of "
+            "its own (default: RESULTS/report)"
+        )
     if out.is_dir() and not ours(out):
-        raise UserError(f"--out '{out}' exists and is not a report dia made (no {MARKER} in it); nothing was touched: "
-                        "give a new folder, or remove it yourself")
+        raise UserError(
+            f"--out '{out}' exists and is not a report dia made (no {MARKER} in it); nothing was touched: "
+            "give a new folder, or remove it yourself"
+        )
 
 
 def _swap(new: Path, out: Path) -> None:
@@ -862,7 +1150,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dia.report", description="Tables and figures from local dia results.")
     p.add_argument("results", help="a results dir (e.g. results/paper, or results/ with several grids, or runs/)")
     p.add_argument("--out", default=None, help="where to write (default: RESULTS/report)")
-    p.add_argument("--no-montages", action="store_true", help="skip the per-run montages of originals and reconstructions")
+    p.add_argument(
+        "--no-montages", action="store_true", help="skip the per-run montages of originals and reconstructions"
+    )
     p.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; see `python -m dia.report --help`"))  # type: ignore[method-assign]
     try:
         a = p.parse_args(argv)
@@ -870,8 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
-    print(f"{r['runs']} runs in {r['groups']} groups, {r['missing']} missing cells -> {r['out']}/table.md table.csv "
-          f"missing.csv, {len(r['figures'])} figures, {len(r['montages'])} montages")
+    print(
+        f"{r['runs']} runs in {r['groups']} groups, {r['missing']} missing cells -> {r['out']}/table.md table.csv "
+        f"missing.csv, {len(r['figures'])} figures, {len(r['montages'])} montages"
+    )
     print((r["out"] / "table.md").read_text())
     return ExitCode.OK
-

@@ -18,19 +18,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dia import defenses
-from dia.run import checks
 from dia import metrics as M
 from dia.data import Victims, folder_statistics
 from dia.engine import AttackResult
 from dia.errors import UserError
 from dia.models import site_parts
-from dia.run.plotting import reconstruction_grid
 from dia.problems import Problems
-from dia.run.files import save_tensors, write_json, write_text
+from dia.run import checks, tracking
 from dia.run.checkpoint import Checkpoint
+from dia.run.files import save_tensors, write_json, write_text
 from dia.run.folder import RunFolder, default_name
+from dia.run.plotting import reconstruction_grid
 from dia.run.summary import METRICS, mean_metrics
-from dia.run import tracking
 
 log = logging.getLogger("dia")
 
@@ -119,7 +118,7 @@ def _torch_cache_default() -> str | None:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
         return os.path.abspath(default_cache_dir())
-    except Exception:  # noqa: BLE001 - a private helper of torch: without it, only an unset variable is ours
+    except Exception:
         return None
 
 
@@ -130,14 +129,17 @@ def open_cell(cfg: DictConfig) -> Cell:
         cfg.data.mean, cfg.data.std = folder_statistics(cfg.data)
         cfg.data.normalize = "dataset"
     text = OmegaConf.to_yaml(cfg)
-    name = cfg.run.name or default_name(cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, text,
-                                        cfg.client.local_steps)
+    name = cfg.run.name or default_name(
+        cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, text, cfg.client.local_steps
+    )
     folder = RunFolder(Path(cfg.run.output_dir), name)
     if folder.state == "done":
         raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
     if not folder.acquire():
-        raise UserError(f"run.name={name}: being run by another process (pid {folder.holder()}, lock '{folder.lock_path}'); "
-                        "wait for it or choose another run.name")
+        raise UserError(
+            f"run.name={name}: being run by another process (pid {folder.holder()}, lock '{folder.lock_path}'); "
+            "wait for it or choose another run.name"
+        )
     try:
         if folder.state == "done":  # finished while we waited for the lock
             raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
@@ -149,8 +151,15 @@ def open_cell(cfg: DictConfig) -> Cell:
     except BaseException:
         folder.release()
         raise
-    return Cell(cfg=cfg, folder=folder, device=resolve_device(cfg.run.device), config_text=text,
-                checkpoint=checkpoint, resumed=resumed, wandb=tracking.open_run(cfg, folder.partial, name))
+    return Cell(
+        cfg=cfg,
+        folder=folder,
+        device=resolve_device(cfg.run.device),
+        config_text=text,
+        checkpoint=checkpoint,
+        resumed=resumed,
+        wandb=tracking.open_run(cfg, folder.partial, name),
+    )
 
 
 def prepare(cell: Cell) -> Cell:
@@ -170,7 +179,13 @@ def _prepare(cell: Cell) -> Cell:
     from dia.api import simulate
 
     sim = simulate(config=cell.cfg)
-    cell.victims, cell.model, cell.problems, cell.mean, cell.std = sim.victims, sim.model, sim.problems, sim.mean, sim.std
+    cell.victims, cell.model, cell.problems, cell.mean, cell.std = (
+        sim.victims,
+        sim.model,
+        sim.problems,
+        sim.mean,
+        sim.std,
+    )
     return cell
 
 
@@ -184,8 +199,14 @@ def release(cell: Cell) -> None:
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
+
 def evaluate(
-    result: AttackResult, problems: Problems, originals: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor, *,
+    result: AttackResult,
+    problems: Problems,
+    originals: torch.Tensor | None,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
     lpips_fn: Any,
 ) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Per-victim metrics and the matched normalized reconstructions (N, C, H, W), in victim order.
@@ -216,12 +237,19 @@ def evaluate(
     rows = []
     for i in range(rec_n.shape[0]):
         k = i // b
-        rows.append({
-            "problem": k, "matched_reconstruction": int(perms[k][i % b]), "status": result.status[k], "iterations": int(result.iterations[k]),
-            "best_iteration": int(result.best_iteration[k]), "loss": float(result.best_loss[k]),
-            **{m: (None if v is None else float(v[i])) for m, v in values.items()},
-            **dict.fromkeys(M.MASK_KEYS), **{m: (None if v[k].isnan() else float(v[k])) for m, v in masks.items()},
-        })
+        rows.append(
+            {
+                "problem": k,
+                "matched_reconstruction": int(perms[k][i % b]),
+                "status": result.status[k],
+                "iterations": int(result.iterations[k]),
+                "best_iteration": int(result.best_iteration[k]),
+                "loss": float(result.best_loss[k]),
+                **{m: (None if v is None else float(v[i])) for m, v in values.items()},
+                **dict.fromkeys(M.MASK_KEYS),
+                **{m: (None if v[k].isnan() else float(v[k])) for m, v in masks.items()},
+            }
+        )
     return rows, rec_n
 
 
@@ -258,36 +286,67 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
     originals = None if victims is None else victims.images  # None: a captured update without its images
     rows, matched = evaluate(result, problems, originals, mean, std, lpips_fn=lpips_for(cfg) if victims else None)
     n = len(rows)
-    indices, labels = (victims.indices, victims.labels.tolist()) if victims is not None else (list(range(n)), [None] * n)
+    indices, labels = (
+        (victims.indices, victims.labels.tolist()) if victims is not None else (list(range(n)), [None] * n)
+    )
     for row, index, label, used in zip(rows, indices, labels, problems.labels.flatten().tolist()):
         row.update(index=index, label=label, attack_label=used)
     status = "diverged" if any(r["status"] == "diverged" for r in rows) else "completed"
     summary = {
-        "status": status, "attack": cfg.attack.name, "model": cfg.model.name, "data": cfg.data.name,
-        "dropout": cfg.model.dropout, "mean": mean_metrics(rows), "labels": cfg.attack.labels,
+        "status": status,
+        "attack": cfg.attack.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "dropout": cfg.model.dropout,
+        "mean": mean_metrics(rows),
+        "labels": cfg.attack.labels,
         "defense": defenses.summary(cfg.defense, cfg.attack.model_defense, cfg.client.local_steps),
-        "client": dict(cfg.client) if problems.local is None else  # the client's training (a captured file's own)
-        {"local_steps": problems.local.steps, "local_lr": problems.local.lr, "local_batch": problems.local.batch or "full"},
+        "client": dict(cfg.client)
+        if problems.local is None
+        # the client's training (a captured file's own)
+        else {
+            "local_steps": problems.local.steps,
+            "local_lr": problems.local.lr,
+            "local_batch": problems.local.batch or "full",
+        },
         "label_accuracy": None if victims is None else sum(r["label"] == r["attack_label"] for r in rows) / len(rows),
-        "iterations": max(r["iterations"] for r in rows), "max_iterations": cfg.attack.max_iterations,
-        "wall_time_s": round(cell.checkpoint.elapsed() if cell.checkpoint is not None else time.time() - cell.started, 3),
-        "device": str(cell.device), "victims": rows,
+        "iterations": max(r["iterations"] for r in rows),
+        "max_iterations": cfg.attack.max_iterations,
+        "wall_time_s": round(
+            cell.checkpoint.elapsed() if cell.checkpoint is not None else time.time() - cell.started, 3
+        ),
+        "device": str(cell.device),
+        "victims": rows,
     }
     rec01 = (matched * std + mean).clamp(0, 1)
     if cfg.run.save_tensors:
-        tensors = {"reconstructions": rec01, "reconstructions_normalized": matched, "indices": torch.tensor(indices),
-                   "labels": problems.labels.flatten() if victims is None else victims.labels}
+        tensors = {
+            "reconstructions": rec01,
+            "reconstructions_normalized": matched,
+            "indices": torch.tensor(indices),
+            "labels": problems.labels.flatten() if victims is None else victims.labels,
+        }
         if originals is not None:
             tensors["originals"] = originals
         tensors.update({f"masks/{k}": v for k, v in (result.masks or {}).items()})
         tensors.update({f"rates/{k}": v for k, v in (result.rates or {}).items()})
         save_tensors(cell.folder / "reconstructions.pt", tensors)
     titles = [f"#{r['index']}" + ("" if r["ssim"] is None else f"  SSIM {r['ssim']:.2f}") for r in rows]
-    reconstruction_grid(cell.folder / "reconstructions.png", originals, rec01, titles,
-                        title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}"
-                        + (f", T={cfg.client.local_steps}" if cfg.client.local_steps > 1 else ""))
-    wandb_dir = None if cell.wandb is None else cell.wandb.finish(
-        summary, figure=cell.folder / "reconstructions.png", originals=originals, reconstructions=rec01)
+    reconstruction_grid(
+        cell.folder / "reconstructions.png",
+        originals,
+        rec01,
+        titles,
+        title=f"{cfg.attack.name.upper()} on {cfg.model.name}/{cfg.data.name}, p={cfg.model.dropout:g}"
+        + (f", T={cfg.client.local_steps}" if cfg.client.local_steps > 1 else ""),
+    )
+    wandb_dir = (
+        None
+        if cell.wandb is None
+        else cell.wandb.finish(
+            summary, figure=cell.folder / "reconstructions.png", originals=originals, reconstructions=rec01
+        )
+    )
     write_json(cell.folder / "metrics.json", summary)
     final = cell.folder.finish()
     if cell.checkpoint is not None:  # the results are final; the attack state is not needed any more
@@ -298,6 +357,7 @@ def write(cell: Cell, result: AttackResult) -> RunOutput:
 
 
 # ---- curves: a file of the partial folder (also sent to the live W&B run) -----------------------------
+
 
 def append_curves(cell: Cell, rows: list[dict[str, Any]]) -> None:
     """Add curve points ({"iteration": i, name: value, ...}) to the cell's curves.jsonl."""
@@ -328,10 +388,24 @@ def trim_curves(cell: Cell) -> None:
     ckpt = cell.checkpoint
     done = set(ckpt.done) if ckpt is not None else set()
     running, upto = (ckpt.running, ckpt.iteration) if ckpt is not None and ckpt.state is not None else (None, 0)
-    rows = [r for r in read_curves(cell)
-            if r.get("group", 0) in done or (r.get("group", 0) == running and r.get("iteration", 0) <= upto)]
+    rows = [
+        r
+        for r in read_curves(cell)
+        if r.get("group", 0) in done or (r.get("group", 0) == running and r.get("iteration", 0) <= upto)
+    ]
     write_text(cell.folder / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
-__all__ = ["Cell", "RunOutput", "check", "open_cell", "prepare", "release", "evaluate", "write", "resolve_device",
-           "num_problems", "METRICS"]
+__all__ = [
+    "Cell",
+    "RunOutput",
+    "check",
+    "open_cell",
+    "prepare",
+    "release",
+    "evaluate",
+    "write",
+    "resolve_device",
+    "num_problems",
+    "METRICS",
+]

@@ -51,16 +51,20 @@ class Expect:
     fingerprint: str
 
     @classmethod
-    def of(cls, config: Path) -> "Expect | None":
+    def of(cls, config: Path) -> Expect | None:
         """From the run's saved config.yaml (None when it cannot be read: the checks that need it are skipped)."""
         try:
             text = config.read_text()
             c = yaml.safe_load(text)
             n = len(c["victims"]) if c.get("victims") is not None else int(c["num_victims"])
             b = int(c["batch_size"])
-            return cls(n // b, (b, int(c["data"]["channels"]), int(c["data"]["image_size"]), int(c["data"]["image_size"])),
-                       int(c["attack"]["max_iterations"]), fingerprint(text))
-        except Exception:  # noqa: BLE001 - no config beside it: a checkpoint used without a run folder
+            return cls(
+                n // b,
+                (b, int(c["data"]["channels"]), int(c["data"]["image_size"]), int(c["data"]["image_size"])),
+                int(c["attack"]["max_iterations"]),
+                fingerprint(text),
+            )
+        except Exception:
             return None
 
 
@@ -83,13 +87,17 @@ class Checkpoint:
         if path.is_file():
             try:
                 flat = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - truncated, corrupt, or not ours
-                raise self._bad(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+            except Exception as exc:
+                raise self._bad(
+                    f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+                ) from None
             self._load(flat)
 
     def _bad(self, why: str) -> UserError:
-        return UserError(f"checkpoint '{self.path}' {why}; it is kept: delete it to restart this run from iteration 0: "
-                         f"rm '{self.path}'")
+        return UserError(
+            f"checkpoint '{self.path}' {why}; it is kept: delete it to restart this run from iteration 0: "
+            f"rm '{self.path}'"
+        )
 
     def elapsed(self) -> float:
         """Wall time spent on the run so far, over every process that worked on it (seconds)."""
@@ -106,22 +114,28 @@ class Checkpoint:
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-            raise self._bad(f"does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+            raise self._bad(
+                f"does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+            ) from None
         self.group_size = int(flat["meta/group_size"]) or None
         running = int(flat["meta/running"])
         self.running = None if running < 0 else running
         self.elapsed_before = float(flat["meta/elapsed_s"]) if "meta/elapsed_s" in flat else 0.0
-        state = Rows({k[len("state/"):]: v for k, v in flat.items() if k.startswith("state/")})
+        state = Rows({k[len("state/") :]: v for k, v in flat.items() if k.startswith("state/")})
         state.source = self.path
         self.state = state or None
         for c in {int(k.split("/")[1]) for k in flat if k.startswith("done/")}:
             p = f"done/{c}/"
-            masks = {k[len(p + "masks/"):]: v for k, v in flat.items() if k.startswith(p + "masks/")}
-            rates = {k[len(p + "rates/"):]: v for k, v in flat.items() if k.startswith(p + "rates/")}
+            masks = {k[len(p + "masks/") :]: v for k, v in flat.items() if k.startswith(p + "masks/")}
+            rates = {k[len(p + "rates/") :]: v for k, v in flat.items() if k.startswith(p + "rates/")}
             self.done[c] = AttackResult(
-                x=flat[p + "x"], masks=masks or None, best_loss=flat[p + "best_loss"],
-                best_iteration=flat[p + "best_iteration"], iterations=flat[p + "iterations"],
-                status=[STATUS[int(s)] for s in flat[p + "status"]], rates=rates or None,
+                x=flat[p + "x"],
+                masks=masks or None,
+                best_loss=flat[p + "best_loss"],
+                best_iteration=flat[p + "best_iteration"],
+                iterations=flat[p + "iterations"],
+                status=[STATUS[int(s)] for s in flat[p + "status"]],
+                rates=rates or None,
             )
 
     def _check(self, flat: Any) -> None:
@@ -142,8 +156,10 @@ class Checkpoint:
         if "meta/fingerprint" in flat and e is not None:
             fp = flat["meta/fingerprint"]
             if fp.dtype != torch.uint8 or bytes(fp.tolist()).hex() != e.fingerprint:
-                raise bad("belongs to another run (its config differs from this folder's config.yaml: another seed, "
-                          "data or attack setting)")
+                raise bad(
+                    "belongs to another run (its config differs from this folder's config.yaml: another seed, "
+                    "data or attack setting)"
+                )
         size, running = int(flat["meta/group_size"]), int(flat["meta/running"])
         n = e.problems if e is not None else None
         done = {k.split("/")[1] for k in flat if k.startswith("done/")}
@@ -157,7 +173,9 @@ class Checkpoint:
             raise bad(f"has group size {size} for a run of {n} problem(s)")
         groups = math.ceil(n / size) if n is not None and size > 0 else None
         if running < -1 or (groups is not None and running >= groups) or running in done_groups:
-            raise bad(f"says group {running} is running (the run has {groups} group(s), finished: {done_groups or 'none'})")
+            raise bad(
+                f"says group {running} is running (the run has {groups} group(s), finished: {done_groups or 'none'})"
+            )
         if (running >= 0) != has_state:
             raise bad("has a running group without its state (or a state without a running group)")
         if groups is not None and any(g >= groups for g in done_groups):
@@ -176,7 +194,9 @@ class Checkpoint:
             if t.dim() < 1 or k is not None and t.shape[0] != k:
                 raise bad(f"holds '{key}' of shape {tuple(t.shape)}; this group has {k} problem(s)")
             if shape is not None and tuple(t.shape[1:]) != tuple(shape):
-                raise bad(f"holds '{key}' of shape {tuple(t.shape)}; this run expects ({k}, {', '.join(map(str, shape))})")
+                raise bad(
+                    f"holds '{key}' of shape {tuple(t.shape)}; this run expects ({k}, {', '.join(map(str, shape))})"
+                )
             return t
 
         budget = e.max_iterations if e is not None else None
@@ -184,7 +204,9 @@ class Checkpoint:
         def counters(prefix: str, k: int | None) -> None:
             its = tensor(prefix + "iterations", k, integer=True)
             if its.numel() and (int(its.min()) < 0 or budget is not None and int(its.max()) > budget):
-                raise bad(f"holds iteration counters {int(its.min())}..{int(its.max())} outside 0..{budget} (attack.max_iterations)")
+                raise bad(
+                    f"holds iteration counters {int(its.min())}..{int(its.max())} outside 0..{budget} (attack.max_iterations)"
+                )
             status = tensor(prefix + "status", k, integer=True)
             if status.numel() and not 0 <= int(status.min()) <= int(status.max()) < len(STATUS):
                 raise bad(f"holds a status outside 0..{len(STATUS) - 1}")
@@ -198,9 +220,16 @@ class Checkpoint:
             counters(p, k)
             for key in (k_ for k_ in flat if k_.startswith((p + "masks/", p + "rates/"))):
                 tensor(key, k, integer=False, shape=None)
-            extra = next((k_ for k_ in flat if k_.startswith(p) and k_[len(p):] not in ("x", "best_loss", "best_iteration",
-                                                                                         "iterations", "status")
-                          and not k_.startswith((p + "masks/", p + "rates/"))), None)
+            extra = next(
+                (
+                    k_
+                    for k_ in flat
+                    if k_.startswith(p)
+                    and k_[len(p) :] not in ("x", "best_loss", "best_iteration", "iterations", "status")
+                    and not k_.startswith((p + "masks/", p + "rates/"))
+                ),
+                None,
+            )
             if extra:
                 raise bad(f"holds an unknown entry '{extra}'")
         if has_state:
@@ -217,14 +246,16 @@ class Checkpoint:
             for wide in WIDE:
                 tensor(f"state/{wide}/x", k, integer=False, shape=x_shape)
             for key in flat:
-                if key.startswith("state/") and "/" in key[len("state/"):]:
-                    if key[len("state/"):].split("/")[0] not in WIDE:
+                if key.startswith("state/") and "/" in key[len("state/") :]:
+                    if key[len("state/") :].split("/")[0] not in WIDE:
                         raise bad(f"holds an unknown entry '{key}'")
                     tensor(key, k, integer=False, shape=None)
-                elif key.startswith("state/") and key[len("state/"):] not in (*NARROW, "iteration"):
+                elif key.startswith("state/") and key[len("state/") :] not in (*NARROW, "iteration"):
                     raise bad(f"holds an unknown entry '{key}'")
         for key in ("meta/elapsed_s",):
-            if key in flat and (flat[key].dim() != 0 or not flat[key].is_floating_point() or not 0 <= float(flat[key]) < 1e12):
+            if key in flat and (
+                flat[key].dim() != 0 or not flat[key].is_floating_point() or not 0 <= float(flat[key]) < 1e12
+            ):
                 raise bad(f"holds '{key}' that is not a number of seconds")
 
     def save(self) -> None:
@@ -239,8 +270,15 @@ class Checkpoint:
             flat["meta/fingerprint"] = torch.tensor(list(bytes.fromhex(self.expect.fingerprint)), dtype=torch.uint8)
         for c, r in self.done.items():
             p = f"done/{c}/"
-            flat.update({p + "x": r.x, p + "best_loss": r.best_loss, p + "best_iteration": r.best_iteration,
-                         p + "iterations": r.iterations, p + "status": torch.tensor([STATUS.index(s) for s in r.status])})
+            flat.update(
+                {
+                    p + "x": r.x,
+                    p + "best_loss": r.best_loss,
+                    p + "best_iteration": r.best_iteration,
+                    p + "iterations": r.iterations,
+                    p + "status": torch.tensor([STATUS.index(s) for s in r.status]),
+                }
+            )
             flat.update({f"{p}masks/{k}": v for k, v in (r.masks or {}).items()})
             flat.update({f"{p}rates/{k}": v for k, v in (r.rates or {}).items()})
         if self.state is not None:
@@ -294,9 +332,11 @@ def join_rows(saved: list[dict[str, Tensor]], layout: Layout, initial: dict[str,
                 mine = s.get(f"{wide}/{name}", fresh)
                 if mine.shape != base.shape or mine.dtype != base.dtype:
                     where = getattr(s, "source", None)
-                    raise UserError(f"checkpoint '{where}' does not fit this run: '{wide}/{name}' is {mine.dtype} of shape "
-                                    f"{tuple(mine.shape)}, the attack has {base.dtype} of shape {tuple(base.shape)}; it is "
-                                    f"kept: delete it to restart this run from iteration 0: rm '{where}'")
+                    raise UserError(
+                        f"checkpoint '{where}' does not fit this run: '{wide}/{name}' is {mine.dtype} of shape "
+                        f"{tuple(mine.shape)}, the attack has {base.dtype} of shape {tuple(base.shape)}; it is "
+                        f"kept: delete it to restart this run from iteration 0: rm '{where}'"
+                    )
                 blocks.append(mine)
                 start += k
             named[name] = torch.cat(blocks)

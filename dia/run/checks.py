@@ -15,8 +15,9 @@ import json
 import math
 import netrc
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
@@ -35,8 +36,10 @@ def embedded_labels(data: Any) -> list[int]:
     images, labels = read_embedded(data.embedded)
     want = (data.image_size, data.image_size, data.channels)
     if tuple(images.shape[1:]) != want:
-        raise UserError(f"data.embedded: '{data.embedded}' holds images of shape {tuple(images.shape[1:])} (H, W, C) but data={data.name} "
-                        f"declares {want} (data.image_size, data.channels)")
+        raise UserError(
+            f"data.embedded: '{data.embedded}' holds images of shape {tuple(images.shape[1:])} (H, W, C) but data={data.name} "
+            f"declares {want} (data.image_size, data.channels)"
+        )
     return [int(v) for v in labels]
 
 
@@ -70,6 +73,7 @@ MAX_WANDB_TAG = 64
 def check_wandb(wb: Any) -> None:
     """`logger.wandb.*` as W&B will take them (project, entity, group, tags), so a bad setting is refused now,
     not by wandb.init after the attack: one UserError line naming the key."""
+
     def text(key: str, value: Any, *, limit: int, chars: str = "", optional: bool = True) -> None:
         if value is None and optional:
             return
@@ -79,8 +83,10 @@ def check_wandb(wb: Any) -> None:
             raise UserError(f"logger.wandb.{key}: {len(value)} characters; W&B takes at most {limit}")
         bad = sorted({c for c in value if c in chars or ord(c) < 32 or ord(c) == 127})
         if bad:
-            raise UserError(f"logger.wandb.{key}={value!r}: W&B does not allow {', '.join(map(repr, bad))} in it"
-                            + (f" (nor any of {' '.join(chars)})" if chars else ""))
+            raise UserError(
+                f"logger.wandb.{key}={value!r}: W&B does not allow {', '.join(map(repr, bad))} in it"
+                + (f" (nor any of {' '.join(chars)})" if chars else "")
+            )
 
     text("project", wb.project, limit=MAX_WANDB_NAME, chars=WANDB_PROJECT_CHARS, optional=False)
     text("entity", wb.entity, limit=MAX_WANDB_NAME, chars=WANDB_PROJECT_CHARS)
@@ -88,8 +94,10 @@ def check_wandb(wb: Any) -> None:
     tags = list(wb.tags or [])
     for i, tag in enumerate(tags):
         if not isinstance(tag, str):
-            raise UserError(f"logger.wandb.tags: tag {i} is {OmegaConf.to_container(tag) if OmegaConf.is_config(tag) else tag!r}, "
-                            "not a string; give a flat list such as logger.wandb.tags=[a,b]")
+            raise UserError(
+                f"logger.wandb.tags: tag {i} is {OmegaConf.to_container(tag) if OmegaConf.is_config(tag) else tag!r}, "
+                "not a string; give a flat list such as logger.wandb.tags=[a,b]"
+            )
         if not 1 <= len(tag) <= MAX_WANDB_TAG:
             raise UserError(f"logger.wandb.tags: tag {i} has {len(tag)} characters; W&B takes 1 to {MAX_WANDB_TAG}")
         if any(ord(c) < 32 or ord(c) == 127 for c in tag):
@@ -127,12 +135,15 @@ def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
             memo[key] = CATALOGS.get(data.source)(data)
         labels = memo[key]
         what = f"data={data.name} ({data.source} {data.embedded if data.source == 'embedded' else data.root})"
-        chosen = select_indices(len(labels), what, None if cfg.victims is None else list(cfg.victims),
-                                cfg.num_victims, cfg.victim_seed)
+        chosen = select_indices(
+            len(labels), what, None if cfg.victims is None else list(cfg.victims), cfg.num_victims, cfg.victim_seed
+        )
         n_victims = len(chosen)
         bad = [labels[i] for i in chosen if not 0 <= labels[i] < data.num_classes]
         if bad:
-            raise UserError(f"data.num_classes={data.num_classes} but a victim has label {bad[0]} (valid 0..{data.num_classes - 1})")
+            raise UserError(
+                f"data.num_classes={data.num_classes} but a victim has label {bad[0]} (valid 0..{data.num_classes - 1})"
+            )
     elif data.source == "torchvision":
         require_root(data)
     if n_victims is None and cfg.victims is not None:
@@ -140,15 +151,19 @@ def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
     elif n_victims is None:
         n_victims = cfg.num_victims
     if n_victims % cfg.batch_size:
-        raise UserError(f"batch_size={cfg.batch_size}: {n_victims} victims do not split into client batches of that size")
+        raise UserError(
+            f"batch_size={cfg.batch_size}: {n_victims} victims do not split into client batches of that size"
+        )
     check_local_steps(cfg, memo)
     _check_login(cfg)
 
 
 def _check_login(cfg: DictConfig) -> None:
     if cfg.logger.wandb.mode == "online" and not wandb_login():
-        raise UserError("logger.wandb.mode=online needs a W&B login (`wandb login` or WANDB_API_KEY); "
-                        "or use logger.wandb.mode=offline (sync later) or disabled")
+        raise UserError(
+            "logger.wandb.mode=online needs a W&B login (`wandb login` or WANDB_API_KEY); "
+            "or use logger.wandb.mode=offline (sync later) or disabled"
+        )
 
 
 # Unrolling T local steps keeps, per problem and step, about this many float32 copies of the model's parameters
@@ -158,13 +173,21 @@ STEP_COPIES = 6
 
 def model_parameters(cfg: Any, memo: dict[str, Any]) -> int:
     """How many parameters the run's model has (built once per model config, random weights)."""
-    key = "parameters:" + json.dumps([OmegaConf.to_container(cfg.model, resolve=True), cfg.data.channels,
-                                      cfg.data.image_size, cfg.data.num_classes], sort_keys=True, default=str)
+    key = "parameters:" + json.dumps(
+        [OmegaConf.to_container(cfg.model, resolve=True), cfg.data.channels, cfg.data.image_size, cfg.data.num_classes],
+        sort_keys=True,
+        default=str,
+    )
     if key not in memo:
         from dia.models import build_model
 
-        model = build_model(OmegaConf.merge(cfg.model, {"checkpoint": None}), channels=cfg.data.channels,
-                            image_size=cfg.data.image_size, num_classes=cfg.data.num_classes, seed=0)
+        model = build_model(
+            OmegaConf.merge(cfg.model, {"checkpoint": None}),
+            channels=cfg.data.channels,
+            image_size=cfg.data.image_size,
+            num_classes=cfg.data.num_classes,
+            seed=0,
+        )
         memo[key] = sum(p.numel() for p in model.parameters())
     return memo[key]
 
@@ -198,5 +221,7 @@ def check_local_steps(cfg: Any, memo: dict[str, Any]) -> None:
     need = unrolled_bytes(cfg, memo)
     if need > total:
         fit = max(1, total // (need // steps))
-        raise UserError(f"client.local_steps={steps}: unrolling {steps} local steps needs about {need / 2**30:.1f} GiB per "
-                        f"problem, more than the {total / 2**30:.1f} GiB of {what}; at most {fit} steps fit")
+        raise UserError(
+            f"client.local_steps={steps}: unrolling {steps} local steps needs about {need / 2**30:.1f} GiB per "
+            f"problem, more than the {total / 2**30:.1f} GiB of {what}; at most {fit} steps fit"
+        )

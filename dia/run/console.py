@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 LIGHTNING = ("lightning.pytorch", "lightning.fabric", "lightning")
-HARMLESS = (".*does not have many workers.*", ".*LeafSpec.*", ".*number of training batches.*",
-            ".*`isinstance.*treespec.*", ".*Checkpoint directory.*", ".*returned `None`.*no optimizer.*",
-            ".*module\\(s\\) in eval mode.*", ".*anonymous setting.*", ".*`srun` command is available.*",
-            ".*litlogger.*", ".*`Trainer.fit` stopped.*")
+HARMLESS = (
+    ".*does not have many workers.*",
+    ".*LeafSpec.*",
+    ".*number of training batches.*",
+    ".*`isinstance.*treespec.*",
+    ".*Checkpoint directory.*",
+    ".*returned `None`.*no optimizer.*",
+    ".*module\\(s\\) in eval mode.*",
+    ".*anonymous setting.*",
+    ".*`srun` command is available.*",
+    ".*litlogger.*",
+    ".*`Trainer.fit` stopped.*",
+)
 
 
 @contextmanager

@@ -16,8 +16,8 @@ every folder and checkpoint as it was. Exit codes are `dia.errors.ExitCode`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -55,13 +55,24 @@ def _limit(cells: list[Cell]) -> int:
     if parallel != "auto":
         return int(parallel)
     if cells[0].device.type != "cuda":  # FedAvg's T unrolled steps: no more rows than half the RAM holds
-        fit = int(0.5 * device_memory("cpu")[0] // unrolled_bytes(cells[0].cfg)) if cells[0].cfg.client.local_steps > 1 else CPU_ROWS
+        fit = (
+            int(0.5 * device_memory("cpu")[0] // unrolled_bytes(cells[0].cfg))
+            if cells[0].cfg.client.local_steps > 1
+            else CPU_ROWS
+        )
         return max(1, min(CPU_ROWS, fit, sum(c.num_problems for c in cells)))
-    return packs.auto_limit([prepare(c) if c.problems is None else c for c in cells[:2]], total=sum(c.num_problems for c in cells))
+    return packs.auto_limit(
+        [prepare(c) if c.problems is None else c for c in cells[:2]], total=sum(c.num_problems for c in cells)
+    )
 
 
-def execute(configs: list[DictConfig], *, progress: bool = True, keep_going: bool = False,
-            note: Callable[[str], None] = lambda msg: log.info(msg)) -> list[Outcome]:
+def execute(
+    configs: list[DictConfig],
+    *,
+    progress: bool = True,
+    keep_going: bool = False,
+    note: Callable[[str], None] = lambda msg: log.info(msg),
+) -> list[Outcome]:
     """Run every config (packed where possible); one `Outcome` per config, in order.
 
     Without `keep_going` the first bad input or failure raises (dia.train); with it (dia.grid) that run's
@@ -86,7 +97,9 @@ def execute(configs: list[DictConfig], *, progress: bool = True, keep_going: boo
                 if cell.resumed:
                     trim_curves(cell)
             if runs:
-                for cell, outcome in Group(list(runs), progress=progress, keep_going=keep_going, note=note).run().items():
+                for cell, outcome in (
+                    Group(list(runs), progress=progress, keep_going=keep_going, note=note).run().items()
+                ):
                     outcomes[runs[cell]] = outcome
         finally:
             for cell in runs:
@@ -125,14 +138,15 @@ class Group:
     def program(self, todo: list[packs.Item]) -> list[packs.Item]:
         """One program over `todo`; returns the items it did not take (they go to the next one)."""
         try:
-            rest = packs.run(todo, self.limit, enter=self.enter, finished=self.finished, progress=self.progress,
-                             note=self.note)
+            rest = packs.run(
+                todo, self.limit, enter=self.enter, finished=self.finished, progress=self.progress, note=self.note
+            )
         except (Stopped, KeyboardInterrupt):
             raise
         except packs.ProgramFailed as exc:  # it names the runs it was working on; the others go on
             self.fail(exc.runs or list({item.cell: None for item in todo}), exc.cause)
             return todo
-        except Exception as exc:  # noqa: BLE001 - no run to blame: none of these can go on
+        except Exception as exc:
             self.fail(list({item.cell: None for item in todo}), exc)
             return todo
         if rest is None:
@@ -141,9 +155,15 @@ class Group:
                 return []
             names = sorted({item.cell.name for item in todo})
             saved = all(item.cell.checkpoint is not None and item.cell.checkpoint.persist for item in todo)
-            raise STOP.exception("stopped on a signal; progress of the run(s) in this program " + (
-                "saved in their checkpoints" if saved else "not saved (run.checkpoint_every=-1): a rerun starts them from iteration 0")
-                + f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+            raise STOP.exception(
+                "stopped on a signal; progress of the run(s) in this program "
+                + (
+                    "saved in their checkpoints"
+                    if saved
+                    else "not saved (run.checkpoint_every=-1): a rerun starts them from iteration 0"
+                )
+                + f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            )
         return rest
 
     def enter(self, item: packs.Item) -> bool:
@@ -163,6 +183,7 @@ class Group:
 
     def finish(self, cell: Cell) -> None:
         """Score and write `cell` (dia.run.cell.write), then drop its lock and tensors."""
+
         def write_it() -> None:
             parts = [cell.checkpoint.done[g] for g in sorted(cell.checkpoint.done)]
             out = write(prepare(cell) if cell.problems is None else cell, AttackResult.cat(parts))
@@ -179,7 +200,7 @@ class Group:
             return True
         except (Stopped, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - bad input, out of memory, disk full: this run fails, its files stay
+        except Exception as exc:
             self.fail([cell], exc)
             return False
 
@@ -188,7 +209,11 @@ class Group:
         if not self.keep_going:
             raise exc
         code = ExitCode.BAD_INPUT if isinstance(exc, UserError) else ExitCode.FAILED
-        text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        text = (
+            str(exc)
+            if isinstance(exc, UserError)
+            else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        )
         for cell in cells:
             if cell not in self.outcomes:
                 self.outcomes[cell] = Outcome(cell.name, code, message=text)

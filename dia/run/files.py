@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
-from dia.errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -49,4 +48,6 @@ def write_text(path: Path, text: str) -> Path:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     """A flat dict of tensors: loadable with `torch.load(path, weights_only=True)`."""
-    return atomic_write(path, lambda tmp: torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+    return atomic_write(
+        path, lambda tmp: torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    )

@@ -88,8 +88,10 @@ class RunFolder:
         """A UserError when something not a finished run sits at the final name (the final rename would fail)."""
         if (self.final.exists() or self.final.is_symlink()) and self.state != DONE:
             what = "a folder without metrics.json" if self.final.is_dir() else "a file"
-            raise UserError(f"run.name={self.name}: '{self.final}' is {what}, not a finished run; move it away "
-                            "(nothing of it was touched) or choose another run.name")
+            raise UserError(
+                f"run.name={self.name}: '{self.final}' is {what}, not a finished run; move it away "
+                "(nothing of it was touched) or choose another run.name"
+            )
 
     def __truediv__(self, name: str) -> Path:
         return self.partial / name
@@ -140,8 +142,10 @@ class RunFolder:
                 if text != config_text:  # other W&B settings or folder: the saved config says what this process does
                     write_text(saved, config_text)
                 return True
-            raise UserError(f"run.name={self.name}: '{self.partial}' holds an unfinished run of another config; "
-                            f"resume it with `python -m dia.train --config {saved}`, delete it, or choose another run.name")
+            raise UserError(
+                f"run.name={self.name}: '{self.partial}' holds an unfinished run of another config; "
+                f"resume it with `python -m dia.train --config {saved}`, delete it, or choose another run.name"
+            )
         try:
             self.partial.mkdir()
         except OSError as exc:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,18 +34,28 @@ from dia.config.schema import AttackConfig
 from dia.engine import AttackResult, AttackState, Layout
 from dia.metrics import problem_ssim
 from dia.models import dropout_sites
-from dia.run.progress import AttackProgressBar
 from dia.run.cell import Cell, append_curves
-from dia.run.console import quiet
 from dia.run.checkpoint import join_rows, state_rows
+from dia.run.console import quiet
+from dia.run.progress import AttackProgressBar
 from dia.run.signals import STOP, Stopped
 
 log = logging.getLogger("dia")
 
 PER_ROW = ("name", "model_drop_path")  # settings every attack has that rows of one program may differ in
 SHARED = tuple(f.name for f in fields(AttackConfig) if f.name not in PER_ROW)  # the engine's settings: one per program
-NOT_SHARED = ("victims", "num_victims", "victim_seed", "run.name", "run.output_dir", "run.progress", "run.save_tensors",
-              "logger", "metrics", "defense")  # the defense changes what the client sends (the targets), not the program
+NOT_SHARED = (
+    "victims",
+    "num_victims",
+    "victim_seed",
+    "run.name",
+    "run.output_dir",
+    "run.progress",
+    "run.save_tensors",
+    "logger",
+    "metrics",
+    "defense",
+)  # the defense changes what the client sends (the targets), not the program
 
 
 def pack_key_of(config: Any) -> str:
@@ -116,8 +127,11 @@ def same_model(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     if a is b:
         return True
     ref, mine = a.state_dict(), b.state_dict()
-    return (set(dropout_sites(a)) == set(dropout_sites(b)) and ref.keys() == mine.keys()
-            and all(torch.equal(ref[k], mine[k]) for k in ref))
+    return (
+        set(dropout_sites(a)) == set(dropout_sites(b))
+        and ref.keys() == mine.keys()
+        and all(torch.equal(ref[k], mine[k]) for k in ref)
+    )
 
 
 def attacker_model(cells: list[Cell]) -> torch.nn.Module:
@@ -149,12 +163,16 @@ def build(pack: list[Item], expect: list[Item] = ()) -> InvertingGradients:
     """The attack module of a pack (resuming its items' saved rows, if any); `expect`: prepared items that
     will enter later (their sites and roles shape the program)."""
     parts = [part_of(item) for item in pack]
-    module = InvertingGradients.pack(attacker_model([i.cell for i in list(pack) + list(expect)]), parts,
-                                     expect=[part_of(i) for i in expect])
+    module = InvertingGradients.pack(
+        attacker_model([i.cell for i in list(pack) + list(expect)]), parts, expect=[part_of(i) for i in expect]
+    )
     if any(item.iteration > 0 for item in pack):
         initial = module.start()
-        module.resume = join_rows([i.cell.checkpoint.state if i.iteration > 0 else fresh_rows(module, p)
-                                   for i, p in zip(pack, parts)], Layout.of(initial), initial)
+        module.resume = join_rows(
+            [i.cell.checkpoint.state if i.iteration > 0 else fresh_rows(module, p) for i, p in zip(pack, parts)],
+            Layout.of(initial),
+            initial,
+        )
         log.info("resuming %s", ", ".join(f"{i.cell.name} at iteration {i.iteration}" for i in pack if i.iteration > 0))
     return module
 
@@ -188,8 +206,18 @@ class Program(Callback):
     program saves its rows in its run's checkpoint; every `log_every` iterations it appends its curves.
     """
 
-    def __init__(self, module: InvertingGradients, inside: list[Item], waiting: list[Item], *, every: int,
-                 log_every: int, refill: bool, enter: Callable[[Item], bool], finished: Callable[[Item], None]) -> None:
+    def __init__(
+        self,
+        module: InvertingGradients,
+        inside: list[Item],
+        waiting: list[Item],
+        *,
+        every: int,
+        log_every: int,
+        refill: bool,
+        enter: Callable[[Item], bool],
+        finished: Callable[[Item], None],
+    ) -> None:
         self.module, self.every, self.log_every, self.refill = module, every, log_every, refill
         self.enter, self.finished = enter, finished
         self.inside = [Slot(item, part, 0, item.iteration) for item, part in zip(inside, module.parts)]
@@ -212,8 +240,9 @@ class Program(Callback):
         (its first step, every `log_every`, its last): resumed and late-entering runs log on the same grid."""
         own, last = self.own_iteration(slot), self.own_iteration(slot, max(before, slot.entered))
         every = self.log_every
-        return own > last and (last == 0 or (every > 0 and own // every > last // every)
-                               or own == slot.item.cell.cfg.attack.max_iterations)
+        return own > last and (
+            last == 0 or (every > 0 and own // every > last // every) or own == slot.item.cell.cfg.attack.max_iterations
+        )
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         done, n = module.done, module.cfg.iterations_per_step
@@ -226,11 +255,22 @@ class Program(Callback):
             if self.logs(slot, before):
                 item, rows = slot.item, self.module.rows_of(slot.part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
-                if item.cell.cfg.metrics.curves_ssim and item.cell.victims is not None:  # None: an update without images
+                if (
+                    item.cell.cfg.metrics.curves_ssim and item.cell.victims is not None
+                ):  # None: an update without images
                     point["eval/ssim"] = float(self.ssim(item, rows).mean())
                 own = self.own_iteration(slot)
-                append_curves(item.cell, [{"group": item.group, "iteration": own,
-                                           "step": item.group * item.cell.cfg.attack.max_iterations + own, **point}])
+                append_curves(
+                    item.cell,
+                    [
+                        {
+                            "group": item.group,
+                            "iteration": own,
+                            "step": item.group * item.cell.cfg.attack.max_iterations + own,
+                            **point,
+                        }
+                    ],
+                )
         if STOP.is_set() or crossed(self.every):
             self.save()
         if STOP.is_set():
@@ -293,10 +333,13 @@ class Program(Callback):
                 continue
             saved = item.cell.checkpoint.state if item.iteration > 0 else None
             layout = module.state.layout
-            resume = None if saved is None else AttackState.from_dict(
-                join_rows([saved], layout, module.start_of(part)), layout, module.device)
+            resume = (
+                None
+                if saved is None
+                else AttackState.from_dict(join_rows([saved], layout, module.start_of(part)), layout, module.device)
+            )
             module.admit(part, free[: len(item.index)], resume)
-            free = free[len(item.index):]
+            free = free[len(item.index) :]
             self.inside.append(Slot(item, module.parts[-1], module.done, item.iteration))
             if item.iteration > 0:
                 log.info("resuming %s at iteration %d", item.cell.name, item.iteration)
@@ -334,16 +377,21 @@ def matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def fit(module: InvertingGradients, device: torch.device, *, title: str, progress: bool,
-        callbacks: list[Callback] = ()) -> None:
+def fit(
+    module: InvertingGradients, device: torch.device, *, title: str, progress: bool, callbacks: list[Callback] = ()
+) -> None:
     """Run `module`'s attack to its end (or a stop) under a Lightning Trainer on `device`."""
     cfg = module.cfg
     with matmul_precision(cfg.matmul_precision), quiet():  # the attacker's program only: clients at full precision
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
-            max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-            enable_progress_bar=progress, num_sanity_val_steps=0,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            num_sanity_val_steps=0,
             callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
             plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
         )
@@ -353,8 +401,16 @@ def fit(module: InvertingGradients, device: torch.device, *, title: str, progres
             pass
 
 
-def attack(model: torch.nn.Module, problems: Any, cfg: Any, *, device: torch.device, progress: bool = False,
-           lower: torch.Tensor | None = None, upper: torch.Tensor | None = None) -> AttackResult:
+def attack(
+    model: torch.nn.Module,
+    problems: Any,
+    cfg: Any,
+    *,
+    device: torch.device,
+    progress: bool = False,
+    lower: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
+) -> AttackResult:
     """Attack `problems` with the attack section `cfg.attack` in memory (no run folder), as its server sees
     them: for tests, benchmarks and dia.api."""
     cls = ATTACKS.get(cfg.attack.name)
@@ -363,8 +419,15 @@ def attack(model: torch.nn.Module, problems: Any, cfg: Any, *, device: torch.dev
     return module.result()
 
 
-def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished: Callable[[Item], None],
-        progress: bool = True, note: Callable[[str], None] = log.info) -> list[Item] | None:
+def run(
+    todo: list[Item],
+    limit: int,
+    *,
+    enter: Callable[[Item], bool],
+    finished: Callable[[Item], None],
+    progress: bool = True,
+    note: Callable[[str], None] = log.info,
+) -> list[Item] | None:
     """Attack `todo` in one program of `limit` rows (at least the largest item): the first items that fit
     start, the others wait for rows to free up (`attack.refill`, else for the next program). `enter(item)`
     prepares an item's run (False: drop it); `finished(item)` is called when an item's result is in its
@@ -386,16 +449,28 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
         return waiting
     scouts = []  # one prepared waiting item of each kind missing inside: the program must have its rows' sites
     for item in waiting:
-        if cfg.attack.refill and kind(item) not in {kind(i) for i in inside + scouts} and enter(item) \
-                and same_model(inside[0].cell.model, item.cell.model):
+        if (
+            cfg.attack.refill
+            and kind(item) not in {kind(i) for i in inside + scouts}
+            and enter(item)
+            and same_model(inside[0].cell.model, item.cell.model)
+        ):
             scouts.append(item)
     try:
         module = build(inside, scouts)
-    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the runs it was to start fail, not the others
+    except Exception as exc:
         raise ProgramFailed([i.cell for i in inside], exc) from exc
     every = cfg.run.checkpoint_every if cfg.run.checkpoint_every >= 0 else 0
-    program = Program(module, inside, waiting, every=every, log_every=cfg.attack.log_every,
-                      refill=cfg.attack.refill, enter=enter, finished=finished)
+    program = Program(
+        module,
+        inside,
+        waiting,
+        every=every,
+        log_every=cfg.attack.log_every,
+        refill=cfg.attack.refill,
+        enter=enter,
+        finished=finished,
+    )
     max_its = cfg.attack.max_iterations
     left = [max_its - i.iteration for i in inside]
     if program.refill and waiting:  # a bound (each step advances some item); the bar shows an estimate
@@ -404,7 +479,9 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
         module.expected = max(left) + max_its * math.ceil(sum(len(i.index) for i in waiting) / limit)
     else:
         module.horizon = max(left)
-    note(f"program: {describe(inside)}" + (f"; {sum(len(i.index) for i in waiting)} problems waiting" if waiting else ""))
+    note(
+        f"program: {describe(inside)}" + (f"; {sum(len(i.index) for i in waiting)} problems waiting" if waiting else "")
+    )
     started = time.perf_counter()
     try:
         fit(module, todo[0].cell.device, title=describe(inside), progress=progress, callbacks=[program])
@@ -413,9 +490,11 @@ def run(todo: list[Item], limit: int, *, enter: Callable[[Item], bool], finished
         program.close()
     except (Stopped, KeyboardInterrupt):
         raise
-    except Exception as exc:  # noqa: BLE001 - say which runs it hit; the caller decides what that means
+    except Exception as exc:
         raise ProgramFailed(program.working_on(), exc) from exc
-    note(f"program done: {module.done} iterations of {module.state.num_problems} rows in {time.perf_counter() - started:.1f} s")
+    note(
+        f"program done: {module.done} iterations of {module.state.num_problems} rows in {time.perf_counter() - started:.1f} s"
+    )
     return program.left + program.waiting
 
 
@@ -449,6 +528,11 @@ def auto_limit(cells: list[Cell], *, total: int, headroom: float = 0.7) -> int:
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     limit = max(1, min(total, int(headroom * free / per_problem)))
-    log.info("attack.parallel=auto: %d problems at once (%.1f MiB each, %.1f GiB free on %s)",
-             limit, per_problem / 2**20, free / 2**30, torch.cuda.get_device_name(device))
+    log.info(
+        "attack.parallel=auto: %d problems at once (%.1f MiB each, %.1f GiB free on %s)",
+        limit,
+        per_problem / 2**20,
+        free / 2**30,
+        torch.cuda.get_device_name(device),
+    )
     return limit

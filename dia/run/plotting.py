@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from dia.run.files import atomic_write  # noqa: E402
+from dia.run.files import atomic_write
 
 
 def reconstruction_grid(
-    path: Path, originals: torch.Tensor | None, reconstructions: torch.Tensor, titles: Sequence[str], *, title: str,
+    path: Path,
+    originals: torch.Tensor | None,
+    reconstructions: torch.Tensor,
+    titles: Sequence[str],
+    *,
+    title: str,
     per_row: int = 8,
 ) -> Path:
     """Save a PNG: pairs of rows (original above reconstruction), `per_row` victims per pair; images in [0, 1].
@@ -34,11 +39,18 @@ def reconstruction_grid(
         for row, image in shown:
             ax = axes[row][c]
             img = image.permute(1, 2, 0).clamp(0, 1).numpy()
-            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
+            ax.imshow(
+                img.squeeze(-1) if img.shape[-1] == 1 else img,
+                cmap="gray" if img.shape[-1] == 1 else None,
+                vmin=0,
+                vmax=1,
+            )
         axes[per * r][c].set_title(titles[i], fontsize=7)
     labels = ["reconstruction"] if originals is None else ["original", "reconstruction"]
     for row, text in enumerate(labels):
-        axes[row][0].text(-0.15, 0.5, text, transform=axes[row][0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
+        axes[row][0].text(
+            -0.15, 0.5, text, transform=axes[row][0].transAxes, rotation=90, va="center", ha="right", fontsize=8
+        )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -36,7 +36,12 @@ from pathlib import Path
 from typing import Any
 
 ID_FILE = "wandb-id"  # in the run folder: the W&B run id every process of the run logs into
-COORDINATES = (("attack", "attack.name"), ("model", "model.name"), ("data", "data.name"), ("model.dropout", "model.dropout"))
+COORDINATES = (
+    ("attack", "attack.name"),
+    ("model", "model.name"),
+    ("data", "data.name"),
+    ("model.dropout", "model.dropout"),
+)
 
 
 def open_run(cfg: Any, folder: Path, name: str) -> LiveRun | None:
@@ -76,8 +81,15 @@ class LiveRun:
             self.last = step
 
     # ---- the end -------------------------------------------------------------------------------------
-    def finish(self, metrics: dict[str, Any], *, figure: Path, originals: Any, reconstructions: Any,
-               caption: str = "originals above reconstructions, each titled with its SSIM") -> str | None:
+    def finish(
+        self,
+        metrics: dict[str, Any],
+        *,
+        figure: Path,
+        originals: Any,
+        reconstructions: Any,
+        caption: str = "originals above reconstructions, each titled with its SSIM",
+    ) -> str | None:
         """Log the reconstructions (`figure`, the run's PNG, with `caption`), the per-victim table (images in
         [0, 1], (N, C, H, W), victim order) and the summary (from metrics.json's content) at the run's last
         iteration, and finish the run. Returns its local directory (None when W&B is off or failed)."""
@@ -88,8 +100,13 @@ class LiveRun:
             import wandb
 
             step = max(self.last, self.floor + 1 if self.last < self.floor else -1, self._final_step(metrics))
-            self.run.log({"reconstructions": wandb.Image(str(figure), caption=caption),
-                          "victims": victim_table(metrics["victims"], originals, reconstructions)}, step=step)
+            self.run.log(
+                {
+                    "reconstructions": wandb.Image(str(figure), caption=caption),
+                    "victims": victim_table(metrics["victims"], originals, reconstructions),
+                },
+                step=step,
+            )
             self.run.summary.update(summary_of(metrics))
             directory = str(Path(self.run.dir).parent)
             run, self.run = self.run, None
@@ -145,9 +162,19 @@ class LiveRun:
             where = {"id": self.saved_id or uuid.uuid4().hex[:12], "project": wb.project, "entity": wb.entity}
         # several dia runs may be live in one process (a pack): each is its own W&B run (reinit="create_new")
         settings = wandb.Settings(**({} if "WANDB_SILENT" in os.environ else {"silent": True}))
-        run = wandb.init(dir=str(self.folder), name=self.name, group=group, job_type=block,
-                         tags=tags_of(self.cfg) or None, mode=wb.mode, config=config, resume="allow",
-                         reinit="create_new", settings=settings, **where)
+        run = wandb.init(
+            dir=str(self.folder),
+            name=self.name,
+            group=group,
+            job_type=block,
+            tags=tags_of(self.cfg) or None,
+            mode=wb.mode,
+            config=config,
+            resume="allow",
+            reinit="create_new",
+            settings=settings,
+            **where,
+        )
         self.run = run
         if run.id != self.saved_id:  # a W&B run this dia run never had: give it the points so far
             from dia.run.files import write_text
@@ -162,21 +189,25 @@ class LiveRun:
         """Run `work`; a W&B failure turns W&B off for this run with one warning (the dia run goes on)."""
         try:
             return work()
-        except Exception as exc:  # noqa: BLE001 - W&B must never cost a run: its files are the record
+        except Exception as exc:
             self.failed = True
             run, self.run = self.run, None
             text = str(exc).splitlines()[0][:200] if str(exc) else ""
-            warnings.warn(f"{self.name}: W&B failed ({type(exc).__name__}: {text}); the run goes on and its folder "
-                          "has every result; its W&B run stops here", stacklevel=3)
+            warnings.warn(
+                f"{self.name}: W&B failed ({type(exc).__name__}: {text}); the run goes on and its folder "
+                "has every result; its W&B run stops here",
+                stacklevel=3,
+            )
             if run is not None:
                 try:
                     run.finish(exit_code=1)
-                except Exception:  # noqa: BLE001, S110 - already failing: the warning above says so
+                except Exception:
                     pass
             return None
 
 
 # ---- what goes into the run -------------------------------------------------------------------------
+
 
 def tags_of(cfg: Any) -> list[str]:
     """`logger.wandb.tags` and the run's coordinates as `key:value` (as dia.grid tags its cells), no duplicates."""
@@ -204,7 +235,7 @@ def sweep_name(cfg: Any, sweep_id: str) -> str:
     path = "/".join(p for p in (os.environ.get("WANDB_ENTITY"), os.environ.get("WANDB_PROJECT"), sweep_id) if p)
     try:
         name = wandb.Api(timeout=20).sweep(path).name
-    except Exception:  # noqa: BLE001 - no login or network: the grid's name will do
+    except Exception:
         name = None
     return str(name or Path(str(cfg.run.output_dir)).resolve().name)
 
@@ -283,6 +314,7 @@ def victim_table(rows: list[dict[str, Any]], originals: Any = None, reconstructi
 
 # ---- files ------------------------------------------------------------------------------------------
 
+
 def _step(point: dict[str, Any]) -> int:
     return int(point.get("step", point.get("iteration", 0)))
 
@@ -308,13 +340,25 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
     order), "summary" (the last value of each key), "stats" (system-metrics samples), "console" (the captured
     output), "artifacts" (artifact records: a table with media is one), "preempting" (marked so),
     "exit_code" (None when the process never finished the run)}."""
-    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"wandb leet inspect {run_dir}: {proc.stderr.strip()[:300]}")
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "stats": [], "console": [],
-                           "artifacts": [], "preempting": False,
-                           "exit_code": None}
+    out: dict[str, Any] = {
+        "run": {},
+        "config": {},
+        "history": [],
+        "summary": {},
+        "stats": [],
+        "console": [],
+        "artifacts": [],
+        "preempting": False,
+        "exit_code": None,
+    }
     for line in proc.stdout.splitlines():
         record = json.loads(line)
         kind, body = record.get("type"), record.get(record.get("type"), {})
@@ -353,7 +397,7 @@ def read_offline_file(run_dir: Path, row: dict[str, Any], key: str) -> Any:
     (`table-file`) as {"columns", "data"}; an image (`image-file`) as the path of its PNG file."""
     entry = row.get(key)
     if not isinstance(entry, dict):  # W&B's reader flattens a media value's fields to `<key>.<field>`
-        entry = {k[len(key) + 1:]: v for k, v in row.items() if k.startswith(f"{key}.")}
+        entry = {k[len(key) + 1 :]: v for k, v in row.items() if k.startswith(f"{key}.")}
     if "path" not in entry:
         raise KeyError(f"no media logged under '{key}'")
     path = Path(run_dir) / "files" / entry["path"]

@@ -31,14 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from dia import grid as G
 from dia.errors import ExitCode, UserError
 
 _HERE = Path(__file__).resolve().parent
-SLURM_DIR = _HERE / "templates" if (_HERE / "templates").is_dir() else _HERE.parent.parent / "slurm"  # wheel, else checkout
+SLURM_DIR = (
+    _HERE / "templates" if (_HERE / "templates").is_dir() else _HERE.parent.parent / "slurm"
+)  # wheel, else checkout
 
 
 def template(name: str) -> str:
@@ -78,7 +80,9 @@ def render(text: str, options: list[str], exports: dict[str, str] | None = None)
     """
     for value in [*options, *(exports or {}).values()]:
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
-            raise UserError(f"sbatch option {value!r}: control characters (a newline) would become lines of the job script")
+            raise UserError(
+                f"sbatch option {value!r}: control characters (a newline) would become lines of the job script"
+            )
     wanted: dict[str, str] = {}
     for opt in options:
         key = opt.split("=", 1)[0]
@@ -103,8 +107,9 @@ def render(text: str, options: list[str], exports: dict[str, str] | None = None)
     return "\n".join(out[:last] + extra + out[last:]) + "\n"
 
 
-def _sbatch(script: str, args: list[str], where: Path, stem: str, dry_run: bool,
-            after: Callable[[], None] = lambda: None) -> int:
+def _sbatch(
+    script: str, args: list[str], where: Path, stem: str, dry_run: bool, after: Callable[[], None] = lambda: None
+) -> int:
     """Submit `script` held; once sbatch accepted it, run `after` (write what the job needs), keep a copy of
     the script in `where` and release the job. Nothing is written before sbatch says yes; if writing fails
     the job is cancelled."""
@@ -122,8 +127,11 @@ def _sbatch(script: str, args: list[str], where: Path, stem: str, dry_run: bool,
         cmd[3] = str(tmp)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"error: sbatch refused the job (nothing was written): "
-                  f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}", file=sys.stderr)
+            print(
+                f"error: sbatch refused the job (nothing was written): "
+                f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
+                file=sys.stderr,
+            )
             return ExitCode.FAILED
         job = done.stdout.strip().split(";")[0]
         path = where / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{job}.sbatch"
@@ -138,8 +146,11 @@ def _sbatch(script: str, args: list[str], where: Path, stem: str, dry_run: bool,
         tmp.unlink(missing_ok=True)
     released = subprocess.run(["scontrol", "release", job], capture_output=True, text=True)
     if released.returncode != 0:
-        print(f"error: job {job} was submitted held and could not be released ({released.stderr.strip()}); "
-              f"release it with `scontrol release {job}`", file=sys.stderr)
+        print(
+            f"error: job {job} was submitted held and could not be released ({released.stderr.strip()}); "
+            f"release it with `scontrol release {job}`",
+            file=sys.stderr,
+        )
         return ExitCode.FAILED
     print(job)
     print(f"[dia.slurm] submitted {path} as job {job}", file=sys.stderr)
@@ -179,7 +190,11 @@ def seconds(limit: str) -> int | None:
     if days:
         h, m, s_ = (parts + [0, 0])[:3]
         return ((int(days) * 24 + h) * 60 + m) * 60 + s_
-    return {1: lambda: parts[0] * 60, 2: lambda: parts[0] * 60 + parts[1], 3: lambda: (parts[0] * 60 + parts[1]) * 60 + parts[2]}[len(parts)]()
+    return {
+        1: lambda: parts[0] * 60,
+        2: lambda: parts[0] * 60 + parts[1],
+        3: lambda: (parts[0] * 60 + parts[1]) * 60 + parts[2],
+    }[len(parts)]()
 
 
 def warning_seconds(template_text: str) -> int:
@@ -193,8 +208,10 @@ def check_time(limit: str, warning: int) -> None:
     (before any cell started), the task would be requeued with nothing done, again and again."""
     total = seconds(limit)
     if total is not None and total <= warning:
-        raise UserError(f"--time {limit}: {total} s is not more than the {warning} s before the end at which Slurm signals "
-                        f"the task to save and requeue (#SBATCH --signal=...@{warning}); give more than {warning // 60} minutes")
+        raise UserError(
+            f"--time {limit}: {total} s is not more than the {warning} s before the end at which Slurm signals "
+            f"the task to save and requeue (#SBATCH --signal=...@{warning}); give more than {warning // 60} minutes"
+        )
 
 
 def partition_nodes(partition: str | None) -> list[tuple[str, int, int, int]] | None:
@@ -228,8 +245,10 @@ def check_fits(partition: str | None, cpus: int, mem_mb: float, gpus: int, what:
     if nodes is None or any(c >= cpus and m >= mem_mb and g >= gpus for _, c, m, g in nodes):
         return
     big = max(nodes, key=lambda n: (n[3], n[1], n[2]))
-    raise UserError(f"{what} fits no node of partition {partition or '(default)'}: the largest has {big[1]} CPUs, "
-                    f"{big[2]}M memory, {big[3]} GPU(s); lower --cpus-per-program/--mem-per-program or --gpus-per-task")
+    raise UserError(
+        f"{what} fits no node of partition {partition or '(default)'}: the largest has {big[1]} CPUs, "
+        f"{big[2]}M memory, {big[3]} GPU(s); lower --cpus-per-program/--mem-per-program or --gpus-per-task"
+    )
 
 
 def resources(a: argparse.Namespace, programs: int) -> list[str]:
@@ -238,8 +257,9 @@ def resources(a: argparse.Namespace, programs: int) -> list[str]:
     gpus = a.gpus_per_task
     amount, unit = _memory(a.mem_per_program, "--mem-per-program")
     cpus, mem = a.cpus_per_program * programs, amount * programs
-    what = (f"the request of each task ({programs} program(s): --cpus-per-task={cpus}, --mem={mem}{unit}"
-            + (f", --gres=gpu:{gpus})" if gpus else ")"))
+    what = f"the request of each task ({programs} program(s): --cpus-per-task={cpus}, --mem={mem}{unit}" + (
+        f", --gres=gpu:{gpus})" if gpus else ")"
+    )
     check_fits(a.partition, cpus, mem * UNITS[unit], gpus, what)
     return [f"--gres=gpu:{gpus}" if gpus else "--gres=", f"--cpus-per-task={cpus}", f"--mem={mem}{unit}"]
 
@@ -260,16 +280,24 @@ def submit(a: argparse.Namespace) -> int:
     array = array_spec(indices) + (f"%{a.max_parallel}" if a.max_parallel else "")
     gpus = a.gpus_per_task
     programs = max(1, min(per, gpus))  # dia.grid --task: one packed program per GPU (a CPU-only task: one)
-    options = [f"--array={array}", f"--job-name=dia-{grid.name}", f"--time={a.time}",
-               f"--output={filename_pattern(folder / 'logs')}/slurm-%A_%a.out", *resources(a, programs)]
+    options = [
+        f"--array={array}",
+        f"--job-name=dia-{grid.name}",
+        f"--time={a.time}",
+        f"--output={filename_pattern(folder / 'logs')}/slurm-%A_%a.out",
+        *resources(a, programs),
+    ]
     if a.partition:
         options.append(f"--partition={a.partition}")
     options += a.extra_sbatch or []
     exports = {"DIA_PYTHON": os.environ.get("DIA_PYTHON", sys.executable), "DIA_CELLS_PER_TASK": str(per)}
     script = render(text, options, exports)
     args = [str(Path(a.sweep).resolve()), "--results-root", str(folder.parent)] + (["--force"] if a.force else [])
-    print(f"[dia.slurm] grid '{grid.name}': {len(grid)} cells, {len(indices)} array tasks ({per} cell(s), {gpus} GPU(s) "
-          f"and {programs} program(s) each)", file=sys.stderr)
+    print(
+        f"[dia.slurm] grid '{grid.name}': {len(grid)} cells, {len(indices)} array tasks ({per} cell(s), {gpus} GPU(s) "
+        f"and {programs} program(s) each)",
+        file=sys.stderr,
+    )
 
     def record() -> None:  # only once sbatch has accepted the job (held until this is done)
         if write:
@@ -285,14 +313,24 @@ def agents(a: argparse.Namespace) -> int:
     text = template("agents.sbatch")
     check_time(a.time, warning_seconds(text))
     logs = Path(a.logs).resolve()
-    options = [f"--array=0-{a.agents - 1}" + (f"%{a.max_parallel}" if a.max_parallel else ""), f"--time={a.time}",
-               f"--output={filename_pattern(logs)}/slurm-%A_%a.out", *resources(a, 1)]  # an agent runs one run at a time
+    options = [
+        f"--array=0-{a.agents - 1}" + (f"%{a.max_parallel}" if a.max_parallel else ""),
+        f"--time={a.time}",
+        f"--output={filename_pattern(logs)}/slurm-%A_%a.out",
+        *resources(a, 1),
+    ]  # an agent runs one run at a time
     if a.partition:
         options.append(f"--partition={a.partition}")
     options += a.extra_sbatch or []
     script = render(text, options, {"DIA_PYTHON": os.environ.get("DIA_PYTHON", sys.executable)})
-    return _sbatch(script, [a.sweep_id, str(a.count)], logs, "agents", a.dry_run,
-                   after=lambda: logs.mkdir(parents=True, exist_ok=True))
+    return _sbatch(
+        script,
+        [a.sweep_id, str(a.count)],
+        logs,
+        "agents",
+        a.dry_run,
+        after=lambda: logs.mkdir(parents=True, exist_ok=True),
+    )
 
 
 def cancel(a: argparse.Namespace) -> int:
@@ -303,10 +341,16 @@ def cancel(a: argparse.Namespace) -> int:
         raise UserError("scancel not found: run this on a SLURM login node")
     done = subprocess.run(["scancel", a.job], capture_output=True, text=True)
     if done.returncode != 0:
-        print(f"error: scancel refused: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}", file=sys.stderr)
+        print(
+            f"error: scancel refused: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
+            file=sys.stderr,
+        )
         return ExitCode.FAILED
-    print(f"[dia.slurm] cancelled job {a.job}: running cells save their progress and are not requeued; "
-          "`dia.slurm submit ... --only-unfinished` resumes them", file=sys.stderr)
+    print(
+        f"[dia.slurm] cancelled job {a.job}: running cells save their progress and are not requeued; "
+        "`dia.slurm submit ... --only-unfinished` resumes them",
+        file=sys.stderr,
+    )
     return ExitCode.OK
 
 
@@ -315,35 +359,64 @@ RENAMED = {"--cpus-per-cell": "--cpus-per-program", "--mem-per-cell": "--mem-per
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dia.slurm", description="Submit dia grids and W&B agents as SLURM arrays.")
+    p = argparse.ArgumentParser(
+        prog="python -m dia.slurm", description="Submit dia grids and W&B agents as SLURM arrays."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(s: argparse.ArgumentParser) -> None:
         s.add_argument("--partition", "-p", default=None, help="SLURM partition (default: the cluster's default)")
         s.add_argument("--time", "-t", required=True, help="time limit per task, e.g. 12:00:00 or 30 (minutes)")
-        s.add_argument("--gpus-per-task", type=int, default=1,
-                       help="GPUs per array task (sbatch --gres=gpu:G); a task runs one packed program per GPU (0: CPU only, "
-                            "one program, no --gres); default 1")
-        s.add_argument("--cpus-per-program", type=int, default=4,
-                       help="CPU cores for each program of a task (one per GPU, or one on a CPU-only task), however many "
-                            "cells are packed into it: sbatch --cpus-per-task is this times the programs; default 4")
-        s.add_argument("--mem-per-program", default="32G",
-                       help="host memory for each program of a task (as --cpus-per-program): sbatch --mem is this times "
-                            "the programs; default 32G")
+        s.add_argument(
+            "--gpus-per-task",
+            type=int,
+            default=1,
+            help="GPUs per array task (sbatch --gres=gpu:G); a task runs one packed program per GPU (0: CPU only, "
+            "one program, no --gres); default 1",
+        )
+        s.add_argument(
+            "--cpus-per-program",
+            type=int,
+            default=4,
+            help="CPU cores for each program of a task (one per GPU, or one on a CPU-only task), however many "
+            "cells are packed into it: sbatch --cpus-per-task is this times the programs; default 4",
+        )
+        s.add_argument(
+            "--mem-per-program",
+            default="32G",
+            help="host memory for each program of a task (as --cpus-per-program): sbatch --mem is this times "
+            "the programs; default 32G",
+        )
         for old, new in RENAMED.items():
             s.add_argument(old, dest=f"renamed_{old[2:].replace('-', '_')}", help=argparse.SUPPRESS)
-        s.add_argument("--max-parallel", type=int, default=16, metavar="N",
-                       help="at most N array tasks at once (sbatch --array=...%%N); default 16, 0: no limit")
-        s.add_argument("--extra-sbatch", action="append", metavar="OPT",
-                       help="another sbatch option, e.g. --extra-sbatch=--account=abc (repeatable)")
-        s.add_argument("--dry-run", action="store_true", help="print the rendered script and the sbatch command; submit nothing")
+        s.add_argument(
+            "--max-parallel",
+            type=int,
+            default=16,
+            metavar="N",
+            help="at most N array tasks at once (sbatch --array=...%%N); default 16, 0: no limit",
+        )
+        s.add_argument(
+            "--extra-sbatch",
+            action="append",
+            metavar="OPT",
+            help="another sbatch option, e.g. --extra-sbatch=--account=abc (repeatable)",
+        )
+        s.add_argument(
+            "--dry-run", action="store_true", help="print the rendered script and the sbatch command; submit nothing"
+        )
 
     s = sub.add_parser("submit", help="the grid of a sweep file (or folder) as an array job (slurm/grid.sbatch)")
     s.add_argument("sweep")
     common(s)
-    s.add_argument("--cells-per-task", type=int, default=1, metavar="G",
-                   help="cells per array task, packed into one program per GPU of the task (e.g. 18: one (data, model) "
-                        "block of the paper grid, every rate and attack); default 1")
+    s.add_argument(
+        "--cells-per-task",
+        type=int,
+        default=1,
+        metavar="G",
+        help="cells per array task, packed into one program per GPU of the task (e.g. 18: one (data, model) "
+        "block of the paper grid, every rate and attack); default 1",
+    )
     s.add_argument("--only-unfinished", action="store_true", help="array tasks only for cells without results")
     s.add_argument("--results-root", default=os.environ.get("DIA_RESULTS_ROOT", "results"))
     s.add_argument("--force", action="store_true", help="recompute finished cells")
@@ -362,21 +435,28 @@ def _check(a: argparse.Namespace) -> None:
     """Every option that reaches the job script: integers in range, a time, no control characters, real options."""
     for old, new in RENAMED.items():
         if getattr(a, f"renamed_{old[2:].replace('-', '_')}", None) is not None:
-            raise UserError(f"{old} is now {new}: resources are per packed program (one per GPU of a task), not per cell")
+            raise UserError(
+                f"{old} is now {new}: resources are per packed program (one per GPU of a task), not per cell"
+            )
     for name in ("gpus_per_task", "cpus_per_program", "max_parallel", "cells_per_task", "agents", "count"):
         v = getattr(a, name, None)
         zero_ok = name in ("gpus_per_task", "max_parallel")
         if v is not None and not ((0 if zero_ok else 1) <= v <= 10**6):
-            raise UserError(f"--{name.replace('_', '-')}={v}: must be a {'non-negative' if zero_ok else 'positive'} integer")
+            raise UserError(
+                f"--{name.replace('_', '-')}={v}: must be a {'non-negative' if zero_ok else 'positive'} integer"
+            )
     if not re.fullmatch(r"[0-9:-]{1,16}|UNLIMITED|INFINITE", a.time):
         raise UserError(f"--time {a.time!r}: use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS")
     if a.partition is not None and not re.fullmatch(r"[A-Za-z0-9_.,-]{1,128}", a.partition):
-        raise UserError(f"--partition {a.partition!r}: a partition name (letters, digits, '_', '.', '-', or a comma-separated list)")
+        raise UserError(
+            f"--partition {a.partition!r}: a partition name (letters, digits, '_', '.', '-', or a comma-separated list)"
+        )
     for opt in a.extra_sbatch or []:
-        if any(ord(c) < 32 or ord(c) == 127 for c in opt) or not SBATCH_OPTION.fullmatch(opt) \
-                or re.search(r"\s-", opt):
-            raise UserError(f"--extra-sbatch {opt!r}: one sbatch option such as --account=lab (no newlines; repeat "
-                            "--extra-sbatch for another option)")
+        if any(ord(c) < 32 or ord(c) == 127 for c in opt) or not SBATCH_OPTION.fullmatch(opt) or re.search(r"\s-", opt):
+            raise UserError(
+                f"--extra-sbatch {opt!r}: one sbatch option such as --account=lab (no newlines; repeat "
+                "--extra-sbatch for another option)"
+            )
         if opt.split("=", 1)[0] in ("--hold", "-H", "--output", "-o", "--array", "-a", "--wrap"):
             raise UserError(f"--extra-sbatch {opt!r}: dia.slurm sets {opt.split('=', 1)[0]} itself")
     seconds(a.time)
@@ -394,4 +474,3 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever the input held
         return ExitCode.BAD_INPUT
-

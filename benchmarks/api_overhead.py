@@ -18,8 +18,8 @@ import torch
 
 import dia
 from dia.config import compose
+from dia.console import quiet_libraries
 from dia.run import execute
-from dia.run.console import quiet_libraries
 
 
 def main() -> None:

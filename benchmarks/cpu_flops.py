@@ -75,7 +75,8 @@ def main() -> None:
         rate = compiled_rate(model, args.k, args.iterations)
         achieved = flops * rate / 1e9
         print(
-            f"{model}: K = {args.k}: {flops / 1e9:.3f} GFLOP per iteration ({flops / args.k / 1e6:.1f} MFLOP per victim), "
+            f"{model}: K = {args.k}: {flops / 1e9:.3f} GFLOP per iteration ({flops / args.k / 1e6:.1f} MFLOP per "
+            "victim), "
             f"compiled {rate:.2f} it/s = {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f} % of peak "
             f"(load average now {os.getloadavg()[0]:.2f})",
             flush=True,

@@ -52,7 +52,8 @@ def main() -> None:
         f"{torch.backends.cpu.get_cpu_capability()}"
     )
     print(
-        "| product | highest: ms | medium: ms | speed-up | rel. error highest | rel. error medium |\n|---|---|---|---|---|---|"
+        "| product | highest: ms | medium: ms | speed-up | rel. error highest | rel. error medium "
+        "|\n|---|---|---|---|---|---|"
     )
     g = torch.Generator().manual_seed(0)
     for name, (m, k, n) in SHAPES.items():

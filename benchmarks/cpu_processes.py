@@ -127,7 +127,8 @@ def main() -> None:
     print(f"| layout | victim-it/s (median of {args.rounds}) |\n|---|---|")
     print(f"| 1 process × {args.cores} threads × {args.rows} rows | {a:.1f} |")
     print(
-        f"| {args.processes} processes × {max(1, args.cores // args.processes)} thread(s) × {args.rows // args.processes} rows "
+        f"| {args.processes} processes × {max(1, args.cores // args.processes)} thread(s) × "
+        f"{args.rows // args.processes} rows "
         f"| {b:.1f} ({b / a:.2f}×) |"
     )
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")

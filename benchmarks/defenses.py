@@ -26,10 +26,10 @@ from dia import defenses
 from dia.api import simulate
 from dia.attacks import AttackResult
 from dia.config import compose
+from dia.console import quiet_libraries
+from dia.files import write_json, write_text
 from dia.problems import Problems
 from dia.run.cell import evaluate
-from dia.run.console import quiet_libraries
-from dia.run.files import write_json, write_text
 from dia.run.pack import attack
 from dia.run.summary import mean_metrics
 

@@ -11,7 +11,8 @@ iterations; memory: the peak of one iteration above what was allocated before it
 allocation; CPU: the process's peak resident size, so only differences between rows are meaningful).
 `--mismatch`: IG's mismatch itself, no attack: the cosine distance between the client's update and the attacker's
 model of it at the true images, without masks (IG's model) and with the client's masks (WIIG's: 0), mean ± std
-over the problems, per T. `--plot TABLE PNG` draws SSIM against T, one panel per dropout rate and one line per attack (mean ± std over
+over the problems, per T. `--plot TABLE PNG` draws SSIM against T, one panel per dropout rate and one line per
+attack (mean ± std over
 victims), from the table.csv `python -m dia.report` writes for a FedAvg grid (its local_steps column).
 A benchmark, not a test.
 """
@@ -32,7 +33,7 @@ def one(steps: int, problems: int, iterations: int, overrides: list[str]) -> dic
 
     from dia.api import simulate
     from dia.attacks import ATTACKS
-    from dia.run.console import quiet_libraries
+    from dia.console import quiet_libraries
 
     quiet_libraries()
     sim = simulate(
@@ -108,7 +109,8 @@ def plot(table: str, png: str, metric: str = "ssim") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(table)))
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
     rates = sorted({float(r["dropout"]) for r in rows})
     fig, axes = plt.subplots(1, len(rates), figsize=(3.4 * len(rates), 3.0), sharey=True, squeeze=False)
     for ax, rate in zip(axes[0], rates):

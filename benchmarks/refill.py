@@ -25,8 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 from dia.config import compose
+from dia.console import quiet_libraries
 from dia.run import execute
-from dia.run.console import quiet_libraries
 
 RATES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 ATTACKS = ("ig", "wiig", "dia")

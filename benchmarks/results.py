@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from dia.config import compose
+from dia.console import quiet_libraries
 from dia.run import execute
-from dia.run.console import quiet_libraries
 
 ROWS = [
     (

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from dia.bench import VARIANTS, variant_settings
 from dia.config import compose
+from dia.console import quiet_libraries
 from dia.run import execute
-from dia.run.console import quiet_libraries
 
 
 def main() -> None:

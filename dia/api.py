@@ -1,174 +1,49 @@
-"""dia as a library: attack your own model and what a client sent, simulate clients, check, evaluate.
+"""dia as a library: attack your own model and what a client sent, simulate clients, check, evaluate, save.
 
     r = dia.reconstruct(model, grads, labels=y, input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
                         attack="dia", max_iterations=1500)
     r.images                      # (N, C, H, W) in [0, 1]
     dia.evaluate(r, originals)    # the metrics of a run's metrics.json
 
-The command line, grids and Slurm tasks use these same functions (`simulate` builds every run's problems;
-`reconstruct` runs the same attack modules under the same Trainer harness as `dia.train`).
+The command line, grids and Slurm tasks run the same science: `simulate` is what `python -m dia.train` attacks
+(dia.clients), `reconstruct` builds and fits the same program (dia.attacks.attack), `evaluate` scores as a run
+does (dia.scores) and `save` writes a run folder through the same owner of its files (dia.run.record).
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from dia.data import Victims, load_victims, normalizer
+from dia import attacks, clients, config
+from dia.attacks import ATTACKS, InvertingGradients, Part, settings_of
+from dia.clients import Simulation, client_masks, client_problems
+from dia.engine import AttackResult
 from dia.errors import UserError
-from dia.problems import LocalTraining, Problems, infer_labels, simulate_clients
-
-
-@dataclass
-class Simulation:
-    """One run's inputs: the victims, the client's model and what each client sent (the problems, with the
-    clients' true masks for evaluation), in the normalized space of `mean`/`std`."""
-
-    cfg: DictConfig
-    victims: Victims | None  # None: a captured update (captured.file) without its images
-    model: nn.Module
-    problems: Problems
-    mean: Tensor
-    std: Tensor
-
-    @property
-    def lower(self) -> Tensor:
-        return (0 - self.mean) / self.std
-
-    @property
-    def upper(self) -> Tensor:
-        return (1 - self.mean) / self.std
+from dia.metrics import mean_metrics
+from dia.problems import Problems, infer_labels
+from dia.run import record
+from dia.run.folder import RunFolder
+from dia.run.runs import resolve_device
+from dia.scores import score
+from dia.updates import ClientUpdate, as_gradients, capturable, classes_of, clients_of, labels_of, local_training, stack
 
 
 def simulate(*overrides: str, config: DictConfig | None = None) -> Simulation:
     """The victims, model and clients of a run config (`config`, or command-line style `overrides` such as
-    "model=vit", "data=cifar10", "victims=[0,1]"): what `python -m dia.train` attacks.
-
-    Each consecutive group of `batch_size` victims is one client: it runs its model in train mode (dropout
-    drawn at random and recorded), applies its defense, and sends its gradient (dia.problems).
-    """
-    from dia.config import compose
-    from dia.models import build_for
-
-    cfg = config if config is not None else compose(list(overrides))
-    if cfg.captured.file is not None:
-        return captured(cfg)
-    victims = load_victims(
-        cfg.data,
-        indices=None if cfg.victims is None else list(cfg.victims),
-        count=cfg.num_victims,
-        seed=cfg.victim_seed,
-    )
-    model = build_for(cfg)
-    if victims.labels.max() >= cfg.data.num_classes:
-        raise UserError(f"data.num_classes={cfg.data.num_classes} but a victim has label {int(victims.labels.max())}")
-    seed_everything(cfg.run.seed)
-    mean, std = normalizer(cfg.data)
-    problems = simulate_clients(
-        model,
-        (victims.images - mean) / std,
-        victims.labels,
-        batch_size=cfg.batch_size,
-        seed=cfg.run.seed,
-        defense=cfg.defense,
-        lower=(0 - mean) / std,
-        upper=(1 - mean) / std,
-        local=LocalTraining.of(cfg.client, cfg.batch_size),
-    )
-    if cfg.attack.labels == "infer":
-        if cfg.batch_size != 1:
-            raise UserError(
-                f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}"
-            )
-        problems = replace(problems, labels=infer_labels(problems.targets, cfg.data.num_classes).view(-1, 1))
-    return Simulation(cfg, victims, model, problems, mean, std)
+    "model=vit", "data=cifar10", "victims=[0,1]"): what `python -m dia.train` attacks (dia.clients.simulate)."""
+    return clients.simulate(config if config is not None else _compose(list(overrides)))
 
 
-def captured(cfg: DictConfig) -> Simulation:
-    """The one problem of a captured update file (`captured.file`), for the config's model (its checkpoint) and
-    data (image shape, normalization, classes): what `python -m dia.train captured.file=FILE` attacks.
-
-    A `ClientUpdate` file (dia.capture_update) brings its labels, and, for evaluation only, the client's masks
-    and images; a bare gradient/delta/weights file (`captured.kind`, `captured.lr`) needs `attack.labels=infer`.
-    """
-    from dia.attacks import ATTACKS
-    from dia.models import build_for
-    from dia.updates import ClientUpdate, as_gradients, labels_of, local_training, read_file, stack
-
-    path = Path(cfg.captured.file)
-    if cfg.defense.name != "none":
-        raise UserError(
-            f"defense={cfg.defense.name}: defenses apply to simulated clients; captured.file is attacked as it "
-            "was sent (leave defense=none; attack.model_defense still models one)"
-        )
-    model = build_for(cfg)
-    seed_everything(cfg.run.seed)
-    mean, std = normalizer(cfg.data)
-    shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
-    flat = read_file(path)
-    saved = ClientUpdate.from_tensors(flat) if isinstance(flat, dict) and "labels" in flat else None
-    where = f"captured.file '{path}'"
-    if saved is None and cfg.captured.kind != "gradient" and cfg.captured.lr is None:
-        raise UserError(
-            f"captured.lr: captured.kind={cfg.captured.kind} needs the client's local learning rate (a number > 0)"
-        )
-    if saved is not None:
-        grads = as_gradients(model, saved.gradient, where=where)
-    else:
-        grads = as_gradients(model, flat, kind=cfg.captured.kind, lr=cfg.captured.lr, where=where)
-    if cfg.attack.labels == "infer":
-        labels = infer_labels(stack(grads), cfg.data.num_classes).view(1, 1)
-    elif saved is None:
-        raise UserError(
-            f"{where}: holds no labels; set attack.labels=infer (one image per client), or save the "
-            "update with its labels (dia.capture_update(...).save)"
-        )
-    else:
-        labels = labels_of(saved.labels, 1, num_classes=cfg.data.num_classes)
-    masks = saved.masks if saved is not None else None
-    if ATTACKS.get(cfg.attack.name).needs_client_masks and not masks:
-        raise UserError(
-            f"attack={cfg.attack.name}: needs the client's dropout masks; {where} has none "
-            "(dia.capture_update records them)"
-        )
-    b = int(labels.shape[1])
-    if saved is not None:  # the file says how the client trained (FedSGD, or T local steps)
-        local = (
-            local_training(saved.steps, saved.lr, saved.local_batch, b)
-            if saved.steps > 1 or saved.local_batch
-            else None
-        )
-    else:  # a bare file: as the config's `client` section says
-        local = LocalTraining.of(cfg.client, b)
-    problems = client_problems(
-        model,
-        grads,
-        labels,
-        shape,
-        masks=masks,
-        seed=cfg.run.seed,
-        lower=(0 - mean) / std,
-        upper=(1 - mean) / std,
-        local=local,
-    )
-    victims = None
-    if saved is not None and saved.images is not None:
-        images = saved.images.float()
-        if tuple(images.shape) != problems.input_shape:
-            raise UserError(f"{where}: its images are {tuple(images.shape)}; the model takes {problems.input_shape}")
-        victims = Victims(
-            (images * std + mean).clamp(0, 1), saved.labels.long().flatten(), list(range(images.shape[0]))
-        )
-    return Simulation(cfg, victims, model, problems, mean, std)
+def _compose(args: list[str]) -> DictConfig:
+    return config.compose(args)  # the code's checks are registered: this module imports the attacks and models
 
 
 @dataclass
@@ -189,6 +64,7 @@ class Reconstruction:
     problems: Problems  # what the attack was given (as the server saw it)
     mean: Tensor
     std: Tensor
+    model: str = "model"  # the attacked model's class name (a saved run's `model`)
     folder: Path | None = None
 
     @property
@@ -197,10 +73,13 @@ class Reconstruction:
         k, b = self.labels.shape
         return ((self.images - self.mean) / self.std).view(k, b, *self.images.shape[1:])
 
-    def result(self) -> Any:
-        """As a `dia.engine.AttackResult` (normalized space)."""
-        from dia.engine import AttackResult
+    @property
+    def dropout(self) -> float:
+        """The model's largest dropout rate (0 without dropout): a saved run's `dropout`."""
+        return max(self.problems.rates.values(), default=0.0)
 
+    def result(self) -> AttackResult:
+        """As a `dia.engine.AttackResult` (normalized space)."""
         return AttackResult(
             x=self.normalized,
             masks=self.masks,
@@ -251,21 +130,6 @@ def reconstruct(
 
     Bad input raises `dia.UserError` with one line naming the tensor, key or file.
     """
-    from dia.attacks import ATTACKS, InvertingGradients
-    from dia.config import attack_settings
-    from dia.run.cell import resolve_device
-    from dia.run.pack import fit
-    from dia.updates import (
-        ClientUpdate,
-        _num_classes,
-        as_gradients,
-        capturable,
-        clients_of,
-        labels_of,
-        local_training,
-        stack,
-    )
-
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise UserError(f"input_shape={tuple(input_shape)}: give (channels, height, width) of one image")
@@ -273,13 +137,11 @@ def reconstruct(
     cls = ATTACKS.get(attack) if isinstance(attack, str) else attack
     if not (isinstance(cls, type) and issubclass(cls, InvertingGradients)):
         raise UserError(f"attack={attack!r}: a registered name ({', '.join(ATTACKS.names())}) or an attack class")
-    cfg = attack_settings(cls, **settings)
+    cfg = settings_of(cls, **settings)
     twin = capturable(model, torch.zeros(1, *shape))
     grads = as_gradients(twin, update, kind=kind, lr=lr)
-    num_classes = _num_classes(twin, torch.zeros(1, *shape))
+    num_classes = classes_of(twin, torch.zeros(1, *shape))
     if labels is None:
-        from dia.problems import infer_labels
-
         y = infer_labels(stack(grads), num_classes).view(-1, 1)
     else:
         y = labels_of(labels, len(grads), num_classes=num_classes)
@@ -301,11 +163,8 @@ def reconstruct(
         upper=(1 - mean_t) / std_t,
         local=local,
     )
-    if cls.needs_client_masks and problems.true_masks is None:
-        raise UserError(f"attack={cls.name}: needs the client's dropout masks (masks=...; capture_update records them)")
-    module = cls(twin, cls.view(problems), cfg)
-    fit(module, resolve_device(device), title=f"{cls.name.upper()} x{problems.num_problems}", progress=progress)
-    res = module.result()
+    seen = cls.view(problems)  # what its server sees (an oracle without the client's masks: one line)
+    res = attacks.attack(twin, [Part(cls(cfg=cfg), seen)], device=resolve_device(device), progress=progress).result()
     rec = Reconstruction(
         images=(res.x.flatten(0, 1) * std_t + mean_t).clamp(0, 1),
         labels=y,
@@ -316,94 +175,31 @@ def reconstruct(
         best_iteration=res.best_iteration,
         attack=cls.name,
         settings=cfg,
-        problems=cls.view(problems),
+        problems=seen,
         mean=mean_t,
         std=std_t,
+        model=type(model).__name__,
     )
     if out is not None:
         save(rec, out)
     return rec
 
 
-def client_problems(
-    model: nn.Module,
-    grads: list[dict[str, Tensor]],
-    labels: Tensor,
-    input_shape: tuple[int, ...],
-    *,
-    masks: Any = None,
-    seed: int = 0,
-    lower: Tensor | None = None,
-    upper: Tensor | None = None,
-    local: LocalTraining | None = None,
-) -> Problems:
-    """The attack problems of K clients' gradients for a capturable `model`: targets, labels (K, B), the
-    dropout sites' shapes and rates (public: the model's), per-problem seeds, the clients' masks if given;
-    `local`: the clients' T local steps (FedAvg; each site's masks are then (T * b, ...) per client)."""
-    from dia.models.dropout import dropout_control, dropout_sites
-    from dia.problems import problem_seed
-    from dia.updates import stack
+def _normalization(mean: Any, std: Any, channels: int) -> tuple[Tensor, Tensor]:
+    """`mean`/`std` (sequences or tensors of one value per channel) as (C, 1, 1) tensors, checked."""
 
-    k, b = labels.shape
-    per_step, steps = (b, 1) if local is None else (local.per_step(b), local.steps)
-    sites = dropout_sites(model, active_only=True)
-    with torch.no_grad(), dropout_control(model, "record") as probe:  # shapes are public: any input of the size works
-        model.train()
-        model(torch.zeros(per_step, *input_shape))
-    shapes = {n: (steps * per_step, *probe.masks[n].shape[1:]) for n in sites if n in probe.masks}
-    true = _masks(masks, shapes, k) if masks is not None else None
-    return Problems(
-        targets=stack(grads),
-        labels=labels,
-        input_shape=(b, *input_shape),
-        mask_shapes=shapes,
-        rates={n: sites[n].p for n in shapes},
-        kinds={n: sites[n].kind for n in shapes},
-        seeds=[problem_seed(seed, j) for j in range(k)],
-        true_masks=true,
-        lower=lower,
-        upper=upper,
-        local=local,
-    )
+    def values(v: Any, default: float) -> list[Any]:
+        if v is None:
+            return [default] * channels
+        if isinstance(v, Tensor):
+            return v.detach().flatten().tolist()
+        return list(v) if isinstance(v, (list, tuple)) else [v]
 
-
-def _masks(masks: Any, shapes: dict[str, tuple[int, ...]], k: int) -> dict[str, Tensor]:
-    """The clients' masks as {site: (K, B, ...)}, checked against the model's sites."""
-    from dia.updates import ClientUpdate
-
-    if isinstance(masks, ClientUpdate):
-        masks = masks.masks
-    if isinstance(masks, (list, tuple)):  # one dict per client
-        masks = {n: torch.stack([torch.as_tensor(m[n]) for m in masks]) for n in (masks[0] or {})}
-    if not isinstance(masks, Mapping):
-        raise UserError(f"masks: a {type(masks).__name__}; give {{site: keep-mask}} (capture_update records them)")
-    if not shapes:
-        raise UserError("masks: given, but the model has no dropout")
-    unknown = [n for n in masks if n not in shapes]
-    missing = [n for n in shapes if n not in masks]
-    if unknown or missing:
-        raise UserError(
-            f"masks: {'unknown site ' + repr(unknown[0]) if unknown else 'no mask for site ' + repr(missing[0])}; "
-            f"the model's dropout sites: {', '.join(shapes)}"
-        )
-    out = {}
-    for n, shape in shapes.items():
-        m = torch.as_tensor(np.asarray(masks[n]) if not isinstance(masks[n], Tensor) else masks[n]).float()
-        if tuple(m.shape) == shape and k == 1:
-            m = m.unsqueeze(0)
-        if tuple(m.shape) != (k, *shape):
-            raise UserError(
-                f"masks: '{n}' has shape {tuple(m.shape)}; the site's mask is {shape} per client ({k} client(s))"
-            )
-        out[n] = m
-    return out
-
-
-def _normalization(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> tuple[Tensor, Tensor]:
-    mean = [0.0] * channels if mean is None else list(mean)
-    std = [1.0] * channels if std is None else list(std)
+    mean, std = values(mean, 0.0), values(std, 1.0)
     for key, v in (("mean", mean), ("std", std)):
-        if len(v) != channels or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+        if len(v) != channels or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        ):
             raise UserError(f"{key}={tuple(v)}: give {channels} finite number(s), one per channel")
     if any(s <= 0 for s in std):
         raise UserError(f"std={tuple(std)}: every value must be > 0")
@@ -417,38 +213,60 @@ def evaluate(
     the per-victim rows and their means of a run's metrics.json (MSE in normalized space, PSNR, SSIM, LPIPS
     with `lpips`, and, given the clients' true `masks`, how well recovered masks find the dropped units).
     Reconstructions of one client's batch are matched to its originals first."""
-    from dia.metrics import load_lpips
-    from dia.run.cell import evaluate as evaluate_rows
-    from dia.run.summary import mean_metrics
+    rows = _rows(reconstruction, originals, masks=masks, lpips=lpips)
+    return {"mean": mean_metrics(rows), "victims": rows}
 
-    originals = torch.as_tensor(originals).float()
-    if tuple(originals.shape) != tuple(reconstruction.images.shape):
-        raise UserError(
-            f"originals: shape {tuple(originals.shape)}, the reconstruction's is {tuple(reconstruction.images.shape)}"
-        )
+
+def _rows(reconstruction: Reconstruction, originals: Any, *, masks: Any, lpips: bool) -> list[dict[str, Any]]:
+    if originals is not None:
+        originals = torch.as_tensor(originals).float()
+        if tuple(originals.shape) != tuple(reconstruction.images.shape):
+            raise UserError(
+                f"originals: shape {tuple(originals.shape)}, the reconstruction's is "
+                f"{tuple(reconstruction.images.shape)}"
+            )
     problems = reconstruction.problems
     if masks is not None:
-        problems = replace(problems, true_masks=_masks(masks, problems.mask_shapes, problems.num_problems))
-    rows, _ = evaluate_rows(
-        reconstruction.result(),
-        problems,
-        originals,
-        reconstruction.mean,
-        reconstruction.std,
-        lpips_fn=load_lpips("alex") if lpips else None,
-    )
-    return {"mean": mean_metrics(rows), "victims": rows}
+        problems = replace(problems, true_masks=client_masks(masks, problems.mask_shapes, problems.num_problems))
+    rec = reconstruction
+    rows, _ = score(rec.result(), problems, originals, rec.mean, rec.std, skip=() if lpips else ("lpips",))
+    for i, (row, label) in enumerate(zip(rows, rec.labels.flatten().tolist())):
+        row.update(index=i, label=label)
+    return rows
 
 
 def save(
     reconstruction: Reconstruction, folder: str | Path, *, originals: Tensor | None = None, masks: Any = None
 ) -> Path:
-    """Write `reconstruction` as a run folder (the files dia.train writes): built as `.<name>.partial` beside
-    `folder` and renamed when complete; an existing `folder` is never replaced."""
-    from dia.run.files import save_tensors, write_json, write_text
-    from dia.run.folder import RunFolder
-    from dia.run.plotting import reconstruction_grid
-
+    """Write `reconstruction` as a run folder (the files dia.train writes, dia.run.record; dia.report reports on
+    it): built as `.<name>.partial` beside `folder` and renamed when complete; an existing `folder` is never
+    replaced. Its inputs are checked before anything is written."""
+    rec = reconstruction
+    rows = _rows(rec, originals, masks=masks, lpips=False)  # a bad `originals` or `masks`: nothing written yet
+    settings = OmegaConf.to_container(OmegaConf.structured(rec.settings))
+    text = OmegaConf.to_yaml(
+        {
+            "attack": settings,
+            "input_shape": list(rec.images.shape[1:]),
+            "mean": rec.mean.flatten().tolist(),
+            "std": rec.std.flatten().tolist(),
+        }
+    )
+    content = record.summary(
+        status="diverged" if "diverged" in rec.status else "completed",
+        attack=rec.attack,
+        model=rec.model,
+        data="custom",
+        dropout=rec.dropout,
+        rows=rows,
+        clients=int(rec.labels.shape[0]),
+        iterations=int(rec.iterations.max()),
+        max_iterations=int(settings.get("max_iterations", 0)),
+    )
+    tensors = {"reconstructions": rec.images, "labels": rec.labels.flatten()}
+    tensors |= {f"masks/{k}": v for k, v in (rec.masks or {}).items()}
+    if originals is not None:
+        tensors["originals"] = torch.as_tensor(originals).float()
     path = Path(folder)
     run = RunFolder(path.parent if str(path.parent) else Path("."), path.name)
     if run.state == "done":
@@ -456,77 +274,16 @@ def save(
     if not run.acquire():
         raise UserError(f"out: '{path}' is being written by another process")
     try:
-        from omegaconf import OmegaConf
-
-        run.open(OmegaConf.to_yaml({"attack": OmegaConf.to_container(reconstruction.settings)}))
-        write_text(
-            run / "config.yaml",
-            OmegaConf.to_yaml(
-                {
-                    "attack": OmegaConf.to_container(reconstruction.settings),
-                    "input_shape": list(reconstruction.images.shape[1:]),
-                    "mean": reconstruction.mean.flatten().tolist(),
-                    "std": reconstruction.std.flatten().tolist(),
-                }
-            ),
-        )
-        metrics: dict[str, Any] = {
-            "status": "diverged" if "diverged" in reconstruction.status else "completed",
-            "attack": reconstruction.attack,
-            "clients": int(reconstruction.labels.shape[0]),
-            "iterations": int(reconstruction.iterations.max()),
-        }
-        if originals is not None:
-            metrics |= evaluate(reconstruction, originals, masks=masks)
-        else:
-            b = reconstruction.labels.shape[1]
-            metrics["victims"] = [
-                {
-                    "problem": i // b,
-                    "label": int(reconstruction.labels.flatten()[i]),
-                    "status": reconstruction.status[i // b],
-                    "iterations": int(reconstruction.iterations[i // b]),
-                    "loss": float(reconstruction.loss[i // b]),
-                }
-                for i in range(reconstruction.images.shape[0])
-            ]
-        tensors = {"reconstructions": reconstruction.images, "labels": reconstruction.labels.flatten()}
-        tensors |= {f"masks/{k}": v for k, v in (reconstruction.masks or {}).items()}
-        if originals is not None:
-            tensors["originals"] = torch.as_tensor(originals)
-        save_tensors(run / "reconstructions.pt", tensors)
-        titles = [
-            f"#{i}" + (f"  SSIM {r['ssim']:.2f}" if originals is not None else "")
-            for i, r in enumerate(metrics["victims"])
-        ]
-        reconstruction_grid(
-            run / "reconstructions.png",
-            originals,
-            reconstruction.images,
-            titles,
-            title=f"{reconstruction.attack.upper()}: {len(titles)} reconstruction(s)",
-        )
-        write_json(run / "metrics.json", metrics)
-        reconstruction.folder = run.finish()
+        run.open(text)
+        record.write_config(run.partial, text)
+        record.write_tensors(run.partial, tensors)
+        title = f"{rec.attack.upper()} on {rec.model}: {len(rows)} reconstruction(s)"
+        record.write_picture(run.partial, tensors.get("originals"), rec.images, record.titles(rows), title=title)
+        record.write_metrics(run.partial, content)
+        rec.folder = run.finish()
     finally:
         run.release()
-    return reconstruction.folder
+    return rec.folder
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (what Lightning's seed_everything does)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-__all__ = [
-    "Simulation",
-    "simulate",
-    "Reconstruction",
-    "reconstruct",
-    "client_problems",
-    "evaluate",
-    "save",
-    "seed_everything",
-]
+__all__ = ["Simulation", "simulate", "Reconstruction", "reconstruct", "evaluate", "save"]

@@ -11,11 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dia import config
 from dia.config.schema import DataConfig
 from dia.errors import UserError
 from dia.registry import Registry
@@ -64,7 +66,8 @@ def read_embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
                 loaded = np.load(f, allow_pickle=False)
                 if not isinstance(loaded, np.lib.npyio.NpzFile):
                     raise UserError(
-                        f"data.embedded: '{name}' is not an .npz archive with images and labels; shipped: {', '.join(shipped)}"
+                        f"data.embedded: '{name}' is not an .npz archive with images and labels; shipped: "
+                        f"{', '.join(shipped)}"
                     )
                 with loaded as npz:
                     missing = [k for k in ("images", "labels") if k not in npz.files]
@@ -77,15 +80,18 @@ def read_embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as exc:
         raise UserError(
-            f"data.embedded: cannot read '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
+            f"data.embedded: cannot read '{name}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:100] if str(exc) else ''})"
         ) from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or images.shape[0] == 0:
         raise UserError(
-            f"data.embedded: '{name}' images are {images.dtype} of shape {images.shape}; expected uint8 (N, H, W, 1 or 3)"
+            f"data.embedded: '{name}' images are {images.dtype} of shape {images.shape}; expected uint8 (N, H, W, "
+            "1 or 3)"
         )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(
-            f"data.embedded: '{name}' labels are {labels.dtype} of shape {labels.shape}; expected {images.shape[0]} integers"
+            f"data.embedded: '{name}' labels are {labels.dtype} of shape {labels.shape}; expected "
+            f"{images.shape[0]} integers"
         )
     if labels.min() < 0:
         raise UserError(f"data.embedded: '{name}' has a negative label ({int(labels.min())})")
@@ -134,7 +140,8 @@ def load_torchvision(cfg: DataConfig, indices: list[int] | None, count: int, see
     except Exception as exc:
         hint = "" if cfg.download else " (set data.download=true to fetch it)"
         raise UserError(
-            f"data.root: cannot load {cls_name} from '{root}'{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"data.root: cannot load {cls_name} from '{root}'{hint}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     idx = select_indices(len(ds), f"data={cfg.name} ({cls_name} {cfg.split})", indices, count, seed)
     to_tensor = torchvision.transforms.functional.to_tensor
@@ -193,7 +200,8 @@ def load_imagefolder(cfg: DataConfig, indices: list[int] | None, count: int, see
     samples = folder_samples(root, cfg.labels_file)
     if not samples:
         raise UserError(
-            f"data.root: '{root}' holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in class subfolders or directly"
+            f"data.root: '{root}' holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in class subfolders or "
+            "directly"
         )
     tf = T.Compose([T.Resize(int(cfg.image_size * 256 / 224)), T.CenterCrop(cfg.image_size), T.ToTensor()])
     idx = select_indices(len(samples), f"data={cfg.name} (folder '{root}')", indices, count, seed)
@@ -222,7 +230,8 @@ def load_victims(cfg: DataConfig, *, indices: list[int] | None, count: int, seed
     want = (cfg.channels, cfg.image_size, cfg.image_size)
     if tuple(victims.images.shape[1:]) != want:
         raise UserError(
-            f"data: images have shape {tuple(victims.images.shape[1:])} but data={cfg.name} declares {want} (data.channels, data.image_size)"
+            f"data: images have shape {tuple(victims.images.shape[1:])} but data={cfg.name} declares {want} "
+            "(data.channels, data.image_size)"
         )
     return victims
 
@@ -232,3 +241,12 @@ def normalizer(cfg: DataConfig) -> tuple[Tensor, Tensor]:
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
     return mean, std
+
+
+def check_source(cfg: Any) -> None:
+    """compose's code check for `data.source`: a registered loader."""
+    if cfg.data.source not in SOURCES:
+        raise UserError(f"data.source={cfg.data.source!r}: must be one of: {', '.join(SOURCES.names())}")
+
+
+config.register_check("data", check_source)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +74,13 @@ MASK_KEYS = tuple(f"mask_{m}{s}" for m in MASK_MEASURES for s in ("", "_keep_all
 
 @dataclass(frozen=True)
 class Metric:
-    """One per-victim measure of a run: its key (metrics.json, curves, W&B), how tables and figures label it,
+    """One per-victim measure of a run: its key (metrics.json, curves, loggers), how tables and figures label it,
     whether higher is better, and how one value is printed. `brief`: in one-line summaries; `column`: a
-    column of the tables (dia.train's console, dia.report); every metric is in metrics.json and W&B."""
+    column of the tables (dia.train's console, dia.report); every metric is in metrics.json and the loggers.
+
+    An image metric has `fn(reconstructions, originals) -> (N,)` on [0, 1] images, or on normalized images
+    with `normalized` (MSE, as the paper's code reports it); `fn` may return None (LPIPS without its backbone).
+    Mask measures have no `fn`: `mask_measures` computes them together."""
 
     key: str
     label: str
@@ -83,6 +88,8 @@ class Metric:
     fmt: str
     brief: bool = False
     column: bool = True
+    fn: Callable[[Tensor, Tensor], Tensor | None] | None = None
+    normalized: bool = False
 
     @property
     def arrow(self) -> str:
@@ -101,11 +108,11 @@ _MASK_LABELS = {
 _BASELINES = {"": "", "_keep_all": " (keep-all)", "_init": " (init)"}
 # The one table of what a run reports per victim, in the order tables show it: dia.train's console,
 # metrics.json's means (dia.run.summary), dia.report's tables and figures and the W&B summary read it.
-METRICS: tuple[Metric, ...] = (
-    Metric("ssim", "SSIM", True, "{:.3f}", brief=True),
-    Metric("psnr", "PSNR", True, "{:.2f}", brief=True),
-    Metric("lpips", "LPIPS", False, "{:.3f}", brief=True),
-    Metric("mse", "MSE", False, "{:.4f}", brief=True),
+METRICS: list[Metric] = [
+    Metric("ssim", "SSIM", True, "{:.3f}", brief=True, fn=ssim),
+    Metric("psnr", "PSNR", True, "{:.2f}", brief=True, fn=psnr),
+    Metric("lpips", "LPIPS", False, "{:.3f}", brief=True, fn=lambda x, y: lpips(x, y)),
+    Metric("mse", "MSE", False, "{:.4f}", brief=True, fn=mse, normalized=True),
     *(
         Metric(
             f"mask_{m}{b}",
@@ -118,8 +125,33 @@ METRICS: tuple[Metric, ...] = (
         for m in ("bal_acc", "recall", "precision", "accuracy")
         for b in _BASELINES
     ),
-)
+]
+
 METRIC = {m.key: m for m in METRICS}
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add a metric to the table (an image metric: with `fn`): every run, logger and report then has it."""
+    unregister_metric(metric.key)
+    METRICS.append(metric)
+    METRIC[metric.key] = metric
+    return metric
+
+
+def unregister_metric(key: str) -> None:
+    """Remove a metric added by `register_metric` (one experiment's, or one test's)."""
+    METRICS[:] = [m for m in METRICS if m.key != key]
+    METRIC.pop(key, None)
+
+
+def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The mean of each metric (and of each per-part mask measure a row has) over the victims that have it."""
+    keys = [m.key for m in METRICS]
+    out: dict[str, float | None] = {}
+    for k in [*keys, *dict.fromkeys(k for r in rows for k in r if k.startswith("mask_") and k not in keys)]:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 def _confusion_measures(drop_pred: Tensor, drop_true: Tensor) -> dict[str, Tensor]:
@@ -219,3 +251,9 @@ def load_lpips(net: str = "alex") -> LPIPSFn | None:
         fn = None
     _lpips_cache[net] = fn
     return fn
+
+
+def lpips(x: Tensor, y: Tensor) -> Tensor | None:
+    """LPIPS (AlexNet) of [0, 1] images, or None when the backbone's weights cannot be had (`load_lpips`)."""
+    fn = load_lpips("alex")
+    return None if fn is None else fn(x, y)

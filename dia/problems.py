@@ -6,11 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from dia.defenses import defend, per_example_gradients, split_defense
-from dia.gradients import client_gradients, client_update
-from dia.models.dropout import dropout_control, dropout_sites
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -95,78 +91,6 @@ class Problems:
 def problem_seed(seed: int, index: int) -> int:
     """A per-problem seed, so a problem's randomness does not depend on how problems are grouped."""
     return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
-
-
-def simulate_clients(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    batch_size: int,
-    seed: int,
-    defense: Any = None,
-    lower: Tensor | None = None,
-    upper: Tensor | None = None,
-    local: LocalTraining | None = None,
-) -> Problems:
-    """Each consecutive group of `batch_size` (normalized) images is one client's batch and one problem.
-    `lower`/`upper`: the valid image range in that normalized space (public: the attack keeps images in it).
-
-    `defense` (a `defense` config section, see dia.defenses) is applied to what each client sends, with
-    its own generator per client; None or `name: none` leaves the gradients as computed.
-    `local`: FedAvg clients (T local SGD steps on their own model copy, fresh masks each step; DP-SGD per step,
-    the other defenses on the final update); None: one gradient step (FedSGD).
-    """
-    n = images.shape[0]
-    k = n // batch_size
-    targets: list[dict[str, Tensor]] = []
-    masks: list[dict[str, Tensor]] = []
-    for j in range(k):  # one-time work per client; the attack itself is vectorized over problems
-        sl = slice(j * batch_size, (j + 1) * batch_size)
-        gen = torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 1)
-        noise = torch.Generator(device=images.device).manual_seed(problem_seed(seed, j) + 2)
-        if local is None:
-            g, m = client_gradients(model, images[sl], labels[sl], generator=gen)
-            g = defend(
-                g,
-                defense,
-                noise,
-                None if batch_size == 1 else lambda: per_example_gradients(model, images[sl], labels[sl], m),
-            )
-        else:
-            per_step, final = split_defense(defense)
-            g, m = client_update(
-                model,
-                images[sl],
-                labels[sl],
-                local,
-                generator=gen,
-                defend_step=lambda grads, mdl, x, y, mk: defend(
-                    grads, per_step, noise, None if len(y) == 1 else lambda: per_example_gradients(mdl, x, y, mk)
-                ),
-            )
-            g = defend(g, final, noise)
-        targets.append(g)
-        masks.append(m)
-    sites = dropout_sites(model, active_only=True)
-    rates = {name: site.p for name, site in sites.items()}
-    per_step = batch_size if local is None else local.per_step(batch_size)
-    with torch.no_grad(), dropout_control(model, "record") as probe:  # shapes are public: any input of the size works
-        model(torch.zeros_like(images[:per_step]))
-    steps = 1 if local is None else local.steps
-    return Problems(
-        targets={name: torch.stack([g[name] for g in targets]) for name in targets[0]},
-        labels=labels[: k * batch_size].view(k, batch_size),
-        input_shape=tuple(images[:batch_size].shape),
-        mask_shapes={name: (steps * per_step, *probe.masks[name].shape[1:]) for name in rates},
-        rates=rates,
-        kinds={name: site.kind for name, site in sites.items()},
-        seeds=[problem_seed(seed, j) for j in range(k)],
-        true_masks={name: torch.stack([m[name] for m in masks]) for name in rates},
-        lower=lower,
-        upper=upper,
-        local=local,
-    )
 
 
 def infer_labels(targets: dict[str, Tensor], num_classes: int) -> Tensor:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"unknown option '{unknown[0]}'; {USAGE_HINT}")
         cfg = compose(args, base=base)
-        from dia.run.console import quiet_libraries
+        from dia.console import quiet_libraries
 
         quiet_libraries()
         if describe:
@@ -113,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
         + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else "")
     )
-    if out.wandb_dir:
-        print(
-            f"W&B offline run: {out.wandb_dir} (upload with `wandb sync {Path(out.wandb_dir).parent}`, which holds every process's part of it)"
-            if m and "offline" in out.wandb_dir
-            else f"W&B run: {out.wandb_dir}"
-        )
+    for name, where in out.logged.items():
+        if name == "wandb" and "offline" in where:
+            print(
+                f"W&B offline run: {where} (upload with `wandb sync {Path(where).parent}`, which holds every "
+                "process's part of it)"
+            )
+        else:
+            print(f"{name}: {where}")
     return ExitCode.OK if m["status"] == "completed" else ExitCode.DIVERGED
 
 

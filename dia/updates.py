@@ -25,6 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dia.errors import UserError
+from dia.files import save_tensors
+from dia.gradients import client_gradients, client_update
+from dia.models.capture import ModelInputError, UncapturableModel, make_capturable
+from dia.models.dropout import dropout_control, dropout_sites
+from dia.problems import LocalTraining, infer_labels
 
 KINDS = ("gradient", "delta", "weights")  # what an update holds: see `as_gradients`
 Grads = dict[str, Tensor]
@@ -54,8 +59,6 @@ class ClientUpdate:
     def save(self, path: str | Path) -> Path:
         """A `.pt` of tensors only (`gradient/<param>`, `labels`, `masks/<site>`, `images`, `lr`): readable with
         `weights_only=True`, and by `dia.reconstruct` and `python -m dia.train captured.file=FILE`."""
-        from dia.run.files import save_tensors
-
         flat = {f"gradient/{n}": g for n, g in self.gradient.items()} | {"labels": self.labels}
         flat |= {f"masks/{n}": m for n, m in (self.masks or {}).items()}
         if self.images is not None:
@@ -172,7 +175,8 @@ def _load_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(
-            f"update: cannot read '{path}' as tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+            f"update: cannot read '{path}' as tensors ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); "
             "give a .pt of tensors (torch.save of a dict or list) or a .npz"
         ) from None
 
@@ -267,9 +271,6 @@ def capturable(model: nn.Module, example: Tensor) -> nn.Module:
     replay or be given masks (dia.models.capture); site names are module paths. The model itself is untouched."""
     import copy
 
-    from dia.models.capture import ModelInputError, UncapturableModel, make_capturable
-    from dia.models.dropout import dropout_sites
-
     twin = copy.deepcopy(model).cpu()
     if dropout_sites(twin):
         return twin
@@ -299,11 +300,9 @@ def capture_update(
     FedAvg: `local_steps` T > 1 plain SGD steps with learning rate `lr`, each on `local_batch` of the images
     (consecutive chunks, step t takes chunk t mod B/b; None: all of them) with fresh masks; the update holds
     (w_0 - w_T) / lr and the T steps' masks, stacked along the batch axis."""
-    from dia.gradients import client_gradients, client_update
-
     images = _tensor(images, "images") if not isinstance(images, Tensor) else images.detach().cpu().float()
     twin = capturable(model, images[:1])
-    num_classes = _num_classes(twin, images[:1])
+    num_classes = classes_of(twin, images[:1])
     y = labels_of(labels, 1, num_classes=num_classes).view(-1)
     if len(y) != len(images):
         raise UserError(f"labels: {len(y)} labels for {len(images)} images")
@@ -319,8 +318,6 @@ def capture_update(
 def local_training(steps: Any, lr: Any, batch: Any, images: int) -> Any:
     """A FedAvg client's local training (`dia.problems.LocalTraining`) from the API's keywords, checked; None for
     one full-batch step (FedSGD)."""
-    from dia.problems import LocalTraining
-
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise UserError(f"local_steps={steps!r}: must be an integer >= 1")
     if batch is not None and not (
@@ -336,7 +333,7 @@ def local_training(steps: Any, lr: Any, batch: Any, images: int) -> Any:
     return LocalTraining(steps, float(lr), batch)
 
 
-def _num_classes(model: nn.Module, example: Tensor) -> int:
+def classes_of(model: nn.Module, example: Tensor) -> int:
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -387,8 +384,6 @@ def check_update(
     `dia.reconstruct`). When they disagree, tries the usual culprits and names those that explain it: the loss
     reduction (sum instead of mean), the learning rate of a weight update, train/eval mode (dropout or
     BatchNorm), the dropout masks, the normalization (`mean`/`std`), the labels."""
-    from dia.models.dropout import dropout_control, dropout_sites
-
     if isinstance(update, ClientUpdate) and (update.steps > 1 or update.local_batch is not None):
         raise UserError(
             f"update: a client update of {update.steps} local steps; check_update recomputes one full-batch "
@@ -396,7 +391,7 @@ def check_update(
         )
     images = images.detach().cpu().float()
     twin = capturable(model, images[:1])
-    y = labels_of(labels, 1, num_classes=_num_classes(twin, images[:1])).view(-1)
+    y = labels_of(labels, 1, num_classes=classes_of(twin, images[:1])).view(-1)
     sent = as_gradients(twin, update, kind=kind, lr=lr)
     if len(sent) != 1:
         raise UserError(f"update: check_update takes one client's update, got {len(sent)}")
@@ -421,25 +416,7 @@ def check_update(
     if out.consistent:
         return out
     b = len(y)
-    candidates: list[tuple[str, Grads]] = []
-    ratio = _norm(sent_g) / max(_norm(reference), 1e-30)
-    if cos > 0.9999 and abs(ratio - 1) > 1e-3:
-        if b > 1 and abs(ratio - b) / b < 1e-3:
-            candidates.append(
-                (
-                    f"loss reduction: the update is {b}x the mean-loss gradient (reduction='sum'); "
-                    "divide it by the batch size",
-                    {n: g * b for n, g in reference.items()},
-                )
-            )
-        else:
-            candidates.append(
-                (
-                    f"scale: the update is {ratio:.4g}x the gradient; a wrong learning rate (lr) for a weight "
-                    "update, or another loss scaling",
-                    {n: g * ratio for n, g in reference.items()},
-                )
-            )
+    candidates = _scale_culprits(sent_g, reference, cos, b)
     if sites and not masks:
         candidates.append(
             (
@@ -473,9 +450,7 @@ def check_update(
             )
         )
     if b == 1:
-        from dia.problems import infer_labels
-
-        guess = infer_labels({n: g.unsqueeze(0) for n, g in sent_g.items()}, _num_classes(twin, images[:1]))
+        guess = infer_labels({n: g.unsqueeze(0) for n, g in sent_g.items()}, classes_of(twin, images[:1]))
         if int(guess[0]) != int(y[0]):
             candidates.append(
                 (
@@ -490,6 +465,23 @@ def check_update(
             scored.append((r if g is not reference else math.inf, text))
     out.culprits = [t for _, t in sorted(scored)]
     return out
+
+
+def _scale_culprits(sent: Grads, reference: Grads, cos: float, b: int) -> list[tuple[str, Grads]]:
+    """A sent gradient in the right direction but of another length: the loss reduction, or a scale."""
+    ratio = _norm(sent) / max(_norm(reference), 1e-30)
+    if not (cos > 0.9999 and abs(ratio - 1) > 1e-3):
+        return []
+    if b > 1 and abs(ratio - b) / b < 1e-3:
+        text = (
+            f"loss reduction: the update is {b}x the mean-loss gradient (reduction='sum'); divide it by the batch size"
+        )
+        return [(text, {n: g * b for n, g in reference.items()})]
+    text = (
+        f"scale: the update is {ratio:.4g}x the gradient; a wrong learning rate (lr) for a weight update, or another "
+        "loss scaling"
+    )
+    return [(text, {n: g * ratio for n, g in reference.items()})]
 
 
 def _norm(g: Grads) -> float:

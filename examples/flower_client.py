@@ -104,7 +104,8 @@ def main() -> int:
     )  # labels inferred from the update
     m = dia.evaluate(r, images)
     print(
-        f"DIA on {args.clients} Flower clients ({args.local_steps} local steps each): labels {r.labels.flatten().tolist()} (true {labels.tolist()}), "
+        f"DIA on {args.clients} Flower clients ({args.local_steps} local steps each): labels "
+        f"{r.labels.flatten().tolist()} (true {labels.tolist()}), "
         f"SSIM {m['mean']['ssim']:.3f}, PSNR {m['mean']['psnr']:.1f} dB"
     )
     if m["mean"]["ssim"] < args.min_ssim or r.labels.flatten().tolist() != labels.tolist():

@@ -247,12 +247,16 @@ def test_import_dia_loads_no_heavy_library():
     import sys
 
     code = (
-        "import sys, dia; heavy = [m for m in ('torch', 'lightning', 'wandb', 'timm', 'torchmetrics') if m in sys.modules]; "
+        "import sys, dia; heavy = [m for m in ('torch', 'lightning', 'wandb', 'timm', 'torchmetrics') if m in "
+        "sys.modules]; "
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    code = "import sys; from dia.config import help_text; help_text([]); print([m for m in ('torch', 'lightning', 'wandb', 'timm') if m in sys.modules])"
+    code = (
+        "import sys; from dia.config import help_text; help_text([]); "
+        "print([m for m in ('torch', 'lightning', 'wandb', 'timm') if m in sys.modules])"
+    )
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
     )

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import attack_alone as attack
 
 from dia import metrics as M
 from dia.attacks import ATTACKS
-from dia.run.pack import attack
 
 BUDGET = ["attack.max_iterations=250", "logger.wandb.mode=disabled", "run.progress=false"]
 

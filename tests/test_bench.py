@@ -121,7 +121,7 @@ def test_compiled_variants_are_rows_of_their_own() -> None:
 def test_medium_precision_reaches_onednn_only_inside_the_attack() -> None:
     """attack.matmul_precision=medium (the bench's 'bf16' variant) lets oneDNN take float32 matmuls on a CPU
     (docs/benchmarks.md); outside the attacker's program, the client's gradient stays at full precision."""
-    from dia.run.pack import matmul_precision
+    from dia.attacks.program import matmul_precision
 
     assert bench.variant_settings("bf16") == {"matmul_precision": "medium"}
     assert bench.variant_settings("max-autotune") == {"compile_mode": "max-autotune"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dia.run.tracking import read_offline_run
+from dia.run.loggers.wandb import read_offline_run
 from dia.train import main
 
 FAST = [

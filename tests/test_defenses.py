@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import attack_alone as attack
 from omegaconf import OmegaConf
 
 from dia import defenses as D
 from dia import metrics as M
-from dia.attacks import ATTACKS
+from dia.attacks import Program, part
+from dia.clients import simulate_clients
 from dia.config import compose, group_settings
 from dia.data import load_victims, normalizer
 from dia.errors import UserError
 from dia.gradients import client_gradients
 from dia.models import build_for
-from dia.problems import simulate_clients
-from dia.run.pack import attack
 
 GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
 
@@ -231,7 +231,7 @@ def test_model_defense_matches_only_what_survived():
 
     def loss_at_truth(model_defense: bool) -> float:
         acfg = OmegaConf.merge(cfg.attack, {"model_defense": model_defense, "tv_weight": 0.0})
-        module = ATTACKS.get("ig").for_problems(model, problems, acfg, lower=(0 - mean) / std, upper=(1 - mean) / std)
+        module = Program(model, [part(acfg, problems)], lower=(0 - mean) / std, upper=(1 - mean) / std)
         module.on_fit_start()
         return float(module.objective(truth)[0])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dia.attacks import ATTACKS
+from dia.attacks import Program, part
 from dia.gradients import problem_gradients
 from dia.models import dropout_sites
 
@@ -30,8 +30,7 @@ def _module(problems_factory, attack: str, flag: str):
     cfg, model, problems, _, mean, std = problems_factory(
         SMALL + [f"attack={attack}", f"attack.model_drop_path={flag}"], [0]
     )
-    cls = ATTACKS.get(attack)
-    module = cls.for_problems(model, problems, cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
+    module = Program(model, [part(cfg.attack, problems)], lower=(0 - mean) / std, upper=(1 - mean) / std)
     module.on_fit_start()
     return module, problems
 

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from dia.attacks import ATTACKS
+from dia.attacks import ATTACKS, Program, part
 from dia.engine import AttackState, Schedule, advance
 
 
@@ -18,8 +18,7 @@ def _drive(module, iterations: int) -> list[torch.Tensor]:
 
 
 def _module(cfg, model, problems, mean, std):
-    cls = ATTACKS.get(cfg.attack.name)
-    return cls.for_problems(model, problems, cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
+    return Program(model, [part(cfg.attack, problems)], lower=(0 - mean) / std, upper=(1 - mean) / std)
 
 
 def test_advance_follows_torch_adam_and_reduce_lr_on_plateau():
@@ -52,7 +51,7 @@ def test_k_problems_at_once_equal_one_by_one(problems_factory):
     for k in range(3):
         alone = _drive(_module(cfg, model, problems.subset([k]), mean, std), 8)
         torch.testing.assert_close(
-            torch.stack([l[k] for l in together]), torch.stack([l[0] for l in alone]), rtol=1e-5, atol=1e-7
+            torch.stack([step[k] for step in together]), torch.stack([step[0] for step in alone]), rtol=1e-5, atol=1e-7
         )
 
 
@@ -67,7 +66,7 @@ def test_a_diverging_problem_stops_alone_and_keeps_its_best_iterate(problems_fac
     assert module.result().status[1] == "diverged" and module.result().status[0] == "running"
     assert int(module.state.iterations[1]) == 1
     assert torch.isfinite(module.state.best_params["x"][1]).all()
-    torch.testing.assert_close(torch.stack([l[0] for l in losses]), torch.stack([l[0] for l in clean]))
+    torch.testing.assert_close(torch.stack([step[0] for step in losses]), torch.stack([step[0] for step in clean]))
 
 
 def test_converged_and_early_stopped_problems_are_frozen(problems_factory):

@@ -1,5 +1,7 @@
-"""An attack is one class (and, for the command line, one YAML): a subclass defined in this file is used the
-same way by the API, dia.train, dia.grid and packs; every attack class is a plain LightningModule."""
+"""Extending dia: an attack is one class (and, for the command line, one YAML); so is a model, a defense; a metric
+is one entry of the metric table; a logger is one opener. Each defined in this file is used the same way by the
+API, dia.train, dia.grid and packs (the files each takes in the package: docs/design.md); every attack class is a
+plain LightningModule."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from helpers import attack_alone as run_attack
 
 import dia
-from dia.attacks import ATTACKS, DropoutInversionAttack, register
+from dia.attacks import ATTACKS, DropoutInversionAttack, Part, Program, register, unregister
 from dia.config import compose
 from dia.run import execute
-from dia.run.pack import attack as run_attack
 
 OFFSET = 10.0  # above any cosine distance (<= 2) plus DIA's regularizer
 FAST = [
@@ -35,12 +37,22 @@ class Offset(DropoutInversionAttack):
         return super().distance(grads, targets) + OFFSET
 
 
+class Hazard(DropoutInversionAttack):
+    """DIA whose gradient distance reads one of the attack's own settings (`mask_init_logit`, which the `clip`
+    parametrization never uses otherwise): a pack that gave every row the first run's setting would be wrong."""
+
+    def distance(self, grads, targets):
+        return super().distance(grads, targets) + self.cfg.mask_init_logit
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _offset_registered():
     """Registered for this file's tests only (other files list the attacks and must not see it)."""
     register("offset_test")(Offset)
+    register("hazard_test")(Hazard)
     yield
-    ATTACKS.unregister("offset_test")
+    unregister("offset_test")
+    unregister("hazard_test")
 
 
 def _losses(folder: Path) -> list[float]:
@@ -48,8 +60,8 @@ def _losses(folder: Path) -> list[float]:
 
 
 def test_the_class_has_its_own_program_and_dia_settings():
-    assert ATTACKS.get("offset_test") is Offset and Offset.program() is Offset
-    assert DropoutInversionAttack.program() is ATTACKS.get("ig")  # DIA only changes per-row policies
+    assert ATTACKS.get("offset_test") is Offset and Offset.objective_owner() is Offset
+    assert DropoutInversionAttack.objective_owner() is ATTACKS.get("ig")  # DIA only changes per-row policies
     cfg = compose(["attack=offset_test"] + FAST)
     assert cfg.attack.name == "offset_test" and cfg.attack.mask_weight == 1e-4  # DIA's settings, inherited
 
@@ -130,3 +142,49 @@ def test_every_attack_is_a_plain_lightning_module(problems_factory, tmp_path, mo
     assert plain.status == ours.status and torch.equal(plain.iterations, ours.iterations)
     with pytest.raises(ValueError, match="must not see"):
         DropoutInversionAttack(model, problems, cfg.attack)  # the client's masks are for the oracle only
+
+
+def test_an_objective_that_reads_its_own_settings_is_not_packed_with_other_settings(tmp_path, problems_factory):
+    """The pack-settings hazard: runs whose objective reads their own setting differently never share a program,
+    and each result equals the run alone."""
+    cfgs = [
+        compose(
+            [
+                "attack=hazard_test",
+                "model.dropout=0.25",
+                "victims=[0]",
+                f"attack.mask_init_logit={v}",
+                f"run.output_dir={tmp_path / 'together'}",
+                f"run.name=h{v}",
+            ]
+            + FAST
+        )
+        for v in (1.0, 5.0)
+    ]
+    notes: list[str] = []
+    together = execute(cfgs, progress=False, note=notes.append)
+    assert sum(n.startswith("program:") for n in notes) == 2  # one program each: their objectives differ
+    for cfg, outcome in zip(cfgs, together):
+        alone = execute(
+            [
+                compose(
+                    [
+                        *FAST,
+                        "attack=hazard_test",
+                        "model.dropout=0.25",
+                        "victims=[0]",
+                        f"attack.mask_init_logit={cfg.attack.mask_init_logit}",
+                        f"run.output_dir={tmp_path / 'alone'}",
+                        f"run.name={cfg.run.name}",
+                    ]
+                )
+            ],
+            progress=False,
+        )[0]
+        assert _losses(outcome.output.folder) == _losses(alone.output.folder)
+        assert min(_losses(outcome.output.folder)) >= cfg.attack.mask_init_logit  # its own setting, not the other's
+    # built by hand, such parts are refused rather than silently given the first part's objective
+    cfg, model, problems, _, mean, std = problems_factory(["attack=dia", "model.dropout=0.25"], [0])
+    parts = [Part(Hazard(cfg=cfgs[i].attack), problems.public()) for i in (0, 1)]
+    with pytest.raises(ValueError, match="cannot share a program"):
+        Program(model, parts, lower=(0 - mean) / std, upper=(1 - mean) / std)

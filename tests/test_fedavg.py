@@ -11,14 +11,15 @@ import json
 
 import pytest
 import torch
+from helpers import attack_alone as attack
 
 from dia.api import simulate
+from dia.clients import simulate_clients
 from dia.defenses import privacy, split_defense
 from dia.gradients import problem_gradients
 from dia.losses import cosine_distance
 from dia.metrics import ssim
-from dia.problems import LocalTraining, simulate_clients
-from dia.run.pack import attack
+from dia.problems import LocalTraining
 from dia.train import main
 
 TINY_VIT = [

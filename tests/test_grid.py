@@ -24,7 +24,8 @@ PAPER = ROOT / "sweeps" / "paper"  # a folder: one grid, one plain W&B sweep fil
 FAKE_GRID = """#!/usr/bin/env python3
 # a stand-in for `python -m dia.grid ...` children: records its arguments and its GPU
 import json, os, sys
-json.dump({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "omp": os.environ.get("OMP_NUM_THREADS")},
+json.dump({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "omp":
+os.environ.get("OMP_NUM_THREADS")},
           open(os.path.join(os.environ["FAKE_OUT"], f"child-{os.getpid()}.json"), "w"))
 """
 

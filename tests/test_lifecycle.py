@@ -90,7 +90,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_rerun_finishes_like_an_unbroken_run
     straight.communicate(timeout=300)
     a, b = (json.loads((tmp_path / d / "r" / "metrics.json").read_text())["victims"] for d in ("straight", "broken"))
     assert [v["mse"] for v in a] == [v["mse"] for v in b]
-    from dia.run.tracking import read_offline_runs
+    from dia.run.loggers.wandb import read_offline_runs
 
     parts = read_offline_runs(tmp_path / "broken" / "r" / "wandb")  # one offline directory per process, as W&B resumes
     assert len({p["run"]["run_id"] for p in parts}) == 1 and [p["exit_code"] for p in parts] == [130, 0]  # one W&B run
@@ -416,7 +416,8 @@ def test_sigterm_while_the_results_are_written_finishes_the_run(tmp_path, monkey
 
 
 def test_a_double_ctrl_c_while_the_results_are_written_exits_130(tmp_path, monkeypatch, capsys, restore_signals):
-    """Lightning turns a KeyboardInterrupt into exit 1 (silently); the second Ctrl-C must stop with 130, progress kept."""
+    """Lightning turns a KeyboardInterrupt into exit 1 (silently); the second Ctrl-C must stop with 130, progress
+    kept."""
     from dia.train import main
 
     _signal_while_writing(monkeypatch, signal.SIGINT, signal.SIGINT)
@@ -508,7 +509,7 @@ def test_run_compile_cache_is_used_although_lightning_set_the_variable(tmp_path,
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     from dia.config import compose
-    from dia.run import cell
+    from dia.run import runs as cell
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     cache_dir()  # what importing Lightning does in a fresh process: torch writes its default into the variable

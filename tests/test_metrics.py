@@ -1,4 +1,5 @@
-"""Metrics: known values, mask measures and their baselines, and LPIPS both offline (null + one warning) and with a backbone."""
+"""Metrics: known values, mask measures and their baselines, and LPIPS both offline (null + one warning) and with a
+backbone."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def test_a_refilled_program_stopped_and_resumed_equals_one_never_stopped(tmp_pat
     extra = {"run.checkpoint_every": 10, "attack.loss_threshold": 0.005}
     whole = execute(_refill_configs(tmp_path / "whole", **extra), progress=False)
     assert [o.code for o in whole] == [0] * len(CELLS)
-    fill = packs.Program.fill
+    fill = packs.Turnover.fill
 
     def fill_then_stop(self):  # a signal lands right after waiting runs entered (rows at different iterations)
         before = len(self.inside)
@@ -124,13 +124,13 @@ def test_a_refilled_program_stopped_and_resumed_equals_one_never_stopped(tmp_pat
         if len(self.inside) > before and self.module.done > 20:
             STOP.set(Preempted, 15)
 
-    monkeypatch.setattr(packs.Program, "fill", fill_then_stop)
+    monkeypatch.setattr(packs.Turnover, "fill", fill_then_stop)
     try:
         with pytest.raises(Exception, match="stopped on a signal"):
             execute(_refill_configs(tmp_path / "stopped", **extra), progress=False)
     finally:
         STOP.clear()
-    monkeypatch.setattr(packs.Program, "fill", fill)
+    monkeypatch.setattr(packs.Turnover, "fill", fill)
     unfinished = [
         c for c in _refill_configs(tmp_path / "stopped", **extra) if not (tmp_path / "stopped" / c.run.name).exists()
     ]
@@ -145,21 +145,20 @@ def test_a_refilled_program_stopped_and_resumed_equals_one_never_stopped(tmp_pat
 
 
 def test_a_program_takes_only_problems_that_fit_its_sites_and_roles(problems_factory):
-    from dia.attacks import ATTACKS
-    from dia.attacks.ig import InvertingGradients, Part
+    from dia.attacks import ATTACKS, Part, Program
 
     cfg, model, problems, _, mean, std = problems_factory(["attack=dia", "model.dropout=0.5"], [0, 1])
     ig, dia, wiig = (ATTACKS.get(a) for a in ("ig", "dia", "wiig"))
 
     def part(cls):
-        return Part(cls, cls.view(problems), cfg.attack)
+        return Part(cls(cfg=cfg.attack), cls.view(problems))
 
     box = dict(lower=(0 - mean) / std, upper=(1 - mean) / std)
-    only_ig = InvertingGradients.pack(model, [part(ig)], **box)
+    only_ig = Program(model, [part(ig)], **box)
     assert only_ig.fits(part(ig)) and not only_ig.fits(part(dia)) and not only_ig.fits(part(wiig))  # no mask rows
-    expecting = InvertingGradients.pack(model, [part(ig)], expect=[part(dia)], **box)
+    expecting = Program(model, [part(ig)], expect=[part(dia)], **box)
     assert expecting.fits(part(dia)) and expecting.fits(part(ig)) and not expecting.fits(part(wiig))
-    only_dia = InvertingGradients.pack(model, [part(dia)], **box)
+    only_dia = Program(model, [part(dia)], **box)
     assert not only_dia.fits(part(ig))  # every row trains every site: an IG row would get trained masks
     only_dia.on_fit_start()
     with pytest.raises(ValueError, match="do not fit"):
@@ -167,7 +166,7 @@ def test_a_program_takes_only_problems_that_fit_its_sites_and_roles(problems_fac
 
 
 def test_a_failing_program_fails_only_the_runs_it_was_working_on(tmp_path, monkeypatch):
-    from dia.attacks.ig import InvertingGradients
+    from dia.attacks import Program as InvertingGradients  # the program admits rows (dia.attacks.program)
 
     admit, failed = InvertingGradients.admit, []
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import attack_alone as attack
 
 from dia.errors import UserError
-from dia.run.pack import attack
 
 BUDGET = ["attack=dia", "model.width=64", "logger.wandb.mode=disabled", "run.progress=false"]
 
@@ -45,7 +45,7 @@ def test_learned_rate_moves_from_a_wrong_start_toward_the_clients(problems_facto
 
 
 def test_learned_rate_reaches_metrics(problems_factory):
-    from dia.run.cell import evaluate
+    from dia.scores import score
 
     cfg, model, problems, v, mean, std = problems_factory(
         BUDGET + ["model.dropout=0.5", "attack.assumed_rate=0.2", "attack.rate=learn", "attack.max_iterations=20"],
@@ -54,7 +54,7 @@ def test_learned_rate_reaches_metrics(problems_factory):
     res = attack(
         model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std, device=torch.device("cpu"), progress=False
     )
-    rows, _ = evaluate(res, problems, v.images, mean, std, lpips_fn=None)
+    rows, _ = score(res, problems, v.images, mean, std, skip=("lpips",))
     expect = torch.stack(list(res.rates.values())).mean(0)
     assert [r["mask_rate"] for r in rows] == pytest.approx(expect.tolist())
 
@@ -75,19 +75,18 @@ def test_bad_rate_settings_are_one_line_errors(problems_factory, args, key):
 
 
 def test_known_and_learned_rates_share_a_program_and_each_row_follows_its_own(problems_factory):
-    from dia.attacks import ATTACKS
-    from dia.attacks.ig import InvertingGradients, Part
+    from dia.attacks import ATTACKS, Part, Program
     from dia.engine import AttackState
 
     base = BUDGET + ["model.dropout=0.5", "attack.max_iterations=30"]
     cfg, model, problems, _, mean, std = problems_factory(base, [0, 1])
     learn_cfg = problems_factory(base + ["attack.rate=learn", "attack.assumed_rate=0.2"], [0, 1])[0]
     dia = ATTACKS.get("dia")
-    known, learning = Part(dia, problems.public(), cfg.attack), Part(dia, problems.public(), learn_cfg.attack)
+    known, learning = Part(dia(cfg=cfg.attack), problems.public()), Part(dia(cfg=learn_cfg.attack), problems.public())
     box = dict(lower=(0 - mean) / std, upper=(1 - mean) / std)
 
     def run(parts):
-        module = InvertingGradients.pack(model, parts, **box)
+        module = Program(model, parts, **box)
         module.on_fit_start()
         for _ in range(30):
             module.step()
@@ -95,7 +94,7 @@ def test_known_and_learned_rates_share_a_program_and_each_row_follows_its_own(pr
 
     alone = run([known]).results()[0]
     together = run([known, learning])
-    assert not InvertingGradients.pack(model, [known], **box).fits(learning)  # no rate columns to learn in
+    assert not Program(model, [known], **box).fits(learning)  # no rate columns to learn in
     mine, theirs = together.results()
     torch.testing.assert_close(mine.x, alone.x, rtol=1e-4, atol=1e-5)  # a known-rate row ignores the rate columns
     assert mine.rates is None and set(theirs.rates) == set(theirs.masks)

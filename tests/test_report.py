@@ -1,4 +1,5 @@
-"""dia.report: the table (mean ± std per dataset x model x rate x attack x defense), missing cells, figures, montages."""
+"""dia.report: the table (mean ± std per dataset x model x rate x attack x defense), missing cells, figures,
+montages."""
 
 from __future__ import annotations
 
@@ -285,7 +286,8 @@ def test_defended_runs_get_their_own_rows_with_epsilon(defended):
         "| mnist | mlp | 0.25 | ig | none | — | 2/1 | 4 | 0 | 0.800 ± 0.082 |",
         f"| mnist | mlp | 0.25 | ig | dpsgd σ=0.1 C=1 | {eps[0]:.3g} | 1/1 | 2 | 0 | 0.600 ± 0.141 |",
         f"| mnist | mlp | 0.25 | ig | dpsgd σ=1 C=1 | {eps[1]:.3g} | 1/1 | 2 | 0 | 0.150 ± 0.071 |",
-        f"| mnist | mlp | 0.25 | ig | dpsgd σ=10 C=1 | {eps[2]:.3g} | 0/1 | 0 | 0 | — |",  # not run: its own row, not none's
+        # not run: its own row, not none's
+        f"| mnist | mlp | 0.25 | ig | dpsgd σ=10 C=1 | {eps[2]:.3g} | 0/1 | 0 | 0 | — |",
     ]
     lines = md.splitlines()
     at = [next(i for i, line in enumerate(lines) if line.startswith(row)) for row in rows]

@@ -562,7 +562,8 @@ from wandb.wandb_agent import Agent
 spec = yaml.safe_load(open(sys.argv[1]))
 agent = Agent(api=None, queue=None, sweep_id="abc", count=1)
 agent._sweep_command = spec["command"]
-agent._command_run({"run_id": "r1", "program": None, "args": {k: {"value": v} for k, v in yaml.safe_load(sys.argv[2]).items()}})
+args = {k: {"value": v} for k, v in yaml.safe_load(sys.argv[2]).items()}
+agent._command_run({"run_id": "r1", "program": None, "args": args})
 sys.exit(agent._run_processes["r1"]._popen.wait())
 """
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from dia.config import compose
+from dia.metrics import mean_metrics
 from dia.run import execute
-from dia.run.summary import mean_metrics
-from dia.run.tracking import read_offline_file, read_offline_run, read_offline_runs, to_image, victim_columns
+from dia.run.loggers.wandb import read_offline_file, read_offline_run, read_offline_runs, to_image, victim_columns
 from dia.train import main
 
 TINY = [
@@ -81,14 +81,14 @@ def test_packed_runs_are_live_wandb_runs_ending_with_their_images_table_and_summ
     from dia.run import pack as packs
 
     ends: list[tuple[int, float]] = []  # (program iteration, time) at the end of every step
-    step_end = packs.Program.on_train_batch_end
+    step_end = packs.Turnover.on_train_batch_end
 
     def timed(self, trainer, module, *args):
         step_end(self, trainer, module, *args)
         ends.append((module.done, time.time()))
         print(f"[step {module.done} ended]", flush=True)  # console output while the runs are live
 
-    monkeypatch.setattr(packs.Program, "on_train_batch_end", timed)
+    monkeypatch.setattr(packs.Turnover, "on_train_batch_end", timed)
     import wandb
 
     settings = wandb.Settings  # W&B samples system metrics every 15 s; this run takes about a second
@@ -139,7 +139,7 @@ def test_a_run_stopped_and_failed_continues_one_wandb_run_on_the_points_of_an_un
 
     args = TINY + ["attack=dia", "run.checkpoint_every=30", "run.name=r"]  # points every 20 iterations
     assert main(args + [f"run.output_dir={tmp_path / 'straight'}"]) == 0
-    step_end = packs.Program.on_train_batch_end
+    step_end = packs.Turnover.on_train_batch_end
     stop_at: dict[str, int] = {}
 
     def interrupted(self, trainer, module, *rest):
@@ -150,7 +150,7 @@ def test_a_run_stopped_and_failed_continues_one_wandb_run_on_the_points_of_an_un
         if own == stop_at.get("fail"):  # a fault after the step's point, past the checkpoint
             raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(packs.Program, "on_train_batch_end", interrupted)
+    monkeypatch.setattr(packs.Turnover, "on_train_batch_end", interrupted)
     broken = args + [f"run.output_dir={tmp_path / 'broken'}"]
     stop_at.update(fail=40)  # W&B has 10, 20, 40; the checkpoint is at 30
     assert main(broken) == 1
@@ -181,7 +181,7 @@ def test_a_run_stopped_and_failed_continues_one_wandb_run_on_the_points_of_an_un
 def test_a_failing_wandb_costs_one_warning_never_the_run(tmp_path, monkeypatch, where):
     import wandb
 
-    from dia.run import tracking
+    from dia.run.loggers import wandb as tracking
 
     init = wandb.init
 
@@ -283,16 +283,16 @@ def test_a_sweep_agents_run_is_grouped_by_its_sweep_and_tagged(tmp_path, monkeyp
             wandb.teardown()
 
     if lookup == "answers":  # the time limit: SIGTERM at iteration 10 (after its point)
-        step_end = packs.Program.on_train_batch_end
+        step_end = packs.Turnover.on_train_batch_end
 
         def stopped(self, trainer, module, *rest):
             if module.done == 10:
                 STOP.set(Preempted, 15)
             step_end(self, trainer, module, *rest)
 
-        monkeypatch.setattr(packs.Program, "on_train_batch_end", stopped)
+        monkeypatch.setattr(packs.Turnover, "on_train_batch_end", stopped)
         assert agent_runs("agentrun0") == 75
-        monkeypatch.setattr(packs.Program, "on_train_batch_end", step_end)
+        monkeypatch.setattr(packs.Turnover, "on_train_batch_end", step_end)
     assert agent_runs("agentrun1") == 0
     folder = next(p for p in out.iterdir() if not p.name.startswith("."))
     *before, record = read_offline_runs(folder / "wandb")

@@ -88,7 +88,9 @@ def _replay_check(
         off = problem_gradients(attacker, params, xs, ys, None, "off")
     for i in range(k):
         for n, g in outs[i][0].items():
-            torch.testing.assert_close(replay[n][i], g, rtol=rtol, atol=atol, msg=lambda m: f"{n}, problem {i}: {m}")
+            torch.testing.assert_close(
+                replay[n][i], g, rtol=rtol, atol=atol, msg=lambda m, n=n, i=i: f"{n}, problem {i}: {m}"
+            )
     gap = max((off[n][0] - g).abs().max().item() for n, g in outs[0][0].items())
     assert gap > 1e-3, "with p>0, the gradient without the client's masks must differ"
 

@@ -1,37 +1,30 @@
 """Attacks as LightningModules. IG is the base; WIIG adds oracle masks; DIA adds mask parameters; DLG swaps
-the objective.
+the objective. The program that runs them (rows, engine, Lightning hooks) is dia.attacks.program.
 
 An attack is one module of this package (its class, registered with `@register(name)`) and one YAML,
 `configs/attack/<name>.yaml` (its settings). Every module here is imported when the package is, so a new
 file is found without naming it anywhere else. An attack defined elsewhere (a notebook, a test) registers
-the same way and is then a choice of `attack=` in that process.
+the same way and is then a choice of `attack=` in that process, with the settings of its nearest base class
+that has a YAML.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
-from dia.registry import Registry
-
-ATTACKS: Registry = Registry("attack")
-A = TypeVar("A")
+from dia.attacks.registry import ATTACKS, register, settings_of, unregister
 
 
-def register(name: str) -> Callable[[A], A]:
-    """Class decorator: make an attack class the code of `attack=<name>` (and set its `name`)."""
-
-    def deco(cls: A) -> A:
-        cls.name = name  # type: ignore[attr-defined]
-        return ATTACKS.register(name)(cls)
-
-    return deco
+def part(cfg: Any, problems: Any) -> Part:
+    """The problems of one run (or a group of them) as attack `cfg.name` with settings `cfg` sees them."""
+    cls = ATTACKS.get(cfg.name)
+    return Part(cls(cfg=cfg), cls.view(problems))
 
 
 from dia.attacks.ig import InvertingGradients  # noqa: E402
-from dia.attacks.rows import Part  # noqa: E402
+from dia.attacks.program import Part, Program, attack  # noqa: E402
 from dia.engine import AttackResult  # noqa: E402
 
 for _module in pkgutil.iter_modules(__path__):  # every attack of the package registers itself
@@ -43,9 +36,14 @@ from dia.attacks.wiig import WellInformedIG  # noqa: E402
 __all__ = [
     "ATTACKS",
     "register",
+    "unregister",
+    "settings_of",
+    "part",
+    "attack",
     "AttackResult",
-    "InvertingGradients",
+    "Program",
     "Part",
+    "InvertingGradients",
     "WellInformedIG",
     "DropoutInversionAttack",
 ]

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dia.attacks import register
-from dia.attacks.ig import InvertingGradients, Part
+from dia.attacks.ig import InvertingGradients
+from dia.attacks.registry import register
 from dia.errors import UserError
+from dia.problems import Problems
 
 MASK_PARAMS = ("clip", "sigmoid")
 RATE_MODES = ("known", "learn")
@@ -54,35 +55,29 @@ class DropoutInversionAttack(InvertingGradients):
                 "attack.assumed_rate=0: rate=learn starts from it and needs it in (0, 1); set it > 0 or null"
             )
 
-    @classmethod
-    def site_role(cls, part: Part, site: str) -> str | None:
-        if part.problems.kinds.get(site) == "drop_path" and not part.cfg.model_drop_path:
+    def site_role(self, problems: Problems, site: str) -> str | None:
+        if problems.kinds.get(site) == "drop_path" and not self.cfg.model_drop_path:
             return None  # not modelled: the attacker's copy keeps every residual branch
         return "train"
 
-    @classmethod
-    def init_mask(cls, part: Part, site: str, generators: list[torch.Generator]) -> Tensor:
+    def init_mask(self, problems: Problems, site: str, generators: list[torch.Generator]) -> Tensor:
         """Bernoulli(1 - p) draws from each problem's generator (sigmoid: logits at +/- mask_init_logit)."""
-        keep = torch.full(part.problems.mask_shapes[site], 1.0 - cls.attacker_rate(part, site))
+        keep = torch.full(problems.mask_shapes[site], 1.0 - self.attacker_rate(problems, site))
         draws = torch.stack([torch.bernoulli(keep, generator=g) for g in generators])
-        if part.cfg.mask_param == "sigmoid":
-            draws = (2 * draws - 1) * part.cfg.mask_init_logit
+        if self.cfg.mask_param == "sigmoid":
+            draws = (2 * draws - 1) * self.cfg.mask_init_logit
         return draws
 
-    @classmethod
-    def mask_weight(cls, part: Part) -> float:
-        return part.cfg.mask_weight
+    def mask_weight(self) -> float:
+        return self.cfg.mask_weight
 
-    @classmethod
-    def mask_parametrization(cls, part: Part) -> str:
-        return part.cfg.mask_param
+    def mask_parametrization(self) -> str:
+        return self.cfg.mask_param
 
-    @classmethod
-    def attacker_rate(cls, part: Part, site: str) -> float:
+    def attacker_rate(self, problems: Problems, site: str) -> float:
         """`assumed_rate`, or the model's p when it is null."""
-        assumed = part.cfg.assumed_rate
-        return part.problems.rates[site] if assumed is None else float(assumed)
+        assumed = self.cfg.assumed_rate
+        return problems.rates[site] if assumed is None else float(assumed)
 
-    @classmethod
-    def learns_rate(cls, part: Part) -> bool:
-        return part.cfg.rate == "learn"
+    def learns_rate(self) -> bool:
+        return self.cfg.rate == "learn"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dia.attacks import register
 from dia.attacks.ig import InvertingGradients
+from dia.attacks.registry import register
 
 
 @register("dlg")

@@ -37,24 +37,29 @@ RATE = "rate/"  # learned dropout rates are logits named rate/<site> (one per pr
 RATE_LOGITS = (-7.0, 3.0)  # learned rates stay in [0.0009, 0.953]: the scale 1/(1-p) stays finite
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a part is itself: rows are found by identity
 class Part:
     """Problems of one attack inside a program (a program holds one part, or several: a pack).
 
-    `problems` are as the attack's server sees them (`InvertingGradients.view`); `cfg` is the attack's config.
+    `attack` is the attack with its own settings (`attack.cfg`); `problems` are as its server sees them
+    (`InvertingGradients.view`).
     """
 
-    attack: type[InvertingGradients]
+    attack: InvertingGradients
     problems: Problems
-    cfg: Any
+
+    @property
+    def cfg(self) -> Any:
+        """The attack's own settings (an attack section of a run config, as a plain object)."""
+        return self.attack.cfg
 
     def role(self, site: str) -> str | None:
         """What the part's rows apply at `site`: nothing where the part's model does not drop there (p = 0)."""
-        return self.attack.site_role(self, site) if site in self.problems.mask_shapes else None
+        return self.attack.site_role(self.problems, site) if site in self.problems.mask_shapes else None
 
     def check_view(self) -> None:
         if self.problems.true_masks is not None and not self.attack.needs_client_masks:
-            raise ValueError(f"{self.attack.__name__} must not see the client's dropout masks")
+            raise ValueError(f"{type(self.attack).__name__} must not see the client's dropout masks")
 
 
 class Rows:
@@ -83,9 +88,7 @@ class Rows:
         self.tables = {
             name: {s: torch.cat([t[name][s] for t in tables]) for s in tables[0][name]} for name in tables[0]
         }
-        self.weights = torch.cat(
-            [torch.full((p.problems.num_problems,), float(p.attack.mask_weight(p))) for p in parts]
-        )
+        self.weights = torch.cat([torch.full((p.problems.num_problems,), float(p.attack.mask_weight())) for p in parts])
 
     # ---- the scheme: sites, and which rows do what there -------------------------------------------
     def _scheme(self, parts: list[Part]) -> None:
@@ -97,8 +100,8 @@ class Rows:
         self.trained = [s for s in sites if any(r.get(s) == "train" for r in roles)]
         self.from_client = [s for s in sites if any(r.get(s) == "client" for r in roles)]
         self.mixed = {s: not all(r.get(s) == "train" for r in roles) for s in sites}  # some row does not train s
-        self.learned = [s for s in self.trained if any(p.attack.learns_rate(p) and p.role(s) == "train" for p in parts)]
-        kinds = {p.attack.mask_parametrization(p) for p in parts if any(p.role(s) == "train" for s in self.trained)}
+        self.learned = [s for s in self.trained if any(p.attack.learns_rate() and p.role(s) == "train" for p in parts)]
+        kinds = {p.attack.mask_parametrization() for p in parts if any(p.role(s) == "train" for s in self.trained)}
         self.sigmoid_any = "sigmoid" in kinds
         self.clip_any = "clip" in kinds
 
@@ -107,8 +110,8 @@ class Rows:
         learns its rate?, and the client's mask (sites some row takes from the client). p is the rate the
         attacker uses: the client's for its masks, the attack's `attacker_rate` for trained ones."""
         n = part.problems.num_problems
-        sigmoid = part.attack.mask_parametrization(part) == "sigmoid"
-        learns = part.attack.learns_rate(part)
+        sigmoid = part.attack.mask_parametrization() == "sigmoid"
+        learns = part.attack.learns_rate()
         out: dict[str, dict[str, Tensor]] = {
             "train": {},
             "scale": {},
@@ -119,7 +122,7 @@ class Rows:
         }
         for site, shape in self.sites.items():
             r = part.role(site)
-            p = part.attack.attacker_rate(part, site) if r == "train" else part.problems.rates.get(site, 0.0)
+            p = part.attack.attacker_rate(part.problems, site) if r == "train" else part.problems.rates.get(site, 0.0)
             out["train"][site] = torch.full((n,), r == "train")
             out["learn"][site] = torch.full((n,), r == "train" and learns)
             out["scale"][site] = torch.full((n,), 1.0 / (1.0 - p) if r is not None else 1.0)
@@ -148,10 +151,10 @@ class Rows:
                 return False
             if r == "client" and site not in self.from_client:
                 return False
-            if r == "train" and part.attack.learns_rate(part) and site not in self.learned:
+            if r == "train" and part.attack.learns_rate() and site not in self.learned:
                 return False
         trains = any(part.role(s) == "train" for s in self.trained)
-        kind = part.attack.mask_parametrization(part)
+        kind = part.attack.mask_parametrization()
         return not trains or (self.sigmoid_any if kind == "sigmoid" else self.clip_any)
 
     # ---- what each row applies -----------------------------------------------------------------------
@@ -225,13 +228,17 @@ class Rows:
         out = {"x": torch.stack([init(self.input_shape, g) for g in gens])}
         for site in self.trained:
             out[MASK + site] = (
-                part.attack.init_mask(part, site, gens)
+                part.attack.init_mask(part.problems, site, gens)
                 if part.role(site) == "train"
                 else torch.ones(len(gens), *self.sites[site])
             )
         for site in self.learned:
-            learns = part.role(site) == "train" and part.attack.learns_rate(part)
-            logit = torch.logit(torch.tensor(part.attack.attacker_rate(part, site))) if learns else torch.tensor(0.0)
+            learns = part.role(site) == "train" and part.attack.learns_rate()
+            logit = (
+                torch.logit(torch.tensor(part.attack.attacker_rate(part.problems, site)))
+                if learns
+                else torch.tensor(0.0)
+            )
             out[RATE + site] = logit.clamp(*RATE_LOGITS).expand(len(gens), 1).clone()
         return out
 
@@ -240,7 +247,7 @@ class Rows:
         """`part`'s problems take rows `rows` (an index; call `fits` first): targets, labels, tables in place."""
         part.check_view()
         if not self.fits(part) or len(rows) != part.problems.num_problems:
-            raise ValueError(f"{part.attack.__name__}: these problems do not fit this program's rows")
+            raise ValueError(f"{type(part.attack).__name__}: these problems do not fit this program's rows")
         idx = rows.to(device)
         for name, t in part.problems.targets.items():
             self.targets[name][idx] = t.to(device)
@@ -248,7 +255,7 @@ class Rows:
         for name, table in self._tables(part).items():
             for site, value in table.items():
                 self.tables[name][site][idx] = value.to(device)
-        self.weights[idx] = float(part.attack.mask_weight(part))
+        self.weights[idx] = float(part.attack.mask_weight())
         self.parts.append(part)
         self.index.append(rows.cpu())
 
@@ -279,7 +286,7 @@ class Rows:
         rows = self.rows_of(part).to(state.flat.device)
         own = [k for k in self.trained if part.role(k) == "train"]
         masks = self.masks(state.best_params) if own else None
-        learned = [k for k in own if k in self.learned] if part.attack.learns_rate(part) else []
+        learned = [k for k in own if k in self.learned] if part.attack.learns_rate() else []
         rates = self.rates(state.best_params) if learned else {}
         return AttackResult(
             x=state.best_params["x"][rows].detach().cpu(),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dia.attacks import register
-from dia.attacks.ig import InvertingGradients, Part
+from dia.attacks.ig import InvertingGradients
+from dia.attacks.registry import register
+from dia.problems import Problems
 
 
 @register("wiig")
@@ -12,8 +13,7 @@ class WellInformedIG(InvertingGradients):
 
     needs_client_masks = True
 
-    @classmethod
-    def site_role(cls, part: Part, site: str) -> str | None:
-        if part.problems.kinds.get(site) == "drop_path" and not part.cfg.model_drop_path:
+    def site_role(self, problems: Problems, site: str) -> str | None:
+        if problems.kinds.get(site) == "drop_path" and not self.cfg.model_drop_path:
             return None  # not given: the attacker's copy keeps every residual branch
         return "client"

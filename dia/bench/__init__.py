@@ -11,7 +11,7 @@ victim-iterations per second and peak memory per victim (CUDA only; null on CPU)
 * ``vectorized``: our engine with K problems at once in a plain loop (objective -> grad -> advance);
 * ``compiled``: the vectorized engine with its gradient program under `torch.compile` (``--compile-ks``);
   the compile time is reported apart (``compile_s``), the rate is the steady state;
-* ``lightning``: the eager vectorized engine under the Lightning Trainer (`dia.run.pack.attack`), largest K only: the
+* ``lightning``: the eager vectorized engine under the Lightning Trainer (`dia.attacks.attack`), largest K only: the
   rate of a whole call (Trainer start-up included), and its overhead over the plain loop split into a
   fixed start-up and a per-iteration part (from a second, one-iteration call).
 
@@ -39,16 +39,16 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dia import attacks
 from dia.api import simulate
-from dia.attacks import ATTACKS, InvertingGradients
+from dia.attacks import ATTACKS, Program, part
+from dia.attacks.program import matmul_precision
 from dia.bench.baseline import run_baseline
 from dia.config import DEVICE, compose
 from dia.errors import ExitCode, UserError
 from dia.memory import keep_freed_memory
 from dia.problems import Problems
-from dia.run.cell import resolve_device
-from dia.run.pack import attack as lightning_attack
-from dia.run.pack import matmul_precision
+from dia.run.runs import resolve_device
 
 PAIRS = {"mlp": "mnist", "vit": "cifar10"}  # model -> victim data
 DROPOUT = 0.25
@@ -110,14 +110,14 @@ def engine_module(
     lower: Tensor,
     upper: Tensor,
     device: torch.device,
-) -> InvertingGradients:
+) -> Program:
     """An attack module with its state initialised on `device`, ready for `engine_steps`."""
-    module = ATTACKS.get(attack).for_problems(model, problems, cfg.attack, lower=lower, upper=upper).to(device)
+    module = Program(model, [part(cfg.attack, problems)], lower=lower, upper=upper).to(device)
     module.on_fit_start()
     return module
 
 
-def engine_steps(module: InvertingGradients, n: int) -> Tensor:
+def engine_steps(module: Program, n: int) -> Tensor:
     """n iterations of our engine in a plain loop (no host syncs); the losses, (n, K)."""
     return torch.stack([module.step() for _ in range(n)])
 
@@ -217,7 +217,7 @@ def bench_pair(
     loop_rate = {}
     for k in ks:
 
-        def prepare(k: int = k) -> InvertingGradients:
+        def prepare(k: int = k) -> Program:
             module = engine_module(attack, model, problems.subset(list(range(k))), cfg, lower, upper, device)
             engine_steps(module, warmup)
             return module
@@ -239,7 +239,7 @@ def bench_pair(
         for k in compile_ks:
             started = {}
 
-            def prepare_compiled(k: int = k) -> InvertingGradients:
+            def prepare_compiled(k: int = k, started: dict = started, compiled_cfg: Any = compiled_cfg) -> Program:
                 started["t"] = time.perf_counter()
                 module = engine_module(
                     attack, model, problems.subset(list(range(k))), compiled_cfg, lower, upper, device
@@ -256,7 +256,7 @@ def bench_pair(
             row["compile_s"] = started["compile_s"]
             add(row)
 
-    # (d) the eager engine under the Lightning Trainer (dia.run.pack.attack), largest K
+    # (d) the eager engine under the Lightning Trainer (dia.attacks.attack), largest K
     if lightning:
         k = max(ks)
         sub = problems.subset(list(range(k)))
@@ -265,7 +265,7 @@ def bench_pair(
             run_cfg = config(model_name, attack, f"attack.max_iterations={iters}", f"attack.parallel={k}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                lightning_attack(model, sub, run_cfg, lower=lower, upper=upper, device=device, progress=False)
+                attacks.attack(model, [part(run_cfg.attack, sub)], lower=lower, upper=upper, device=device)
             model.to(device)  # the Trainer's teardown moves the module (and our model) back to the CPU
 
         s, peak = measure(device, lambda: fit(warmup), lambda _: fit(iterations))
@@ -355,7 +355,10 @@ def benchmark(
     }
 
 
-HEADER = f"{'model':<5} {'attack':<6} {'mode':<10} {'K':>5} {'victim-it/s':>12} {'ms/it':>9} {'MiB/victim':>11} {'speedup':>8} {'mem':>6}"
+HEADER = (
+    f"{'model':<5} {'attack':<6} {'mode':<10} {'K':>5} {'victim-it/s':>12} {'ms/it':>9} {'MiB/victim':>11} "
+    f"{'speedup':>8} {'mem':>6}"
+)
 
 
 def format_row(r: dict) -> str:

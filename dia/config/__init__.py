@@ -16,19 +16,18 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import StringNode
 
-from dia.config.schema import GROUPS, LIST_GROUPS, Config, schema
+from dia.config.ids import AUTO_CELL, cell_id
+from dia.config.schema import GROUPS, LIST_GROUPS, NAMED_SECTIONS, Config, schema
 from dia.errors import UserError, did_you_mean
-from dia.grid.sweep import AUTO_CELL, cell_id
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -77,11 +76,33 @@ def stage_names(name: Any) -> list[str]:
     return [str(p) for p in name]
 
 
+# Choices registered by code (an attack class a notebook or test defined, without a YAML of its own): group ->
+# name -> the names whose YAML gives its settings, nearest first. Filled from above (dia.attacks.register):
+# config never imports the code.
+_REGISTERED: dict[str, dict[str, list[str]]] = {}
+# Checks that need a choice's code (an attack's own settings, a model, a data source, a defense composition):
+# group -> check(cfg), registered by the package that has the code when it is imported (`check_code`).
+_CODE_CHECKS: dict[str, Callable[[DictConfig], None]] = {}
+
+
+def register_choice(group: str, name: str, *, settings_of: list[str]) -> None:
+    """Make `name` a choice of `group` in this process; its settings are the YAML of the first of
+    `settings_of` that has one (its own name first)."""
+    _REGISTERED.setdefault(group, {})[name] = list(settings_of)
+
+
+def unregister_choice(group: str, name: str) -> None:
+    _REGISTERED.get(group, {}).pop(name, None)
+
+
+def register_check(group: str, check: Callable[[DictConfig], None]) -> None:
+    """Run `check(cfg)` (a one-line UserError for bad settings) in `check_code` for every config."""
+    _CODE_CHECKS[group] = check
+
+
 def _registered(group: str, name: str) -> bool:
-    """Whether `name` is an attack registered in this process without a YAML of its own (e.g. a class a
-    notebook or test defined): its settings are then the shared ones. Never imports the attacks."""
-    attacks = sys.modules.get("dia.attacks")
-    return group == "attack" and attacks is not None and name in attacks.ATTACKS
+    """Whether `name` is a choice registered in this process (`register_choice`)."""
+    return name in _REGISTERED.get(group, {})
 
 
 def _defaults(group: str, name: str, root: Path) -> dict[str, Any]:
@@ -90,13 +111,8 @@ def _defaults(group: str, name: str, root: Path) -> dict[str, Any]:
     the nearest base class that has one (a subclass of DIA has DIA's). {} when none has."""
     out: dict[str, Any] = {}
     stages = stage_names(name) if group in LIST_GROUPS else [name]
-    if group == "attack" and not (root / group / f"{name}.yaml").is_file() and _registered(group, name):
-        cls = sys.modules["dia.attacks"].ATTACKS.get(name)
-        stages = [
-            next(
-                (k.name for k in cls.__mro__ if "name" in vars(k) and (root / group / f"{k.name}.yaml").is_file()), name
-            )
-        ]
+    if not (root / group / f"{name}.yaml").is_file() and _registered(group, name):
+        stages = [next((n for n in _REGISTERED[group][name] if (root / group / f"{n}.yaml").is_file()), name)]
     for stage in stages:
         path = root / group / f"{stage}.yaml"
         if path.is_file():
@@ -146,14 +162,16 @@ def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "", *, tex
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not isinstance(parent, DictConfig) or leaf not in parent:
         node = parent if isinstance(parent, DictConfig) else cfg
-        valid = sorted(str(k) for k in node.keys())
+        valid = sorted(str(k) for k in node)
         here = f"{dotted.rpartition('.')[0]}." if "." in dotted else ""
         hint = did_you_mean(leaf, valid).replace("'", f"'{here}", 1) if did_you_mean(leaf, valid) else ""
         raise UserError(f"unknown key '{dotted}'{hint}; valid keys here: {', '.join(valid)}")
     if text:
         value = _parse(dotted, value, parent._get_node(leaf))
     try:
-        if isinstance(value, DictConfig) and isinstance(parent[leaf], DictConfig):
+        if dotted in NAMED_SECTIONS and isinstance(value, (str, list, ListConfig)):
+            parent[leaf].name = "+".join(stage_names(value))  # `logger=csv`: a section named by its choice
+        elif isinstance(value, DictConfig) and isinstance(parent[leaf], DictConfig):
             for sub in value:
                 _set(parent[leaf], f"{dotted}.{sub}", value[sub], root_prefix=dotted)
         else:
@@ -338,7 +356,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("data.std: every value must be > 0")
     if cfg.attack.labels == "infer" and cfg.batch_size != 1:
         raise UserError(
-            f"attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got batch_size={cfg.batch_size}"
+            "attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got "
+            f"batch_size={cfg.batch_size}"
         )
     if cfg.client.local_batch != "full" and cfg.batch_size % cfg.client.local_batch:
         raise UserError(
@@ -367,18 +386,11 @@ def run_checks(cfg: Any, checks: list[Check], prefix: str = "") -> None:
 
 
 def check_code(cfg: DictConfig) -> None:
-    """The checks that need the code a config names (imports it): the attack's own settings
-    (`check_config` of its class), the defense composition and keys, the model's and data source's code."""
-    from dia.attacks import ATTACKS
-    from dia.data import SOURCES
-    from dia.defenses import check_defense
-    from dia.models import MODELS
-
-    ATTACKS.get(cfg.attack.name).check_config(cfg.attack)
-    MODELS.get(cfg.model.name)
-    if cfg.data.source not in SOURCES:
-        raise UserError(f"data.source={cfg.data.source!r}: must be one of: {', '.join(SOURCES.names())}")
-    check_defense(cfg.defense)
+    """The checks that need the code a config names: those its packages registered (`register_check`: the
+    attack's own settings, the model, the data source, the defense composition). The commands, the API and
+    every run import those packages first (dia.run); a check whose code was never imported does not run."""
+    for check in _CODE_CHECKS.values():
+        check(cfg)
 
 
 def group_settings(group: str, name: str, **overrides: Any) -> DictConfig:
@@ -394,20 +406,6 @@ def group_settings(group: str, name: str, **overrides: Any) -> DictConfig:
     wrapped = OmegaConf.create({group: OmegaConf.to_container(typed)})
     run_checks(wrapped, [c for c in CHECKS if c[0].startswith(f"{group}.")])
     return typed
-
-
-def attack_settings(attack: Any, **overrides: Any) -> DictConfig:
-    """The settings of an attack (a registered name, or a class: its registered `name`'s YAML), with
-    keyword `overrides`, checked by the attack's own checks too."""
-    if isinstance(attack, str):
-        from dia.attacks import ATTACKS
-
-        cls = ATTACKS.get(attack)
-    else:
-        cls = attack
-    cfg = group_settings("attack", cls.name, **overrides)
-    cls.check_config(cfg)
-    return cfg
 
 
 def help_text(args: list[str]) -> str:

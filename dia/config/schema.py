@@ -1,9 +1,10 @@
 """The settings schema: what every key of a run's config is, its type and its default. No torch here.
 
 A run's config is the top-level `Config` (with fixed sections such as `client` and `run`) plus one section per
-group (`attack`, `model`, `data`, `defense`). Each group has a base dataclass with the keys every choice shares; a choice's own keys are those
-of its YAML file, `configs/<group>/<name>.yaml`, typed by their defaults. So a new attack, model or defense
-is its code and one YAML that lists its settings with their defaults and comments; nothing else names it.
+group (`attack`, `model`, `data`, `defense`). Each group has a base dataclass with the keys every choice shares;
+a choice's own keys are those of its YAML file, `configs/<group>/<name>.yaml`, typed by their defaults. So a new
+attack, model or defense is its code and one YAML that lists its settings with their defaults and comments;
+nothing else names it.
 
 The schema lives apart from the code that consumes it (attacks, models, ...) on purpose: composing a config
 (`python -m dia.train --help`, `dia.grid --validate`, `dia.report`) then needs neither torch nor Lightning.
@@ -35,12 +36,15 @@ class AttackConfig:
     labels: str = "known"  # known (as in the paper) | infer (from the gradient; batch_size=1)
     compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    matmul_precision: str = "highest"  # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium (also oneDNN with bf16 allowed on CPUs that have it: docs/benchmarks.md)
+    # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium (also oneDNN with bf16 allowed on CPUs
+    # that have it: docs/benchmarks.md)
+    matmul_precision: str = "highest"
     iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
     check_every: int = 50  # iterations between host checks whether every problem has stopped (and rows turn over)
     refill: bool = True  # a pack larger than attack.parallel: waiting problems take the rows of stopped ones
     log_every: int = 50  # iterations between logged training curves
-    model_drop_path: bool = False  # the attacker models DropPath (stochastic depth) sites: DIA trains their masks, WIIG replays them; IG: no effect
+    # the attacker models DropPath (stochastic depth) sites: DIA trains their masks, WIIG replays them; IG: no effect
+    model_drop_path: bool = False
     model_defense: bool = False  # match only the entries the (defended) shared gradient kept nonzero (dia.defenses)
 
 
@@ -102,6 +106,10 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
+    """Where a run's curves, summary and images go besides its folder (dia.run.loggers): `logger=csv` sets the
+    name; several: `logger=wandb+csv`; none: `logger=none`."""
+
+    name: str = "wandb"  # wandb | csv | tensorboard | mlflow | none, or several joined by +
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -111,7 +119,8 @@ class ClientConfig:
 
     local_steps: int = 1  # T: local SGD steps, fresh dropout masks each; the client sends w_0 - w_T (1: its gradient)
     local_lr: float = 0.1  # the clients' SGD learning rate (the server knows it: it sets it)
-    local_batch: Any = "full"  # images per local step: full (the whole batch every step) or b dividing batch_size (step t: chunk t mod B/b)
+    # images per local step: full (the whole batch every step) or b dividing batch_size (step t: chunk t mod B/b)
+    local_batch: Any = "full"
 
 
 @dataclass
@@ -150,6 +159,7 @@ class Config:
 
 # Each group's base schema; a choice adds the keys of its YAML.
 GROUPS: dict[str, type] = {"attack": AttackConfig, "model": ModelConfig, "data": DataConfig, "defense": DefenseConfig}
+NAMED_SECTIONS = ("logger",)  # fixed sections chosen by name on the command line: `logger=csv` is logger.name=csv
 LIST_GROUPS = {
     "defense": "none"
 }  # groups whose choice may be a list applied in order (defense=[prune,dpsgd]): their default

@@ -56,7 +56,8 @@ def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
         stop_point("running any cell (while checking the grid)")
         if cell.id in seen:
             raise UserError(
-                f"{grid.path}: cells {seen[cell.id]} and {cell.index} are the same cell ({cell.id}); remove the duplicate"
+                f"{grid.path}: cells {seen[cell.id]} and {cell.index} are the same cell ({cell.id}); remove the "
+                "duplicate"
             )
         seen[cell.id] = cell.index
         try:
@@ -235,8 +236,8 @@ def run_cells(
     processes, one GPU each (on a CPU: the cores shared out, `_cpu_threads`). Returns the worst exit code (see `worst`).
     """
     from dia.config import compose
+    from dia.console import quiet_libraries
     from dia.run import execute
-    from dia.run.console import quiet_libraries
 
     quiet_libraries()
     todo: list[Cell] = []
@@ -395,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="G",
-        help="processes at once, one GPU each (CUDA_VISIBLE_DEVICES per child; on a CPU the cores are shared out), each packing its share of the cells; "
+        help="processes at once, one GPU each (CUDA_VISIBLE_DEVICES per child; on a CPU the cores are shared "
+        "out), each packing its share of the cells; "
         "default 1 (--task: one per visible GPU)",
     )
     p.add_argument("--force", action="store_true", help="recompute finished cells (their folders are removed first)")
@@ -425,6 +427,30 @@ def _write_wandb_sweeps(grid: Grid, out: Path) -> list[Path]:
     return written
 
 
+def describe_cell(grid: Grid, folder: Path, c: Cell) -> dict[str, Any]:
+    """What `--show I` prints: the cell, its folder and status, and the dia.train command that runs it."""
+    return {
+        "index": c.index,
+        "id": c.id,
+        "grid": grid.name,
+        "folder": str(folder / c.id),
+        "status": status(grid, folder, c),
+        "coords": c.coords,
+        "overrides": c.overrides,
+        "command": ["python", "-m", "dia.train", *train_args(grid, folder, c)],
+    }
+
+
+def selected(grid: Grid, a: argparse.Namespace) -> list[Cell]:
+    """The cells `--run I`, `--task T` or `--run-all` take."""
+    if a.run is not None:
+        return [grid.cell(i) for i in parse_indices(a.run, len(grid))]
+    if a.task is not None:
+        return grid.task(a.task, a.per_task)  # consecutive in task order: whole packs where the grid allows
+    grid.check_size("--run-all")
+    return list(grid.cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     install_signals()  # first, before anything slow: a signal during start-up or validation is a clean stop
     keep_freed_memory()  # before torch allocates: no page faults per attack iteration on a CPU (dia.memory)
@@ -451,23 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{c.index:>4}  {c.id:<40} {status(grid, folder, c):<8} {' '.join(c.args())}")
             return ExitCode.OK
         if a.show is not None:
-            c = grid.cell(a.show)
-            args = train_args(grid, folder, c)
-            print(
-                json.dumps(
-                    {
-                        "index": c.index,
-                        "id": c.id,
-                        "grid": grid.name,
-                        "folder": str(folder / c.id),
-                        "status": status(grid, folder, c),
-                        "coords": c.coords,
-                        "overrides": c.overrides,
-                        "command": ["python", "-m", "dia.train", *args],
-                    },
-                    indent=1,
-                )
-            )
+            print(json.dumps(describe_cell(grid, folder, grid.cell(a.show)), indent=1))
             return ExitCode.OK
         if a.unfinished:
             check_results_dir(grid, folder)
@@ -477,13 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare(grid, a.results_root)
             print(len(grid))
             return ExitCode.OK
-        if a.run is not None:
-            cells = [grid.cell(i) for i in parse_indices(a.run, len(grid))]
-        elif a.task is not None:
-            cells = grid.task(a.task, a.per_task)  # consecutive in task order: whole packs where the grid allows
-        else:
-            grid.check_size("--run-all")
-            cells = list(grid.cells)
+        cells = selected(grid, a)
         folder = prepare(grid, a.results_root, None if a.run_all else cells)
         # an array task packs its cells on its GPUs: one process per visible GPU (Slurm sets CUDA_VISIBLE_DEVICES)
         gpus = len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()])

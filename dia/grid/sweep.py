@@ -38,10 +38,10 @@ from typing import Any
 
 import yaml
 
+from dia.config.ids import AUTO_CELL, RESERVED, cell_id, format_value, short
 from dia.errors import UserError
 
 WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "dia.train", "${args_no_hyphens}"]
-AUTO_CELL = "auto-cell"  # run.name=auto-cell: name the run folder with its cell id (see `cell_id`)
 SWEEP_KEYS = {
     "name",
     "description",
@@ -55,17 +55,7 @@ SWEEP_KEYS = {
     "run_cap",
     "early_terminate",
 }
-RESERVED = ("run.output_dir", "run.name", "logger.wandb.group", "logger.wandb.tags")  # set by dia.grid per cell
 AGENT_ARGS = ("run.name", "run.output_dir")  # literal arguments a sweep file's command may add for W&B agents
-HEADLINE = (
-    "data",
-    "model",
-    "model.dropout",
-    "client.local_steps",
-    "attack",
-    "victims",
-    "num_victims",
-)  # the readable prefix of an id
 # keys that may differ between the runs of one packed program (dia.run.pack: PER_ROW, NOT_SHARED): fastest in task order
 INNER = (
     "attack",
@@ -89,101 +79,6 @@ def _inner(key: str) -> bool:
     return key in INNER or key.startswith(INNER_PREFIXES)
 
 
-def _not_hashed(key: str) -> bool:
-    """Keys that cannot change a run's result (where it goes, how it is logged) stay out of a cell's id."""
-    return key in RESERVED or key.startswith("logger.") or key in ("run.progress",)
-
-
-# ----------------------------------------------------------------------------------------------- values
-
-
-def format_value(value: Any) -> str:
-    """A value as dia.train's `key=value` parser (YAML) reads it back."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return (
-            "["
-            + ", ".join(
-                json.dumps(v) if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9._-]+", v) else format_value(v)
-                for v in value
-            )
-            + "]"
-        )
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        try:
-            same = yaml.safe_load(value) == value and not re.search(r"[,\[\]{}\s]", value)
-        except yaml.YAMLError:
-            same = False
-        return value if same else json.dumps(value)
-    return str(value)
-
-
-def parse_value(text: str) -> Any:
-    """Command-line text as a plain value, the way dia.train parses a non-string key (YAML, OmegaConf's flavour)."""
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
-    except Exception:
-        return text
-
-
-def canonical(value: Any) -> Any:
-    """The value a cell's hash sees: as dia.train parses its command-line text (integral floats as ints)."""
-    if isinstance(value, str):
-        value = parse_value(value)
-        if isinstance(value, str):
-            return value
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    return value
-
-
-def _short(key: str, value: Any) -> str:
-    """A readable, filesystem-safe piece of a cell id for one coordinate."""
-    if key in ("data", "model", "attack"):
-        text = str(value)
-    elif key == "model.dropout":
-        text = f"p{value:g}" if isinstance(value, (int, float)) else f"p{value}"
-    elif key == "num_victims":
-        text = f"n{value}"
-    elif key == "client.local_steps":  # FedAvg's T; FedSGD (T = 1) keeps the ids it always had
-        text = f"T{value}"
-    elif key == "victims" and isinstance(value, list) and value:
-        ints = all(isinstance(v, int) for v in value)
-        if ints and value == list(range(value[0], value[0] + len(value))):
-            text = f"v{value[0]}-{value[-1]}"
-        else:
-            text = f"v{len(value)}x" + hashlib.sha1(json.dumps(value).encode()).hexdigest()[:4]
-    else:
-        text = f"{key.rsplit('.', 1)[-1]}{format_value(value)}"
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_.")[:40] or "x"
-
-
-def cell_id(overrides: dict[str, Any]) -> str:
-    """The stable id of the cell that `overrides` (dia.train key -> value) describe.
-
-    `<data>-<model>-p<rate>-<attack>-<victims>-<hash>` (headline keys that are set, in that order), the hash
-    over every override except logging/placement keys, values canonicalized as dia.train parses them, so a
-    grid's cell and the same arguments given to dia.train by a W&B agent get the same id.
-    """
-    hashed = {k: canonical(v) for k, v in overrides.items() if not _not_hashed(k)}
-    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
-    prefix = "-".join(
-        _short(k, hashed[k]) for k in HEADLINE if k in hashed and not (k == "client.local_steps" and hashed[k] == 1)
-    )
-    return f"{prefix}-{digest}" if prefix else digest
-
-
 # ----------------------------------------------------------------------------------------------- grid
 
 
@@ -199,9 +94,10 @@ class Cell:
         return [f"{k}={format_value(v)}" for k, v in self.overrides.items()]
 
     def tags(self, grid: str) -> list[str]:
-        """W&B tags: the grid and the cell's coordinates, each cut to W&B's 64 characters (a hash keeps them distinct)."""
+        """W&B tags: the grid and the cell's coordinates, each cut to W&B's 64 characters (a hash keeps them
+        distinct)."""
         tags = [f"grid:{grid}"] + [
-            f"{k}:{format_value(v) if not isinstance(v, list) else _short(k, v)}" for k, v in self.coords.items()
+            f"{k}:{format_value(v) if not isinstance(v, list) else short(k, v)}" for k, v in self.coords.items()
         ]
         return [
             t if len(t) <= MAX_TAG else t[: MAX_TAG - 9] + "~" + hashlib.sha1(t.encode()).hexdigest()[:8] for t in tags
@@ -276,7 +172,8 @@ class Grid:
         return [k for k, seen in keys.items() if len(seen) > 1 or any(k not in b.params for b in self.blocks)]
 
     def _block(self, index: int) -> tuple[int, Block, int]:
-        """(offset, block, index within it) of a grid-wide index or position (blocks keep their place in both orders)."""
+        """(offset, block, index within it) of a grid-wide index or position (blocks keep their place in both
+        orders)."""
         n = len(self)
         if not 0 <= index < n:
             raise UserError(f"cell index {index} is outside the grid '{self.name}' ({n} cells: valid 0..{n - 1})")
@@ -311,7 +208,8 @@ class Grid:
         """The cells of array task `t` (`per` consecutive positions in task order: whole packs where possible)."""
         if not 0 <= t < self.tasks(per):
             raise UserError(
-                f"--task {t} is outside the grid '{self.name}' ({len(self)} cells in {self.tasks(per)} task(s) of {per}: "
+                f"--task {t} is outside the grid '{self.name}' ({len(self)} cells in {self.tasks(per)} task(s) of "
+                f"{per}: "
                 f"valid 0..{self.tasks(per) - 1})"
             )
         return [self.cell(self.index_at(p)) for p in range(t * per, min(len(self), (t + 1) * per))]
@@ -382,7 +280,8 @@ def _parameters(where: str, params: Any, grid: str) -> dict[str, list[Any]]:
     for key, spec in params.items():
         key = str(key)
         values = _values(f"{where}.{key}", spec)
-        # the group dia.grid gives every cell may be written out (--wandb-sweeps does, for agents); nothing else reserved
+        # the group dia.grid gives every cell may be written out (--wandb-sweeps does, for agents); nothing else
+        # reserved
         if key in RESERVED and not (key == "logger.wandb.group" and values == [grid]):
             raise UserError(f"{where}.{key}: set by dia.grid for every cell; remove it from the sweep file")
         out[key] = values
@@ -513,7 +412,8 @@ def load(path: str | Path) -> Grid:
 
 
 def wandb_sweeps(grid: Grid) -> list[dict[str, Any]]:
-    """The grid's files as W&B sweeps for agents: logging online (offline runs cannot report to a sweep) in group <grid>."""
+    """The grid's files as W&B sweeps for agents: logging online (offline runs cannot report to a sweep) in group
+    <grid>."""
     out = []
     for b in grid.blocks:
         spec = dict(b.spec)

@@ -1,38 +1,63 @@
 """Model zoo: every model's dropout sites are `CapturableDropout` modules (see dia.models.dropout).
 
 Our own models (`mlp`, `vit`, `vit_b16`, `cnn`) are written with capturable sites; timm models (`resnet18`,
-`timm`) are made capturable after they are built (dia.models.timm_zoo, `make_capturable`). A model's
-settings are its YAML (`configs/model/<name>.yaml`, typed by dia.config.schema); its builder reads them.
+`timm`) are made capturable after they are built (dia.models.timm_zoo, `make_capturable`). A model is one module
+of this package whose builder is registered at its definition (`@register_model("name")`) and one YAML,
+`configs/model/<name>.yaml` (its settings, typed by dia.config.schema), which the builder reads. Every module
+here is imported with the package, so a new file is found without naming it anywhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dia import config
 from dia.errors import UserError
-from dia.models import timm_zoo, vit
-from dia.models.cnn import build_cnn
-from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites
-from dia.models.mlp import build_mlp
-from dia.models.timm_zoo import build_resnet18, build_timm
-from dia.models.vit import build_vit
 from dia.registry import Registry
 
-MODELS: Registry = Registry("model")
-MODELS.register("mlp")(build_mlp)
-MODELS.register("vit")(build_vit)
-MODELS.register("cnn")(build_cnn)
-MODELS.register("resnet18")(build_resnet18)
-MODELS.register("vit_b16")(build_vit)
-MODELS.register("timm")(build_timm)
+Builder = Callable[..., nn.Module]  # builder(cfg, *, channels, image_size, num_classes) -> model
+MODELS: Registry[Builder] = Registry("model")
+# Rules naming the part of the network a dropout site is in, each registered next to its model's code (first
+# match wins; `site_parts`).
+PART_RULES: list[Callable[[str], str | None]] = []
+
+
+def register_model(*names: str) -> Callable[[Builder], Builder]:
+    """Decorator: make a builder the code of `model=<name>` for each of `names`."""
+
+    def deco(builder: Builder) -> Builder:
+        for name in names:
+            MODELS.register(name)(builder)
+        return builder
+
+    return deco
+
+
+def register_site_part(rule: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """Decorator: a rule naming the part of the network a site (by its name) is in, or None when not its model's."""
+    PART_RULES.append(rule)
+    return rule
+
+
+from dia.models.dropout import CapturableDropout, dropout_control, dropout_sites, name_sites  # noqa: E402
+
+for _module in pkgutil.iter_modules(__path__):  # every model of the package registers itself
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+# compose's code checks for `model=` (registered from here: config imports no code)
+config.register_check("model", lambda cfg: MODELS.get(cfg.model.name))
 
 __all__ = [
     "MODELS",
+    "register_model",
+    "register_site_part",
     "build_model",
     "build_for",
     "CapturableDropout",
@@ -42,15 +67,12 @@ __all__ = [
     "site_parts",
 ]
 
-# Rules naming the part of the network a dropout site is in, each next to its model's code (first match wins).
-_PART_RULES = (vit.site_part, timm_zoo.site_part)
-
 
 def site_parts(names: Iterable[str]) -> dict[str, str]:
     """The part of the network each site is in, from its name: 'embedding', 'attention' (weights),
     'attention_out', 'mlp' for the ViTs (ours and timm's), 'drop_path'; 'hidden' for other sites
     (the MLP's and CNN's hidden layers, ResNet's pooled features)."""
-    return {n: next((p for rule in _PART_RULES if (p := rule(n)) is not None), "hidden") for n in names}
+    return {n: next((p for rule in PART_RULES if (p := rule(n)) is not None), "hidden") for n in names}
 
 
 def build_model(cfg: Any, *, channels: int, image_size: int, num_classes: int, seed: int) -> nn.Module:

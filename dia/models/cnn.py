@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from dia.errors import UserError
+from dia.models import register_model
 from dia.models.dropout import CapturableDropout
 
 MIN_SIZE = 28
@@ -58,6 +59,7 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+@register_model("cnn")
 def build_cnn(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     if image_size < MIN_SIZE:
         raise UserError(

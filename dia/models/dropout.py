@@ -22,8 +22,10 @@ Sites come in three kinds (`site.kind`), so that attacks and reports can tell th
 * ``drop_path``: stochastic depth (timm's `DropPath`), dropout of whole residual branches: one keep value
   per sample, mask shape (B, 1, 1, ...);
 * ``functional``: dropout applied functionally inside some module's forward (`F.dropout(...)`, or the
-  `dropout_p` of a fused `F.scaled_dot_product_attention`). `dia.models.capture.make_capturable` finds these call sites with
-  one probe pass and gives each a `dia.models.capture.FunctionalDropoutSite` child module of the module that makes the call;
+  `dropout_p` of a fused `F.scaled_dot_product_attention`). `dia.models.capture.make_capturable` finds these call
+  sites with
+  one probe pass and gives each a `dia.models.capture.FunctionalDropoutSite` child module of the module that makes
+  the call;
   inside a `dropout_control` block of such a model `F.dropout` and `F.scaled_dot_product_attention` are
   routed to that site, identified by the calling module and the code location of the call (a stable key:
   the same across calls, under `torch.func.vmap`/`grad`/`functional_call`, and in deep copies).

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dia.models import register_model
 from dia.models.dropout import CapturableDropout
 
 
@@ -26,6 +27,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+@register_model("mlp")
 def build_mlp(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     return MLP(
         in_features=channels * image_size * image_size,

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dia.errors import UserError
+from dia.models import register_model, register_site_part
 from dia.models.capture import FunctionalDropoutSite, ModelInputError, UncapturableModel, make_capturable
 from dia.models.dropout import CapturableDropout, CapturableDropPath, dropout_sites
 
@@ -42,6 +43,7 @@ BATCH_NORM = ("running", "native")
 # ---- the builders ----------------------------------------------------------------------------------
 
 
+@register_model("resnet18")
 def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     _check_rates(cfg)
     model = _create(
@@ -54,6 +56,7 @@ def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int
     return _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
 
 
+@register_model("timm")
 def build_timm(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     _check_rates(cfg)
     arch = check_arch(cfg.arch)
@@ -231,8 +234,10 @@ _PARTS = (
 )
 
 
+@register_site_part
 def site_part(name: str) -> str | None:
-    """The part of a timm model a site is in ('embedding', 'attention', 'attention_out', 'mlp', 'drop_path'), or None."""
+    """The part of a timm model a site is in ('embedding', 'attention', 'attention_out', 'mlp', 'drop_path'), or
+    None."""
     return next((part for pattern, part in _PARTS if pattern.fullmatch(name)), None)
 
 

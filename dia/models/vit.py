@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dia.errors import UserError
+from dia.models import register_model, register_site_part
 from dia.models.dropout import CapturableDropout, CapturableDropPath
 
 # Which part of the network each dropout site is in (for per-part mask measures), from the site names
@@ -39,6 +40,7 @@ _PARTS = (
 )
 
 
+@register_site_part
 def site_part(name: str) -> str | None:
     """'embedding', 'attention' (weights), 'attention_out' or 'mlp' for a site of these ViTs; None otherwise."""
     return next((part for pattern, part in _PARTS if pattern.fullmatch(name)), None)
@@ -135,6 +137,7 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
+@register_model("vit", "vit_b16")
 def build_vit(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     if image_size % cfg.patch_size:
         raise UserError(

@@ -1,10 +1,11 @@
 """One run, or many runs packed into few programs: the run contract (`execute`, in dia.run.contract).
 
     contract.py    `execute`: the only way anything runs a configuration (dia.train one, dia.grid many)
-    cell.py        one run: its checks, folder, victims -> problems, evaluation and result files
-    pack.py        runs sharing one vectorized program; the program's life under a Lightning Trainer
+    runs.py        one run: its checks, folder, clients (dia.clients), score and result files
+    pack.py        runs sharing one program (dia.attacks.program): which run holds which rows, turnover
+    record.py      the run folder's files (config.yaml, metrics.json, curves.jsonl, reconstructions.*)
     checkpoint.py  resumable progress;  folder.py  states and lock;  signals.py  SIGTERM/SIGUSR1/SIGINT
-    summary.py     metrics.json's schema;  tracking.py  W&B;  plotting.py, progress.py, files.py, console.py
+    loggers/       W&B, CSV, TensorBoard, MLflow;  checks.py  what a config needs here;  plotting.py  pictures
 
 Importing this package is cheap: `execute` and its kin load torch and Lightning when first used.
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from torch import Tensor
 
 from dia.engine import STATUS, AttackResult, AttackState, Layout
 from dia.errors import UserError
-from dia.run.files import save_tensors
+from dia.files import save_tensors
+from dia.run import record
 from dia.run.folder import fingerprint
 
 WIDE = ("flat", "exp_avg", "exp_avg_sq", "best")  # the (K, D) fields, saved per trainable
@@ -54,7 +56,7 @@ class Expect:
     def of(cls, config: Path) -> Expect | None:
         """From the run's saved config.yaml (None when it cannot be read: the checks that need it are skipped)."""
         try:
-            text = config.read_text()
+            text = record.read_config_text(config.parent)
             c = yaml.safe_load(text)
             n = len(c["victims"]) if c.get("victims") is not None else int(c["num_victims"])
             b = int(c["batch_size"])
@@ -79,7 +81,7 @@ class Checkpoint:
         self.state: dict[str, Tensor] | None = None  # the running group's rows (see `state_rows`)
         self.started = time.time()
         self.elapsed_before = 0.0  # wall time of the processes that worked on the run before this one
-        self.expect = Expect.of(path.parent / "config.yaml")
+        self.expect = Expect.of(path.parent / record.CONFIG)
         if not persist:
             return
         if (path.exists() or path.is_symlink()) and not path.is_file():
@@ -140,123 +142,7 @@ class Checkpoint:
 
     def _check(self, flat: Any) -> None:
         """Everything `_load` and a resume rely on, against the run's config: a UserError naming the file otherwise."""
-        bad = self._bad
-        if not isinstance(flat, dict) or not all(isinstance(k, str) for k in flat):
-            raise bad("is not a dia checkpoint (not a dict of named tensors)")
-        odd = next((k for k, v in flat.items() if not isinstance(v, Tensor)), None)
-        if odd is not None:
-            raise bad(f"holds '{odd}', which is not a tensor")
-        for key in ("meta/group_size", "meta/running"):
-            if key not in flat or flat[key].dim() != 0 or flat[key].dtype != torch.int64:
-                raise bad(f"has no integer '{key}'")
-        unknown = next((k for k in flat if not k.startswith(("meta/", "done/", "state/"))), None)
-        if unknown is not None:
-            raise bad(f"holds an unknown entry '{unknown}'")
-        e = self.expect
-        if "meta/fingerprint" in flat and e is not None:
-            fp = flat["meta/fingerprint"]
-            if fp.dtype != torch.uint8 or bytes(fp.tolist()).hex() != e.fingerprint:
-                raise bad(
-                    "belongs to another run (its config differs from this folder's config.yaml: another seed, "
-                    "data or attack setting)"
-                )
-        size, running = int(flat["meta/group_size"]), int(flat["meta/running"])
-        n = e.problems if e is not None else None
-        done = {k.split("/")[1] for k in flat if k.startswith("done/")}
-        if not all(d.isdigit() and len(d) < 10 for d in done):
-            raise bad("has a finished group that is not numbered")
-        done_groups = sorted(int(d) for d in done)
-        has_state = any(k.startswith("state/") for k in flat)
-        if size == 0 and (done_groups or has_state or running >= 0):
-            raise bad("has progress but no group size")
-        if size < 0 or (n is not None and size > n):
-            raise bad(f"has group size {size} for a run of {n} problem(s)")
-        groups = math.ceil(n / size) if n is not None and size > 0 else None
-        if running < -1 or (groups is not None and running >= groups) or running in done_groups:
-            raise bad(
-                f"says group {running} is running (the run has {groups} group(s), finished: {done_groups or 'none'})"
-            )
-        if (running >= 0) != has_state:
-            raise bad("has a running group without its state (or a state without a running group)")
-        if groups is not None and any(g >= groups for g in done_groups):
-            raise bad(f"has finished group {max(done_groups)}; the run has {groups} group(s)")
-
-        def rows(g: int) -> int | None:
-            return None if n is None or size == 0 else min(size, n - g * size)
-
-        def tensor(key: str, k: int | None, *, integer: bool, shape: tuple[int, ...] | None = ()) -> Tensor:
-            """flat[key]: int64 or floating point, one row per problem (k of them), each of `shape` (None: any)."""
-            t = flat.get(key)
-            if t is None:
-                raise bad(f"has no '{key}'")
-            if integer and t.dtype != torch.int64 or not integer and not t.is_floating_point():
-                raise bad(f"holds '{key}' as {t.dtype} (expected {'int64' if integer else 'floating point'})")
-            if t.dim() < 1 or k is not None and t.shape[0] != k:
-                raise bad(f"holds '{key}' of shape {tuple(t.shape)}; this group has {k} problem(s)")
-            if shape is not None and tuple(t.shape[1:]) != tuple(shape):
-                raise bad(
-                    f"holds '{key}' of shape {tuple(t.shape)}; this run expects ({k}, {', '.join(map(str, shape))})"
-                )
-            return t
-
-        budget = e.max_iterations if e is not None else None
-
-        def counters(prefix: str, k: int | None) -> None:
-            its = tensor(prefix + "iterations", k, integer=True)
-            if its.numel() and (int(its.min()) < 0 or budget is not None and int(its.max()) > budget):
-                raise bad(
-                    f"holds iteration counters {int(its.min())}..{int(its.max())} outside 0..{budget} (attack.max_iterations)"
-                )
-            status = tensor(prefix + "status", k, integer=True)
-            if status.numel() and not 0 <= int(status.min()) <= int(status.max()) < len(STATUS):
-                raise bad(f"holds a status outside 0..{len(STATUS) - 1}")
-            tensor(prefix + "best_iteration", k, integer=True)
-            tensor(prefix + "best_loss", k, integer=False)
-
-        x_shape = e.x_shape if e is not None else None
-        for g in done_groups:
-            p, k = f"done/{g}/", rows(g)
-            tensor(p + "x", k, integer=False, shape=x_shape)
-            counters(p, k)
-            for key in (k_ for k_ in flat if k_.startswith((p + "masks/", p + "rates/"))):
-                tensor(key, k, integer=False, shape=None)
-            extra = next(
-                (
-                    k_
-                    for k_ in flat
-                    if k_.startswith(p)
-                    and k_[len(p) :] not in ("x", "best_loss", "best_iteration", "iterations", "status")
-                    and not k_.startswith((p + "masks/", p + "rates/"))
-                ),
-                None,
-            )
-            if extra:
-                raise bad(f"holds an unknown entry '{extra}'")
-        if has_state:
-            k = rows(running)
-            counters("state/", k)
-            for name in NARROW:
-                tensor(f"state/{name}", k, integer=name in INTEGER)
-            it = flat.get("state/iteration")
-            if it is None or it.dim() != 0 or it.dtype != torch.int64:
-                raise bad("has no integer 'state/iteration'")
-            top = int(flat["state/iterations"].max()) if flat["state/iterations"].numel() else 0
-            if int(it) != top:
-                raise bad(f"says the running group is at iteration {int(it)} but its problems ran {top}")
-            for wide in WIDE:
-                tensor(f"state/{wide}/x", k, integer=False, shape=x_shape)
-            for key in flat:
-                if key.startswith("state/") and "/" in key[len("state/") :]:
-                    if key[len("state/") :].split("/")[0] not in WIDE:
-                        raise bad(f"holds an unknown entry '{key}'")
-                    tensor(key, k, integer=False, shape=None)
-                elif key.startswith("state/") and key[len("state/") :] not in (*NARROW, "iteration"):
-                    raise bad(f"holds an unknown entry '{key}'")
-        for key in ("meta/elapsed_s",):
-            if key in flat and (
-                flat[key].dim() != 0 or not flat[key].is_floating_point() or not 0 <= float(flat[key]) < 1e12
-            ):
-                raise bad(f"holds '{key}' that is not a number of seconds")
+        _Contents(flat, self.expect, self._bad).check()
 
     def save(self) -> None:
         if not self.persist:
@@ -342,3 +228,148 @@ def join_rows(saved: list[dict[str, Tensor]], layout: Layout, initial: dict[str,
             named[name] = torch.cat(blocks)
         out[wide] = layout.pack(named)
     return out
+
+
+class _Contents:
+    """The checks of a checkpoint's tensors (`flat`) against what its run's config `expect`s; `bad(why)` is the
+    UserError naming the file. In order: the structure, the identity, the groups, each finished group, the
+    running group's state, the metadata."""
+
+    def __init__(self, flat: Any, expect: Expect | None, bad: Callable[[str], UserError]) -> None:
+        self.flat, self.e, self.bad = flat, expect, bad
+
+    def check(self) -> None:
+        self.structure()
+        self.identity()
+        size, running, done_groups, has_state = self.groups()
+        for g in done_groups:
+            self.finished(g, self.rows(size, g))
+        if has_state:
+            self.running_state(self.rows(size, running))
+        self.meta()
+
+    def structure(self) -> None:
+        flat, bad = self.flat, self.bad
+        if not isinstance(flat, dict) or not all(isinstance(k, str) for k in flat):
+            raise bad("is not a dia checkpoint (not a dict of named tensors)")
+        odd = next((k for k, v in flat.items() if not isinstance(v, Tensor)), None)
+        if odd is not None:
+            raise bad(f"holds '{odd}', which is not a tensor")
+        for key in ("meta/group_size", "meta/running"):
+            if key not in flat or flat[key].dim() != 0 or flat[key].dtype != torch.int64:
+                raise bad(f"has no integer '{key}'")
+        unknown = next((k for k in flat if not k.startswith(("meta/", "done/", "state/"))), None)
+        if unknown is not None:
+            raise bad(f"holds an unknown entry '{unknown}'")
+
+    def identity(self) -> None:
+        if "meta/fingerprint" in self.flat and self.e is not None:
+            fp = self.flat["meta/fingerprint"]
+            if fp.dtype != torch.uint8 or bytes(fp.tolist()).hex() != self.e.fingerprint:
+                raise self.bad(
+                    "belongs to another run (its config differs from this folder's config.yaml: another seed, "
+                    "data or attack setting)"
+                )
+
+    def groups(self) -> tuple[int, int, list[int], bool]:
+        """(group size, the running group, the finished groups, whether a running state is saved), checked."""
+        flat, bad = self.flat, self.bad
+        size, running = int(flat["meta/group_size"]), int(flat["meta/running"])
+        n = self.e.problems if self.e is not None else None
+        done = {k.split("/")[1] for k in flat if k.startswith("done/")}
+        if not all(d.isdigit() and len(d) < 10 for d in done):
+            raise bad("has a finished group that is not numbered")
+        done_groups = sorted(int(d) for d in done)
+        has_state = any(k.startswith("state/") for k in flat)
+        if size == 0 and (done_groups or has_state or running >= 0):
+            raise bad("has progress but no group size")
+        if size < 0 or (n is not None and size > n):
+            raise bad(f"has group size {size} for a run of {n} problem(s)")
+        groups = math.ceil(n / size) if n is not None and size > 0 else None
+        if running < -1 or (groups is not None and running >= groups) or running in done_groups:
+            raise bad(
+                f"says group {running} is running (the run has {groups} group(s), finished: {done_groups or 'none'})"
+            )
+        if (running >= 0) != has_state:
+            raise bad("has a running group without its state (or a state without a running group)")
+        if groups is not None and any(g >= groups for g in done_groups):
+            raise bad(f"has finished group {max(done_groups)}; the run has {groups} group(s)")
+        return size, running, done_groups, has_state
+
+    def rows(self, size: int, g: int) -> int | None:
+        """The problems of group `g` (None: unknown)."""
+        n = self.e.problems if self.e is not None else None
+        return None if n is None or size == 0 else min(size, n - g * size)
+
+    def tensor(self, key: str, k: int | None, *, integer: bool, shape: tuple[int, ...] | None = ()) -> Tensor:
+        """flat[key]: int64 or floating point, one row per problem (k of them), each of `shape` (None: any)."""
+        t, bad = self.flat.get(key), self.bad
+        if t is None:
+            raise bad(f"has no '{key}'")
+        if integer and t.dtype != torch.int64 or not integer and not t.is_floating_point():
+            raise bad(f"holds '{key}' as {t.dtype} (expected {'int64' if integer else 'floating point'})")
+        if t.dim() < 1 or k is not None and t.shape[0] != k:
+            raise bad(f"holds '{key}' of shape {tuple(t.shape)}; this group has {k} problem(s)")
+        if shape is not None and tuple(t.shape[1:]) != tuple(shape):
+            raise bad(f"holds '{key}' of shape {tuple(t.shape)}; this run expects ({k}, {', '.join(map(str, shape))})")
+        return t
+
+    def counters(self, prefix: str, k: int | None) -> None:
+        budget = self.e.max_iterations if self.e is not None else None
+        its = self.tensor(prefix + "iterations", k, integer=True)
+        if its.numel() and (int(its.min()) < 0 or budget is not None and int(its.max()) > budget):
+            raise self.bad(
+                f"holds iteration counters {int(its.min())}..{int(its.max())} outside 0..{budget} "
+                "(attack.max_iterations)"
+            )
+        status = self.tensor(prefix + "status", k, integer=True)
+        if status.numel() and not 0 <= int(status.min()) <= int(status.max()) < len(STATUS):
+            raise self.bad(f"holds a status outside 0..{len(STATUS) - 1}")
+        self.tensor(prefix + "best_iteration", k, integer=True)
+        self.tensor(prefix + "best_loss", k, integer=False)
+
+    def finished(self, g: int, k: int | None) -> None:
+        p, x_shape = f"done/{g}/", self.e.x_shape if self.e is not None else None
+        self.tensor(p + "x", k, integer=False, shape=x_shape)
+        self.counters(p, k)
+        for key in (k_ for k_ in self.flat if k_.startswith((p + "masks/", p + "rates/"))):
+            self.tensor(key, k, integer=False, shape=None)
+        known = ("x", "best_loss", "best_iteration", "iterations", "status")
+        extra = next(
+            (
+                key
+                for key in self.flat
+                if key.startswith(p) and key[len(p) :] not in known and not key.startswith((p + "masks/", p + "rates/"))
+            ),
+            None,
+        )
+        if extra:
+            raise self.bad(f"holds an unknown entry '{extra}'")
+
+    def running_state(self, k: int | None) -> None:
+        flat, bad, x_shape = self.flat, self.bad, self.e.x_shape if self.e is not None else None
+        self.counters("state/", k)
+        for name in NARROW:
+            self.tensor(f"state/{name}", k, integer=name in INTEGER)
+        it = flat.get("state/iteration")
+        if it is None or it.dim() != 0 or it.dtype != torch.int64:
+            raise bad("has no integer 'state/iteration'")
+        top = int(flat["state/iterations"].max()) if flat["state/iterations"].numel() else 0
+        if int(it) != top:
+            raise bad(f"says the running group is at iteration {int(it)} but its problems ran {top}")
+        for wide in WIDE:
+            self.tensor(f"state/{wide}/x", k, integer=False, shape=x_shape)
+        for key in flat:
+            rest = key[len("state/") :]
+            if key.startswith("state/") and "/" in rest:
+                if rest.split("/")[0] not in WIDE:
+                    raise bad(f"holds an unknown entry '{key}'")
+                self.tensor(key, k, integer=False, shape=None)
+            elif key.startswith("state/") and rest not in (*NARROW, "iteration"):
+                raise bad(f"holds an unknown entry '{key}'")
+
+    def meta(self) -> None:
+        key = "meta/elapsed_s"
+        t = self.flat.get(key)
+        if t is not None and (t.dim() != 0 or not t.is_floating_point() or not 0 <= float(t) < 1e12):
+            raise self.bad(f"holds '{key}' that is not a number of seconds")

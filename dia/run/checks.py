@@ -3,7 +3,8 @@
 `dia.config.validate` checks what the config alone decides (ranges, types, names, devices). This module
 takes the cheap look at the data and the environment that the rest needs: the data folder exists, the
 victim indices are in range, their labels are within `data.num_classes`, the victims split into client
-batches, `data.mean`/`data.std` are usable numbers, FedAvg's T local steps fit in memory (`check_local_steps`), the W&B settings are ones W&B accepts (`check_wandb`:
+batches, `data.mean`/`data.std` are usable numbers, FedAvg's T local steps fit in memory (`check_local_steps`), the
+W&B settings are ones W&B accepts (`check_wandb`:
 checked here, not after the attack) and `logger.wandb.mode=online` has a W&B login. `dia.grid --validate`
 calls it for every cell (with a `memo`, so each data config is looked at once) and a run calls it before it
 starts. A problem raises one `UserError` line.
@@ -37,7 +38,8 @@ def embedded_labels(data: Any) -> list[int]:
     want = (data.image_size, data.image_size, data.channels)
     if tuple(images.shape[1:]) != want:
         raise UserError(
-            f"data.embedded: '{data.embedded}' holds images of shape {tuple(images.shape[1:])} (H, W, C) but data={data.name} "
+            f"data.embedded: '{data.embedded}' holds images of shape {tuple(images.shape[1:])} (H, W, C) but "
+            f"data={data.name} "
             f"declares {want} (data.image_size, data.channels)"
         )
     return [int(v) for v in labels]

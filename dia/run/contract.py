@@ -7,7 +7,7 @@
 2. runs that can share a program (dia.run.pack) are packed, prepared just in time (victims -> clients ->
    problems) and attacked; every run saves its own checkpoint rows;
 3. a run whose problems are all finished is scored and written, then its folder is renamed to its final
-   place (dia.run.cell.write).
+   place (dia.run.runs.write).
 
 Signals (dia.run.signals) stop every pack at a step boundary with the checkpoints saved; a failure leaves
 every folder and checkpoint as it was. Exit codes are `dia.errors.ExitCode`.
@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from dia.engine import AttackResult
 from dia.errors import ExitCode, UserError
 from dia.run import pack as packs
-from dia.run.cell import Cell, RunOutput, check, open_cell, prepare, release, trim_curves, write
 from dia.run.checks import device_memory, unrolled_bytes
+from dia.run.runs import Run, RunOutput, check, open_run, prepare, release, trim_curves, write
 from dia.run.signals import STOP, Stopped
 
 log = logging.getLogger("dia")
@@ -49,20 +49,20 @@ class Outcome:
 CPU_ROWS = 24
 
 
-def _limit(cells: list[Cell]) -> int:
+def _limit(runs: list[Run]) -> int:
     """Rows per program: `attack.parallel`, or (auto) CPU_ROWS on a CPU and as many as fit on a GPU."""
-    parallel = cells[0].cfg.attack.parallel
+    parallel = runs[0].cfg.attack.parallel
     if parallel != "auto":
         return int(parallel)
-    if cells[0].device.type != "cuda":  # FedAvg's T unrolled steps: no more rows than half the RAM holds
+    if runs[0].device.type != "cuda":  # FedAvg's T unrolled steps: no more rows than half the RAM holds
         fit = (
-            int(0.5 * device_memory("cpu")[0] // unrolled_bytes(cells[0].cfg))
-            if cells[0].cfg.client.local_steps > 1
+            int(0.5 * device_memory("cpu")[0] // unrolled_bytes(runs[0].cfg))
+            if runs[0].cfg.client.local_steps > 1
             else CPU_ROWS
         )
-        return max(1, min(CPU_ROWS, fit, sum(c.num_problems for c in cells)))
+        return max(1, min(CPU_ROWS, fit, sum(c.num_problems for c in runs)))
     return packs.auto_limit(
-        [prepare(c) if c.problems is None else c for c in cells[:2]], total=sum(c.num_problems for c in cells)
+        [prepare(c) if c.problems is None else c for c in runs[:2]], total=sum(c.num_problems for c in runs)
     )
 
 
@@ -83,31 +83,31 @@ def execute(
     for i, cfg in enumerate(configs):
         groups.setdefault(packs.pack_key_of(cfg), []).append(i)
     for members in groups.values():
-        runs: dict[Cell, int] = {}
+        runs: dict[Run, int] = {}
         try:
             for i in members:
                 try:
-                    runs[open_cell(configs[i])] = i
+                    runs[open_run(configs[i])] = i
                 except UserError as exc:
                     if not keep_going:
                         raise
                     outcomes[i] = Outcome(str(configs[i].run.name), ExitCode.BAD_INPUT, message=str(exc))
                     note(f"{configs[i].run.name}: {exc}")
-            for cell in runs:
-                if cell.resumed:
-                    trim_curves(cell)
+            for run in runs:
+                if run.resumed:
+                    trim_curves(run)
             if runs:
-                for cell, outcome in (
-                    Group(list(runs), progress=progress, keep_going=keep_going, note=note).run().items()
+                for run, outcome in (
+                    Packing(list(runs), progress=progress, keep_going=keep_going, note=note).run().items()
                 ):
-                    outcomes[runs[cell]] = outcome
+                    outcomes[runs[run]] = outcome
         finally:
-            for cell in runs:
-                release(cell)
+            for run in runs:
+                release(run)
     return [outcomes[i] for i in range(len(configs))]
 
 
-class Group:
+class Packing:
     """Runs that can share programs (one pack key), taken to their end.
 
     Their problems are split into items (groups of at most a program's rows, dia.run.pack.items) and go
@@ -117,19 +117,19 @@ class Group:
     input, a fault, or a program that fails: the runs inside it); without, it is raised.
     """
 
-    def __init__(self, runs: list[Cell], *, progress: bool, keep_going: bool, note: Callable[[str], None]) -> None:
+    def __init__(self, runs: list[Run], *, progress: bool, keep_going: bool, note: Callable[[str], None]) -> None:
         self.runs, self.progress, self.keep_going, self.note = runs, progress, keep_going, note
-        self.outcomes: dict[Cell, Outcome] = {}
+        self.outcomes: dict[Run, Outcome] = {}
         self.limit = _limit(runs)
-        self.todo = [item for cell in runs for item in packs.items(cell, self.limit)]
-        self.left = {cell: sum(item.cell is cell for item in self.todo) for cell in runs}  # unfinished items
+        self.todo = [item for run in runs for item in packs.items(run, self.limit)]
+        self.left = {run: sum(item.run is run for item in self.todo) for run in runs}  # unfinished items
 
-    def run(self) -> dict[Cell, Outcome]:
-        for cell in self.runs:  # every item already finished (stopped while writing): write it now
-            if self.left[cell] == 0:
-                self.finish(cell)
+    def run(self) -> dict[Run, Outcome]:
+        for run in self.runs:  # every item already finished (stopped while writing): write it now
+            if self.left[run] == 0:
+                self.finish(run)
         while self.todo:
-            todo = [item for item in self.todo if item.cell not in self.outcomes]
+            todo = [item for item in self.todo if item.run not in self.outcomes]
             if not todo:
                 break
             self.todo = self.program(todo)
@@ -144,17 +144,17 @@ class Group:
         except (Stopped, KeyboardInterrupt):
             raise
         except packs.ProgramFailed as exc:  # it names the runs it was working on; the others go on
-            self.fail(exc.runs or list({item.cell: None for item in todo}), exc.cause)
+            self.fail(exc.runs or list({item.run: None for item in todo}), exc.cause)
             return todo
         except Exception as exc:
-            self.fail(list({item.cell: None for item in todo}), exc)
+            self.fail(list({item.run: None for item in todo}), exc)
             return todo
         if rest is None:
-            todo = [item for item in todo if item.cell not in self.outcomes]
+            todo = [item for item in todo if item.run not in self.outcomes]
             if not todo:  # the signal came while the last runs were being written: they are finished
                 return []
-            names = sorted({item.cell.name for item in todo})
-            saved = all(item.cell.checkpoint is not None and item.cell.checkpoint.persist for item in todo)
+            names = sorted({item.run.name for item in todo})
+            saved = all(item.run.checkpoint is not None and item.run.checkpoint.persist for item in todo)
             raise STOP.exception(
                 "stopped on a signal; progress of the run(s) in this program "
                 + (
@@ -168,44 +168,44 @@ class Group:
 
     def enter(self, item: packs.Item) -> bool:
         """Whether `item` may enter a program: its run has not ended, and is prepared (False if that fails)."""
-        cell = item.cell
-        if cell in self.outcomes:
+        run = item.run
+        if run in self.outcomes:
             return False
-        if cell.problems is None:
-            return self.guarded(cell, lambda: prepare(cell))
+        if run.problems is None:
+            return self.guarded(run, lambda: prepare(run))
         return True
 
     def finished(self, item: packs.Item) -> None:
         """`item`'s result is in its run's checkpoint; the run is written when it was the last."""
-        self.left[item.cell] -= 1
-        if self.left[item.cell] == 0:
-            self.finish(item.cell)
+        self.left[item.run] -= 1
+        if self.left[item.run] == 0:
+            self.finish(item.run)
 
-    def finish(self, cell: Cell) -> None:
-        """Score and write `cell` (dia.run.cell.write), then drop its lock and tensors."""
+    def finish(self, run: Run) -> None:
+        """Score and write `run` (dia.run.runs.write), then drop its lock and tensors."""
 
         def write_it() -> None:
-            parts = [cell.checkpoint.done[g] for g in sorted(cell.checkpoint.done)]
-            out = write(prepare(cell) if cell.problems is None else cell, AttackResult.cat(parts))
+            parts = [run.checkpoint.done[g] for g in sorted(run.checkpoint.done)]
+            out = write(prepare(run) if run.problems is None else run, AttackResult.cat(parts))
             code = ExitCode.OK if out.metrics["status"] == "completed" else ExitCode.DIVERGED
-            self.outcomes[cell] = Outcome(cell.name, code, out)
+            self.outcomes[run] = Outcome(run.name, code, out)
 
-        if self.guarded(cell, write_it):
-            release(cell)
+        if self.guarded(run, write_it):
+            release(run)
 
-    def guarded(self, cell: Cell, work: Callable[[], object]) -> bool:
-        """Run `work` for `cell`; a failure ends that run (False), or is raised without keep_going."""
+    def guarded(self, run: Run, work: Callable[[], object]) -> bool:
+        """Run `work` for `run`; a failure ends that run (False), or is raised without keep_going."""
         try:
             work()
             return True
         except (Stopped, KeyboardInterrupt):
             raise
         except Exception as exc:
-            self.fail([cell], exc)
+            self.fail([run], exc)
             return False
 
-    def fail(self, cells: list[Cell], exc: Exception) -> None:
-        """The runs `cells` end with `exc` (bad input: exit 2, else 1); without keep_going it is raised."""
+    def fail(self, runs: list[Run], exc: Exception) -> None:
+        """The runs `runs` end with `exc` (bad input: exit 2, else 1); without keep_going it is raised."""
         if not self.keep_going:
             raise exc
         code = ExitCode.BAD_INPUT if isinstance(exc, UserError) else ExitCode.FAILED
@@ -214,7 +214,7 @@ class Group:
             if isinstance(exc, UserError)
             else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         )
-        for cell in cells:
-            if cell not in self.outcomes:
-                self.outcomes[cell] = Outcome(cell.name, code, message=text)
-                self.note(f"{cell.name}: {text}")
+        for run in runs:
+            if run not in self.outcomes:
+                self.outcomes[run] = Outcome(run.name, code, message=text)
+                self.note(f"{run.name}: {text}")

@@ -24,7 +24,7 @@ import yaml
 
 from dia.config import check_name
 from dia.errors import UserError
-from dia.run.files import write_text
+from dia.run import record
 
 DONE, PARTIAL, PENDING = "done", "partial", "pending"
 
@@ -80,7 +80,7 @@ class RunFolder:
 
     @property
     def state(self) -> str:
-        if (self.final / "metrics.json").is_file():
+        if (self.final / record.METRICS).is_file():
             return DONE
         return PARTIAL if self.partial.is_dir() else PENDING
 
@@ -132,15 +132,12 @@ class RunFolder:
         hold someone's checkpoint).
         """
         self.check_free()
-        saved = self.partial / "config.yaml"
+        saved = self.partial / record.CONFIG
         if self.partial.is_dir():
-            try:
-                text = saved.read_text() if saved.is_file() else None
-            except (OSError, ValueError):
-                text = None
+            text = record.read_config_text(self.partial)
             if text is not None and same_config(text, config_text):
                 if text != config_text:  # other W&B settings or folder: the saved config says what this process does
-                    write_text(saved, config_text)
+                    record.write_config(self.partial, config_text)
                 return True
             raise UserError(
                 f"run.name={self.name}: '{self.partial}' holds an unfinished run of another config; "

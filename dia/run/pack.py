@@ -1,8 +1,8 @@
 """Packs: many runs' problems attacked as one vectorized program.
 
 Runs that differ only in the attack (IG, WIIG, DIA), the dropout rate and the victims share the client's
-model weights and every attack setting; their problems can be optimized together (see
-`InvertingGradients.pack`): one program, one compile, a GPU filled by the paper's whole block instead of
+model weights and every attack setting; their problems can be optimized together (dia.attacks.program): one program,
+one compile, a GPU filled by the paper's whole block instead of
 by one 16-victim run. A problem's trajectory does not depend on what else is in its pack (every problem
 has its own seed, optimizer state and stopping rules), so a run computed in a pack equals the run alone up
 to floating-point reassociation (tests/test_pack.py).
@@ -17,33 +17,30 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.environments import LightningEnvironment
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-from dia.attacks import ATTACKS, InvertingGradients, Part
+from dia import attacks
+from dia.attacks import ATTACKS, Part, Program, attack
 from dia.config.schema import AttackConfig
-from dia.engine import AttackResult, AttackState, Layout
+from dia.engine import AttackState, Layout
 from dia.metrics import problem_ssim
 from dia.models import dropout_sites
-from dia.run.cell import Cell, append_curves
+from dia.run import record
 from dia.run.checkpoint import join_rows, state_rows
-from dia.run.console import quiet
-from dia.run.progress import AttackProgressBar
+from dia.run.runs import Run
 from dia.run.signals import STOP, Stopped
 
 log = logging.getLogger("dia")
 
 PER_ROW = ("name", "model_drop_path")  # settings every attack has that rows of one program may differ in
 SHARED = tuple(f.name for f in fields(AttackConfig) if f.name not in PER_ROW)  # the engine's settings: one per program
+# what may differ between runs of one program (the defense changes what the client sends, the targets, not the program)
 NOT_SHARED = (
     "victims",
     "num_victims",
@@ -55,18 +52,18 @@ NOT_SHARED = (
     "logger",
     "metrics",
     "defense",
-)  # the defense changes what the client sends (the targets), not the program
+)
 
 
 def pack_key_of(config: Any) -> str:
     """Runs with equal keys can share a program: equal engine settings (the attack settings every attack
-    shares), attacks with the same objective (`InvertingGradients.program`), the same model but for its
-    rate, and equal settings otherwise. An attack's own settings (DIA's mask settings, ...) are per row,
-    as are the rate, the victims and the client's defense (and what only concerns output)."""
+    shares), attacks with the same objective (`InvertingGradients.objective_key`: the class whose distance and
+    prior they use, and the settings those read), the same model but for its rate, and equal settings otherwise.
+    An attack's other settings (DIA's mask settings, ...) are per row, as are the rate, the victims and the
+    client's defense (and what only concerns output)."""
     cfg = OmegaConf.to_container(config, resolve=True)
     cfg["attack"] = {k: v for k, v in cfg["attack"].items() if k in SHARED}
-    program = ATTACKS.get(config.attack.name).program()
-    cfg["program"] = f"{program.__module__}.{program.__qualname__}"
+    cfg["objective"] = ATTACKS.get(config.attack.name).objective_key(config.attack)
     cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "dropout"}
     for dotted in NOT_SHARED:
         head, _, tail = dotted.partition(".")
@@ -79,45 +76,45 @@ def pack_key_of(config: Any) -> str:
 
 @dataclass
 class Item:
-    """Group `group` of `cell`: problems `index` of the run."""
+    """Group `group` of `run`: problems `index` of it."""
 
-    cell: Cell
+    run: Run
     group: int
     index: list[int]
 
     @property
     def iteration(self) -> int:
-        ckpt = self.cell.checkpoint
+        ckpt = self.run.checkpoint
         return ckpt.iteration if ckpt is not None and ckpt.running == self.group else 0
 
 
-def items(cell: Cell, limit: int) -> list[Item]:
-    """The unfinished groups of `cell` for packs of at most `limit` problems (a resumed run keeps its groups)."""
-    ckpt = cell.checkpoint
-    size = (ckpt.group_size if ckpt is not None and ckpt.group_size else None) or min(limit, cell.num_problems)
+def items(run: Run, limit: int) -> list[Item]:
+    """The unfinished groups of `run` for packs of at most `limit` problems (a resumed run keeps its groups)."""
+    ckpt = run.checkpoint
+    size = (ckpt.group_size if ckpt is not None and ckpt.group_size else None) or min(limit, run.num_problems)
     if ckpt is not None:
         ckpt.group_size = size
-    n = cell.num_problems
+    n = run.num_problems
     groups = [list(range(i, min(n, i + size))) for i in range(0, n, size)]
-    return [Item(cell, g, idx) for g, idx in enumerate(groups) if ckpt is None or g not in ckpt.done]
+    return [Item(run, g, idx) for g, idx in enumerate(groups) if ckpt is None or g not in ckpt.done]
 
 
 def split_compatible(pack: list[Item]) -> list[list[Item]]:
     """The pack's items in sub-packs whose runs' models are `compatible`."""
-    sets = compatible(list({id(i.cell): i.cell for i in pack}.values()))
-    return [[i for i in pack if any(i.cell is c for c in s)] for s in sets]
+    sets = compatible(list({id(i.run): i.run for i in pack}.values()))
+    return [[i for i in pack if any(i.run is c for c in s)] for s in sets]
 
 
-def compatible(cells: list[Cell]) -> list[list[Cell]]:
-    """Split same-key cells into sets of `same_model` cells."""
-    sets: list[list[Cell]] = []
-    for cell in cells:
+def compatible(runs: list[Run]) -> list[list[Run]]:
+    """Split same-key runs into sets of `same_model` runs."""
+    sets: list[list[Run]] = []
+    for run in runs:
         for s in sets:
-            if same_model(s[0].model, cell.model):
-                s.append(cell)
+            if same_model(s[0].model, run.model):
+                s.append(run)
                 break
         else:
-            sets.append([cell])
+            sets.append([run])
     return sets
 
 
@@ -134,53 +131,40 @@ def same_model(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     )
 
 
-def attacker_model(cells: list[Cell]) -> torch.nn.Module:
+def attacker_model(runs: list[Run]) -> torch.nn.Module:
     """The model the attacker's copy is made from: the one with the most dropout sites active."""
-    return max((c.model for c in cells), key=lambda m: len(dropout_sites(m, active_only=True)))
+    return max((c.model for c in runs), key=lambda m: len(dropout_sites(m, active_only=True)))
 
 
 def part_of(item: Item) -> Part:
     """The item's problems as its attack's server sees them (its run must be prepared)."""
-    cls = ATTACKS.get(item.cell.cfg.attack.name)
-    return Part(cls, cls.view(item.cell.problems.subset(item.index)), item.cell.cfg.attack)
+    return attacks.part(item.run.cfg.attack, item.run.problems.subset(item.index))
 
 
-def cell_batch(item: Item) -> int:
-    return int(item.cell.problems.input_shape[0])
+def run_batch(item: Item) -> int:
+    return int(item.run.problems.input_shape[0])
 
 
-def kind(item: Item) -> tuple[str, bool]:
+def role_key(item: Item) -> tuple[str, bool]:
     """What decides which sites and roles an item's rows need: its attack, and whether its model drops."""
-    return str(item.cell.cfg.attack.name), float(item.cell.cfg.model.dropout) > 0
+    return str(item.run.cfg.attack.name), float(item.run.cfg.model.dropout) > 0
 
 
-def fresh_rows(module: InvertingGradients, part: Part) -> dict[str, torch.Tensor]:
-    """Saved-rows form (`state_rows`) of a part's start."""
-    return state_rows(module.fresh_state(part), slice(None))
+def fresh_rows(module: Program, part: Part) -> dict[str, torch.Tensor]:
+    """Saved-rows form (`state_rows`) of a part's start, on the CPU (as checkpoints hold rows)."""
+    return {k: v.cpu() for k, v in state_rows(module.fresh_state(part), slice(None)).items()}
 
 
-def build(pack: list[Item], expect: list[Item] = ()) -> InvertingGradients:
-    """The attack module of a pack (resuming its items' saved rows, if any); `expect`: prepared items that
-    will enter later (their sites and roles shape the program)."""
-    parts = [part_of(item) for item in pack]
-    module = InvertingGradients.pack(
-        attacker_model([i.cell for i in list(pack) + list(expect)]), parts, expect=[part_of(i) for i in expect]
-    )
-    if any(item.iteration > 0 for item in pack):
-        initial = module.start()
-        module.resume = join_rows(
-            [i.cell.checkpoint.state if i.iteration > 0 else fresh_rows(module, p) for i, p in zip(pack, parts)],
-            Layout.of(initial),
-            initial,
-        )
-        log.info("resuming %s", ", ".join(f"{i.cell.name} at iteration {i.iteration}" for i in pack if i.iteration > 0))
-    return module
+def append_curves(run: Run, points: list[dict[str, Any]]) -> None:
+    """Curve points go to the run's curves.jsonl (the record) and to its loggers."""
+    record.append_curves(run.folder.partial, points)
+    run.loggers.log(points)
 
 
 class ProgramFailed(Exception):
     """A program failed (`cause`) while working on `runs`: the runs inside it, or the one entering it."""
 
-    def __init__(self, runs: list[Cell], cause: Exception) -> None:
+    def __init__(self, runs: list[Run], cause: Exception) -> None:
         super().__init__(str(cause))
         self.runs, self.cause = runs, cause
 
@@ -196,7 +180,7 @@ class Slot:
     start: int
 
 
-class Program(Callback):
+class Turnover(Callback):
     """The life of a pack in one program: which items hold which rows, and what waits.
 
     Every `attack.check_every` iterations, items whose problems have all stopped leave (their result goes
@@ -208,24 +192,55 @@ class Program(Callback):
 
     def __init__(
         self,
-        module: InvertingGradients,
         inside: list[Item],
+        parts: list[Part],
         waiting: list[Item],
         *,
+        limit: int,
         every: int,
         log_every: int,
         refill: bool,
         enter: Callable[[Item], bool],
         finished: Callable[[Item], None],
     ) -> None:
-        self.module, self.every, self.log_every, self.refill = module, every, log_every, refill
+        self.every, self.log_every, self.refill, self.limit = every, log_every, refill, limit
         self.enter, self.finished = enter, finished
-        self.inside = [Slot(item, part, 0, item.iteration) for item, part in zip(inside, module.parts)]
+        self.starting = list(zip(inside, parts))  # the items the program starts with, and their parts
+        self.module: Program | None = None
+        self.inside: list[Slot] = []
         self.waiting, self.left = list(waiting), []
         self.stopped = False
         self.before = 0  # `module.done` at the previous step's end
         self.entering: Item | None = None  # the item being prepared or admitted
-        self.model = inside[0].cell.model  # the client model every item must share
+        self.model = inside[0].run.model  # the client model every item must share
+
+    def on_fit_start(self, trainer: Any, module: Any) -> None:
+        """Before the program takes its first step: the items inside, their saved rows, the steps it may take."""
+        self.module = module
+        self.inside = [Slot(item, part, 0, item.iteration) for item, part in self.starting]
+        items = [item for item, _ in self.starting]
+        if any(item.iteration > 0 for item in items):
+            initial = module.start()
+            module.resume = join_rows(
+                [
+                    item.run.checkpoint.state if item.iteration > 0 else fresh_rows(module, part)
+                    for item, part in self.starting
+                ],
+                Layout.of(initial),
+                initial,
+            )
+            log.info(
+                "resuming %s", ", ".join(f"{i.run.name} at iteration {i.iteration}" for i in items if i.iteration > 0)
+            )
+        cfg = items[0].run.cfg
+        max_its = cfg.attack.max_iterations
+        left = [max_its - i.iteration for i in items]
+        if self.refill and self.waiting:  # a bound (each step advances some item); the bar shows an estimate
+            lag = cfg.attack.check_every  # a stopped item leaves at the next check
+            module.horizon = sum(n + lag for n in left) + sum(max_its - i.iteration + lag for i in self.waiting)
+            module.expected = max(left) + max_its * math.ceil(sum(len(i.index) for i in self.waiting) / self.limit)
+        else:
+            module.horizon = max(left)
         module.waiting = self.waiting_problems()
 
     def waiting_problems(self) -> int:
@@ -233,7 +248,7 @@ class Program(Callback):
 
     def own_iteration(self, slot: Slot, done: int | None = None) -> int:
         done = self.module.done if done is None else done
-        return min(slot.item.cell.cfg.attack.max_iterations, slot.start + done - slot.entered)
+        return min(slot.item.run.cfg.attack.max_iterations, slot.start + done - slot.entered)
 
     def logs(self, slot: Slot, before: int) -> bool:
         """Whether the slot's run reached, since program step `before`, an iteration an unbroken run logs
@@ -241,7 +256,7 @@ class Program(Callback):
         own, last = self.own_iteration(slot), self.own_iteration(slot, max(before, slot.entered))
         every = self.log_every
         return own > last and (
-            last == 0 or (every > 0 and own // every > last // every) or own == slot.item.cell.cfg.attack.max_iterations
+            last == 0 or (every > 0 and own // every > last // every) or own == slot.item.run.cfg.attack.max_iterations
         )
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -255,18 +270,16 @@ class Program(Callback):
             if self.logs(slot, before):
                 item, rows = slot.item, self.module.rows_of(slot.part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
-                if (
-                    item.cell.cfg.metrics.curves_ssim and item.cell.victims is not None
-                ):  # None: an update without images
+                if item.run.cfg.metrics.curves_ssim and item.run.victims is not None:  # None: an update without images
                     point["eval/ssim"] = float(self.ssim(item, rows).mean())
                 own = self.own_iteration(slot)
                 append_curves(
-                    item.cell,
+                    item.run,
                     [
                         {
                             "group": item.group,
                             "iteration": own,
-                            "step": item.group * item.cell.cfg.attack.max_iterations + own,
+                            "step": item.group * item.run.cfg.attack.max_iterations + own,
                             **point,
                         }
                     ],
@@ -284,16 +297,16 @@ class Program(Callback):
     def ssim(self, item: Item, rows: torch.Tensor) -> torch.Tensor:
         """SSIM of the item's best iterates so far against its victims, per problem (the experimenter's view:
         the attack never sees the victims)."""
-        cell, b = item.cell, cell_batch(item)
+        run, b = item.run, run_batch(item)
         x = self.module.state.best_params["x"][rows].detach().cpu()
-        truth = torch.cat([cell.victims.images[j * b : (j + 1) * b] for j in item.index])
-        return problem_ssim((x * cell.std + cell.mean).clamp(0, 1), truth)
+        truth = torch.cat([run.victims.images[j * b : (j + 1) * b] for j in item.index])
+        return problem_ssim((x * run.std + run.mean).clamp(0, 1), truth)
 
     def save(self) -> None:
         for slot in self.inside:
-            if slot.item.cell.checkpoint is not None:
+            if slot.item.run.checkpoint is not None:
                 rows = self.module.rows_of(slot.part).to(self.module.device)
-                slot.item.cell.checkpoint.progress(slot.item.group, state_rows(self.module.state, rows))
+                slot.item.run.checkpoint.progress(slot.item.group, state_rows(self.module.state, rows))
 
     def turnover(self) -> None:
         """Items whose problems all stopped leave; waiting ones enter the freed rows (with `refill`)."""
@@ -307,7 +320,7 @@ class Program(Callback):
         running = module.state.active.cpu()
         for slot in list(self.inside):
             if not bool(running[self.module.rows_of(slot.part)].any()):
-                slot.item.cell.checkpoint.finished(slot.item.group, module.retire(slot.part))
+                slot.item.run.checkpoint.finished(slot.item.group, module.retire(slot.part))
                 self.inside.remove(slot)
                 self.finished(slot.item)
 
@@ -317,10 +330,10 @@ class Program(Callback):
         for rows in module.rows.index:
             taken[rows] = True
         free = torch.nonzero(~taken).flatten()
-        busy = {id(slot.item.cell) for slot in self.inside}  # a run's groups go one at a time, in order
+        busy = {id(slot.item.run) for slot in self.inside}  # a run's groups go one at a time, in order
         for item in list(self.waiting):
-            mine = id(item.cell) in busy
-            busy.add(id(item.cell))
+            mine = id(item.run) in busy
+            busy.add(id(item.run))
             if mine or len(item.index) > len(free):
                 continue
             self.waiting.remove(item)
@@ -328,10 +341,10 @@ class Program(Callback):
             if not self.enter(item):
                 continue
             part = part_of(item)
-            if not same_model(self.model, item.cell.model) or not module.fits(part):
+            if not same_model(self.model, item.run.model) or not module.fits(part):
                 self.left.append(item)
                 continue
-            saved = item.cell.checkpoint.state if item.iteration > 0 else None
+            saved = item.run.checkpoint.state if item.iteration > 0 else None
             layout = module.state.layout
             resume = (
                 None
@@ -342,13 +355,15 @@ class Program(Callback):
             free = free[len(item.index) :]
             self.inside.append(Slot(item, module.parts[-1], module.done, item.iteration))
             if item.iteration > 0:
-                log.info("resuming %s at iteration %d", item.cell.name, item.iteration)
+                log.info("resuming %s at iteration %d", item.run.name, item.iteration)
         self.entering = None
 
-    def working_on(self) -> list[Cell]:
-        """The runs a failure now concerns: those inside, else the one entering."""
-        cells = [slot.item.cell for slot in self.inside] or ([self.entering.cell] if self.entering else [])
-        return list({id(c): c for c in cells}.values())
+    def working_on(self) -> list[Run]:
+        """The runs a failure now concerns: those inside (those it was to start with, before it started), else
+        the one entering."""
+        items = [slot.item for slot in self.inside] if self.module is not None else [i for i, _ in self.starting]
+        runs = [i.run for i in items] or ([self.entering.run] if self.entering else [])
+        return list({id(c): c for c in runs}.values())
 
     def close(self) -> None:
         """After the program ended: record the items inside (all stopped: the horizon is a bound)."""
@@ -360,63 +375,10 @@ class Program(Callback):
 def describe(pack: list[Item]) -> str:
     counts: dict[str, int] = {}
     for item in pack:
-        name = item.cell.cfg.attack.name.upper()
+        name = item.run.cfg.attack.name.upper()
         counts[name] = counts.get(name, 0) + len(item.index)
-    runs = len({id(i.cell) for i in pack})
+    runs = len({id(i.run) for i in pack})
     return f"{runs} run{'s' if runs > 1 else ''}: " + " ".join(f"{k}x{v}" for k, v in counts.items())
-
-
-@contextmanager
-def matmul_precision(precision: str) -> Iterator[None]:
-    """torch's float32 matmul precision set to `precision` (attack.matmul_precision) inside, restored after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
-def fit(
-    module: InvertingGradients, device: torch.device, *, title: str, progress: bool, callbacks: list[Callback] = ()
-) -> None:
-    """Run `module`'s attack to its end (or a stop) under a Lightning Trainer on `device`."""
-    cfg = module.cfg
-    with matmul_precision(cfg.matmul_precision), quiet():  # the attacker's program only: clients at full precision
-        trainer = L.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=[device.index or 0] if device.type == "cuda" else 1,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-            num_sanity_val_steps=0,
-            callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
-            plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
-        )
-        try:
-            trainer.fit(module)
-        except SIGTERMException:  # Lightning's own reaction to SIGTERM, after our callback saved and stopped
-            pass
-
-
-def attack(
-    model: torch.nn.Module,
-    problems: Any,
-    cfg: Any,
-    *,
-    device: torch.device,
-    progress: bool = False,
-    lower: torch.Tensor | None = None,
-    upper: torch.Tensor | None = None,
-) -> AttackResult:
-    """Attack `problems` with the attack section `cfg.attack` in memory (no run folder), as its server sees
-    them: for tests, benchmarks and dia.api."""
-    cls = ATTACKS.get(cfg.attack.name)
-    module = cls(model, cls.view(problems), cfg.attack, lower=lower, upper=upper)
-    fit(module, device, title=cfg.attack.name.upper(), progress=progress)
-    return module.result()
 
 
 def run(
@@ -433,16 +395,16 @@ def run(
     prepares an item's run (False: drop it); `finished(item)` is called when an item's result is in its
     run's checkpoint. Returns the items this program did not take, or None when stopped by a signal (each
     item inside saved its rows)."""
-    cfg = todo[0].cell.cfg
+    cfg = todo[0].run.cfg
     limit = max(limit, max(len(i.index) for i in todo))
     inside, waiting, used, busy = [], [], 0, set()
     for item in todo:  # in order, what fits (a run's groups one at a time); a run that cannot be prepared is dropped
-        fits = used + len(item.index) <= limit and id(item.cell) not in busy
-        busy.add(id(item.cell))
+        fits = used + len(item.index) <= limit and id(item.run) not in busy
+        busy.add(id(item.run))
         if not fits:
             waiting.append(item)
         elif enter(item):
-            joins = not inside or same_model(inside[0].cell.model, item.cell.model)
+            joins = not inside or same_model(inside[0].run.model, item.run.model)
             (inside if joins else waiting).append(item)
             used += len(item.index) if joins else 0
     if not inside:
@@ -451,74 +413,70 @@ def run(
     for item in waiting:
         if (
             cfg.attack.refill
-            and kind(item) not in {kind(i) for i in inside + scouts}
+            and role_key(item) not in {role_key(i) for i in inside + scouts}
             and enter(item)
-            and same_model(inside[0].cell.model, item.cell.model)
+            and same_model(inside[0].run.model, item.run.model)
         ):
             scouts.append(item)
-    try:
-        module = build(inside, scouts)
-    except Exception as exc:
-        raise ProgramFailed([i.cell for i in inside], exc) from exc
+    parts = [part_of(item) for item in inside]
     every = cfg.run.checkpoint_every if cfg.run.checkpoint_every >= 0 else 0
-    program = Program(
-        module,
+    turnover = Turnover(
         inside,
+        parts,
         waiting,
+        limit=limit,
         every=every,
         log_every=cfg.attack.log_every,
         refill=cfg.attack.refill,
         enter=enter,
         finished=finished,
     )
-    max_its = cfg.attack.max_iterations
-    left = [max_its - i.iteration for i in inside]
-    if program.refill and waiting:  # a bound (each step advances some item); the bar shows an estimate
-        lag = cfg.attack.check_every  # a stopped item leaves at the next check
-        module.horizon = sum(n + lag for n in left) + sum(max_its - i.iteration + lag for i in waiting)
-        module.expected = max(left) + max_its * math.ceil(sum(len(i.index) for i in waiting) / limit)
-    else:
-        module.horizon = max(left)
-    note(
-        f"program: {describe(inside)}" + (f"; {sum(len(i.index) for i in waiting)} problems waiting" if waiting else "")
-    )
+    waits = sum(len(i.index) for i in waiting)
+    note(f"program: {describe(inside)}" + (f"; {waits} problems waiting" if waiting else ""))
     started = time.perf_counter()
     try:
-        fit(module, todo[0].cell.device, title=describe(inside), progress=progress, callbacks=[program])
-        if program.stopped or STOP.is_set():
+        program = attack(
+            attacker_model([i.run for i in inside + scouts]),
+            parts,
+            expect=[part_of(i) for i in scouts],
+            device=todo[0].run.device,
+            title=describe(inside),
+            progress=progress,
+            callbacks=[turnover],
+        )
+        if turnover.stopped or STOP.is_set():
             return None
-        program.close()
+        turnover.close()
     except (Stopped, KeyboardInterrupt):
         raise
-    except Exception as exc:
-        raise ProgramFailed(program.working_on(), exc) from exc
-    note(
-        f"program done: {module.done} iterations of {module.state.num_problems} rows in {time.perf_counter() - started:.1f} s"
-    )
-    return program.left + program.waiting
+    except Exception as exc:  # e.g. out of memory: the runs it was working on fail, not the others
+        raise ProgramFailed(turnover.working_on(), exc) from exc
+    rows, took = program.state.num_problems, time.perf_counter() - started
+    note(f"program done: {program.done} iterations of {rows} rows in {took:.1f} s")
+    return turnover.left + turnover.waiting
 
 
-def auto_limit(cells: list[Cell], *, total: int, headroom: float = 0.7) -> int:
+def auto_limit(runs: list[Run], *, total: int, headroom: float = 0.7) -> int:
     """How many problems of a CUDA program fit in `headroom` of the free memory (at most `total`).
 
     The memory of one problem is measured: the peak of one iteration of a two-problem pack of the first
     (prepared) runs' problems, minus what was allocated before, halved.
     """
-    device = cells[0].device
+    device = runs[0].device
     if total <= 1:
         return 1
     probe_items = []
-    for cell in cells:  # one problem of each kind of run, two in all
+    for run in runs:  # one problem of each kind of run, two in all
         if len(probe_items) < 2:
-            probe_items.append(Item(cell, 0, [0]))
-    if len(probe_items) == 1 and cells[0].num_problems > 1:
-        probe_items = [Item(cells[0], 0, [0, 1])]
+            probe_items.append(Item(run, 0, [0]))
+    if len(probe_items) == 1 and runs[0].num_problems > 1:
+        probe_items = [Item(runs[0], 0, [0, 1])]
     k = sum(len(i.index) for i in probe_items)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    probe = build([Item(i.cell, -1, i.index) for i in probe_items]).to(device)
+    probe = Program(attacker_model([i.run for i in probe_items]), [part_of(i) for i in probe_items]).to(device)
     probe.on_fit_start()
     probe.gradient = getattr(probe.gradient, "fn", probe.gradient)  # eager: no compile just to measure
     probe.step()

@@ -342,7 +342,8 @@ def cancel(a: argparse.Namespace) -> int:
     done = subprocess.run(["scancel", a.job], capture_output=True, text=True)
     if done.returncode != 0:
         print(
-            f"error: scancel refused: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
+            "error: scancel refused: "
+            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
             file=sys.stderr,
         )
         return ExitCode.FAILED
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="host memory for each program of a task (as --cpus-per-program): sbatch --mem is this times "
             "the programs; default 32G",
         )
-        for old, new in RENAMED.items():
+        for old in RENAMED:
             s.add_argument(old, dest=f"renamed_{old[2:].replace('-', '_')}", help=argparse.SUPPRESS)
         s.add_argument(
             "--max-parallel",

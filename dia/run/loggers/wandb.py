@@ -1,4 +1,5 @@
-"""Weights & Biases: one W&B run per dia run, live while the attack runs, continued across resumes.
+"""Weights & Biases as a dia logger (`logger=wandb`, the default): one W&B run per dia run, live while the attack
+runs, continued across resumes.
 
 A run's W&B run opens at its first curve point and gets every point as it lands in `curves.jsonl` (stepped
 by attack iteration, `attack.log_every` apart, from the log points the program already has: no extra host
@@ -25,6 +26,7 @@ dotted keys beside the sweep's own (which W&B sets and locks).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +37,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from dia.config.ids import format_value
+from dia.engine import STATUS
+from dia.files import write_text
+from dia.metrics import mean_metrics
+from dia.run import record
+from dia.run.loggers import Logger, register_logger
+from dia.run.signals import STOP
+
 ID_FILE = "wandb-id"  # in the run folder: the W&B run id every process of the run logs into
 COORDINATES = (
     ("attack", "attack.name"),
@@ -44,25 +56,28 @@ COORDINATES = (
 )
 
 
+@register_logger("wandb")
 def open_run(cfg: Any, folder: Path, name: str) -> LiveRun | None:
     """The W&B run of the dia run in `folder` (its partial folder, locked), None when logger.wandb.mode=disabled.
 
-    Nothing is started yet: W&B opens at the first point. Call before `curves.jsonl` is trimmed on resume,
+    Nothing is started yet: W&B opens at the first point. Open before `curves.jsonl` is trimmed on resume,
     so that the points an earlier process sent are known."""
     return None if cfg.logger.wandb.mode == "disabled" else LiveRun(cfg, Path(folder), name)
 
 
-class LiveRun:
+class LiveRun(Logger):
     """One dia run's W&B run (see the module docstring); every method is a no-op once W&B has failed."""
 
+    name = "wandb"
+
     def __init__(self, cfg: Any, folder: Path, name: str) -> None:
-        self.cfg, self.folder, self.name = cfg, folder, name
+        self.cfg, self.folder, self.run_name = cfg, folder, name
         self.run: Any = None
         self.failed = False
         path = folder / ID_FILE
         self.saved_id = path.read_text().strip() if path.is_file() else None
-        points = _read_points(folder / "curves.jsonl")
-        self.floor = max((_step(p) for p in points), default=-1)  # sent by an earlier process (if W&B was working)
+        points = record.read_curves(folder)
+        self.floor = max((record.step(p) for p in points), default=-1)  # sent by an earlier process (if W&B worked)
         self.last = -1  # the last step this process sent
 
     # ---- while the attack runs ----------------------------------------------------------------------
@@ -74,7 +89,7 @@ class LiveRun:
 
     def _send(self, points: list[dict[str, Any]]) -> None:
         for point in points:
-            step = _step(point)
+            step = record.step(point)
             if step <= max(self.floor, self.last):
                 continue
             self.run.log({k: v for k, v in point.items() if k not in ("iteration", "group", "step")}, step=step)
@@ -117,8 +132,8 @@ class LiveRun:
 
     def _final_step(self, metrics: dict[str, Any]) -> int:
         """The step of the run's last iteration: its last group's step offset plus its iterations."""
-        points = _read_points(self.folder / "curves.jsonl")
-        base = _step(points[-1]) - int(points[-1].get("iteration", 0)) if points else 0
+        points = record.read_curves(self.folder)
+        base = record.step(points[-1]) - int(points[-1].get("iteration", 0)) if points else 0
         return base + int(metrics.get("iterations", 0))
 
     def close(self, exit_code: int | None = None) -> None:
@@ -127,8 +142,6 @@ class LiveRun:
         if self.run is None:
             return
         if exit_code is None:
-            from dia.run.signals import STOP
-
             exit_code = int(STOP.kind.exit_code) if STOP.is_set() else 1
         run, self.run = self.run, None
 
@@ -164,7 +177,7 @@ class LiveRun:
         settings = wandb.Settings(**({} if "WANDB_SILENT" in os.environ else {"silent": True}))
         run = wandb.init(
             dir=str(self.folder),
-            name=self.name,
+            name=self.run_name,
             group=group,
             job_type=block,
             tags=tags_of(self.cfg) or None,
@@ -177,11 +190,9 @@ class LiveRun:
         )
         self.run = run
         if run.id != self.saved_id:  # a W&B run this dia run never had: give it the points so far
-            from dia.run.files import write_text
-
             write_text(self.folder / ID_FILE, run.id + "\n")
             self.floor, self.saved_id = -1, run.id
-            self._send(_read_points(self.folder / "curves.jsonl"))
+            self._send(record.read_curves(self.folder))
         elif getattr(run, "starting_step", 0):  # online resume: W&B knows where the run got to
             self.floor = max(self.floor, int(run.starting_step) - 1)
 
@@ -194,15 +205,13 @@ class LiveRun:
             run, self.run = self.run, None
             text = str(exc).splitlines()[0][:200] if str(exc) else ""
             warnings.warn(
-                f"{self.name}: W&B failed ({type(exc).__name__}: {text}); the run goes on and its folder "
+                f"{self.run_name}: W&B failed ({type(exc).__name__}: {text}); the run goes on and its folder "
                 "has every result; its W&B run stops here",
                 stacklevel=3,
             )
             if run is not None:
-                try:
+                with contextlib.suppress(Exception):  # already failing: the warning above says so
                     run.finish(exit_code=1)
-                except Exception:
-                    pass
             return None
 
 
@@ -211,10 +220,6 @@ class LiveRun:
 
 def tags_of(cfg: Any) -> list[str]:
     """`logger.wandb.tags` and the run's coordinates as `key:value` (as dia.grid tags its cells), no duplicates."""
-    from omegaconf import OmegaConf
-
-    from dia.grid.sweep import format_value
-
     tags = [str(t) for t in cfg.logger.wandb.tags]
     for key, path in COORDINATES:
         value = OmegaConf.select(cfg, path)
@@ -266,8 +271,6 @@ def summary_of(metrics: dict[str, Any]) -> dict[str, Any]:
     """The W&B summary of a finished run from its metrics.json content: every scalar (status, wall time,
     iterations, device, ...), the defense, `final/<metric>` for each mean metric (mask measures included), and
     `victims/<status>`: how many victims ended in each engine status."""
-    from dia.engine import STATUS
-
     out = {k: v for k, v in metrics.items() if isinstance(v, (str, int, float, bool))}
     if isinstance(metrics.get("defense"), dict):
         out["defense"] = metrics["defense"]
@@ -290,9 +293,7 @@ def to_image(x: Any, caption: str | None = None) -> Any:
 
 def victim_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The victim table's columns: index and label, the run's other per-victim fields, then the metrics
-    (dia.run.summary's names, mask measures per part included) that some victim has a value of."""
-    from dia.run.summary import mean_metrics
-
+    (dia.metrics' table, mask measures per part included) that some victim has a value of."""
     metrics = list(mean_metrics(rows))
     first = [c for c in ("index", "label") if any(c in r for r in rows)]
     rest = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in metrics and k not in first]
@@ -312,24 +313,7 @@ def victim_table(rows: list[dict[str, Any]], originals: Any = None, reconstructi
     return wandb.Table(columns=columns, data=data)
 
 
-# ---- files ------------------------------------------------------------------------------------------
-
-
-def _step(point: dict[str, Any]) -> int:
-    return int(point.get("step", point.get("iteration", 0)))
-
-
-def _read_points(path: Path) -> list[dict[str, Any]]:
-    """The points of a curves.jsonl (a torn last line is dropped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+# ---- reading offline runs back (W&B's own reader) ---------------------------------------------------
 
 
 def read_offline_run(run_dir: Path) -> dict[str, Any]:

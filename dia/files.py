@@ -1,10 +1,11 @@
-"""Writing a run's results: every file lands whole (temp file + rename), and a run folder appears only when done."""
+"""Files: every file lands whole (temp file + rename); files someone else wrote are read bounded, regular files only."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,3 +52,32 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return atomic_write(
         path, lambda tmp: torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     )
+
+
+# ---- reading what someone else may have written: regular files only, bounded ---------------------------
+MAX_READ = 256 << 20  # a metrics.json, grid.json, config.yaml or curves.jsonl larger than this is not one dia wrote
+
+
+def read_regular(path: Path, limit: int = MAX_READ) -> bytes:
+    """The bytes of `path` if it is a regular file (opened without blocking: a FIFO is refused, not waited on)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        if st.st_size > limit:
+            raise OSError(f"larger than {limit >> 20} MiB")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file (regular, UTF-8); ValueError for anything else (RecursionError included)."""
+    try:
+        return json.loads(read_regular(path).decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except OSError as exc:
+        raise ValueError(str(exc.strerror or exc)) from None

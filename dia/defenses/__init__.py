@@ -1,6 +1,7 @@
 """Defenses a client applies to the gradient it sends: after dropout, before the server sees it.
 
-A defense is a choice of the `defense` config group (`configs/defense/<choice>.yaml`, registry below):
+A defense is a choice of the `defense` config group: one module of this package that registers its function at
+its definition (`@register_defense`) and `configs/defense/<choice>.yaml` (its settings):
 
 * ``none``: the gradient as computed (the default; nothing changes, bit for bit);
 * ``dpsgd``: DP-SGD for one step: each example's gradient (with the dropout mask the client drew for that
@@ -28,17 +29,22 @@ client, seeded apart from the client's dropout and the attacker's initialisation
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import permutations
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from dia.config import run_checks, stage_names
+from dia import config
+from dia.config import Check, run_checks, stage_names
 from dia.errors import UserError
 from dia.gradients import problem_gradients
 from dia.registry import Registry
@@ -46,78 +52,14 @@ from dia.registry import Registry
 Grads = dict[str, Tensor]
 
 
-# A defense's settings are its YAML, configs/defense/<name>.yaml (dia.config.schema); a composition has the
-# union of its stages' keys in one flat section.
-ROUNDINGS = ("nearest", "stochastic")
-
-
-# ---- the defenses (pure functions of gradients, config and generator) -----------------------------
-def clip_per_example(per_example: Grads, clip: float) -> Grads:
-    """Scale each example's gradient (leading dim B) to L2 norm <= clip over all parameters (opacus' factor)."""
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_example.values()]).sum(0).sqrt()  # (B,)
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return {n: g * factor.view(-1, *([1] * (g.dim() - 1))) for n, g in per_example.items()}
-
-
-def dpsgd(per_example: Grads, cfg: Any, generator: torch.Generator) -> Grads:
-    """(sum_i clip(g_i) + N(0, (sigma C)^2 I)) / B: the per-example gradients (B, ...) -> the sent gradient."""
-    clipped = clip_per_example(per_example, cfg.clip)
-    std = cfg.noise_multiplier * cfg.clip
-    out = {}
-    for n, g in clipped.items():
-        noise = torch.randn(g.shape[1:], generator=generator, dtype=g.dtype, device=g.device)
-        out[n] = (g.sum(0) + std * noise) / g.shape[0]
-    return out
-
-
-def prune_mask(g: Tensor, ratio: float) -> Tensor:
-    """True at the round((1 - ratio) * numel) entries of largest magnitude."""
-    k = int(round((1.0 - ratio) * g.numel()))
-    keep = torch.zeros(g.numel(), dtype=torch.bool, device=g.device)
-    keep[g.flatten().abs().topk(k).indices] = True
-    return keep.view_as(g)
-
-
-def prune(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
-    """Per layer, keep the largest `1 - ratio` share of entries by magnitude, zero the rest."""
-    return {n: torch.where(prune_mask(g, cfg.ratio), g, torch.zeros_like(g)) for n, g in grads.items()}
-
-
-def quantize(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
-    """Per layer, round g / max|g| onto the 2^bits - 1 levels {-L..L}/L, L = 2^(bits-1) - 1, and scale back."""
-    levels = 2 ** (cfg.bits - 1) - 1
-    out = {}
-    for n, g in grads.items():
-        scale = g.abs().max()
-        if scale == 0:
-            out[n] = g.clone()
-            continue
-        v = g / scale * levels
-        if cfg.rounding == "stochastic":  # up with probability frac(v): unbiased
-            q = torch.floor(v + torch.rand(v.shape, generator=generator, dtype=v.dtype, device=v.device))
-        else:
-            q = torch.round(v)
-        out[n] = q.clamp(-levels, levels) * (scale / levels)
-    return out
-
-
-def sign(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
-    """Sign-only: every entry becomes -1, 0 or +1."""
-    return {n: torch.sign(g) for n, g in grads.items()}
-
-
-def identity(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
-    return grads
-
-
-# ---- registry -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
     """One defense: `apply(grads, cfg, generator)`; `per_example` stages take (B, ...) gradients and aggregate.
 
     What a report shows of it is said here too: `label(settings)` names its settings in a table row, and
     `strength` is the settings key that says how strong it is (the x axis of the defense figure, `axis` its
-    label; `stronger_when_smaller` for keys such as bits). A stage without a strength is one point.
+    label; `stronger_when_smaller` for keys such as bits). A stage without a strength is one point. `checks`:
+    its settings' rules (dia.config.run_checks).
     """
 
     apply: Callable[[Grads, Any, torch.Generator], Grads]
@@ -127,48 +69,37 @@ class Stage:
     axis: str = ""
     stronger_when_smaller: bool = False
     private: bool = False  # a differential-privacy release: runs report its (epsilon, delta) (`privacy`)
-
-
-@functools.cache
-def _default(name: str, key: str) -> Any:
-    """A default of configs/defense/<name>.yaml (labels leave defaults out)."""
-    from dia.config import group_settings
-
-    return group_settings("defense", name)[key]
+    checks: list[Check] = field(default_factory=list)
 
 
 DEFENSES: Registry[Stage] = Registry("defense")
-DEFENSES.register("none")(Stage(identity, label=lambda d: "none"))
-DEFENSES.register("dpsgd")(
-    Stage(
-        dpsgd,
-        per_example=True,
-        private=True,
-        strength="noise_multiplier",
-        axis="noise multiplier σ",
-        label=lambda d: (
-            f"dpsgd σ={d['noise_multiplier']:g} C={d['clip']:g}"
-            + ("" if d.get("delta") in (None, _default("dpsgd", "delta")) else f" δ={d['delta']:g}")
-        ),
-    )
-)
-DEFENSES.register("prune")(Stage(prune, strength="ratio", axis="prune ratio", label=lambda d: f"prune {d['ratio']:g}"))
-DEFENSES.register("quantize")(
-    Stage(
-        quantize,
-        strength="bits",
-        axis="bits",
-        stronger_when_smaller=True,
-        label=lambda d: f"quantize {d['bits']}b" + (" stochastic" if d.get("rounding") == "stochastic" else ""),
-    )
-)
-DEFENSES.register("sign")(Stage(sign, label=lambda d: "sign"))
+
+
+def register_defense(name: str, **stage: Any) -> Callable[[Callable], Callable]:
+    """Decorator: make `fn(grads, cfg, generator) -> grads` the defense `defense=<name>`; `stage`: the other
+    fields of its `Stage` (label, strength, checks, ...)."""
+
+    def deco(fn: Callable) -> Callable:
+        DEFENSES.register(name)(Stage(fn, **stage))
+        return fn
+
+    return deco
+
+
+@functools.cache
+def default_of(name: str, key: str) -> Any:
+    """A default of configs/defense/<name>.yaml (labels leave defaults out)."""
+    return config.group_settings("defense", name)[key]
+
+
+@register_defense("none", label=lambda d: "none")
+def identity(grads: Grads, cfg: Any, generator: torch.Generator) -> Grads:
+    """No defense: the gradient as computed."""
+    return grads
 
 
 def compositions() -> list[list[str]]:
     """Every defense and every composition `check_composition` allows (each order of distinct stages)."""
-    from itertools import permutations
-
     names = [n for n in DEFENSES.names() if n != "none"]
     out = [["none"]]
     for k in range(1, len(names) + 1):
@@ -192,24 +123,15 @@ def check_composition(parts: list[str]) -> None:
         raise UserError(f"defense={'+'.join(parts)}: at most one per-example defense (dpsgd)")
 
 
-Check = tuple[str, Callable[[Any], bool], str]
-CHECKS: list[Check] = [
-    ("clip", lambda v: v > 0, "must be > 0"),
-    ("noise_multiplier", lambda v: v >= 0, "must be >= 0"),
-    ("delta", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("bits", lambda v: 2 <= v <= 16, "must be in 2..16 (1 bit: defense=sign)"),
-    ("rounding", lambda v: v in ROUNDINGS, f"must be one of: {', '.join(ROUNDINGS)}"),
-]
-
-
 def check_defense(cfg: Any) -> None:
     """One-line `UserError` for an invalid composition or value of the composed defense section."""
-    check_composition(stage_names(cfg.name))
-    run_checks(cfg, CHECKS, prefix="defense.")
+    names = stage_names(cfg.name)
+    check_composition(names)
+    for name in names:
+        run_checks(cfg, DEFENSES.get(name).checks, prefix="defense.")
 
 
-# ---- applying a defense -----------------------------------------------------------------------------
+# ---- applying a defense --------------------------------------------------------------------------
 def is_none(cfg: Any) -> bool:
     return cfg is None or stage_names(cfg.name) == ["none"]
 
@@ -275,8 +197,6 @@ def _with_stages(cfg: Any, names: list[str]) -> Any:
     """`cfg` (a defense section) restricted to the stages `names` (None: no stage)."""
     if not names:
         return None
-    import copy
-
     out = copy.deepcopy(cfg)
     if dataclasses.is_dataclass(out):
         return dataclasses.replace(out, name="+".join(names))
@@ -319,3 +239,41 @@ def summary(cfg: Any, model_defense: bool = False, steps: int = 1) -> dict[str, 
     )
     dp = privacy(cfg, steps)
     return {**params, "model_defense": bool(model_defense), "epsilon": None if dp is None else dp["epsilon"]}
+
+
+for _module in pkgutil.iter_modules(__path__):  # every defense of the package registers itself
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from dia.defenses.dpsgd import clip_per_example, dpsgd  # noqa: E402
+from dia.defenses.prune import prune, prune_mask  # noqa: E402
+from dia.defenses.quantize import ROUNDINGS, quantize  # noqa: E402
+from dia.defenses.sign import sign  # noqa: E402
+
+# compose's code checks for `defense=` (registered from here: config imports no code)
+config.register_check("defense", lambda cfg: check_defense(cfg.defense))
+
+__all__ = [
+    "DEFENSES",
+    "Stage",
+    "Grads",
+    "register_defense",
+    "default_of",
+    "identity",
+    "compositions",
+    "check_composition",
+    "check_defense",
+    "is_none",
+    "per_example_gradients",
+    "defend",
+    "split_defense",
+    "surviving",
+    "privacy",
+    "summary",
+    "clip_per_example",
+    "dpsgd",
+    "prune",
+    "prune_mask",
+    "ROUNDINGS",
+    "quantize",
+    "sign",
+]

@@ -24,14 +24,13 @@ from omegaconf import OmegaConf
 
 from dia import defenses
 from dia.api import simulate
-from dia.attacks import AttackResult
+from dia.attacks import AttackResult, attack
+from dia.attacks import part as attack_part
 from dia.config import compose
 from dia.console import quiet_libraries
-from dia.files import write_json, write_text
 from dia.problems import Problems
-from dia.run.cell import evaluate
-from dia.run.pack import attack
-from dia.run.summary import mean_metrics
+from dia.run import record
+from dia.scores import score
 
 # (tag, dia.train arguments) of each defense setting; the x of the figure is the defense's strength key.
 SETTINGS: list[tuple[str, list[str]]] = (
@@ -83,45 +82,42 @@ def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path,
     sims = [simulate(config=c) for c in cfgs]  # the same victims and model; each setting's clients defend their own way
     victims, model, mean, std = sims[0].victims, sims[0].model, sims[0].mean, sims[0].std
     parts = [s.problems for s in sims]
-    result = attack(model, pack(parts), cfg, device=device, progress=False)
+    result = attack(model, [attack_part(cfg.attack, pack(parts))], device=device).result()
     wall = time.time() - started
     n = len(victims.indices)
     for i, ((tag, _), c, problems) in enumerate(zip(settings, cfgs, parts)):
-        rows, _ = evaluate(
-            part(result, list(range(i * n, (i + 1) * n))), problems, victims.images, mean, std, lpips_fn=None
+        rows, _ = score(
+            part(result, list(range(i * n, (i + 1) * n))), problems, victims.images, mean, std, skip=["lpips"]
         )
         for row, index, label in zip(rows, victims.indices, victims.labels.tolist()):
             row.update(index=index, label=label, attack_label=label)
         name = f"{c.attack.name}-p{c.model.dropout:g}-{tag}" + ("-md" if c.attack.model_defense else "")
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        write_text(folder / "config.yaml", OmegaConf.to_yaml(c))
-        write_json(
-            folder / "metrics.json",
-            {
-                "status": "diverged" if any(r["status"] == "diverged" for r in rows) else "completed",
-                "attack": c.attack.name,
-                "model": c.model.name,
-                "data": c.data.name,
-                "dropout": c.model.dropout,
-                "mean": mean_metrics(rows),
-                "labels": c.attack.labels,
-                "label_accuracy": 1.0,
-                "iterations": max(r["iterations"] for r in rows),
-                "wall_time_s": round(wall / len(settings), 3),
-                "device": str(device),
-                "packed_with": len(settings),
-                "victims": rows,
-                "defense": defenses.summary(c.defense, c.attack.model_defense),
-            },
+        record.write_config(folder, OmegaConf.to_yaml(c))
+        summary = record.summary(
+            status="diverged" if any(r["status"] == "diverged" for r in rows) else "completed",
+            attack=c.attack.name,
+            model=c.model.name,
+            data=c.data.name,
+            dropout=c.model.dropout,
+            rows=rows,
+            labels=c.attack.labels,
+            label_accuracy=1.0,
+            iterations=max(r["iterations"] for r in rows),
+            wall_time_s=round(wall / len(settings), 3),
+            device=str(device),
+            packed_with=len(settings),
+            defense=defenses.summary(c.defense, c.attack.model_defense),
         )
-        print(f"{name:<36} SSIM {mean_metrics(rows)['ssim']:.3f}", flush=True)
+        record.write_metrics(folder, summary)
+        print(f"{name:<36} SSIM {summary['mean']['ssim']:.3f}", flush=True)
     print(f"  block of {len(settings)} settings x {n} victims: {wall:.0f} s", flush=True)
 
 
 def table(out: Path) -> str:
     """Markdown: one row per defense setting, one column per (p, attack[, model_defense]): mean SSIM [min-max]."""
-    runs = [json.loads(f.read_text()) | {"tag": f.parent.name} for f in sorted(out.glob("*/metrics.json"))]
+    runs = [record.read_metrics(f) | {"tag": f.parent.name} for f in sorted(out.glob(f"*/{record.METRICS}"))]
     cols = sorted(
         {(r["dropout"], r["attack"], r["defense"]["model_defense"]) for r in runs},
         key=lambda c: (c[0], ["ig", "wiig", "dia"].index(c[1]), c[2]),

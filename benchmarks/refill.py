@@ -16,7 +16,6 @@ test: nothing is asserted about speed.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from dia.config import compose
 from dia.console import quiet_libraries
-from dia.run import execute
+from dia.run import execute, record
 
 RATES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 ATTACKS = ("ig", "wiig", "dia")
@@ -67,7 +66,7 @@ def run(out: Path, rows: int | str, victims: int, refill: bool, overrides: list[
         raise SystemExit(f"a run failed: {[(o.name, o.message) for o in outcomes if o.code != 0]}")
     done = [re.match(r"program done: (\d+) iterations of (\d+) rows", n) for n in notes]
     work = sum(int(m.group(1)) * int(m.group(2)) for m in done if m)
-    victims_of = {o.name: json.loads((out / o.name / "metrics.json").read_text())["victims"] for o in outcomes}
+    victims_of = {o.name: record.read_metrics(out / o.name)["victims"] for o in outcomes}
     return wall, sum(m is not None for m in done), work, victims_of
 
 

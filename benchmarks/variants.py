@@ -10,7 +10,6 @@ gives the mean and the largest per-victim difference. A benchmark, not a test.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 from dia.bench import VARIANTS, variant_settings
 from dia.config import compose
 from dia.console import quiet_libraries
-from dia.run import execute
+from dia.run import execute, record
 
 
 def main() -> None:
@@ -53,7 +52,7 @@ def main() -> None:
             wall = time.perf_counter() - started
             if outcome.code != 0:
                 raise SystemExit(f"{v}: exit {outcome.code}: {outcome.message}")
-            victims = json.loads((Path(tmp) / cfg.run.name / "metrics.json").read_text())["victims"]
+            victims = record.read_metrics(Path(tmp) / cfg.run.name)["victims"]
             rows.append((v, wall, [x["ssim"] for x in victims]))
     base = rows[0][2]
     print(f"overrides: {' '.join(overrides) or 'none'}")

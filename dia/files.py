@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` then rename tmp to `path`, so readers never see a half-written file."""
@@ -27,7 +25,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 def _clean(value: Any) -> Any:
     """JSON-safe: non-finite floats become null, tensors become lists."""
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "detach") and hasattr(value, "tolist"):  # a tensor (torch is not imported for this)
         value = value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -47,8 +45,10 @@ def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def save_tensors(path: Path, tensors: dict[str, Any]) -> Path:
     """A flat dict of tensors: loadable with `torch.load(path, weights_only=True)`."""
+    import torch  # here: reading and writing JSON or text needs no torch
+
     return atomic_write(
         path, lambda tmp: torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     )

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return ExitCode.FAILED
+    from dia.run import record
+
     m = out.metrics
     print()
     print(_table(m["victims"]))
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
-        + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else "")
+        + (f" {record.TENSORS}" if (out.folder / record.TENSORS).exists() else "")
     )
     for name, where in out.logged.items():
         if name == "wandb" and "offline" in where:

@@ -366,7 +366,7 @@ def test_every_composition_has_a_label_and_a_figure(parts, tmp_path):
         for dd in (weak, strong)
     ]
     groups = {
-        i: R.Group("mnist", "mlp", 0.5, r["attack"], R.describe_defense(r["defense"]), runs=[r])
+        i: R.Row("mnist", "mlp", 0.5, r["attack"], R.describe_defense(r["defense"]), runs=[r])
         for i, r in enumerate(runs)
     }
     paths = R.defense_figures(groups, tmp_path)

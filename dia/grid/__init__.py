@@ -31,9 +31,12 @@ from typing import Any
 
 import yaml
 
+from dia.config import compose
+from dia.console import quiet_libraries
 from dia.errors import ExitCode, UserError
 from dia.grid.sweep import WANDB_COMMAND, Cell, Grid, format_value, load, wandb_sweeps  # noqa: F401 - the grid's model
 from dia.memory import keep_freed_memory
+from dia.run.folder import RunFolder
 from dia.run.signals import STOP, Stopped, stop_point
 from dia.run.signals import install as install_signals
 
@@ -44,7 +47,6 @@ def validate(grid: Grid, cells: Iterable[Cell] | None = None) -> int:
     The first bad cell raises one UserError line; two cells with the same id (the same overrides in two
     files) too; a stop signal raises `Stopped` between cells. Returns the number of cells checked.
     """
-    from dia.config import compose
     from dia.run.checks import check
 
     if cells is None:
@@ -170,7 +172,6 @@ def unfinished(grid: Grid, folder: Path) -> list[int]:
 
 def status(grid: Grid, folder: Path, cell: Cell) -> str:
     """done / partial / pending, as the run contract defines them (dia.run.folder)."""
-    from dia.run.folder import RunFolder
 
     return RunFolder(folder, cell.id).state
 
@@ -235,8 +236,6 @@ def run_cells(
     With `parallel` > 1 the cells are shared out (whole packs at a time) between that many child
     processes, one GPU each (on a CPU: the cores shared out, `_cpu_threads`). Returns the worst exit code (see `worst`).
     """
-    from dia.config import compose
-    from dia.console import quiet_libraries
     from dia.run import execute
 
     quiet_libraries()
@@ -279,7 +278,6 @@ def run_cells(
 def _remove(folder: Path, cell: Cell) -> bool:
     """--force: remove the cell's folders under its lock, like every other change to a run (False: it is
     being run by another process, nothing removed)."""
-    from dia.run.folder import RunFolder
 
     run = RunFolder(folder, cell.id)
     if not run.acquire():

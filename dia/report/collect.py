@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dia.config import compose, group_settings
+from dia.config.ids import format_value
 from dia.errors import UserError
 from dia.files import read_json
 from dia.run import record
@@ -161,8 +163,6 @@ def _coords(overrides: dict[str, Any], config_defaults: dict[str, Any]) -> tuple
 def _defaults() -> dict[str, Any]:
     """The dataset/model/rate/attack of a cell that does not set them: dia.train's defaults."""
     try:
-        from dia.config import compose
-
         cfg = compose([])
         return {"data": cfg.data.name, "model": cfg.model.name, "dropout": cfg.model.dropout, "attack": cfg.attack.name}
     except Exception:
@@ -269,8 +269,6 @@ ENGINE_KEYS = {
 def _attack_defaults(name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from dia.config import group_settings
-
     return OmegaConf.to_container(group_settings("attack", name))  # type: ignore[return-value]
 
 
@@ -290,7 +288,6 @@ def attack_variant(attack: Any) -> str:
 
 def _cell_attack_variant(overrides: dict[str, Any]) -> str:
     """`attack_variant` of a grid cell that has not run yet: its attack overrides composed as dia.train does."""
-    from dia.config.ids import format_value
 
     args = tuple(f"{k}={format_value(v)}" for k, v in overrides.items() if k == "attack" or k.startswith("attack."))
     return _composed_attack_variant(args) if any(a.startswith("attack.") for a in args) else ""
@@ -300,8 +297,6 @@ def _cell_attack_variant(overrides: dict[str, Any]) -> str:
 def _composed_attack_variant(args: tuple[str, ...]) -> str:
     try:
         from omegaconf import OmegaConf
-
-        from dia.config import compose
 
         return attack_variant(OmegaConf.to_container(compose(list(args)).attack))
     except Exception:
@@ -327,7 +322,6 @@ def _row(
 def _cell_variant(overrides: dict[str, Any]) -> tuple[int | None, str, int]:
     """(budget, victim set, local steps) a grid cell that has not run yet will have: its overrides composed as
     dia.train does."""
-    from dia.config.ids import format_value
 
     keys = [
         k
@@ -340,8 +334,6 @@ def _cell_variant(overrides: dict[str, Any]) -> tuple[int | None, str, int]:
 @functools.cache
 def _composed_variant(args: tuple[str, ...]) -> tuple[int | None, str, int]:
     try:
-        from dia.config import compose
-
         cfg = compose(list(args))
         return (
             int(cfg.attack.max_iterations),
@@ -355,7 +347,6 @@ def _composed_variant(args: tuple[str, ...]) -> tuple[int | None, str, int]:
 def _cell_defense(overrides: dict[str, Any]) -> Defense:
     """The defense a grid cell that has not run yet will record: its defense overrides (and its attack, whose
     config holds model_defense's default), composed as dia.train does; none without any."""
-    from dia.config.ids import format_value
 
     keys = [k for k in overrides if k == "defense" or k.startswith("defense.") or k == "attack.model_defense"]
     keys = ["attack"] * ("attack" in overrides and bool(keys)) + keys
@@ -366,7 +357,6 @@ def _cell_defense(overrides: dict[str, Any]) -> Defense:
 def _composed_defense(args: tuple[str, ...]) -> Defense:
     """`describe_defense` of what dia.defenses.summary records for these overrides (cached: grid cells share them)."""
     try:
-        from dia.config import compose
         from dia.defenses import summary
 
         cfg = compose(list(args))
@@ -408,13 +398,13 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Row], lis
         raise UserError(f"results dir '{root}' does not exist")
     groups: dict[tuple, Row] = {}
     runs: dict[Path, dict[str, Any]] = {}
-    files = walk(root, {"metrics.json", "grid.json"}, skip)
+    files = walk(root, {record.METRICS, "grid.json"}, skip)
     grids = {}  # grid folder -> its grid.json (name, cells)
     for gj in (f for f in files if f.name == "grid.json"):
         grids[gj.parent] = _grid_cells(gj)
     cell_overrides = {(where / c["id"]).resolve(): c["overrides"] for where, (_, cells) in grids.items() for c in cells}
     variants: dict[Path, tuple[int | None, str, int]] = {}
-    for path in (f for f in files if f.name == "metrics.json"):
+    for path in (f for f in files if f.name == record.METRICS):
         folder = path.parent
         m = _read_metrics(path)
         if m is None:

@@ -25,7 +25,6 @@ from typing import Any
 import yaml
 
 from dia.files import read_json, read_regular, save_tensors, write_json, write_text
-from dia.metrics import mean_metrics
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -70,6 +69,8 @@ def summary(
 ) -> dict[str, Any]:
     """metrics.json's content: the run's status and coordinates, the mean of every metric over `rows` (the
     per-victim rows of dia.scores.score), the rows, and what else the writer records (`extra`)."""
+    from dia.metrics import mean_metrics  # here: readers of a run folder (dia.report) need no torch
+
     if status not in STATUSES:
         raise ValueError(f"status {status!r}: one of {', '.join(STATUSES)}")
     head = {"status": status, "attack": attack, "model": model, "data": data, "dropout": float(dropout)}

@@ -3,7 +3,7 @@ on the same user models, gradients, victims, budget and settings, one thread eac
 the results and what is matched.
 
     python benchmarks/peer_breaching.py --quick                    # smoke run: 2 victims, a few iterations (~1-2 min)
-    python benchmarks/peer_breaching.py                            # all modes at full budget (~25-30 min, 2-core CPU)
+    python benchmarks/peer_breaching.py                            # all modes at full budget (~15 min, 2-core CPU)
     python benchmarks/peer_breaching.py --modes quality --data mnist --json out.json
 
 Modes:
@@ -22,8 +22,10 @@ first use in $DIA_PEER_VENV, default benchmarks/peer/.venv: `python -m venv` + `
 torch==<this torch> torchvision==<this torchvision>`). They exchange files of tensors only (state dicts,
 gradients, images; `torch.save` / `torch.load(weights_only=True)`) in a temporary folder; breaching's side is
 benchmarks/peer/breaching_worker.py. Every worker process sets one torch thread (OMP_NUM_THREADS=1,
-MKL_NUM_THREADS=1, torch.set_num_threads(1)); imports and process start are not timed, each side's attack call is
-(dia: `dia.reconstruct`, from the model and update to images; breaching: `attacker.reconstruct` per victim).
+MKL_NUM_THREADS=1, torch.set_num_threads(1); torch.compile's compile workers: --compile-threads, default 1);
+imports and process start are not timed, each side's attack call is (dia: `dia.reconstruct`, from the model and
+update to images, torch.compile included; breaching: `attacker.reconstruct` per victim). Batch and single runs
+make one untimed call first (one victim, 5 iterations; dia's eager in batch mode, so a cold cache stays cold).
 
 Matched: cosine gradient distance over all parameters, total variation with the same weight (default dia's
 1e-5), signed Adam at lr 0.1, images boxed to the valid range after every step, no learning-rate schedule (dia:
@@ -220,6 +222,7 @@ class Bench:
         cmd = ([str(self.peer_python), str(WORKER), str(jobfile)] if side == "breaching"
                else [sys.executable, str(Path(__file__).resolve()), "--dia-worker", str(jobfile)])
         penv = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
+        penv["TORCHINDUCTOR_COMPILE_THREADS"] = str(self.args.compile_threads)  # inductor's compile workers
         if side == "dia":
             penv["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         else:
@@ -422,6 +425,9 @@ def main() -> None:
     a.add_argument("--single-budgets", default="100,500")
     a.add_argument("--dia-variants", default="dia-cold,dia-warm,dia-eager",
                    help="dia's timed variants: dia-cold, dia-warm (compiled, cold/warm cache), dia-eager")
+    a.add_argument("--compile-threads", type=int, default=1,
+                   help="torch.compile's compile workers on dia's side (TORCHINDUCTOR_COMPILE_THREADS; default 1: "
+                        "one core per side throughout; torch's own default here is the number of CPUs)")
     a.add_argument("--peer-python", help="breaching's python (a venv with breaching 0.1.2); default: created in "
                                          "$DIA_PEER_VENV or benchmarks/peer/.venv")
     a.add_argument("--json", help="write every measurement here")
@@ -463,7 +469,8 @@ def main() -> None:
                                 text=True).stdout.strip() or "?"
         head = [f"## dia beside breaching {versions['breaching']}" + (" (--quick smoke run)" if args.quick else ""), "",
                 f"- machine: {machine()}; one torch thread per side (OMP_NUM_THREADS=1, torch threads "
-                f"{versions['threads']}), each side in its own processes, one process at a time",
+                f"{versions['threads']}, inductor compile threads {args.compile_threads}), each side in its own "
+                f"processes, one process at a time",
                 f"- dia: {Path(dia.__file__).resolve().parent} (commit {commit}), torch {torch.__version__}; "
                 f"breaching {versions['breaching']}, torch {versions['torch']} (its own virtualenv)",
                 f"- load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "

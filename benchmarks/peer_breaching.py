@@ -67,13 +67,26 @@ BREACHING = "breaching==0.1.2"
 # The two data sets and their user models (defined once here; breaching_worker.py imports build_model).
 DATA = {
     "mnist": dict(asset="mnist_128.npz", shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,), model="MLP 784-256-256-10"),
-    "cifar10": dict(asset="cifar10_128.npz", shape=(3, 32, 32), mean=(0.4915, 0.4823, 0.4468),
-                    std=(0.2470, 0.2435, 0.2616), model="CNN conv5x5 3-16-32, FC 2048-128-10"),
+    "cifar10": dict(
+        asset="cifar10_128.npz",
+        shape=(3, 32, 32),
+        mean=(0.4915, 0.4823, 0.4468),
+        std=(0.2470, 0.2435, 0.2616),
+        model="CNN conv5x5 3-16-32, FC 2048-128-10",
+    ),
 }
 # dia's IG settings with the schedule and the early stops switched off (breaching's IG has neither when
 # step_size_decay is null): keys of configs/attack/*.yaml.
-SETTINGS = dict(lr=0.1, tv_weight=1e-5, signed_gradients=True, boxed=True, init="randn",
-                lr_patience=10**9, early_stop_patience=10**9, loss_threshold=0.0)
+SETTINGS = dict(
+    lr=0.1,
+    tv_weight=1e-5,
+    signed_gradients=True,
+    boxed=True,
+    init="randn",
+    lr_patience=10**9,
+    early_stop_patience=10**9,
+    loss_threshold=0.0,
+)
 
 
 class MLP(nn.Module):
@@ -81,22 +94,39 @@ class MLP(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(p),
-                                 nn.Linear(256, 256), nn.ReLU(), nn.Dropout(p), nn.Linear(256, 10))
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 256),
+            nn.ReLU(),
+            nn.Dropout(p),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Dropout(p),
+            nn.Linear(256, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 class CNN(nn.Module):
-    """CIFAR-10: two 5x5 conv (16, 32 channels) - ReLU - max-pool 2 blocks, dropout, FC 2048-128, ReLU, dropout, FC 10."""
+    """CIFAR-10: two 5x5 conv (16, 32 channels) - ReLU - max-pool 2 blocks, dropout, FC 2048-128, ReLU, dropout, FC
+    10."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Dropout(p), nn.Linear(32 * 8 * 8, 128), nn.ReLU(), nn.Dropout(p),
-                                        nn.Linear(128, 10))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(p), nn.Linear(32 * 8 * 8, 128), nn.ReLU(), nn.Dropout(p), nn.Linear(128, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -136,13 +166,30 @@ def make_problem(data: str, p: float, victims: int, seed: int, folder: Path) -> 
     lower, upper = (0 - mean) / std, (1 - mean) / std
     # dia.reconstruct(seed=seed) starts problem j from randn((1, C, H, W)) drawn from a generator seeded with
     # problem_seed(seed, j), then boxes it (dia.attacks.rows.Rows.start_of, InvertingGradients.on_fit_start).
-    init = torch.stack([torch.randn((1, *spec["shape"]), generator=torch.Generator().manual_seed(problem_seed(seed, j)))[0]
-                        for j in range(victims)])
+    init = torch.stack(
+        [
+            torch.randn((1, *spec["shape"]), generator=torch.Generator().manual_seed(problem_seed(seed, j)))[0]
+            for j in range(victims)
+        ]
+    )
     init = torch.maximum(torch.minimum(init, upper), lower)
     path = folder / f"{data}-p{p}.pt"
-    torch.save({"data": data, "p": float(p), "input_shape": torch.tensor(spec["shape"]), "seed": seed,
-                "state_dict": model.state_dict(), "gradients": {n: torch.stack([g[n] for g in grads]) for n in names},
-                "labels": labels, "originals": images, "mean": mean.flatten(), "std": std.flatten(), "init": init}, path)
+    torch.save(
+        {
+            "data": data,
+            "p": float(p),
+            "input_shape": torch.tensor(spec["shape"]),
+            "seed": seed,
+            "state_dict": model.state_dict(),
+            "gradients": {n: torch.stack([g[n] for g in grads]) for n in names},
+            "labels": labels,
+            "originals": images,
+            "mean": mean.flatten(),
+            "std": std.flatten(),
+            "init": init,
+        },
+        path,
+    )
     return path
 
 
@@ -151,7 +198,13 @@ def dia_worker(jobfile: str) -> None:
     """Run the dia jobs of `jobfile`, as breaching_worker.py runs breaching's."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import dia
-    import dia.attacks, dia.config, dia.metrics, dia.run.cell, dia.run.pack, dia.run.summary, dia.updates  # noqa: E401,F401 - imports are not timed
+    import dia.attacks
+    import dia.config
+    import dia.metrics
+    import dia.run.cell
+    import dia.run.pack
+    import dia.run.summary
+    import dia.updates
 
     if not Path(dia.__file__).resolve().is_relative_to(REPO):
         raise RuntimeError(f"import dia found {dia.__file__}, not this checkout's ({REPO})")
@@ -179,12 +232,20 @@ def dia_worker(jobfile: str) -> None:
             grads = [{n: prob["gradients"][n][v] for n in names} for v in call]
             del notices[:]
             started = time.perf_counter()
-            r = dia.reconstruct(model, grads, labels=prob["labels"][call].view(-1, 1),
-                                input_shape=tuple(prob["input_shape"].tolist()), mean=prob["mean"].tolist(),
-                                std=prob["std"].tolist(), attack=job["attack"], seed=int(prob["seed"]), device="cpu",
-                                max_iterations=int(job.get("warmup_iterations", 5)) if warm else int(job["iterations"]),
-                                compile=bool(job.get("warmup_compile", job["compile"]) if warm else job["compile"]),
-                                **job["settings"])
+            r = dia.reconstruct(
+                model,
+                grads,
+                labels=prob["labels"][call].view(-1, 1),
+                input_shape=tuple(prob["input_shape"].tolist()),
+                mean=prob["mean"].tolist(),
+                std=prob["std"].tolist(),
+                attack=job["attack"],
+                seed=int(prob["seed"]),
+                device="cpu",
+                max_iterations=int(job.get("warmup_iterations", 5)) if warm else int(job["iterations"]),
+                compile=bool(job.get("warmup_compile", job["compile"]) if warm else job["compile"]),
+                **job["settings"],
+            )
             took = time.perf_counter() - started
             if warm:
                 continue
@@ -197,11 +258,23 @@ def dia_worker(jobfile: str) -> None:
         load.append(os.getloadavg()[0])
         out = Path(job["out"])
         torch.save({"images": torch.cat(images), "loss": torch.cat(losses)}, out.with_suffix(".pt"))
-        out.with_suffix(".json").write_text(json.dumps({
-            "side": "dia", "seconds": seconds, "load": load, "ssim_evaluate": ssim, "status": status,
-            "compile_s": compile_s, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "dia": str(Path(dia.__file__).resolve().parent), "iterations": int(job["iterations"]), "victims": victims,
-        }))
+        out.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "side": "dia",
+                    "seconds": seconds,
+                    "load": load,
+                    "ssim_evaluate": ssim,
+                    "status": status,
+                    "compile_s": compile_s,
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "dia": str(Path(dia.__file__).resolve().parent),
+                    "iterations": int(job["iterations"]),
+                    "victims": victims,
+                }
+            )
+        )
 
 
 # ---- orchestration ----------------------------------------------------------------------------------------
@@ -219,8 +292,11 @@ class Bench:
             job.setdefault("settings", dict(SETTINGS, tv_weight=self.args.tv_weight))
             job["out"] = str(self.folder / f"out-{self.count}-{k}")
         jobfile.write_text(json.dumps({"jobs": jobs}))
-        cmd = ([str(self.peer_python), str(WORKER), str(jobfile)] if side == "breaching"
-               else [sys.executable, str(Path(__file__).resolve()), "--dia-worker", str(jobfile)])
+        cmd = (
+            [str(self.peer_python), str(WORKER), str(jobfile)]
+            if side == "breaching"
+            else [sys.executable, str(Path(__file__).resolve()), "--dia-worker", str(jobfile)]
+        )
         penv = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
         penv["TORCHINDUCTOR_COMPILE_THREADS"] = str(self.args.compile_threads)  # inductor's compile workers
         if side == "dia":
@@ -286,16 +362,36 @@ def quality(b: Bench, problems: dict, out: list[str]) -> None:
 
     a = b.args
     victims = list(range(a.quality_victims))
-    plan = [(d, p, s, atk) for d in a.data for p in (0.0, 0.25)
-            for s, atk in [("dia", "ig"), ("breaching", "ig")] + ([("dia", "dia")] if p else [])]
-    jobs = {s: [dict(problem=str(problems[d, p]), victims=victims, iterations=a.quality_iterations, attack=atk,
-                     per_call=False, compile=a.quality_compile) for d, p, side, atk in plan if side == s]
-            for s in ("dia", "breaching")}
+    plan = [
+        (d, p, s, atk)
+        for d in a.data
+        for p in (0.0, 0.25)
+        for s, atk in [("dia", "ig"), ("breaching", "ig")] + ([("dia", "dia")] if p else [])
+    ]
+    jobs = {
+        s: [
+            dict(
+                problem=str(problems[d, p]),
+                victims=victims,
+                iterations=a.quality_iterations,
+                attack=atk,
+                per_call=False,
+                compile=a.quality_compile,
+            )
+            for d, p, side, atk in plan
+            if side == s
+        ]
+        for s in ("dia", "breaching")
+    }
     warm = {"TORCHINDUCTOR_CACHE_DIR": str(b.folder / "inductor-warm")}
     res = {"breaching": iter(b.run("breaching", jobs["breaching"])), "dia": iter(b.run("dia", jobs["dia"], warm))}
-    out += [f"### Quality: {len(victims)} victims x {a.quality_iterations} iterations, SSIM (dia.metrics.ssim on both sides' images)", "",
-            "| data / model | p | attack | mean SSIM | per victim | best loss per victim | wall s | load |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += [
+        f"### Quality: {len(victims)} victims x {a.quality_iterations} iterations, SSIM (dia.metrics.ssim on both "
+        "sides' images)",
+        "",
+        "| data / model | p | attack | mean SSIM | per victim | best loss per victim | wall s | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for d, p, side, atk in plan:
         r = next(res[side])
         prob = torch.load(problems[d, p], weights_only=True)
@@ -303,11 +399,26 @@ def quality(b: Bench, problems: dict, out: list[str]) -> None:
         if side == "dia" and max(abs(x - y) for x, y in zip(s, r["ssim_evaluate"])) > 1e-5:
             raise RuntimeError(f"dia.evaluate's SSIM {r['ssim_evaluate']} differs from dia.metrics.ssim {s}")
         name = {"ig": "IG", "dia": "DIA"}[atk] + f" ({side})"
-        out.append(f"| {d} / {DATA[d]['model'].split()[0]} | {p:g} | {name} | **{statistics.mean(s):.3f}** | "
-                   f"{', '.join(f'{x:.3f}' for x in s)} | {', '.join(f'{x:.4g}' for x in r['loss'].tolist())} | "
-                   f"{sum(r['seconds']):.1f} | {loads([r])} |")
-        b.note(dict(mode="quality", data=d, p=p, side=side, attack=atk, ssim=s, loss=r["loss"].tolist(),
-                    seconds=r["seconds"], load=r["load"], status=r.get("status"), patched_tv=r.get("patched_tv")))
+        out.append(
+            f"| {d} / {DATA[d]['model'].split()[0]} | {p:g} | {name} | **{statistics.mean(s):.3f}** | "
+            f"{', '.join(f'{x:.3f}' for x in s)} | {', '.join(f'{x:.4g}' for x in r['loss'].tolist())} | "
+            f"{sum(r['seconds']):.1f} | {loads([r])} |"
+        )
+        b.note(
+            dict(
+                mode="quality",
+                data=d,
+                p=p,
+                side=side,
+                attack=atk,
+                ssim=s,
+                loss=r["loss"].tolist(),
+                seconds=r["seconds"],
+                load=r["load"],
+                status=r.get("status"),
+                patched_tv=r.get("patched_tv"),
+            )
+        )
     out.append("")
 
 
@@ -316,20 +427,42 @@ def batch(b: Bench, problems: dict, out: list[str]) -> None:
     a = b.args
     victims, n = list(range(a.batch_victims)), a.batch_iterations
     warm = {d: b.folder / f"inductor-warm-batch-{d}" for d in a.data}
-    variants = [v for v in ("breaching", "dia-cold", "dia-warm", "dia-eager") if v == "breaching" or v in a.dia_variants]
+    variants = [
+        v for v in ("breaching", "dia-cold", "dia-warm", "dia-eager") if v == "breaching" or v in a.dia_variants
+    ]
     for d in a.data:  # prime each warm cache (untimed): the same program shapes as the timed runs
         if "dia-warm" in variants:
-            b.run("dia", [dict(problem=str(problems[d, 0.25]), victims=victims, iterations=2, attack="ig",
-                               per_call=False, compile=True)], {"TORCHINDUCTOR_CACHE_DIR": str(warm[d])})
+            b.run(
+                "dia",
+                [
+                    dict(
+                        problem=str(problems[d, 0.25]),
+                        victims=victims,
+                        iterations=2,
+                        attack="ig",
+                        per_call=False,
+                        compile=True,
+                    )
+                ],
+                {"TORCHINDUCTOR_CACHE_DIR": str(warm[d])},
+            )
     times: dict = {}
     for rep in range(a.repeats):
         for d in a.data:
             for v in variants:
                 # one untimed call first on both sides (one victim, 5 iterations; dia's eager, so that a cold
                 # cache stays cold): first-call costs such as lazy imports and allocator warm-up are not timed
-                job = dict(problem=str(problems[d, 0.25]), victims=victims, iterations=n, attack="ig",
-                           per_call=v == "breaching", compile=v != "dia-eager", warmup=1, warmup_iterations=5,
-                           warmup_compile=False)
+                job = dict(
+                    problem=str(problems[d, 0.25]),
+                    victims=victims,
+                    iterations=n,
+                    attack="ig",
+                    per_call=v == "breaching",
+                    compile=v != "dia-eager",
+                    warmup=1,
+                    warmup_iterations=5,
+                    warmup_compile=False,
+                )
                 env = {}
                 if v == "dia-cold":
                     cold = b.folder / f"inductor-cold-{d}-{rep}"
@@ -342,24 +475,55 @@ def batch(b: Bench, problems: dict, out: list[str]) -> None:
                 if v == "dia-cold":
                     shutil.rmtree(cold, ignore_errors=True)
                 times.setdefault((d, v), []).append(r)
-                b.note(dict(mode="batch", data=d, variant=v, repeat=rep, victims=len(victims), iterations=n,
-                            seconds=sum(r["seconds"]), load=r["load"], compile_s=r.get("compile_s")))
-    out += [f"### Batch: {len(victims)} victims x {n} iterations (IG, p = 0.25); dia in one `dia.reconstruct` call, "
-            f"breaching one victim after another; {a.repeats} alternated repeats", "",
-            "| data / model | side | victim-it/s: median (range) | wall s | vs breaching: ratio of medians (per repeat) | compile s | load |",
-            "|---|---|---|---|---|---|---|"]
+                b.note(
+                    dict(
+                        mode="batch",
+                        data=d,
+                        variant=v,
+                        repeat=rep,
+                        victims=len(victims),
+                        iterations=n,
+                        seconds=sum(r["seconds"]),
+                        load=r["load"],
+                        compile_s=r.get("compile_s"),
+                    )
+                )
+    out += [
+        f"### Batch: {len(victims)} victims x {n} iterations (IG, p = 0.25); dia in one `dia.reconstruct` call, "
+        f"breaching one victim after another; {a.repeats} alternated repeats",
+        "",
+        "| data / model | side | victim-it/s: median (range) | wall s | vs breaching: ratio of medians (per "
+        "repeat) | compile s | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in a.data:
         base = [len(victims) * n / sum(r["seconds"]) for r in times[d, "breaching"]]
         for v in variants:
             rs = times[d, v]
             rate = [len(victims) * n / sum(r["seconds"]) for r in rs]
-            ratio = (f"{statistics.median(rate) / statistics.median(base):.2f}x "
-                     f"({', '.join(f'{x / y:.2f}' for x, y in zip(rate, base))})") if v != "breaching" else "1"
-            comp = spread([c for r in rs for c in r.get("compile_s", [])], "{:.1f}") if v in ("dia-cold", "dia-warm") else ""
-            label = {"breaching": "breaching, victim by victim", "dia-cold": "dia, compiled, cold cache",
-                     "dia-warm": "dia, compiled, warm cache", "dia-eager": "dia, eager (compile=False)"}[v]
-            out.append(f"| {d} / {DATA[d]['model'].split()[0]} | {label} | {spread(rate)} | "
-                       f"{spread([sum(r['seconds']) for r in rs], '{:.1f}')} | {ratio} | {comp} | {loads(rs)} |")
+            ratio = (
+                (
+                    f"{statistics.median(rate) / statistics.median(base):.2f}x "
+                    f"({', '.join(f'{x / y:.2f}' for x, y in zip(rate, base))})"
+                )
+                if v != "breaching"
+                else "1"
+            )
+            comp = (
+                spread([c for r in rs for c in r.get("compile_s", [])], "{:.1f}")
+                if v in ("dia-cold", "dia-warm")
+                else ""
+            )
+            label = {
+                "breaching": "breaching, victim by victim",
+                "dia-cold": "dia, compiled, cold cache",
+                "dia-warm": "dia, compiled, warm cache",
+                "dia-eager": "dia, eager (compile=False)",
+            }[v]
+            out.append(
+                f"| {d} / {DATA[d]['model'].split()[0]} | {label} | {spread(rate)} | "
+                f"{spread([sum(r['seconds']) for r in rs], '{:.1f}')} | {ratio} | {comp} | {loads(rs)} |"
+            )
     out.append("")
 
 
@@ -371,39 +535,84 @@ def single(b: Bench, problems: dict, out: list[str]) -> None:
     warm = {d: b.folder / f"inductor-warm-single-{d}" for d in a.data}
     for d in a.data:
         if "dia-warm" in variants:
-            b.run("dia", [dict(problem=str(problems[d, 0.25]), victims=victims[:1], iterations=2, attack="ig",
-                               per_call=True, compile=True)], {"TORCHINDUCTOR_CACHE_DIR": str(warm[d])})
+            b.run(
+                "dia",
+                [
+                    dict(
+                        problem=str(problems[d, 0.25]),
+                        victims=victims[:1],
+                        iterations=2,
+                        attack="ig",
+                        per_call=True,
+                        compile=True,
+                    )
+                ],
+                {"TORCHINDUCTOR_CACHE_DIR": str(warm[d])},
+            )
     times: dict = {}
     for rep in range(a.repeats):
         for d in a.data:
             for v in variants:
-                jobs = [dict(problem=str(problems[d, 0.25]), victims=victims, iterations=n, attack="ig", per_call=True,
-                             compile=v == "dia-warm", warmup=1 if k == 0 else 0, warmup_iterations=5)
-                        for k, n in enumerate(a.single_budgets)]
+                jobs = [
+                    dict(
+                        problem=str(problems[d, 0.25]),
+                        victims=victims,
+                        iterations=n,
+                        attack="ig",
+                        per_call=True,
+                        compile=v == "dia-warm",
+                        warmup=1 if k == 0 else 0,
+                        warmup_iterations=5,
+                    )
+                    for k, n in enumerate(a.single_budgets)
+                ]
                 env = {"TORCHINDUCTOR_CACHE_DIR": str(warm[d] if v == "dia-warm" else b.folder / "inductor-unused")}
                 for n, r in zip(a.single_budgets, b.run("breaching" if v == "breaching" else "dia", jobs, env)):
                     times.setdefault((d, n, v), []).append(r)
-                    b.note(dict(mode="single", data=d, variant=v, repeat=rep, iterations=n, seconds=r["seconds"],
-                                load=r["load"]))
-    out += [f"### One victim per call: ms per iteration (wall of each call / its iterations; {len(victims)} calls per "
-            f"process after one untimed warm-up call, {a.repeats} alternated repeats)", "",
-            "| data / model | iterations | side | ms / iteration: median (range) | vs breaching (time ratio) | load |",
-            "|---|---|---|---|---|---|"]
+                    b.note(
+                        dict(
+                            mode="single",
+                            data=d,
+                            variant=v,
+                            repeat=rep,
+                            iterations=n,
+                            seconds=r["seconds"],
+                            load=r["load"],
+                        )
+                    )
+    out += [
+        f"### One victim per call: ms per iteration (wall of each call / its iterations; {len(victims)} calls per "
+        f"process after one untimed warm-up call, {a.repeats} alternated repeats)",
+        "",
+        "| data / model | iterations | side | ms / iteration: median (range) | vs breaching (time ratio) | load |",
+        "|---|---|---|---|---|---|",
+    ]
     for d in a.data:
         for n in a.single_budgets:
             base = [s * 1000 / n for r in times[d, n, "breaching"] for s in r["seconds"]]
             for v in variants:
                 rs = times[d, n, v]
                 ms = [s * 1000 / n for r in rs for s in r["seconds"]]
-                label = {"breaching": "breaching", "dia-eager": "dia, eager", "dia-warm": "dia, compiled (warm cache)"}[v]
+                label = {"breaching": "breaching", "dia-eager": "dia, eager", "dia-warm": "dia, compiled (warm cache)"}[
+                    v
+                ]
                 ratio = f"{statistics.median(ms) / statistics.median(base):.2f}" if v != "breaching" else "1"
-                out.append(f"| {d} / {DATA[d]['model'].split()[0]} | {n} | {label} | {spread(ms, '{:.2f}')} | {ratio} | {loads(rs)} |")
+                out.append(
+                    f"| {d} / {DATA[d]['model'].split()[0]} | {n} | {label} | {spread(ms, '{:.2f}')} | {ratio} | "
+                    f"{loads(rs)} |"
+                )
     out.append("")
 
 
 def machine() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor() or platform.machine())
+    model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
     return f"{model}, {os.cpu_count()} logical CPUs"
 
 
@@ -417,19 +626,33 @@ def main() -> None:
     a.add_argument("--tv-weight", type=float, default=SETTINGS["tv_weight"])
     a.add_argument("--quality-victims", type=int, default=4)
     a.add_argument("--quality-iterations", type=int, default=1000)
-    a.add_argument("--quality-compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
-                   help="dia's quality runs compiled (true, default) or eager")
+    a.add_argument(
+        "--quality-compile",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        default=True,
+        help="dia's quality runs compiled (true, default) or eager",
+    )
     a.add_argument("--batch-victims", type=int, default=8)
     a.add_argument("--batch-iterations", type=int, default=500)
     a.add_argument("--single-victims", type=int, default=2, help="calls per process (one victim each)")
     a.add_argument("--single-budgets", default="100,500")
-    a.add_argument("--dia-variants", default="dia-cold,dia-warm,dia-eager",
-                   help="dia's timed variants: dia-cold, dia-warm (compiled, cold/warm cache), dia-eager")
-    a.add_argument("--compile-threads", type=int, default=1,
-                   help="torch.compile's compile workers on dia's side (TORCHINDUCTOR_COMPILE_THREADS; default 1: "
-                        "one core per side throughout; torch's own default here is the number of CPUs)")
-    a.add_argument("--peer-python", help="breaching's python (a venv with breaching 0.1.2); default: created in "
-                                         "$DIA_PEER_VENV or benchmarks/peer/.venv")
+    a.add_argument(
+        "--dia-variants",
+        default="dia-cold,dia-warm,dia-eager",
+        help="dia's timed variants: dia-cold, dia-warm (compiled, cold/warm cache), dia-eager",
+    )
+    a.add_argument(
+        "--compile-threads",
+        type=int,
+        default=1,
+        help="torch.compile's compile workers on dia's side (TORCHINDUCTOR_COMPILE_THREADS; default 1: "
+        "one core per side throughout; torch's own default here is the number of CPUs)",
+    )
+    a.add_argument(
+        "--peer-python",
+        help="breaching's python (a venv with breaching 0.1.2); default: created in "
+        "$DIA_PEER_VENV or benchmarks/peer/.venv",
+    )
     a.add_argument("--json", help="write every measurement here")
     a.add_argument("--dia-worker", help=argparse.SUPPRESS)
     args = a.parse_args()
@@ -454,30 +677,44 @@ def main() -> None:
     started, load_before = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dia-peer-") as tmp:
         b = Bench(args, Path(tmp))
-        victims = max([args.quality_victims] * ("quality" in args.modes) + [args.batch_victims] * ("batch" in args.modes)
-                      + [args.single_victims] * ("single" in args.modes))
+        victims = max(
+            [args.quality_victims] * ("quality" in args.modes)
+            + [args.batch_victims] * ("batch" in args.modes)
+            + [args.single_victims] * ("single" in args.modes)
+        )
         problems = {(d, p): make_problem(d, p, victims, args.seed, Path(tmp)) for d in args.data for p in (0.0, 0.25)}
-        versions = b.run("breaching", [dict(problem=str(problems[args.data[0], 0.0]), victims=[0], iterations=1,
-                                            attack="ig", per_call=True)])[0]
+        versions = b.run(
+            "breaching",
+            [dict(problem=str(problems[args.data[0], 0.0]), victims=[0], iterations=1, attack="ig", per_call=True)],
+        )[0]
         out: list[str] = []
         for mode in args.modes:
             {"quality": quality, "batch": batch, "single": single}[mode](b, problems, out)
         load_after = os.getloadavg()
         import dia
 
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "?"
-        head = [f"## dia beside breaching {versions['breaching']}" + (" (--quick smoke run)" if args.quick else ""), "",
-                f"- machine: {machine()}; one torch thread per side (OMP_NUM_THREADS=1, torch threads "
-                f"{versions['threads']}, inductor compile threads {args.compile_threads}), each side in its own "
-                f"processes, one process at a time",
-                f"- dia: {Path(dia.__file__).resolve().parent} (commit {commit}), torch {torch.__version__}; "
-                f"breaching {versions['breaching']}, torch {versions['torch']} (its own virtualenv)",
-                f"- load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
-                f"{'/'.join(f'{x:.2f}' for x in load_after)}; wall {time.time() - started:.0f} s; "
-                f"{time.strftime('%Y-%m-%d %H:%M')}",
-                f"- models: " + "; ".join(f"{d}: {DATA[d]['model']}" for d in args.data)
-                + f"; seed {args.seed}; settings {json.dumps(dict(SETTINGS, tv_weight=args.tv_weight))}", ""]
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or "?"
+        )
+        head = [
+            f"## dia beside breaching {versions['breaching']}" + (" (--quick smoke run)" if args.quick else ""),
+            "",
+            f"- machine: {machine()}; one torch thread per side (OMP_NUM_THREADS=1, torch threads "
+            f"{versions['threads']}, inductor compile threads {args.compile_threads}), each side in its own "
+            f"processes, one process at a time",
+            f"- dia: {Path(dia.__file__).resolve().parent} (commit {commit}), torch {torch.__version__}; "
+            f"breaching {versions['breaching']}, torch {versions['torch']} (its own virtualenv)",
+            f"- load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
+            f"{'/'.join(f'{x:.2f}' for x in load_after)}; wall {time.time() - started:.0f} s; "
+            f"{time.strftime('%Y-%m-%d %H:%M')}",
+            "- models: "
+            + "; ".join(f"{d}: {DATA[d]['model']}" for d in args.data)
+            + f"; seed {args.seed}; settings {json.dumps(dict(SETTINGS, tv_weight=args.tv_weight))}",
+            "",
+        ]
         print("\n".join(head + out))
         if args.json:
             Path(args.json).write_text(json.dumps({"head": head, "records": b.records}, indent=1))

@@ -51,7 +51,7 @@ def patch_total_variation() -> None:
         raise RuntimeError(f"{PATCH.name} does not fit this breaching's TotalVariation.forward (another version?)")
     code = compile(textwrap.dedent(src.replace(old[0] + "\n", new[0] + "\n")), inspect.getsourcefile(cls), "exec")
     namespace: dict = {}
-    exec(code, vars(regularizers), namespace)  # noqa: S102 - the module's own source with one line changed
+    exec(code, vars(regularizers), namespace)
     cls.forward = namespace["forward"]
     cls._peer_patched = True
 
@@ -100,15 +100,21 @@ def run_job(job: dict) -> None:
     mean, std = prob["mean"].view(1, -1, 1, 1), prob["std"].view(1, -1, 1, 1)
     # The server's payload: the model's parameters, and `buffers=[]` (public, empty: the models have no
     # buffers), which makes breaching run its copy in eval mode, i.e. without dropout: IG's attacker.
-    metadata = types.SimpleNamespace(shape=shape, mean=prob["mean"].tolist(), std=prob["std"].tolist(),
-                                     modality="vision")
+    metadata = types.SimpleNamespace(
+        shape=shape, mean=prob["mean"].tolist(), std=prob["std"].tolist(), modality="vision"
+    )
     payload = [dict(parameters=[p.detach().clone() for p in model.parameters()], buffers=[], metadata=metadata)]
     images, losses, seconds, load = [], [], [], [os.getloadavg()[0]]
     victims = list(job["victims"])
-    for calls, v in enumerate([None] * int(job.get("warmup", 0)) + victims):
+    for _calls, v in enumerate([None] * int(job.get("warmup", 0)) + victims):
         w = victims[0] if v is None else v  # warm-up calls (untimed) attack the first victim with a few iterations
-        shared = [dict(gradients=[prob["gradients"][n][w].clone() for n in names], buffers=None,
-                       metadata=dict(num_data_points=1, labels=prob["labels"][w : w + 1].clone(), local_hyperparams=None))]
+        shared = [
+            dict(
+                gradients=[prob["gradients"][n][w].clone() for n in names],
+                buffers=None,
+                metadata=dict(num_data_points=1, labels=prob["labels"][w : w + 1].clone(), local_hyperparams=None),
+            )
+        ]
         init = prob["init"][w : w + 1].clone()
         if v is None:
             attacker.cfg.optim.max_iterations = int(job.get("warmup_iterations", 5))
@@ -126,11 +132,21 @@ def run_job(job: dict) -> None:
     load.append(os.getloadavg()[0])
     out = Path(job["out"])
     torch.save({"images": torch.cat(images), "loss": torch.tensor(losses)}, out.with_suffix(".pt"))
-    out.with_suffix(".json").write_text(json.dumps({
-        "side": "breaching", "seconds": seconds, "load": load, "patched_tv": patched,
-        "torch": torch.__version__, "breaching": _version("breaching"), "threads": torch.get_num_threads(),
-        "iterations": int(job["iterations"]), "victims": victims,
-    }))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "side": "breaching",
+                "seconds": seconds,
+                "load": load,
+                "patched_tv": patched,
+                "torch": torch.__version__,
+                "breaching": _version("breaching"),
+                "threads": torch.get_num_threads(),
+                "iterations": int(job["iterations"]),
+                "victims": victims,
+            }
+        )
+    )
 
 
 class _quiet:

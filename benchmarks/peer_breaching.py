@@ -165,7 +165,7 @@ def make_problem(data: str, p: float, victims: int, seed: int, folder: Path) -> 
         grads.append(g)
     lower, upper = (0 - mean) / std, (1 - mean) / std
     # dia.reconstruct(seed=seed) starts problem j from randn((1, C, H, W)) drawn from a generator seeded with
-    # problem_seed(seed, j), then boxes it (dia.attacks.rows.Rows.start_of, InvertingGradients.on_fit_start).
+    # problem_seed(seed, j), then boxes it (dia.attacks.rows.Rows.start_of, Program.on_fit_start).
     init = torch.stack(
         [
             torch.randn((1, *spec["shape"]), generator=torch.Generator().manual_seed(problem_seed(seed, j)))[0]
@@ -201,9 +201,10 @@ def dia_worker(jobfile: str) -> None:
     import dia.attacks
     import dia.config
     import dia.metrics
-    import dia.run.cell
+    import dia.api
     import dia.run.pack
-    import dia.run.summary
+    import dia.run.runs
+    import dia.scores
     import dia.updates
 
     if not Path(dia.__file__).resolve().is_relative_to(REPO):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,7 +49,20 @@ def quiet_libraries() -> None:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     notices = logging.getLogger("dia")
     if not notices.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         notices.addHandler(handler)
         notices.setLevel(logging.INFO)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a notice comes (not the stream it was made with, which
+    a caller, such as a test capturing output, may have closed since)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler sets it once; sys.stderr is read at each notice
+        pass

@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -31,14 +29,16 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
+from dia.attacks.compiling import CompiledOrEager, CostBook, cache_dir, pays, seconds_per_call, signature
 from dia.attacks.progress import AttackProgressBar
 from dia.attacks.rows import MASK, Part, Rows
 from dia.console import quiet
 from dia.defenses import surviving
 from dia.engine import AttackResult, AttackState, Layout, Schedule, advance
-from dia.gradients import problem_gradients
+from dia.gradients import problem_gradients, problem_gradients_loop
 from dia.losses import keep_rate_penalty
 
+log = logging.getLogger("dia")
 INITS = {
     "randn": lambda shape, g: torch.randn(shape, generator=g),
     "rand": lambda shape, g: torch.rand(shape, generator=g) * 2 - 1,
@@ -123,19 +123,19 @@ class Program(L.LightningModule):
         self.waiting = 0  # problems waiting for free rows (dia.run.pack): the program runs on while any wait
 
     # ---- the objective -------------------------------------------------------------------------------
-    def objective(self, params: dict[str, Tensor]) -> Tensor:
-        """Reconstruction loss per problem (K,): gradient distance + image prior + the masks' regularizer."""
+    def objective(self, params: dict[str, Tensor], *, vectorized: bool = True) -> Tensor:
+        """Reconstruction loss per problem (K,): gradient distance + image prior + the masks' regularizer.
+        `vectorized`: the problems' gradients by vmap (what torch.compile takes), else one after another with
+        plain autograd (the eager program's, faster without compilation: `problem_gradients_loop`)."""
         masks = self.rows.masks(params)
         applied = self.rows.applied(masks, params)
-        grads = problem_gradients(
-            self.model,
-            self.model_params,
-            params["x"],
-            self.rows.labels,
-            applied,
-            "apply" if applied else "off",
-            self.rows.local,
-        )
+        mode = "apply" if applied else "off"
+        if vectorized:
+            grads = problem_gradients(
+                self.model, self.model_params, params["x"], self.rows.labels, applied, mode, self.rows.local
+            )
+        else:
+            grads = problem_gradients_loop(self.model, params["x"], self.rows.labels, applied, mode)
         grads = surviving(grads, self.rows.targets) if self.cfg.model_defense else grads
         science = self.science
         return science.distance(grads, self.rows.targets) + science.prior(params["x"]) + self.regularizer(masks, params)
@@ -157,10 +157,13 @@ class Program(L.LightningModule):
         self.rows.clamp_rates(params)
 
     def gradient_function(self) -> Any:
-        """flat (K, D) -> (d sum(loss) / d flat, losses): the whole double backward, optionally compiled.
+        """flat (K, D) -> (d sum(loss) / d flat, losses): the whole double backward, compiled when it pays.
 
-        torch.func all the way down (grad of vmap of grad), so torch.compile captures it as one graph
-        and fuses its hundreds of small kernels: the attack is launch-bound, not compute-bound.
+        Compiled, it is torch.func all the way down (grad of vmap of grad), so torch.compile captures it as one
+        graph and fuses its hundreds of small kernels: the attack is launch-bound, not compute-bound. Eager, it is
+        plain autograd over the problems one after another (`attack.eager=loop`), which does without torch.func's
+        per-operation overhead; `attack.eager=vectorized` keeps vmap. `attack.compile=auto` compiles when the
+        expected work repays the expected compile time (dia.attacks.compiling).
         """
         layout = self.state.layout
 
@@ -168,10 +171,33 @@ class Program(L.LightningModule):
             losses = self.objective(layout.views(flat))
             return losses.sum(), losses
 
-        fn = torch.func.grad(total, has_aux=True)
+        def looped(flat: Tensor) -> tuple[Tensor, Tensor]:
+            flat = flat.detach().requires_grad_(True)
+            with torch.enable_grad():
+                losses = self.objective(layout.views(flat), vectorized=False)
+                (grad,) = torch.autograd.grad(losses.sum(), flat)
+            return grad, losses.detach()
+
+        vectorized = torch.func.grad(total, has_aux=True)
+        eager = vectorized
+        if self.cfg.eager == "loop" and self.rows.local is None:  # FedAvg's unrolled steps stay vectorized
+            self.model.requires_grad_(True)  # the loop differentiates the copy's own parameters
+            eager = looped
         if self.cfg.compile is False:
-            return fn
-        return CompiledOrEager(fn, strict=self.cfg.compile is True, mode=self.cfg.compile_mode)
+            return eager
+        book = CostBook(cache_dir())
+        key = signature(self.model, self.state.flat, (self.science.objective_key(self.cfg), self.rows.scheme_key()))
+        if self.cfg.compile == "auto":
+            t_eager = seconds_per_call(eager, self.state.flat.detach(), calls=1)
+            compiles, why = pays(horizon=self.horizon, t_eager=t_eager, known=book.get(key))
+            book.put(key, t_eager=t_eager)
+            log.info("attack.compile=auto: %s (%s)", "compiling" if compiles else "running eagerly", why)
+            if not compiles:
+                return eager
+        strict = self.cfg.compile is True
+        return CompiledOrEager(
+            vectorized, strict=strict, mode=self.cfg.compile_mode, eager=eager, book=book, signature=key
+        )
 
     # ---- Lightning hooks: the engine under a Trainer ------------------------------------------------
     def on_fit_start(self) -> None:
@@ -269,42 +295,6 @@ class Program(L.LightningModule):
     def result(self) -> AttackResult:
         """All problems' result (one part, or the parts concatenated)."""
         return AttackResult.cat(self.results())
-
-
-class CompiledOrEager:
-    """`torch.compile(fn)`, falling back to `fn` (with one notice) when compilation fails and not `strict`.
-
-    `compile_s` is the wall time of the first call (tracing + compiling, or loading from the persistent
-    cache, plus one run), logged as a notice.
-    """
-
-    def __init__(self, fn: Any, *, strict: bool, mode: str = "default") -> None:
-        self.fn, self.strict = fn, strict
-        self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-        self.compile_s: float | None = None
-
-    def __call__(self, *args: Any) -> Any:
-        if self.compiled is None:
-            return self.fn(*args)
-        try:
-            if self.compile_s is not None:
-                return self.compiled(*args)
-            started = time.perf_counter()
-            out = self.compiled(*args)
-            self.compile_s = time.perf_counter() - started
-            logging.getLogger("dia").info("torch.compile: first call %.1f s", self.compile_s)
-            return out
-        except Exception as exc:
-            if self.strict:
-                raise
-            first = str(exc).splitlines()[0][:160] if str(exc) else ""
-            warnings.warn(
-                f"torch.compile failed ({type(exc).__name__}: {first}); "
-                "running eagerly (set attack.compile=false to skip the attempt)",
-                stacklevel=2,
-            )
-            self.compiled = None
-            return self.fn(*args)
 
 
 # ---- building and fitting: the one entry point ---------------------------------------------------------

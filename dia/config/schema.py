@@ -34,7 +34,12 @@ class AttackConfig:
     loss_threshold: float = 1e-5
     parallel: Any = "auto"  # rows of a program (problems at once): an int, or auto (24 on a CPU, what fits on a GPU)
     labels: str = "known"  # known (as in the paper) | infer (from the gradient; batch_size=1)
-    compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
+    # torch.compile the gradient program: true | false | auto (when the expected work repays the compile time, from
+    # the last compile of the same program on this machine or an estimate; eager if compiling fails)
+    compile: Any = "auto"
+    # the eager program's gradients per problem: loop (plain autograd, one problem after another: fastest without
+    # compiling) | vectorized (torch.func's vmap, as the compiled program)
+    eager: str = "loop"
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium (also oneDNN with bf16 allowed on CPUs
     # that have it: docs/benchmarks.md)

@@ -33,6 +33,8 @@ def test_failed_compilation_falls_back_to_eager_with_one_notice(problems_factory
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    # auto compiles only when it pays: make it pay whatever this machine's cost book says
+    monkeypatch.setattr("dia.attacks.program.pays", lambda **kw: (True, "it pays (test)"))
     with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler.*running eagerly"):
         fallback = _losses(problems_factory, "auto")
     torch.testing.assert_close(fallback, _losses(problems_factory, "false"))

@@ -6,11 +6,13 @@ import json
 import math
 import os
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when tensors are saved: reading and writing JSON and text need none
+    import torch
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -27,7 +29,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 def _clean(value: Any) -> Any:
     """JSON-safe: non-finite floats become null, tensors become lists."""
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -49,6 +52,8 @@ def write_text(path: Path, text: str) -> Path:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     """A flat dict of tensors: loadable with `torch.load(path, weights_only=True)`."""
+    import torch
+
     return atomic_write(
         path, lambda tmp: torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     )

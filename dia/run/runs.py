@@ -24,7 +24,7 @@ from dia.errors import UserError
 from dia.problems import Problems
 from dia.run import checks, record
 from dia.run.checkpoint import Checkpoint
-from dia.run.folder import RunFolder, default_name
+from dia.run.folder import RunFolder, check_not_done, run_name
 from dia.run.loggers import Loggers, open_loggers
 from dia.scores import score
 
@@ -128,20 +128,16 @@ def open_run(cfg: DictConfig) -> Run:
         cfg.data.mean, cfg.data.std = folder_statistics(cfg.data)
         cfg.data.normalize = "dataset"
     text = OmegaConf.to_yaml(cfg)
-    name = cfg.run.name or default_name(
-        cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, text, cfg.client.local_steps
-    )
+    name = run_name(cfg, text)
     folder = RunFolder(Path(cfg.run.output_dir), name)
-    if folder.state == "done":
-        raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
+    check_not_done(folder, text)
     if not folder.acquire():
         raise UserError(
             f"run.name={name}: being run by another process (pid {folder.holder()}, lock '{folder.lock_path}'); "
             "wait for it or choose another run.name"
         )
     try:
-        if folder.state == "done":  # finished while we waited for the lock
-            raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
+        check_not_done(folder, text)  # finished while we waited for the lock
         resumed = folder.open(text)
         if not resumed:
             record.write_config(folder.partial, text)

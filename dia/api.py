@@ -236,14 +236,22 @@ def _training(
     if lr is not None:
         tensors.positive(lr, "lr")
     captured = [(w, u) for w, u in updates if isinstance(u, ClientUpdate)]
-    if not captured:
-        steps = 1 if steps is None else steps
-        if lr is not None and kind == "gradient" and steps == 1 and batch is None:
-            raise UserError(
-                f"lr={lr}: the client's learning rate, used with kind='delta'/'weights' or local_steps > 1 only; "
-                f"the attack's step size is attack_lr={lr}"
-            )
-        return steps, lr, batch
+    if captured:
+        steps, own_lr, batch = _carried(captured, updates, lr, steps, batch)
+    else:
+        steps, own_lr = 1 if steps is None else steps, None
+    if lr is not None and own_lr is None and kind == "gradient" and steps == 1 and batch is None:
+        raise UserError(
+            f"lr={lr}: the client's learning rate, used with kind='delta'/'weights' or local_steps > 1 only; "
+            f"the attack's step size is attack_lr={lr}"
+        )
+    return steps, own_lr if own_lr is not None else lr, batch
+
+
+def _carried(
+    captured: list[tuple[str, ClientUpdate]], updates: list[tuple[str, Any]], lr: Any, steps: Any, batch: Any
+) -> tuple[int, float | None, int | None]:
+    """(T, lr, local batch) the ClientUpdates carry, the same for all; arguments may only repeat them."""
     if len(captured) < len(updates):
         bare = next(w for w, u in updates if not isinstance(u, ClientUpdate))
         raise UserError(f"{bare}: a bare update beside ClientUpdates; give every client as a ClientUpdate, or none")
@@ -257,9 +265,9 @@ def _training(
     for name, given, carried in (("local_steps", steps, u.steps), ("local_batch", batch, u.local_batch)):
         if given is not None and given != carried:
             raise UserError(f"{name}={given!r}: {first} says {carried!r}; leave {name} out (the update's own is used)")
-    if lr is not None and lr != u.lr and (u.lr is not None or u.steps > 1):
+    if lr is not None and u.lr is not None and lr != u.lr:
         raise UserError(f"lr={lr}: {first} says lr={u.lr}; leave lr out (the update's own is used)")
-    return u.steps, u.lr if u.lr is not None else lr, u.local_batch
+    return u.steps, u.lr, u.local_batch
 
 
 def _labels(labels: Any, updates: list[tuple[str, Any]], grads: list[Any], num_classes: int) -> Tensor:

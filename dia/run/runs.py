@@ -131,19 +131,23 @@ def open_run(cfg: DictConfig) -> Run:
     name = run_name(cfg, text)
     folder = RunFolder(Path(cfg.run.output_dir), name)
     check_not_done(folder, text)
+    use_compile_cache(cfg)  # a compile cache that cannot be made: one line before the folder exists
     if not folder.acquire():
         raise UserError(
             f"run.name={name}: being run by another process (pid {folder.holder()}, lock '{folder.lock_path}'); "
             "wait for it or choose another run.name"
         )
+    ours = not folder.partial.is_dir()  # nothing of this run was there: what fails here leaves nothing behind
     try:
         check_not_done(folder, text)  # finished while we waited for the lock
         resumed = folder.open(text)
         if not resumed:
             record.write_config(folder.partial, text)
         checkpoint = Checkpoint(folder / "checkpoint.pt", persist=cfg.run.checkpoint_every >= 0)
-        use_compile_cache(cfg)
     except BaseException:
+        if ours:  # we hold the lock: no other process is in there
+            shutil.rmtree(folder.partial, ignore_errors=True)
+            folder.lock_path.unlink(missing_ok=True)
         folder.release()
         raise
     return Run(

@@ -45,8 +45,8 @@ class ClientUpdate:
     """One client's update: the gradient of its mean cross-entropy loss over its batch (after `steps` T > 1 local
     SGD steps: (w_0 - w_T) / lr, the sum of the T gradients along its trajectory), the labels it used, and, for
     evaluation only (a real server never has them), the dropout masks it drew and its images. `model_digest`
-    names the weights w_0 it was computed at (`model_digest`), so an update is never attacked with another model's
-    weights."""
+    names the weights w_0 it was computed at (the function `model_digest`), so an update is never attacked with
+    another model's weights."""
 
     gradient: Grads
     labels: Tensor  # (B,)
@@ -150,7 +150,7 @@ class ClientUpdate:
 def keep_mask(value: Any, where: str) -> Tensor:
     """A recorded dropout keep-mask: finite, every value 0 (dropped) or 1 (kept); as float32."""
     m = tensors.dense(value, where)
-    m = m.float() if m.dtype == torch.bool else tensors.floating(m, where).float()
+    m = tensors.floating(m, where).float() if m.is_floating_point() or m.is_complex() else m.float()
     if m.numel() and not bool(((m == 0) | (m == 1)).all()):
         odd = m[(m != 0) & (m != 1)][0].item()
         raise UserError(f"{where} holds {odd!r}; a recorded keep-mask holds 0 (dropped) and 1 (kept) only")

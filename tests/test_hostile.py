@@ -606,6 +606,7 @@ def test_a_folder_with_a_cells_name_is_not_a_finished_cell(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"'{folder / cell.id}' is a folder without metrics.json, not a finished run" in err, err
     assert (folder / cell.id / "notes.txt").read_text() == "mine" and not (folder / f".{cell.id}.partial").exists()
+    assert not (folder / f".{cell.id}.lock").exists()  # no lock file stranded beside it
 
 
 def test_force_takes_the_run_lock(tmp_path, capsys):

@@ -9,12 +9,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+if TYPE_CHECKING:  # torch and torchmetrics load when a metric is computed: the table itself is cheap to import
+    import torch
+    from torch import Tensor
 
 
 def mse(x: Tensor, y: Tensor) -> Tensor:
@@ -22,10 +21,14 @@ def mse(x: Tensor, y: Tensor) -> Tensor:
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 def ssim(x: Tensor, y: Tensor) -> Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
 
 
@@ -35,6 +38,7 @@ def match(reconstructions: Tensor, originals: Tensor) -> Tensor:
     Optimal assignment (Hungarian, scipy) maximizing the total SSIM; returns perm with
     reconstructions[perm[i]] matched to originals[i].
     """
+    import torch
     from scipy.optimize import linear_sum_assignment
 
     b = originals.shape[0]
@@ -58,6 +62,8 @@ def match_problems(reconstructions: Tensor, originals: Tensor) -> list[Tensor]:
 def problem_ssim(reconstructions: Tensor, originals: Tensor) -> Tensor:
     """Mean SSIM per problem (K,) of reconstructions (K, B, C, H, W) in [0, 1] against their originals
     (K * B, C, H, W), each batch matched first (`match_problems`)."""
+    import torch
+
     b = reconstructions.shape[1]
     return torch.stack(
         [
@@ -191,6 +197,8 @@ def mask_measures(
     `<measure>_keep_all` (nothing dropped) and `<measure>_init` (the expectation for a Bernoulli(1-p) draw,
     DIA's initialisation).
     """
+    import torch
+
     names = list(recovered)
     drop_true = torch.cat([(1 - true[n].float()).flatten(1) for n in names], dim=1)
     drop_pred = torch.cat([(recovered[n] < 0.5).float().flatten(1) for n in names], dim=1)
@@ -207,13 +215,15 @@ def mask_measures(
     return out
 
 
-LPIPSFn = Callable[[Tensor, Tensor], Tensor]
+LPIPSFn = Callable[["Tensor", "Tensor"], "Tensor"]
 _lpips_cache: dict[str, LPIPSFn | None] = {}
 LPIPS_MIN_SIZE = 64  # AlexNet's pooling needs inputs of at least ~64 px; smaller images are upsampled
 
 
 def lpips_from_network(net: torch.nn.Module) -> LPIPSFn:
     """Wrap an `lpips.LPIPS` network as a metric on [0, 1] images of any size and channel count."""
+    import torch
+    import torch.nn.functional as F
 
     def fn(x: Tensor, y: Tensor) -> Tensor:
         def prep(z: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # before torch allocates: no page faults per attack iteration on a CPU (dia.memory)
     try:
         from dia.config import compose, help_text
+        from dia.run.folder import AlreadyDone, check_done  # no torch: a finished run is found in a blink
 
         if "-h" in args or "--help" in args:
             print(help_text([a for a in args if a not in ("-h", "--help")]))
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"unknown option '{unknown[0]}'; {USAGE_HINT}")
         cfg = compose(args, base=base)
+        if not describe:
+            try:
+                check_done(cfg)  # the same run, finished: say where its results are, before anything slow
+            except AlreadyDone as done:
+                return _report(done.metrics, done.folder, done=True)
         from dia.console import quiet_libraries
 
         quiet_libraries()
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             signals.stop_point("the run")
-            out = execute([cfg], progress=cfg.run.progress)[0].output
+            outcome = execute([cfg], progress=cfg.run.progress)[0]
         except signals.Stopped as exc:
             print(
                 f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; "
@@ -93,29 +99,42 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return ExitCode.FAILED
-    from dia.run import record
+    out = outcome.output
+    return _report(out.metrics, out.folder, logged=out.logged, done=outcome.message is not None)
 
-    m = out.metrics
+
+def _report(m: dict, folder: Path, *, logged: dict[str, str] | None = None, done: bool = False) -> int:
+    """The run's per-victim table and summary line, where its files are, and its exit code (0, or 3: diverged).
+    `done`: a finished run of this config, found (nothing was run)."""
     print()
     print(_table(m["victims"]))
     from dia.metrics import METRICS
 
-    mean = {k.key: m["mean"][k.key] for k in METRICS if k.brief and m["mean"].get(k.key) is not None}
+    means = m.get("mean") if isinstance(m.get("mean"), dict) else {}
+    mean = {k.key: means[k.key] for k in METRICS if k.brief and isinstance(means.get(k.key), (int, float))}
     steps = (m.get("client") or {}).get("local_steps", 1)
     parts = [
-        f"status {m['status']}",
+        f"status {m.get('status')}",
         *(f"mean {k} {v:.4g}" for k, v in mean.items()),
-        f"{m['wall_time_s']:.1f} s on {m['device']}",
+        *([f"{m['wall_time_s']:.1f} s on {m.get('device')}"] if isinstance(m.get("wall_time_s"), (int, float)) else []),
     ]
     print(
         f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}{f' T={steps}' if steps > 1 else ''}: "
         + ", ".join(parts)
     )
-    print(
-        f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
-        + (f" {record.TENSORS}" if (out.folder / record.TENSORS).exists() else "")
+    from dia.run import record
+
+    files = "config.yaml metrics.json reconstructions.png" + (
+        f" {record.TENSORS}" if (folder / record.TENSORS).exists() else ""
     )
-    for name, where in out.logged.items():
+    if done:
+        print(
+            f"already done: {folder}{os.sep} holds this config's finished run ({files}); nothing was run. To run it "
+            "again, choose another run.output_dir or run.name"
+        )
+    else:
+        print(f"wrote {folder}{os.sep}: {files}")
+    for name, where in (logged or {}).items():
         if name == "wandb" and "offline" in where:
             print(
                 f"W&B offline run: {where} (upload with `wandb sync {Path(where).parent}`, which holds every "
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"{name}: {where}")
-    return ExitCode.OK if m["status"] == "completed" else ExitCode.DIVERGED
+    return ExitCode.OK if m.get("status") == "completed" else ExitCode.DIVERGED
 
 
 def _describe(cfg) -> int:

@@ -66,6 +66,33 @@ def test_saved_config_reruns_the_same_result(tmp_path):
     assert [v["mse"] for v in a["victims"]] == [v["mse"] for v in b["victims"]]
 
 
+def test_readme_reruns_a_finished_run_say_where_it_is_at_once(tmp_path, monkeypatch, capsys):
+    """README: `python -m dia.train` twice, and `python -m dia.train --config runs/<run>/config.yaml  # rerun a run
+    exactly`, ended in "run.name: '...' already exists; choose another run.name" (exit 2, after 27 s) for a run the
+    user never named. Now: its summary and where it is, exit 0, nothing run or rewritten, before torch is imported."""
+    monkeypatch.chdir(tmp_path)  # README's relative runs/ folder
+    args = [*FAST, "num_victims=1", "attack=ig", "logger.wandb.mode=disabled"]
+    assert main(args) == 0
+    run = _only_run(tmp_path / "runs")
+    written = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    capsys.readouterr()
+    for again in (args, ["--config", f"runs/{run.name}/config.yaml"]):
+        assert main(again) == 0
+        out = capsys.readouterr().out
+        assert f"already done: runs/{run.name}/ holds this config's finished run" in out, out
+        assert "status completed" in out and "SSIM" in out  # the summary of its metrics.json
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == written and _only_run(tmp_path / "runs") == run
+    code = (
+        "import sys, time; from dia.train import main; t = time.time(); "
+        f"rc = main({args!r}); print(rc, 'torch' in sys.modules, round(time.time() - t, 1))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    rc, torch_loaded, seconds = done.stdout.strip().splitlines()[-1].split()
+    assert (rc, torch_loaded) == ("0", "False") and float(seconds) < 5, done.stdout + done.stderr
+    assert main([*args, "attack.max_iterations=31"]) == 0  # another config: another run
+    assert len([p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]) == 2
+
+
 def test_help_lists_groups_choices_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -79,12 +106,12 @@ def test_describe_model_lists_dropout_sites(capsys):
 
 
 def test_diverging_attack_stops_keeps_best_and_says_diverged(tmp_path):
-    ckpt = tmp_path / "nan.pt"
+    ckpt = tmp_path / "huge.pt"  # finite weights whose activations overflow (NaN weights are refused at the door)
     from dia.config import compose
     from dia.models import build_model
 
     model = build_model(compose([]).model, channels=1, image_size=28, num_classes=10, seed=0)
-    torch.save({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}, ckpt)
+    torch.save({k: v * 1e30 for k, v in model.state_dict().items()}, ckpt)
     code = main(FAST + ["logger.wandb.mode=disabled", f"model.checkpoint={ckpt}", f"run.output_dir={tmp_path / 'out'}"])
     assert code == 3
     metrics = json.loads((_only_run(tmp_path / "out") / "metrics.json").read_text())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,9 @@ def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "", *, tex
         else:
             if isinstance(parent[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # `model.dropout=0` means 0.0
-            parent[leaf] = value
+            with warnings.catch_warnings():  # OmegaConf's FutureWarning on 'nan' -> float: the checks refuse it
+                warnings.simplefilter("ignore", FutureWarning)
+                parent[leaf] = value
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         raise UserError(f"{dotted}: invalid value {value!r} ({msg})") from None

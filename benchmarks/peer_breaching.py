@@ -198,10 +198,10 @@ def dia_worker(jobfile: str) -> None:
     """Run the dia jobs of `jobfile`, as breaching_worker.py runs breaching's."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import dia
+    import dia.api
     import dia.attacks
     import dia.config
     import dia.metrics
-    import dia.api
     import dia.run.pack
     import dia.run.runs
     import dia.scores

@@ -9,10 +9,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # torch loads when tensors are saved: reading and writing JSON and text need none
-    import torch
+from typing import Any
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

@@ -7,7 +7,7 @@ deserializes with `parameters_to_ndarrays`) and the global model, never the imag
 dropout masks. `dia.reconstruct(kind="weights", lr=..., local_steps=...)` attacks it, unrolling the local steps
 (the server set the learning rate and the number of steps: they are in the round's config).
 
-    pip install "dia[flower]"
+    pip install -e ".[flower]"                                # in the checkout: dia-leakage with Flower
     python examples/flower_client.py                          # 2 clients, 3 local steps, 1,500 iterations
     python examples/flower_client.py --iterations 300 --min-ssim 0.8   # what CI runs
 """

@@ -30,7 +30,8 @@ def _available(kind: str) -> None:
     wanted = NEEDS.get(kind, ())
     if wanted and not any(importlib.util.find_spec(m) is not None for m in wanted):
         raise UserError(
-            f"logger={kind}: needs the {wanted[0]} package; pip install {wanted[0]} (or dia's [{kind}] extra)"
+            f"logger={kind}: needs the {wanted[0]} package; pip install {wanted[0]} (or, in dia's checkout, "
+            f'pip install -e ".[{kind}]")'
         )
 
 

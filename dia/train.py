@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dia.errors import ExitCode, UserError
 from dia.memory import keep_freed_memory
@@ -43,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from dia.config import compose, help_text
 
         if "-h" in args or "--help" in args:
-            print(help_text([a for a in args if a not in ("-h", "--help")]))
-            return ExitCode.OK
+            return _emit(lambda: print(help_text([a for a in args if a not in ("-h", "--help")])))
         base = None
         if "--config" in args:
             i = args.index("--config")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_libraries()
         if describe:
-            return _describe(cfg)
+            return _emit(lambda: _describe(cfg))
         from dia.run import execute
 
         try:
@@ -93,6 +94,27 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return ExitCode.FAILED
+    code = ExitCode.OK if out.metrics["status"] == "completed" else ExitCode.DIVERGED
+    _emit(lambda: _summary(out))  # the run is complete: a reader that went away (`| head`) changes nothing
+    return code
+
+
+def _emit(write: Callable[[], Any]) -> int:
+    """Run `write` (printing to stdout) and flush; a reader that closed the pipe (`--help | head -3`) ends it
+    quietly: exit 0, no error (as `dia.grid --list | head` does)."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what is still buffered would fail again at exit: point stdout at /dev/null
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return ExitCode.OK
+
+
+def _summary(out: Any) -> None:
+    """The per-victim table, the means and where the run's files are."""
     m = out.metrics
     print()
     print(_table(m["victims"]))
@@ -109,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}{f' T={steps}' if steps > 1 else ''}: "
         + ", ".join(parts)
     )
-    print(
-        f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
-        + (" reconstructions.pt" if (out.folder / "reconstructions.pt").exists() else "")
-    )
+    files = ("config.yaml", "metrics.json", "curves.jsonl", "reconstructions.png", "reconstructions.pt")
+    print(f"wrote {out.folder}{os.sep}: {' '.join(f for f in files if (out.folder / f).exists())}")
     for name, where in out.logged.items():
         if name == "wandb" and "offline" in where:
             print(
@@ -121,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"{name}: {where}")
-    return ExitCode.OK if m["status"] == "completed" else ExitCode.DIVERGED
 
 
 def _describe(cfg) -> int:

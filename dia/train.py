@@ -19,7 +19,8 @@ USAGE_HINT = "see `python -m dia.train --help`"
 
 
 def _table(rows: list[dict]) -> str:
-    """The per-victim rows as a console table: the run's bookkeeping, then the metrics table's columns."""
+    """The per-victim rows as a console table (about 120 columns): the run's bookkeeping, then the metrics
+    table's console columns (metrics.json has every metric, the baselines of the mask measures too)."""
     from dia.metrics import METRICS
 
     cols = [
@@ -29,7 +30,11 @@ def _table(rows: list[dict]) -> str:
         ("iters", "iterations", "{}"),
         ("loss", "loss", "{:.2e}"),
     ]
-    cols += [(m.label, m.key, m.fmt) for m in METRICS if m.column and any(r.get(m.key) is not None for r in rows)]
+    cols += [
+        (m.label, m.key, m.fmt)
+        for m in METRICS
+        if m.column and m.console and any(r.get(m.key) is not None for r in rows)
+    ]
     cells = [[h for h, _, _ in cols]] + [
         ["-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols] for r in rows
     ]

@@ -47,6 +47,10 @@ def test_run_folder_holds_config_metrics_png_tensors_and_offline_wandb_run(tmp_p
     assert (run / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "SSIM" in out and str(run) in out
+    table = out[out.index("victim") :].split("\n\n")[0].splitlines()
+    assert len(table) == 3 and max(map(len, table)) <= 120, table  # it was ~230 columns wide
+    assert "mask bal. acc." in table[0] and "(init)" not in table[0]  # baselines: metrics.json only
+    assert "curves.jsonl" in out  # the files it wrote
     wandb_run = next((run / "wandb").glob("offline-run-*"))
     logged = read_offline_run(wandb_run)
     assert logged["config"]["attack"]["name"] == "dia" and logged["config"]["model"]["dropout"] == 0.25

@@ -16,12 +16,15 @@ part, so `lightning.Trainer().fit(attack)` works too.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
+import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,9 +36,10 @@ from torch import Tensor, nn
 
 from dia.attacks.progress import AttackProgressBar
 from dia.attacks.rows import MASK, Part, Rows
-from dia.console import quiet
+from dia.console import hush, quiet
 from dia.defenses import surviving
 from dia.engine import AttackResult, AttackState, Layout, Schedule, advance
+from dia.files import read_json, write_json
 from dia.gradients import problem_gradients
 from dia.losses import keep_rate_penalty
 
@@ -67,6 +71,8 @@ class Program(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.rows: Rows | None = None
+        self.on_iteration: Callable[[int], None] | None = None  # called after each iteration (a progress bar)
+        self.unhush: Callable[[], None] | None = None
         if model is not None:
             self.assemble(model, parts, expect=expect, lower=lower, upper=upper)
 
@@ -171,9 +177,43 @@ class Program(L.LightningModule):
         fn = torch.func.grad(total, has_aux=True)
         if self.cfg.compile is False:
             return fn
-        return CompiledOrEager(fn, strict=self.cfg.compile is True, mode=self.cfg.compile_mode)
+        return CompiledOrEager(
+            fn, strict=self.cfg.compile is True, mode=self.cfg.compile_mode, key=self.compile_key(), guess=self.guess()
+        )
+
+    def compile_key(self) -> str:
+        """What makes one compiled program another: the model and its parameters' shapes, the rows (K, D) and what
+        they train, the objective, the compile mode and torch (the key of its first call's time, `CompiledOrEager`)."""
+        parts = [
+            type(self.model).__qualname__,
+            *(f"{n}{tuple(p.shape)}" for n, p in self.model.named_parameters()),
+            str(tuple(self.state.flat.shape)),
+            *(f"{n}{s}" for n, s in self.state.layout.shapes),
+            type(self.science).__qualname__,
+            str(self.cfg.compile_mode),
+            self.device.type,
+            torch.__version__,
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def guess(self) -> float:
+        """A rough guess of a cold compile's seconds, from the model's size (its leaf modules; measured: the MLP's 11
+        about 40 s, the ViT's 48 about 100-150 s on an idle 2-core CPU, 13 s and 52 s on an H200)."""
+        leaves = sum(1 for m in self.model.modules() if not any(True for _ in m.children()))
+        return (5 + 1.0 * leaves) if self.device.type == "cuda" else (15 + 2.5 * leaves)
 
     # ---- Lightning hooks: the engine under a Trainer ------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Under the user's own Trainer too: the warnings Lightning gives this module (no optimizer, a model in
+        eval mode, few batches) and torch's noise are hushed until `teardown` (dia.console.hush)."""
+        if self.unhush is None:
+            self.unhush = hush()
+
+    def teardown(self, stage: str) -> None:
+        if self.unhush is not None:
+            self.unhush()
+            self.unhush = None
+
     def on_fit_start(self) -> None:
         if self.rows is None:
             raise ValueError(f"{type(self).__name__}: built from settings only; give it a model and problems")
@@ -201,8 +241,11 @@ class Program(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         n = min(self.cfg.iterations_per_step, self.horizon - self.done)
-        for _ in range(n):
+        tick = self.on_iteration
+        for i in range(n):
             self.step()
+            if tick is not None:  # a progress bar: moves every iteration, from the host-side count (no sync)
+                tick(self.done + i + 1)
         before, self.done = self.done, self.done + n
         if self.done // self.cfg.check_every > before // self.cfg.check_every or self.done >= self.horizon:
             # the only host sync: is any problem still running (or waiting to enter)?
@@ -274,12 +317,18 @@ class Program(L.LightningModule):
 class CompiledOrEager:
     """`torch.compile(fn)`, falling back to `fn` (with one notice) when compilation fails and not `strict`.
 
-    `compile_s` is the wall time of the first call (tracing + compiling, or loading from the persistent
-    cache, plus one run), logged as a notice.
+    Before its first call it says what is coming (`announce`): a compile of about the seconds the same program
+    (`key`) took last time, from the record kept beside torch's compile cache (`TIMES`), else of `guess` seconds.
+    `compile_s` is the wall time of the first call (tracing + compiling, or loading from the persistent cache, plus
+    one run), logged as a notice and recorded.
     """
 
-    def __init__(self, fn: Any, *, strict: bool, mode: str = "default") -> None:
-        self.fn, self.strict = fn, strict
+    TIMES = "dia-compile-times.json"  # in the compile cache folder: {key: {"first_s": ..., "last_s": ...}}
+
+    def __init__(
+        self, fn: Any, *, strict: bool, mode: str = "default", key: str | None = None, guess: float | None = None
+    ) -> None:
+        self.fn, self.strict, self.key, self.guess = fn, strict, key, guess
         self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
         self.compile_s: float | None = None
 
@@ -289,10 +338,12 @@ class CompiledOrEager:
         try:
             if self.compile_s is not None:
                 return self.compiled(*args)
+            self.announce()
             started = time.perf_counter()
             out = self.compiled(*args)
             self.compile_s = time.perf_counter() - started
             logging.getLogger("dia").info("torch.compile: first call %.1f s", self.compile_s)
+            self.remember(self.compile_s)
             return out
         except Exception as exc:
             if self.strict:
@@ -306,8 +357,81 @@ class CompiledOrEager:
             self.compiled = None
             return self.fn(*args)
 
+    @staticmethod
+    def cache_dir() -> Path | None:
+        """torch's compile cache folder: TORCHINDUCTOR_CACHE_DIR (dia.run sets it from run.compile_cache), else
+        torch's default."""
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+            return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            return Path(cache_dir())
+        except Exception:
+            return None
+
+    def times(self) -> dict[str, Any]:
+        folder = self.cache_dir()
+        try:
+            times = read_json(folder / self.TIMES) if folder is not None else {}
+        except (OSError, ValueError):
+            return {}
+        return times if isinstance(times, dict) else {}
+
+    def announce(self) -> None:
+        """One notice before the first call: how long it will take, about, and where the result is cached."""
+        folder = self.cache_dir()
+        seen = self.times().get(self.key) if self.key is not None else None
+        first = seen.get("first_s") if isinstance(seen, dict) else None
+        if isinstance(first, (int, float)):
+            cached = seen.get("cached_s")
+            about = (
+                f"~{_about(cached)}" if isinstance(cached, (int, float)) else "a fraction of the time"
+            ) + f"; its first compile took {_about(first)}"
+            message = f"compiling the attack program (from the cache in {folder}: {about})"
+        else:
+            guess = f"~{_about(self.guess)}, a rough guess" if self.guess else "a minute or more"
+            where = f"cached in {folder}" if folder is not None else "not cached on disk"
+            message = f"compiling the attack program (first time for this model and shape: {guess}; {where})"
+        logging.getLogger("dia").info(message)
+
+    def remember(self, seconds: float) -> None:
+        """Record this program's first-call time beside the compile cache: `first_s` the cold compile, `cached_s` the
+        last load from the cache (best effort: a read-only cache is fine)."""
+        folder = self.cache_dir()
+        if self.key is None or folder is None:
+            return
+        times = self.times()
+        seen = times.get(self.key)
+        if isinstance(seen, dict) and isinstance(seen.get("first_s"), (int, float)):
+            times[self.key] = seen | {"cached_s": round(seconds, 1)}
+        else:
+            times[self.key] = {"first_s": round(seconds, 1)}
+        with suppress(OSError, ValueError):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / self.TIMES, times)
+
+
+def _about(seconds: float) -> str:
+    """'40 s', '2.5 min': a duration as a person reads an estimate."""
+    if seconds < 90:
+        return f"{max(1, round(seconds / 5) * 5) if seconds >= 10 else max(1, round(seconds))} s"
+    return f"{seconds / 60:.1f} min"
+
 
 # ---- building and fitting: the one entry point ---------------------------------------------------------
+# The Trainer arguments an attack runs under (besides the device, the bar and the callbacks): one epoch over the
+# program's steps, and none of Lightning's logging, checkpoints or model summary (dia's run folder records the
+# run). `lightning.Trainer(**TRAINER)` is the quiet way to fit an attack yourself (docs/api.md).
+TRAINER: dict[str, Any] = {
+    "max_epochs": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """torch's float32 matmul precision set to `precision` (attack.matmul_precision) inside, restored after."""
@@ -328,13 +452,9 @@ def fit(
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
+            **TRAINER,
             enable_progress_bar=progress,
-            num_sanity_val_steps=0,
-            callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
+            callbacks=([AttackProgressBar(title)] if progress else []) + list(callbacks),
             plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
         )
         # SIGTERMException: Lightning's own reaction to SIGTERM, after our callback saved and stopped
@@ -368,4 +488,4 @@ def attack(
     return program
 
 
-__all__ = ["Program", "Part", "MASK", "INITS", "CompiledOrEager", "attack", "fit", "matmul_precision"]
+__all__ = ["Program", "Part", "MASK", "INITS", "TRAINER", "CompiledOrEager", "attack", "fit", "matmul_precision"]

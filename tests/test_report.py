@@ -518,3 +518,35 @@ def test_a_runs_own_picture_fits_its_title_with_one_victim(tmp_path, monkeypatch
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("batch, per_row", [(1, 8), (2, 8), (3, 6)])
+def test_sixteen_victims_every_pair_labelled_and_each_clients_images_framed(batch, per_row):
+    """The 16-victim picture: every pair of rows says which is the original and which the reconstruction, and with
+    B > 1 the images that shared one gradient are framed and named (a row holds whole clients)."""
+    from matplotlib.patches import Rectangle
+
+    from dia.run import plotting, record
+
+    n = 16 if batch != 3 else 9
+    rows = [{"index": i, "problem": i // batch, "ssim": 0.5} for i in range(n)]
+    captions = record.titles(rows)  # B as the rows say (dia.save, dia.report's montages)
+    assert captions.clients == (None if batch == 1 else [i // batch for i in range(n)])
+    fig = plotting.reconstruction_figure(
+        torch.rand(n, 1, 8, 8), torch.rand(n, 1, 8, 8), captions, title="DIA", clients=captions.clients
+    )
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+    pairs = -(-n // per_row)
+    assert texts.count("original") == pairs and texts.count("reconstruction") == pairs
+    frames = [a for a in fig.artists if isinstance(a, Rectangle)]
+    clients = [t for t in texts if t.startswith("client ")]
+    assert len(frames) == len(clients) == (0 if batch == 1 else n // batch)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 2 * n and len({round(ax.get_position().x0, 3) for ax in shown}) == per_row
+    if batch > 1:  # a client's frame holds exactly its images
+        renderer = fig.canvas.get_renderer()
+        for k, frame in enumerate(frames):
+            box = frame.get_window_extent(renderer)
+            centers = [ax.get_window_extent(renderer) for ax in shown]
+            inside = [c for c in centers if box.contains((c.x0 + c.x1) / 2, (c.y0 + c.y1) / 2)]
+            assert len(inside) == 2 * batch, k

@@ -22,11 +22,17 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.client import NumPyClient
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from torch import nn
 
 import dia
+
+try:
+    from flwr.client import NumPyClient
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+except ModuleNotFoundError as exc:  # one line, not a traceback
+    if exc.name is None or exc.name.split(".")[0] != "flwr":
+        raise
+    sys.exit('error: this example needs Flower: pip install -e ".[flower]" in the dia checkout (or pip install flwr)')
 
 MEAN, STD = 0.1307, 0.3081
 

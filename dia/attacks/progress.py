@@ -56,6 +56,9 @@ class AttackProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.total = pl_module.expected or pl_module.horizon  # count iterations, not Lightning steps
         self.train_progress_bar = self.init_train_tqdm()
+        gradient = getattr(pl_module, "gradient", None)
+        if getattr(gradient, "compiled", None) is not None and getattr(gradient, "compile_s", 0) is None:
+            self.train_progress_bar.set_postfix_str("compiling the attack program first")  # a notebook has no notices
         self.first = pl_module.done + 1
         self.shown = time.monotonic()
         pl_module.on_iteration = self.tick
@@ -70,6 +73,7 @@ class AttackProgressBar(TQDMProgressBar):
             bar = self.train_progress_bar
             bar.initial, bar.n, bar.start_t = done, done, bar._time()
             bar.last_print_n, bar.last_print_t = done, bar.start_t
+            bar.set_postfix(self.postfix, refresh=False)
         if now - self.shown >= self.redraw_interval() or done >= self.total:
             self.shown = now
             bar = self.train_progress_bar

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from dia import attacks, clients, config, tensors
 from dia.attacks import ATTACKS, InvertingGradients, Part, settings_of
 from dia.clients import Simulation, client_masks, client_problems
+from dia.console import interactive
 from dia.engine import AttackResult
 from dia.errors import UserError
 from dia.metrics import mean_metrics
@@ -115,7 +116,7 @@ def reconstruct(
     seed: int = 0,
     device: str = "auto",
     out: str | Path | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     local_steps: int | None = None,
     local_batch: int | None = None,
     attack_lr: float | None = None,
@@ -142,6 +143,7 @@ def reconstruct(
       `attack.lr` is `attack_lr` (`lr` is the client's).
     - `masks`: the client's recorded dropout masks, {site: (B, ...) or (K, B, ...)}: needed by "wiig" only.
     - `out`: a folder to write the run into (as dia.train does); nothing is written otherwise.
+    - `progress`: a bar counting the iterations; None: when a person watches (a notebook, stderr a terminal).
 
     Every argument is checked before any work (the command line's checks: settings, shapes, labels, masks, the
     model, memory); bad input raises `dia.UserError` with one line naming the argument, tensor, key or file.
@@ -175,7 +177,8 @@ def reconstruct(
         local=local,
     )
     seen = cls.view(problems)  # what its server sees (an oracle without the client's masks: one line)
-    res = attacks.attack(twin, [Part(cls(cfg=cfg), seen)], device=dev, progress=progress).result()
+    shown = interactive() if progress is None else progress
+    res = attacks.attack(twin, [Part(cls(cfg=cfg), seen)], device=dev, progress=shown).result()
     rec = Reconstruction(
         images=(res.x.flatten(0, 1) * std_t + mean_t).clamp(0, 1),
         labels=y,

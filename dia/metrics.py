@@ -6,9 +6,13 @@ the paper's code reports it.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch and torchmetrics load when a metric is computed: the table itself is cheap to import
@@ -82,7 +86,8 @@ MASK_KEYS = tuple(f"mask_{m}{s}" for m in MASK_MEASURES for s in ("", "_keep_all
 class Metric:
     """One per-victim measure of a run: its key (metrics.json, curves, loggers), how tables and figures label it,
     whether higher is better, and how one value is printed. `brief`: in one-line summaries; `column`: a
-    column of the tables (dia.train's console, dia.report); every metric is in metrics.json and the loggers.
+    column of the tables (dia.report's, and dia.train's console table unless not `console`: that one fits 120
+    columns, so the mask measures' baselines stay out of it); every metric is in metrics.json and the loggers.
 
     An image metric has `fn(reconstructions, originals) -> (N,)` on [0, 1] images, or on normalized images
     with `normalized` (MSE, as the paper's code reports it); `fn` may return None (LPIPS without its backbone).
@@ -94,6 +99,7 @@ class Metric:
     fmt: str
     brief: bool = False
     column: bool = True
+    console: bool = True
     fn: Callable[[Tensor, Tensor], Tensor | None] | None = None
     normalized: bool = False
 
@@ -127,6 +133,7 @@ METRICS: list[Metric] = [
             "{:.3f}",
             brief=(m, b) == ("bal_acc", ""),
             column=m != "accuracy" and (m == "bal_acc" or b != "_keep_all"),
+            console=b == "",
         )
         for m in ("bal_acc", "recall", "precision", "accuracy")
         for b in _BASELINES
@@ -239,22 +246,65 @@ def lpips_from_network(net: torch.nn.Module) -> LPIPSFn:
     return fn
 
 
+def lpips_marker(net: str = "alex") -> Path:
+    """The file that remembers, for this machine, that LPIPS's pretrained `net` could not be had:
+    $DIA_CACHE_DIR (default ~/.cache/dia, or $XDG_CACHE_HOME/dia) / lpips-<net>-unavailable."""
+    base = os.environ.get("DIA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dia"
+    return Path(base) / f"lpips-{net}-unavailable"
+
+
+def _weights_in_hub_cache(net: str) -> bool:
+    """Whether torchvision's weights of `net` lie in the torch hub cache (put there since the failure)."""
+    import torch
+
+    try:
+        return any((Path(torch.hub.get_dir()) / "checkpoints").glob(f"{net}*.pth"))
+    except OSError:
+        return False
+
+
 def load_lpips(net: str = "alex") -> LPIPSFn | None:
-    """LPIPS with pretrained `net` backbone, or None (with one warning) when its weights cannot be had."""
+    """LPIPS with pretrained `net` backbone, or None when its weights cannot be had.
+
+    Tried once per machine: a failure (offline, no weights in the torch hub cache) warns once, saying so, and is
+    remembered in `lpips_marker(net)`; later processes report LPIPS as null without trying (or a download attempt
+    on the console). It is tried again when the marker is deleted, when DIA_RETRY_LPIPS=1, or when the weights
+    appear in the torch hub cache."""
     if net in _lpips_cache:
         return _lpips_cache[net]
+    import torch
+
+    marker = lpips_marker(net)
+    if marker.is_file() and not os.environ.get("DIA_RETRY_LPIPS") and not _weights_in_hub_cache(net):
+        _lpips_cache[net] = None
+        return None
     try:
         import lpips
 
-        with warnings.catch_warnings():
+        # torch.hub's "Downloading: ..." line (on stdout) would land in the middle of a progress bar
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             model = lpips.LPIPS(net=net, verbose=False).eval()
         fn: LPIPSFn | None = lpips_from_network(model)
+        with contextlib.suppress(OSError):
+            marker.unlink(missing_ok=True)
     except Exception as exc:
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        remembered = ""
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"LPIPS ({net}) could not be loaded: {why}\ndelete this file to try again\n")
+            remembered = (
+                f" Not tried again on this machine ({marker}): delete that file or set DIA_RETRY_LPIPS=1 to retry."
+            )
         warnings.warn(
-            f"LPIPS disabled: the pretrained {net} backbone could not be loaded "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); reported as null. "
-            "Put the torchvision weights in the torch hub cache (or go online) to enable it.",
+            f"LPIPS disabled: the pretrained {net} backbone could not be loaded ({why}); reported as null. Put the "
+            f"torchvision weights in the torch hub cache ({torch.hub.get_dir()}) or go online to enable it."
+            + remembered,
             RuntimeWarning,
             stacklevel=2,
         )

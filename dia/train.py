@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dia.errors import ExitCode, UserError
 from dia.memory import keep_freed_memory
@@ -17,7 +19,8 @@ USAGE_HINT = "see `python -m dia.train --help`"
 
 
 def _table(rows: list[dict]) -> str:
-    """The per-victim rows as a console table: the run's bookkeeping, then the metrics table's columns."""
+    """The per-victim rows as a console table (about 120 columns): the run's bookkeeping, then the metrics
+    table's console columns (metrics.json has every metric, the baselines of the mask measures too)."""
     from dia.metrics import METRICS
 
     cols = [
@@ -27,7 +30,11 @@ def _table(rows: list[dict]) -> str:
         ("iters", "iterations", "{}"),
         ("loss", "loss", "{:.2e}"),
     ]
-    cols += [(m.label, m.key, m.fmt) for m in METRICS if m.column and any(r.get(m.key) is not None for r in rows)]
+    cols += [
+        (m.label, m.key, m.fmt)
+        for m in METRICS
+        if m.column and m.console and any(r.get(m.key) is not None for r in rows)
+    ]
     cells = [[h for h, _, _ in cols]] + [
         ["-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols] for r in rows
     ]
@@ -44,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from dia.run.folder import AlreadyDone, check_done  # no torch: a finished run is found in a blink
 
         if "-h" in args or "--help" in args:
-            print(help_text([a for a in args if a not in ("-h", "--help")]))
-            return ExitCode.OK
+            return _emit(lambda: print(help_text([a for a in args if a not in ("-h", "--help")])))
         base = None
         if "--config" in args:
             i = args.index("--config")
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_libraries()
         if describe:
-            return _describe(cfg)
+            return _emit(lambda: _describe(cfg))
         from dia.run import execute
 
         try:
@@ -103,9 +109,29 @@ def main(argv: list[str] | None = None) -> int:
     return _report(out.metrics, out.folder, logged=out.logged, done=outcome.message is not None)
 
 
+def _emit(write: Callable[[], Any]) -> int:
+    """Run `write` (printing to stdout) and flush; a reader that closed the pipe (`--help | head -3`) ends it
+    quietly: exit 0, no error (as `dia.grid --list | head` does)."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what is still buffered would fail again at exit: point stdout at /dev/null
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return ExitCode.OK
+
+
 def _report(m: dict, folder: Path, *, logged: dict[str, str] | None = None, done: bool = False) -> int:
-    """The run's per-victim table and summary line, where its files are, and its exit code (0, or 3: diverged).
-    `done`: a finished run of this config, found (nothing was run)."""
+    """Print the run's summary (a reader that went away, `| head`, changes nothing: the run is complete) and return
+    its exit code (0, or 3: diverged). `done`: a finished run of this config, found (nothing was run)."""
+    _emit(lambda: _summary(m, folder, logged=logged or {}, done=done))
+    return ExitCode.OK if m.get("status") == "completed" else ExitCode.DIVERGED
+
+
+def _summary(m: dict, folder: Path, *, logged: dict[str, str], done: bool) -> None:
+    """The per-victim table, the means and where the run's files are."""
     print()
     print(_table(m["victims"]))
     from dia.metrics import METRICS
@@ -124,9 +150,8 @@ def _report(m: dict, folder: Path, *, logged: dict[str, str] | None = None, done
     )
     from dia.run import record
 
-    files = "config.yaml metrics.json reconstructions.png" + (
-        f" {record.TENSORS}" if (folder / record.TENSORS).exists() else ""
-    )
+    names = (record.CONFIG, record.METRICS, record.CURVES, record.PICTURE, record.TENSORS)
+    files = " ".join(f for f in names if (folder / f).exists())
     if done:
         print(
             f"already done: {folder}{os.sep} holds this config's finished run ({files}); nothing was run. To run it "
@@ -134,7 +159,7 @@ def _report(m: dict, folder: Path, *, logged: dict[str, str] | None = None, done
         )
     else:
         print(f"wrote {folder}{os.sep}: {files}")
-    for name, where in (logged or {}).items():
+    for name, where in logged.items():
         if name == "wandb" and "offline" in where:
             print(
                 f"W&B offline run: {where} (upload with `wandb sync {Path(where).parent}`, which holds every "
@@ -142,7 +167,6 @@ def _report(m: dict, folder: Path, *, logged: dict[str, str] | None = None, done
             )
         else:
             print(f"{name}: {where}")
-    return ExitCode.OK if m.get("status") == "completed" else ExitCode.DIVERGED
 
 
 def _describe(cfg) -> int:

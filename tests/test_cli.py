@@ -47,6 +47,10 @@ def test_run_folder_holds_config_metrics_png_tensors_and_offline_wandb_run(tmp_p
     assert (run / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "SSIM" in out and str(run) in out
+    table = out[out.index("victim") :].split("\n\n")[0].splitlines()
+    assert len(table) == 3 and max(map(len, table)) <= 120, table  # it was ~230 columns wide
+    assert "mask bal. acc." in table[0] and "(init)" not in table[0]  # baselines: metrics.json only
+    assert "curves.jsonl" in out  # the files it wrote
     wandb_run = next((run / "wandb").glob("offline-run-*"))
     logged = read_offline_run(wandb_run)
     assert logged["config"]["attack"]["name"] == "dia" and logged["config"]["model"]["dropout"] == 0.25
@@ -97,6 +101,47 @@ def test_help_lists_groups_choices_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "attack   dia, dlg, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
+
+
+def _key_lines(text: str) -> list[str]:
+    lines = text.split("keys (", 1)[1].split("\n\noptions:", 1)[0].splitlines()[1:]
+    assert lines and all(line.startswith("  ") for line in lines)
+    return lines
+
+
+def test_help_gives_every_key_its_values_and_a_description(capsys):
+    """Every key of every choice (a composition too) has what it may be and what it does: from the schema's fields,
+    from the comments beside a choice's own keys in its YAML, from the range its check enforces."""
+    from dia.config import choices, compose, key_doc
+
+    selections = [[]] + [[f"{g}={c}"] for g in ("attack", "model", "data", "defense") for c in choices(g)]
+    for args in selections + [["defense=[prune,dpsgd]"]]:
+        assert main(["--help", *args]) == 0
+        lines = _key_lines(capsys.readouterr().out)
+        cfg = compose(args, code_checks=False, validated=False)
+        assert len(lines) > 40
+        for line in lines:
+            key = line.split(" = ", 1)[0].strip()
+            values, text = key_doc(key, cfg)
+            assert len(values) >= 2 and len(text.split()) >= 2, (args, line)  # what it may be, what it does
+            assert line.endswith(f"  ({values}) {text}"), (args, line)
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert "  attack.mask_param = clip  (clip | sigmoid) how trained masks are parametrized" in out
+    assert "  model.dropout = 0.25  (in [0, 1)) dropout rate p" in out  # the range model.dropout's check enforces
+    assert "  attack.assumed_rate = null  (null or in [0, 1)) the dropout rate DIA assumes" in out
+    main(["--help", "model=vit"])
+    assert "  model.heads = 16  (an integer > 0) attention heads" in capsys.readouterr().out
+
+
+def test_help_into_a_closed_pipe_ends_quietly_with_exit_0():
+    """`python -m dia.train --help | head -3` ended in exit 1 with a BrokenPipeError line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dia.train", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader has gone before the help is written
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
 
 
 def test_describe_model_lists_dropout_sites(capsys):

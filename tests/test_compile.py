@@ -114,14 +114,14 @@ def test_compile_auto_gives_exactly_the_path_it_takes(problems_factory, monkeypa
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     budget = "attack.max_iterations=30"
-    monkeypatch.setattr(compiling, "COLD_COMPILE_S", 1e9)  # never repaid
+    monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 1e9)  # a first compile never repaid
     with caplog.at_level(logging.INFO, logger="dia"):
         assert torch.equal(
             _steps(problems_factory, "attack.compile=auto", budget),
             _steps(problems_factory, "attack.compile=false", budget),
         )
     assert "attack.compile=auto: running eagerly (30 iterations" in caplog.text
-    monkeypatch.setattr(compiling, "COLD_COMPILE_S", 0.0)  # always repaid
+    monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 0.0)  # always repaid
     auto = _steps(problems_factory, "attack.compile=auto", budget, iterations=12)
     assert torch.equal(auto, _steps(problems_factory, "attack.compile=true", budget, iterations=12))
     (entry,) = json.loads((tmp_path / "cache" / compiling.BOOK).read_text()).values()

@@ -8,8 +8,9 @@ before the first iteration so that `auto` gives exactly the result of the path i
 
 t_eager is measured (two evaluations of the eager program at the start, which change nothing), horizon is the
 program's iteration budget, and compile_s and speedup come from the last compile of the same program on this
-machine (`CostBook`, a JSON file beside torch.compile's own cache), else from conservative defaults
-(`COLD_COMPILE_S`, `SPEEDUP`, measured in docs/benchmarks.md). After every compile its first-call time and its
+machine (`CostBook`, a JSON file beside torch.compile's own cache), else from a guess by the model's size
+(`cold_guess`) and a conservative `SPEEDUP` (measured in docs/benchmarks.md). The same book gives the notice
+before a compile its expected time. After every compile its first-call time and its
 per-iteration time go into the book, so the next decision knows them.
 """
 
@@ -79,9 +80,10 @@ class CostBook:
 
 def signature(model: torch.nn.Module, flat: torch.Tensor, key: Any) -> str:
     """What makes two programs the same compiled program: the model's class and parameter shapes, the rows and
-    columns of the state, and `key` (objective, sites and roles)."""
+    columns of the state, `key` (objective, sites, roles, compile mode), the device type and torch's version."""
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    text = json.dumps([type(model).__qualname__, shapes, tuple(flat.shape), repr(key)], default=str)
+    where = [flat.device.type, torch.__version__]
+    text = json.dumps([type(model).__qualname__, shapes, tuple(flat.shape), repr(key), where], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -96,9 +98,24 @@ def seconds_per_call(fn: Any, arg: torch.Tensor, calls: int = 2) -> float:
     return statistics.median(times)
 
 
-def pays(*, horizon: int, t_eager: float, known: dict[str, float]) -> tuple[bool, str]:
-    """Whether compiling repays itself over `horizon` iterations, and the reason in words."""
-    compile_s = known.get("compile_s", COLD_COMPILE_S)
+def cold_guess(model: torch.nn.Module, device: torch.device) -> float:
+    """A rough guess of a first compile's seconds from the model's size, its leaf modules (measured: the MLP's 11
+    about 40 s, the ViT's 48 about 100-150 s on an idle 2-core CPU; 13 s and 52 s on an H200)."""
+    leaves = sum(1 for m in model.modules() if not any(True for _ in m.children()))
+    return (5 + 1.0 * leaves) if device.type == "cuda" else (15 + 2.5 * leaves)
+
+
+def about(seconds: float) -> str:
+    """'40 s', '2.5 min': a duration as a person reads an estimate."""
+    if seconds < 90:
+        return f"{max(1, round(seconds / 5) * 5) if seconds >= 10 else max(1, round(seconds))} s"
+    return f"{seconds / 60:.1f} min"
+
+
+def pays(*, horizon: int, t_eager: float, known: dict[str, float], cold: float = COLD_COMPILE_S) -> tuple[bool, str]:
+    """Whether compiling repays itself over `horizon` iterations, and the reason in words (`cold`: a first
+    compile's seconds when the book knows none)."""
+    compile_s = known.get("compile_s", cold)
     speedup = known["t_eager"] / known["t_compiled"] if known.get("t_compiled") and known.get("t_eager") else SPEEDUP
     eager = horizon * t_eager
     compiled = compile_s + eager / speedup
@@ -113,8 +130,10 @@ def pays(*, horizon: int, t_eager: float, known: dict[str, float]) -> tuple[bool
 class CompiledOrEager:
     """`torch.compile(fn)`, falling back to `eager` (with one notice) when compilation fails and not `strict`.
 
-    `compile_s` is the wall time of the first call (tracing + compiling, or loading from the persistent cache,
-    plus one run), logged as a notice; it and the per-iteration time of the next calls go into `book`.
+    Before the first call one notice says what is coming: a compile of about the seconds this program took last
+    time (`book`), else of `guess` seconds. `compile_s` is the wall time of the first call (tracing + compiling, or
+    loading from the persistent cache, plus one run), logged as a notice; it and the per-iteration time of the
+    next calls go into `book`.
     """
 
     def __init__(
@@ -126,8 +145,9 @@ class CompiledOrEager:
         eager: Any = None,
         book: CostBook | None = None,
         signature: str = "",
+        guess: float | None = None,
     ) -> None:
-        self.fn, self.eager, self.strict = fn, eager if eager is not None else fn, strict
+        self.fn, self.eager, self.strict, self.guess = fn, eager if eager is not None else fn, strict, guess
         self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
         self.compile_s: float | None = None
         self.book, self.signature, self.times = book, signature, []
@@ -138,6 +158,7 @@ class CompiledOrEager:
         try:
             if self.compile_s is not None:
                 return self._timed(*args)
+            self.announce()
             started = time.perf_counter()
             out = self.compiled(*args)
             self.compile_s = time.perf_counter() - started
@@ -157,6 +178,18 @@ class CompiledOrEager:
             self.compiled = None
             return self.eager(*args)
 
+    def announce(self) -> None:
+        """One notice before the first call: about how long it takes, and where the compiled program is cached."""
+        folder = cache_dir()
+        where = f"cached in {folder}" if folder is not None else "not cached on disk"
+        last = self.book.get(self.signature).get("compile_s") if self.book is not None else None
+        if isinstance(last, (int, float)):
+            message = f"compiling the attack program (~{about(last)}, as the last time on this machine; {where})"
+        else:
+            guess = f"~{about(self.guess)}, a rough guess" if self.guess else "a minute or more"
+            message = f"compiling the attack program (first time for this model and shape: {guess}; {where})"
+        log.info(message)
+
     def _timed(self, *args: Any) -> Any:
         """A compiled call; the 10 calls after the first are timed for the book (no host sync is added: the CPU
         program returns when it is done; on a GPU the time is the launch, an underestimate the rule tolerates)."""
@@ -170,4 +203,14 @@ class CompiledOrEager:
         return out
 
 
-__all__ = ["CompiledOrEager", "CostBook", "pays", "signature", "seconds_per_call", "cache_dir", "COLD_COMPILE_S"]
+__all__ = [
+    "CompiledOrEager",
+    "CostBook",
+    "pays",
+    "signature",
+    "seconds_per_call",
+    "cache_dir",
+    "cold_guess",
+    "about",
+    "COLD_COMPILE_S",
+]

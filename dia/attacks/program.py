@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -29,10 +29,18 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
-from dia.attacks.compiling import CompiledOrEager, CostBook, cache_dir, pays, seconds_per_call, signature
+from dia.attacks.compiling import (
+    CompiledOrEager,
+    CostBook,
+    cache_dir,
+    cold_guess,
+    pays,
+    seconds_per_call,
+    signature,
+)
 from dia.attacks.progress import AttackProgressBar
 from dia.attacks.rows import MASK, Part, Rows
-from dia.console import quiet
+from dia.console import hush, quiet
 from dia.defenses import surviving
 from dia.engine import AttackResult, AttackState, Layout, Schedule, advance
 from dia.gradients import problem_gradients, problem_gradients_loop
@@ -67,6 +75,8 @@ class Program(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.rows: Rows | None = None
+        self.on_iteration: Callable[[int], None] | None = None  # called after each iteration (a progress bar)
+        self.unhush: Callable[[], None] | None = None
         if model is not None:
             self.assemble(model, parts, expect=expect, lower=lower, upper=upper)
 
@@ -186,20 +196,36 @@ class Program(L.LightningModule):
         if self.cfg.compile is False:
             return eager
         book = CostBook(cache_dir())
-        key = signature(self.model, self.state.flat, (self.science.objective_key(self.cfg), self.rows.scheme_key()))
+        key = signature(
+            self.model,
+            self.state.flat,
+            (self.science.objective_key(self.cfg), self.rows.scheme_key(), str(self.cfg.compile_mode)),
+        )
+        guess = cold_guess(self.model, self.device)
         if self.cfg.compile == "auto":
             t_eager = seconds_per_call(eager, self.state.flat.detach(), calls=1)
-            compiles, why = pays(horizon=self.horizon, t_eager=t_eager, known=book.get(key))
+            compiles, why = pays(horizon=self.horizon, t_eager=t_eager, known=book.get(key), cold=guess)
             book.put(key, t_eager=t_eager)
             log.info("attack.compile=auto: %s (%s)", "compiling" if compiles else "running eagerly", why)
             if not compiles:
                 return eager
         strict = self.cfg.compile is True
         return CompiledOrEager(
-            vectorized, strict=strict, mode=self.cfg.compile_mode, eager=eager, book=book, signature=key
+            vectorized, strict=strict, mode=self.cfg.compile_mode, eager=eager, book=book, signature=key, guess=guess
         )
 
     # ---- Lightning hooks: the engine under a Trainer ------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Under the user's own Trainer too: the warnings Lightning gives this module (no optimizer, a model in
+        eval mode, few batches) and torch's noise are hushed until `teardown` (dia.console.hush)."""
+        if self.unhush is None:
+            self.unhush = hush()
+
+    def teardown(self, stage: str) -> None:
+        if self.unhush is not None:
+            self.unhush()
+            self.unhush = None
+
     def on_fit_start(self) -> None:
         if self.rows is None:
             raise ValueError(f"{type(self).__name__}: built from settings only; give it a model and problems")
@@ -227,8 +253,11 @@ class Program(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         n = min(self.cfg.iterations_per_step, self.horizon - self.done)
-        for _ in range(n):
+        tick = self.on_iteration
+        for i in range(n):
             self.step()
+            if tick is not None:  # a progress bar: moves every iteration, from the host-side count (no sync)
+                tick(self.done + i + 1)
         before, self.done = self.done, self.done + n
         if self.done // self.cfg.check_every > before // self.cfg.check_every or self.done >= self.horizon:
             # the only host sync: is any problem still running (or waiting to enter)?
@@ -298,6 +327,18 @@ class Program(L.LightningModule):
 
 
 # ---- building and fitting: the one entry point ---------------------------------------------------------
+# The Trainer arguments an attack runs under (besides the device, the bar and the callbacks): one epoch over the
+# program's steps, and none of Lightning's logging, checkpoints or model summary (dia's run folder records the
+# run). `lightning.Trainer(**TRAINER)` is the quiet way to fit an attack yourself (docs/api.md).
+TRAINER: dict[str, Any] = {
+    "max_epochs": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """torch's float32 matmul precision set to `precision` (attack.matmul_precision) inside, restored after."""
@@ -318,13 +359,9 @@ def fit(
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
+            **TRAINER,
             enable_progress_bar=progress,
-            num_sanity_val_steps=0,
-            callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
+            callbacks=([AttackProgressBar(title)] if progress else []) + list(callbacks),
             plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
         )
         # SIGTERMException: Lightning's own reaction to SIGTERM, after our callback saved and stopped
@@ -358,4 +395,4 @@ def attack(
     return program
 
 
-__all__ = ["Program", "Part", "MASK", "INITS", "CompiledOrEager", "attack", "fit", "matmul_precision"]
+__all__ = ["Program", "Part", "MASK", "INITS", "TRAINER", "CompiledOrEager", "attack", "fit", "matmul_precision"]

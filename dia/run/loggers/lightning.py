@@ -30,7 +30,8 @@ def _available(backend: str) -> None:
     wanted = NEEDS.get(backend, ())
     if wanted and not any(importlib.util.find_spec(m) is not None for m in wanted):
         raise UserError(
-            f"logger={backend}: needs the {wanted[0]} package; pip install {wanted[0]} (or dia's [{backend}] extra)"
+            f"logger={backend}: needs the {wanted[0]} package; pip install {wanted[0]} (or, in dia's checkout, "
+            f'pip install -e ".[{backend}]")'
         )
 
 

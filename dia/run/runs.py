@@ -103,6 +103,11 @@ def use_compile_cache(cfg: DictConfig) -> Path | None:
         # torch creates it when it compiles: a run stopped by bad input before that leaves nothing behind
         above = next((p for p in (folder, *folder.parents) if p.exists()), None)
         if (folder.exists() and not folder.is_dir()) or (above is not None and not os.access(above, os.W_OK | os.X_OK)):
+            if not cfg.run.compile_cache:  # the default, inside the run folders' root: that is what fails
+                raise UserError(
+                    f"run.output_dir: cannot write to '{cfg.run.output_dir}' (its .compile-cache cannot be created: "
+                    "not a writable folder)"
+                )
             raise UserError(f"run.compile_cache: cannot create '{folder}' (not a writable folder)")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE_SET = str(folder.resolve())
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])

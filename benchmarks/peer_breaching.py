@@ -244,7 +244,7 @@ def dia_worker(jobfile: str) -> None:
                 seed=int(prob["seed"]),
                 device="cpu",
                 max_iterations=int(job.get("warmup_iterations", 5)) if warm else int(job["iterations"]),
-                compile=bool(job.get("warmup_compile", job["compile"]) if warm else job["compile"]),
+                compile=job.get("warmup_compile", job["compile"]) if warm else job["compile"],  # True, False, "auto"
                 **job["settings"],
             )
             took = time.perf_counter() - started
@@ -429,7 +429,9 @@ def batch(b: Bench, problems: dict, out: list[str]) -> None:
     victims, n = list(range(a.batch_victims)), a.batch_iterations
     warm = {d: b.folder / f"inductor-warm-batch-{d}" for d in a.data}
     variants = [
-        v for v in ("breaching", "dia-cold", "dia-warm", "dia-eager") if v == "breaching" or v in a.dia_variants
+        v
+        for v in ("breaching", "dia-auto", "dia-cold", "dia-warm", "dia-eager")
+        if v == "breaching" or v in a.dia_variants
     ]
     for d in a.data:  # prime each warm cache (untimed): the same program shapes as the timed runs
         if "dia-warm" in variants:
@@ -459,21 +461,21 @@ def batch(b: Bench, problems: dict, out: list[str]) -> None:
                     iterations=n,
                     attack="ig",
                     per_call=v == "breaching",
-                    compile=v != "dia-eager",
+                    compile={"dia-eager": False, "dia-auto": "auto"}.get(v, True),
                     warmup=1,
                     warmup_iterations=5,
                     warmup_compile=False,
                 )
                 env = {}
-                if v == "dia-cold":
-                    cold = b.folder / f"inductor-cold-{d}-{rep}"
+                if v in ("dia-cold", "dia-auto"):  # a user's first run: nothing compiled, no cost book
+                    cold = b.folder / f"inductor-{v}-{d}-{rep}"
                     env["TORCHINDUCTOR_CACHE_DIR"] = str(cold)  # fresh and empty
                 elif v == "dia-warm":
                     env["TORCHINDUCTOR_CACHE_DIR"] = str(warm[d])
                 else:
                     env["TORCHINDUCTOR_CACHE_DIR"] = str(b.folder / "inductor-unused")
                 r = b.run("breaching" if v == "breaching" else "dia", [job], env)[0]
-                if v == "dia-cold":
+                if v in ("dia-cold", "dia-auto"):
                     shutil.rmtree(cold, ignore_errors=True)
                 times.setdefault((d, v), []).append(r)
                 b.note(
@@ -512,11 +514,12 @@ def batch(b: Bench, problems: dict, out: list[str]) -> None:
             )
             comp = (
                 spread([c for r in rs for c in r.get("compile_s", [])], "{:.1f}")
-                if v in ("dia-cold", "dia-warm")
+                if v in ("dia-cold", "dia-warm", "dia-auto")
                 else ""
             )
             label = {
                 "breaching": "breaching, victim by victim",
+                "dia-auto": "dia, compile=auto (the default), first run",
                 "dia-cold": "dia, compiled, cold cache",
                 "dia-warm": "dia, compiled, warm cache",
                 "dia-eager": "dia, eager (compile=False)",
@@ -532,7 +535,9 @@ def single(b: Bench, problems: dict, out: list[str]) -> None:
     """One victim per call (a notebook): ms per iteration at each budget, dia eager / compiled vs breaching."""
     a = b.args
     victims = list(range(a.single_victims))
-    variants = [v for v in ("breaching", "dia-eager", "dia-warm") if v == "breaching" or v in a.dia_variants]
+    variants = [
+        v for v in ("breaching", "dia-auto", "dia-eager", "dia-warm") if v == "breaching" or v in a.dia_variants
+    ]
     warm = {d: b.folder / f"inductor-warm-single-{d}" for d in a.data}
     for d in a.data:
         if "dia-warm" in variants:
@@ -561,13 +566,14 @@ def single(b: Bench, problems: dict, out: list[str]) -> None:
                         iterations=n,
                         attack="ig",
                         per_call=True,
-                        compile=v == "dia-warm",
+                        compile={"dia-warm": True, "dia-auto": "auto"}.get(v, False),
                         warmup=1 if k == 0 else 0,
                         warmup_iterations=5,
                     )
                     for k, n in enumerate(a.single_budgets)
                 ]
-                env = {"TORCHINDUCTOR_CACHE_DIR": str(warm[d] if v == "dia-warm" else b.folder / "inductor-unused")}
+                cache = {"dia-warm": warm[d], "dia-auto": b.folder / f"inductor-auto-single-{d}-{rep}"}
+                env = {"TORCHINDUCTOR_CACHE_DIR": str(cache.get(v, b.folder / "inductor-unused"))}
                 for n, r in zip(a.single_budgets, b.run("breaching" if v == "breaching" else "dia", jobs, env)):
                     times.setdefault((d, n, v), []).append(r)
                     b.note(
@@ -594,9 +600,12 @@ def single(b: Bench, problems: dict, out: list[str]) -> None:
             for v in variants:
                 rs = times[d, n, v]
                 ms = [s * 1000 / n for r in rs for s in r["seconds"]]
-                label = {"breaching": "breaching", "dia-eager": "dia, eager", "dia-warm": "dia, compiled (warm cache)"}[
-                    v
-                ]
+                label = {
+                    "breaching": "breaching",
+                    "dia-auto": "dia, compile=auto (the default), first run",
+                    "dia-eager": "dia, eager",
+                    "dia-warm": "dia, compiled (warm cache)",
+                }[v]
                 ratio = f"{statistics.median(ms) / statistics.median(base):.2f}" if v != "breaching" else "1"
                 out.append(
                     f"| {d} / {DATA[d]['model'].split()[0]} | {n} | {label} | {spread(ms, '{:.2f}')} | {ratio} | "
@@ -639,8 +648,9 @@ def main() -> None:
     a.add_argument("--single-budgets", default="100,500")
     a.add_argument(
         "--dia-variants",
-        default="dia-cold,dia-warm,dia-eager",
-        help="dia's timed variants: dia-cold, dia-warm (compiled, cold/warm cache), dia-eager",
+        default="dia-auto,dia-cold,dia-warm,dia-eager",
+        help="dia's timed variants: dia-auto (compile=auto, the default, on a first run: no cache, no cost book), "
+        "dia-cold, dia-warm (compiled, cold/warm cache), dia-eager",
     )
     a.add_argument(
         "--compile-threads",

@@ -112,6 +112,12 @@ class _Notices(logging.Handler):
             self.handleError(record)
 
 
+def _recording() -> bool:
+    """Whether a `warnings.catch_warnings(record=True)` block (pytest.warns, a caller's own) is collecting warnings:
+    a showwarning of ours set inside it would take them from its list."""
+    return isinstance(getattr(getattr(warnings, "_showwarnmsg_impl", None), "__self__", None), list)
+
+
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     write(f"warning: {message}", file)
 
@@ -127,7 +133,8 @@ def quiet_libraries() -> None:
     for pattern in HARMLESS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    warnings.showwarning = _show_warning
+    if not _recording():
+        warnings.showwarning = _show_warning
     notices = logging.getLogger("dia")
     if not notices.handlers:
         handler = _Notices()

@@ -288,6 +288,7 @@ CHECKS: list[Check] = [
         for k in ("width", "depth", "patch_size", "dim", "heads", "mlp_dim", "dim_head", "conv1", "conv2", "kernel")
     ],
     ("model.hidden", lambda v: all(isinstance(h, int) and 1 <= h <= 10**6 for h in v), "must be positive integers"),
+    ("model.conv_dropout", lambda v: v in ("none", "unit", "channel"), "must be one of: none, unit, channel"),
     ("attack.max_iterations", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.lr", lambda v: 0 < v < float("inf"), "must be > 0"),
     ("attack.tv_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),

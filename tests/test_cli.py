@@ -69,7 +69,7 @@ def test_saved_config_reruns_the_same_result(tmp_path):
 def test_help_lists_groups_choices_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "attack   dia, dlg, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
+    assert "attack   dia, analytic, dlg, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
 
 
 def test_describe_model_lists_dropout_sites(capsys):
@@ -143,7 +143,7 @@ def test_the_real_process_prints_no_traceback():
         [sys.executable, "-m", "dia.train", "attack=foo"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown attack 'foo'; choose one of: dia, dlg, ig, wiig"
+    assert proc.stderr.strip() == "error: unknown attack 'foo'; choose one of: analytic, dia, dlg, ig, wiig"
 
 
 def test_vit_on_cifar10_runs_end_to_end(tmp_path):

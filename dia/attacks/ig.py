@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -94,6 +95,11 @@ class InvertingGradients(Program):
         """Per dropout site the problems' model drops at: 'train' (a trainable mask), 'client' (the client's mask)
         or None (no dropout there)."""
         return None
+
+    def init_images(self, problems: Problems, generators: list[torch.Generator], init: Callable[..., Tensor]) -> Tensor:
+        """Initial dummies (n, B, C, H, W) of the problems' rows: `init(shape, generator)` per problem (the engine's
+        `attack.init`: randn or rand). An attack that knows better (a closed form) starts elsewhere."""
+        return torch.stack([init(problems.input_shape, g) for g in generators])
 
     def init_mask(self, problems: Problems, site: str, generators: list[torch.Generator]) -> Tensor:
         """Initial mask parameters (n, B, ...) of the problems' rows at a site the attack trains."""

@@ -221,11 +221,12 @@ class Rows:
 
     # ---- where problems start ----------------------------------------------------------------------
     def start_of(self, part: Part, init: Any) -> dict[str, Tensor]:
-        """The part's rows' start, each from its own seed: the dummies (`init(shape, generator)`), then the
+        """The part's rows' start, each from its own seed: the dummies (the attack's `init_images`, by default
+        `init(shape, generator)`), then the
         masks of the trained sites (the attack's `init_mask`; ones where the part does not train), then the
         logits of the learned rates (at the attack's `attacker_rate`; 0 where the part does not learn)."""
         gens = [torch.Generator().manual_seed(s) for s in part.problems.seeds]
-        out = {"x": torch.stack([init(self.input_shape, g) for g in gens])}
+        out = {"x": part.attack.init_images(part.problems, gens, init)}
         for site in self.trained:
             out[MASK + site] = (
                 part.attack.init_mask(part.problems, site, gens)

@@ -1,0 +1,58 @@
+"""Beyond one image per gradient (#23): the analytic first-layer leak, labels of batches with repeated labels, and
+the settings that make DIA work at B > 1 and on CNNs, each refusing bad values in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import attack_alone as attack
+
+from dia import attacks, config
+from dia import metrics as M
+from dia.errors import UserError
+
+QUIET = ["logger.wandb.mode=disabled", "run.progress=false"]
+
+
+def _run(problems_factory, args, victims):
+    cfg, model, problems, v, mean, std = problems_factory(QUIET + args, victims)
+    res = attack(model, problems, cfg, lower=(0 - mean) / std, upper=(1 - mean) / std)
+    return res, v, mean, std
+
+
+# ---- the analytic attack -------------------------------------------------------------------------------
+def test_analytic_is_exact_for_one_image_behind_a_first_linear_layer_with_bias_under_dropout(problems_factory):
+    res, v, mean, std = _run(problems_factory, ["attack=analytic", "model.bias=true", "model.dropout=0.5"], [0, 1, 2])
+    torch.testing.assert_close(res.x.flatten(0, 1), (v.images - mean) / std, atol=1e-4, rtol=0)
+    assert res.status == ["converged"] * 3 and res.iterations.tolist() == [1, 1, 1]
+
+
+def test_analytic_separates_a_batch_where_dropout_leaves_units_to_one_image(problems_factory):
+    res, v, mean, std = _run(
+        problems_factory, ["attack=analytic", "model.bias=true", "model.dropout=0.5", "batch_size=2"], [0, 1, 2, 3]
+    )
+    rec = (res.x * std + mean).clamp(0, 1)
+    perms = M.match_problems(rec, v.images)
+    matched = torch.cat([rec[k][p] for k, p in enumerate(perms)])
+    assert M.ssim(matched, v.images).min() > 0.999
+
+
+@pytest.mark.parametrize("args", [["model.bias=false"], ["model=cnn"], ["model=vit", "data=cifar10", "model.dim=32"]])
+def test_analytic_is_refused_in_one_line_where_it_does_not_apply(problems_factory, args):
+    cfg, _, problems, *_ = problems_factory(QUIET + ["attack=analytic", *args], [0])
+    with pytest.raises(UserError, match=r"^attack=analytic: needs a first fully connected layer with a bias") as e:
+        attacks.part(cfg.attack, problems)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "arg, rule",
+    [
+        ("attack.analytic_tol=2", "attack.analytic_tol=2.0: must be in (0, 1)"),
+        ("attack.analytic_min_units=0", "attack.analytic_min_units=0: must be >= 1"),
+    ],
+)
+def test_bad_analytic_settings_are_refused_in_one_line(arg, rule):
+    with pytest.raises(UserError) as e:
+        config.compose(["attack=analytic", arg])
+    assert str(e.value) == rule

@@ -56,3 +56,29 @@ def test_bad_analytic_settings_are_refused_in_one_line(arg, rule):
     with pytest.raises(UserError) as e:
         config.compose(["attack=analytic", arg])
     assert str(e.value) == rule
+
+
+# ---- labels of batches ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["model.bias=true"], ["model=cnn"]])
+def test_label_counts_are_exact_on_batches_with_repeated_labels(problems_factory, args):
+    from dia.problems import infer_labels
+
+    victims = [0, 2, 3, 4, 6, 8, 1, 5]  # labels 7 8 2 8 | 8 3 1 5: the first batch of 4 and the batch of 8 repeat 8
+    for b in (4, 8):
+        cfg, _, problems, v, _, _ = problems_factory([*args, "model.dropout=0.5", f"batch_size={b}"], victims)
+        truth = v.labels.view(-1, b)
+        assert any(len(set(t.tolist())) < b for t in truth)  # the batches do repeat labels
+        got = infer_labels(problems.targets, cfg.data.num_classes, b)
+        assert got.shape == truth.shape
+        assert torch.equal(got, truth.sort(1).values), (got, truth)
+
+
+def test_a_run_with_inferred_batch_labels_scores_them_after_matching(problems_factory, tmp_path):
+    from dia.train import main
+
+    args = ["attack=wiig", "model.bias=true", "batch_size=4", "victims=[0,2,3,4]", "attack.labels=infer"]
+    assert main([*args, *QUIET, "attack.max_iterations=5", "attack.compile=false", f"run.output_dir={tmp_path}"]) == 0
+    from dia.run import record
+
+    m = record.read_metrics(next(tmp_path.glob("wiig-*")))
+    assert m["labels"] == "infer" and sorted(r["attack_label"] for r in m["victims"]) == [2, 7, 8, 8]

@@ -176,8 +176,7 @@ def test_batches_of_two_are_matched_and_labels_can_be_inferred(tmp_path):
     assert m["labels"] == "infer" and m["label_accuracy"] == 1.0
 
 
-def test_label_inference_refuses_batches(tmp_path, capsys):
-    assert (
-        main(["attack.labels=infer", "batch_size=2", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]) == 2
-    )
-    assert "batch_size=1 only" in capsys.readouterr().err
+def test_label_inference_counts_batches_of_one_gradient_step_only(tmp_path, capsys):
+    args = ["attack.labels=infer", "batch_size=2", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]
+    assert main([*args, "client.local_steps=2"]) == 2
+    assert "needs client.local_steps=1 (got 2)" in capsys.readouterr().err

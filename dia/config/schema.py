@@ -33,7 +33,7 @@ class AttackConfig:
     early_stop_patience: int = 4000
     loss_threshold: float = 1e-5
     parallel: Any = "auto"  # rows of a program (problems at once): an int, or auto (24 on a CPU, what fits on a GPU)
-    labels: str = "known"  # known (as in the paper) | infer (from the gradient; batch_size=1)
+    labels: str = "known"  # known (as in the paper) | infer (from the gradient; B > 1: counts per class)
     compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium (also oneDNN with bf16 allowed on CPUs

@@ -58,6 +58,21 @@ class Problems:
     upper: Tensor | None = None
     # FedAvg: the client's T local steps (public: the server sets them); None: FedSGD
     local: LocalTraining | None = None
+    starts: int = 1  # R starts of every problem (`restarted`): R blocks of the same problems, start r in block r
+
+    @property
+    def clients(self) -> int:
+        """How many clients' gradients these are (problems over starts)."""
+        return self.num_problems // self.starts
+
+    def restarted(self, starts: int) -> Problems:
+        """Every problem `starts` times (block r: start r of every problem, in order); start 0 keeps each problem's
+        seed, start r > 0 has its own (`restart_seed`), so R = 1 is the problems as they are."""
+        if starts == 1 or self.starts != 1:
+            return self
+        out = self.subset(list(range(self.num_problems)) * starts)
+        seeds = [s if r == 0 else restart_seed(s, r) for r in range(starts) for s in self.seeds]
+        return replace(out, seeds=seeds, starts=starts)
 
     @property
     def num_problems(self) -> int:
@@ -91,6 +106,11 @@ class Problems:
 def problem_seed(seed: int, index: int) -> int:
     """A per-problem seed, so a problem's randomness does not depend on how problems are grouped."""
     return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
+
+
+def restart_seed(seed: int, start: int) -> int:
+    """The seed of start `start` > 0 of a problem of seed `seed` (`Problems.restarted`)."""
+    return (seed * 1_000_033 + start * 104_729 + 31) % (2**63 - 1)
 
 
 def infer_labels(targets: dict[str, Tensor], num_classes: int, batch_size: int = 1) -> Tensor:

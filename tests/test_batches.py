@@ -82,3 +82,22 @@ def test_a_run_with_inferred_batch_labels_scores_them_after_matching(problems_fa
 
     m = record.read_metrics(next(tmp_path.glob("wiig-*")))
     assert m["labels"] == "infer" and sorted(r["attack_label"] for r in m["victims"]) == [2, 7, 8, 8]
+
+
+# ---- restarts ---------------------------------------------------------------------------------------------
+def test_restarts_keep_each_problems_best_start_and_one_start_is_todays_attack(problems_factory):
+    args = ["attack=dia", "model.dropout=0.5", "attack.max_iterations=40"]
+    one, v, *_ = _run(problems_factory, args, [0, 1, 2])
+    again, *_ = _run(problems_factory, [*args, "attack.restarts=1"], [0, 1, 2])
+    torch.testing.assert_close(again.x, one.x, rtol=0, atol=0)
+    three, *_ = _run(problems_factory, [*args, "attack.restarts=3"], [0, 1, 2])
+    assert three.x.shape == one.x.shape and len(three.status) == 3
+    # start 0 follows the single start's trajectory (up to the rounding of a larger program)
+    assert (three.best_loss <= one.best_loss * (1 + 1e-3)).all(), (three.best_loss, one.best_loss)
+    assert (three.best_loss < one.best_loss).any()
+
+
+def test_bad_restarts_are_refused_in_one_line():
+    with pytest.raises(UserError) as e:
+        config.compose(["attack.restarts=0"])
+    assert str(e.value) == "attack.restarts=0: must be an integer in 1..1000"

@@ -35,6 +35,12 @@ OBJECTIVE = ("distance", "prior")  # the hooks that make an attack's objective i
 
 # a check is (key, test, rule): see dia.config.run_checks
 INIT_CHECK: Check = ("init", lambda v: v in ("randn", "rand"), "must be one of: randn, rand")
+MAX_RESTARTS = 1000
+RESTARTS_CHECK: Check = (
+    "restarts",
+    lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RESTARTS,
+    f"must be an integer in 1..{MAX_RESTARTS}",
+)
 
 
 @register("ig")
@@ -43,7 +49,7 @@ class InvertingGradients(Program):
 
     name: ClassVar[str] = "ig"  # set by dia.attacks.register
     needs_client_masks: ClassVar[bool] = False  # True only for the oracle (WIIG)
-    checks: ClassVar[list[Check]] = [INIT_CHECK]
+    checks: ClassVar[list[Check]] = [INIT_CHECK, RESTARTS_CHECK]
 
     def __init__(
         self,

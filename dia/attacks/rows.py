@@ -48,6 +48,12 @@ class Part:
     attack: InvertingGradients
     problems: Problems
 
+    def __post_init__(self) -> None:
+        """With `attack.restarts` R > 1 the part holds every problem R times (`Problems.restarted`); its result
+        keeps each problem's best start (`Rows.result`)."""
+        starts = int(getattr(self.attack.cfg, "restarts", 1) or 1)
+        object.__setattr__(self, "problems", self.problems.restarted(starts))
+
     @property
     def cfg(self) -> Any:
         """The attack's own settings (an attack section of a run config, as a plain object)."""
@@ -282,9 +288,21 @@ class Rows:
         return self
 
     # ---- results -------------------------------------------------------------------------------------
+    def chosen(self, part: Part, state: AttackState) -> Tensor:
+        """`part`'s rows that make its result, one per problem: with R starts, each problem's start of lowest loss
+        (first among equals); else all its rows."""
+        rows = self.rows_of(part)
+        starts = part.problems.starts
+        if starts == 1:
+            return rows
+        k = len(rows) // starts
+        best = state.best_loss[rows.to(state.best_loss.device)].cpu().view(starts, k).argmin(0)
+        return rows[best * k + torch.arange(k)]
+
     def result(self, part: Part, state: AttackState) -> AttackResult:
-        """The best iterates and bookkeeping of `part` (its recovered masks only where it trains them)."""
-        rows = self.rows_of(part).to(state.flat.device)
+        """The best iterates and bookkeeping of `part` (its recovered masks only where it trains them); with R
+        starts, each problem's start of lowest loss (`chosen`)."""
+        rows = self.chosen(part, state).to(state.flat.device)
         own = [k for k in self.trained if part.role(k) == "train"]
         masks = self.masks(state.best_params) if own else None
         learned = [k for k in own if k in self.learned] if part.attack.learns_rate() else []

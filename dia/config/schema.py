@@ -27,6 +27,7 @@ class AttackConfig:
     tv_weight: float = 1e-5
     signed_gradients: bool = True
     init: str = "randn"  # randn | rand (uniform in [-1, 1])
+    restarts: int = 1  # R starts per problem (its own seed each), optimized side by side; the lowest loss is kept
     boxed: bool = True
     lr_factor: float = 0.1
     lr_patience: int = 800

@@ -30,6 +30,11 @@ def total_variation(x: Tensor) -> Tensor:
     return dx + dy
 
 
+def mean_square(x: Tensor) -> Tensor:
+    """The mean square of each problem's images (normalized space), an L2 image prior; x (K, B, ...) -> (K,)."""
+    return x.flatten(1).pow(2).mean(1)
+
+
 def keep_rate_penalty(masks: Mapping[str, Tensor], rates: Mapping[str, float], steps: int = 1) -> Tensor:
     """DIA's regularizer: sum over sites of |(1 - mean(mask)) - p|, per problem; masks (K, ...) -> (K,).
 

@@ -101,3 +101,16 @@ def test_bad_restarts_are_refused_in_one_line():
     with pytest.raises(UserError) as e:
         config.compose(["attack.restarts=0"])
     assert str(e.value) == "attack.restarts=0: must be an integer in 1..1000"
+
+
+# ---- the image prior ---------------------------------------------------------------------------------------
+def test_the_l2_prior_adds_the_mean_square_and_bad_weights_are_refused(problems_factory):
+    from dia.attacks import ATTACKS, settings_of
+
+    x = torch.randn(2, 1, 1, 28, 28)
+    plain = ATTACKS.get("ig")(cfg=settings_of("ig")).prior(x)
+    l2 = ATTACKS.get("ig")(cfg=settings_of("ig", l2_weight=0.5)).prior(x)
+    torch.testing.assert_close(l2 - plain, 0.5 * x.flatten(1).pow(2).mean(1))
+    with pytest.raises(UserError) as e:
+        config.compose(["attack.l2_weight=-1"])
+    assert str(e.value) == "attack.l2_weight=-1.0: must be >= 0"

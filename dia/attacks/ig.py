@@ -28,7 +28,7 @@ from dia.attacks.registry import register, settings_of
 from dia.config import Check, run_checks
 from dia.config.schema import AttackConfig
 from dia.errors import UserError
-from dia.losses import cosine_distance, total_variation
+from dia.losses import cosine_distance, mean_square, total_variation
 from dia.problems import Problems
 
 OBJECTIVE = ("distance", "prior")  # the hooks that make an attack's objective its own
@@ -134,8 +134,10 @@ class InvertingGradients(Program):
         return cosine_distance(grads, targets)
 
     def prior(self, x: Tensor) -> Tensor:
-        """Per problem, the image prior: total variation weighted by `tv_weight` (K,)."""
-        return self.cfg.tv_weight * total_variation(x)
+        """Per problem, the image prior: total variation weighted by `tv_weight`, plus the images' mean square
+        weighted by `l2_weight` when it is set (K,)."""
+        tv = self.cfg.tv_weight * total_variation(x)
+        return tv + self.cfg.l2_weight * mean_square(x) if self.cfg.l2_weight else tv
 
     @classmethod
     def objective_owner(cls) -> type[InvertingGradients]:

@@ -25,6 +25,7 @@ class AttackConfig:
     max_iterations: int = 20000
     lr: float = 0.1
     tv_weight: float = 1e-5
+    l2_weight: float = 0.0  # weight of a second image prior, the mean square of the (normalized) image (DeepInversion)
     signed_gradients: bool = True
     init: str = "randn"  # randn | rand (uniform in [-1, 1])
     restarts: int = 1  # R starts per problem (its own seed each), optimized side by side; the lowest loss is kept

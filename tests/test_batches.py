@@ -114,3 +114,53 @@ def test_the_l2_prior_adds_the_mean_square_and_bad_weights_are_refused(problems_
     with pytest.raises(UserError) as e:
         config.compose(["attack.l2_weight=-1"])
     assert str(e.value) == "attack.l2_weight=-1.0: must be >= 0"
+
+
+# ---- BatchNorm: the client's batch statistics ---------------------------------------------------------------
+def test_batch_statistics_the_server_knows_are_what_the_attackers_model_computes_at_the_true_images(problems_factory):
+    import copy
+
+    from dia.gradients import problem_gradients
+
+    args = ["model=cnn", "model.batch_norm=native", "model.bn_stats=true", "batch_size=2", "model.dropout=0.25"]
+    cfg, model, problems, v, mean, std = problems_factory(QUIET + args, [0, 1])
+    stats = sorted(k for k in problems.targets if k.startswith("bn/"))
+    assert stats == ["bn/features.1/mean", "bn/features.1/var", "bn/features.5/mean", "bn/features.5/var"]
+    twin = copy.deepcopy(model)
+    torch.func.replace_all_batch_norm_modules_(twin)  # the attacker's copy (dia.attacks.program)
+    params = {n: p.detach() for n, p in twin.named_parameters()}
+    x = ((v.images - mean) / std)[None]
+    got = problem_gradients(twin, params, x, problems.labels, problems.true_masks, "replay")
+    for k, t in problems.targets.items():
+        torch.testing.assert_close(got[k], t, rtol=1e-4, atol=1e-5)
+
+
+def test_the_batch_norm_prior_weighs_in_only_when_set(problems_factory):
+    cnn = ["attack=ig", "model=cnn", "model.batch_norm=native", "batch_size=2", "attack.max_iterations=3"]
+    plain, *_ = _run(problems_factory, cnn, [0, 1])
+    off, *_ = _run(problems_factory, [*cnn, "model.bn_stats=true"], [0, 1])
+    on, *_ = _run(problems_factory, [*cnn, "model.bn_stats=true", "attack.bn_weight=0.5"], [0, 1])
+    torch.testing.assert_close(off.x, plain.x, rtol=0, atol=0)  # statistics sent, not weighed: as before
+    assert (on.best_loss > off.best_loss).all()
+
+
+@pytest.mark.parametrize(
+    "args, rule",
+    [
+        (["attack.bn_weight=-1"], "attack.bn_weight=-1.0: must be >= 0"),
+        (
+            ["model=cnn", "model.bn_stats=true"],
+            "model.bn_stats=true: the model has no BatchNorm; set model.batch_norm=native",
+        ),
+        (["model=cnn", "model.batch_norm=running"], "model.batch_norm='running': must be one of: none, native"),
+        (["model=cnn", "model.conv_dropout=chan"], "model.conv_dropout='chan': must be one of: none, unit, channel"),
+        (
+            ["model=resnet18", "data=cifar10", "model.bn_stats=true"],
+            "model.bn_stats=true: frozen BatchNorm has no batch statistics; set model.batch_norm=native",
+        ),
+    ],
+)
+def test_bad_batch_norm_and_conv_settings_are_refused_in_one_line(problems_factory, args, rule):
+    with pytest.raises(UserError) as e:
+        problems_factory(QUIET + args, [0, 1])
+    assert str(e.value) == rule

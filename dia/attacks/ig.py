@@ -28,7 +28,8 @@ from dia.attacks.registry import register, settings_of
 from dia.config import Check, run_checks
 from dia.config.schema import AttackConfig
 from dia.errors import UserError
-from dia.losses import cosine_distance, mean_square, total_variation
+from dia.losses import batch_norm_prior, cosine_distance, mean_square, total_variation
+from dia.models.batchnorm import STATS
 from dia.problems import Problems
 
 OBJECTIVE = ("distance", "prior")  # the hooks that make an attack's objective its own
@@ -130,8 +131,14 @@ class InvertingGradients(Program):
 
     # ---- the objective -----------------------------------------------------------------------------------
     def distance(self, grads: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
-        """Per problem, how far the dummies' gradient is from the captured one: IG's cosine distance (K,)."""
-        return cosine_distance(grads, targets)
+        """Per problem, how far the dummies' gradient is from the captured one: IG's cosine distance (K,). Where the
+        client sent its BatchNorm statistics too (model.bn_stats), the cosine is over the gradient alone, plus
+        `bn_weight` times the BatchNorm prior (the dummies' statistics against the client's) when it is set."""
+        stats = {n: t for n, t in targets.items() if n.startswith(STATS)}
+        if not stats:
+            return cosine_distance(grads, targets)
+        out = cosine_distance(grads, {n: t for n, t in targets.items() if n not in stats})
+        return out + self.cfg.bn_weight * batch_norm_prior(grads, stats) if self.cfg.bn_weight else out
 
     def prior(self, x: Tensor) -> Tensor:
         """Per problem, the image prior: total variation weighted by `tv_weight`, plus the images' mean square

@@ -26,6 +26,9 @@ class AttackConfig:
     lr: float = 0.1
     tv_weight: float = 1e-5
     l2_weight: float = 0.0  # weight of a second image prior, the mean square of the (normalized) image (DeepInversion)
+    # weight of the BatchNorm prior: the dummies' batch statistics against the client's, where the server knows them
+    # (model.bn_stats=true; GradInversion, Yin et al. 2021)
+    bn_weight: float = 0.0
     signed_gradients: bool = True
     init: str = "randn"  # randn | rand (uniform in [-1, 1])
     restarts: int = 1  # R starts per problem (its own seed each), optimized side by side; the lowest loss is kept

@@ -6,6 +6,8 @@ each hidden dense layer (before the next one), all `CapturableDropout`. With `mo
 one more site inside the conv stack, `features.3` (after the first conv block's pooling, before the second
 conv): `unit` drops single units of the feature map as `nn.Dropout` does (mask (B, C, H, W)), `channel` whole
 channels as `nn.Dropout2d` does (mask (B, C, 1, 1)); `none` (the default) has no such site.
+`model.batch_norm=native` puts a BatchNorm after each convolution (train mode: batch statistics), and
+`model.bn_stats=true` lets the server know each client's batch statistics (dia.models.batchnorm).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from torch import Tensor, nn
 
 from dia.errors import UserError
 from dia.models import register_model
+from dia.models.batchnorm import share_statistics
 from dia.models.dropout import CapturableChannelDropout, CapturableDropout
 
 MIN_SIZE = 28
 CONV_DROPOUT = ("none", "unit", "channel")
+BATCH_NORM = ("none", "native")
 
 
 def feature_size(image_size: int, kernel: int) -> int:
@@ -40,8 +44,13 @@ class CNN(nn.Module):
         hidden: list[int],
         dropout: float,
         conv_dropout: str = "none",
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
+
+        def norm(width: int) -> list[nn.Module]:
+            return [nn.BatchNorm2d(width)] if batch_norm else []
+
         inside: list[nn.Module] = []  # a dropout site inside the conv stack (model.conv_dropout)
         if conv_dropout == "unit":
             inside = [CapturableDropout(dropout)]
@@ -49,10 +58,12 @@ class CNN(nn.Module):
             inside = [CapturableChannelDropout(dropout, 2)]
         self.features = nn.Sequential(
             nn.Conv2d(channels, conv1, kernel, padding=kernel // 2),
+            *norm(conv1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             *inside,
             nn.Conv2d(conv1, conv2, kernel),
+            *norm(conv2),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
@@ -85,7 +96,12 @@ def build_cnn(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> 
     conv_dropout = getattr(cfg, "conv_dropout", "none")
     if conv_dropout not in CONV_DROPOUT:
         raise UserError(f"model.conv_dropout={conv_dropout!r}: must be one of: {', '.join(CONV_DROPOUT)}")
-    return CNN(
+    batch_norm = getattr(cfg, "batch_norm", "none")
+    if batch_norm not in BATCH_NORM:
+        raise UserError(f"model.batch_norm={batch_norm!r}: must be one of: {', '.join(BATCH_NORM)}")
+    if getattr(cfg, "bn_stats", False) and batch_norm != "native":
+        raise UserError("model.bn_stats=true: the model has no BatchNorm; set model.batch_norm=native")
+    model = CNN(
         channels=channels,
         image_size=image_size,
         num_classes=num_classes,
@@ -95,4 +111,8 @@ def build_cnn(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> 
         hidden=list(cfg.hidden),
         dropout=cfg.dropout,
         conv_dropout=conv_dropout,
+        batch_norm=batch_norm == "native",
     )
+    if getattr(cfg, "bn_stats", False):
+        share_statistics(model)
+    return model

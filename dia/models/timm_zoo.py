@@ -37,6 +37,7 @@ from torch import nn
 
 from dia.errors import UserError
 from dia.models import register_model, register_site_part
+from dia.models.batchnorm import share_statistics
 from dia.models.capture import FunctionalDropoutSite, ModelInputError, UncapturableModel, make_capturable
 from dia.models.dropout import CapturableDropout, CapturableDropPath, dropout_sites
 
@@ -49,6 +50,8 @@ BATCH_NORM = ("running", "native")
 @register_model("resnet18")
 def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     _check_rates(cfg)
+    if getattr(cfg, "bn_stats", False) and cfg.batch_norm != "native":
+        raise UserError("model.bn_stats=true: frozen BatchNorm has no batch statistics; set model.batch_norm=native")
     model = _create(
         "resnet18",
         "model=resnet18",
@@ -60,7 +63,10 @@ def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int
         for block in model.modules():
             if isinstance(getattr(block, "drop_block", None), nn.Identity):
                 block.drop_block = nn.Dropout(cfg.dropout)
-    return _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
+    model = _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
+    if getattr(cfg, "bn_stats", False):
+        share_statistics(model)
+    return model
 
 
 @register_model("timm")

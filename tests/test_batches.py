@@ -164,3 +164,21 @@ def test_bad_batch_norm_and_conv_settings_are_refused_in_one_line(problems_facto
     with pytest.raises(UserError) as e:
         problems_factory(QUIET + args, [0, 1])
     assert str(e.value) == rule
+
+
+# ---- masks at conv sites: as drawn, or per channel ---------------------------------------------------------
+def test_conv_masks_per_channel_train_one_value_per_channel_and_are_scored_per_unit(problems_factory):
+    from dia.scores import score
+
+    args = ["attack=dia", "model=cnn", "model.conv_dropout=unit", "batch_size=2", "attack.max_iterations=3"]
+    drawn, v, mean, std = _run(problems_factory, args, [0, 1])
+    channel, *_ = _run(problems_factory, [*args, "attack.conv_masks=channel"], [0, 1])
+    assert tuple(drawn.masks["features.3"].shape) == (1, 2, 6, 14, 14)
+    assert tuple(channel.masks["features.3"].shape) == (1, 2, 6, 1, 1)
+    assert channel.masks["classifier.0"].shape == drawn.masks["classifier.0"].shape  # 2-D sites as drawn
+    _, _, problems, *_ = problems_factory(QUIET + args, [0, 1])
+    rows, _ = score(channel, problems, v.images, mean, std, skip=("lpips",))
+    assert all(r["mask_bal_acc"] is not None for r in rows)
+    with pytest.raises(UserError) as e:
+        config.compose(["attack.conv_masks=unit"])
+    assert str(e.value) == "attack.conv_masks='unit': must be one of: drawn, channel"

@@ -36,12 +36,19 @@ OBJECTIVE = ("distance", "prior")  # the hooks that make an attack's objective i
 
 # a check is (key, test, rule): see dia.config.run_checks
 INIT_CHECK: Check = ("init", lambda v: v in ("randn", "rand"), "must be one of: randn, rand")
+CONV_MASKS = ("drawn", "channel")
 MAX_RESTARTS = 1000
-RESTARTS_CHECK: Check = (
-    "restarts",
-    lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RESTARTS,
-    f"must be an integer in 1..{MAX_RESTARTS}",
-)
+# the settings of #23 (batches, CNNs, BatchNorm), shared by every attack
+SHARED_CHECKS: list[Check] = [
+    (
+        "restarts",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RESTARTS,
+        f"must be an integer in 1..{MAX_RESTARTS}",
+    ),
+    ("conv_masks", lambda v: v in CONV_MASKS, f"must be one of: {', '.join(CONV_MASKS)}"),
+    ("l2_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+    ("bn_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+]
 
 
 @register("ig")
@@ -50,7 +57,7 @@ class InvertingGradients(Program):
 
     name: ClassVar[str] = "ig"  # set by dia.attacks.register
     needs_client_masks: ClassVar[bool] = False  # True only for the oracle (WIIG)
-    checks: ClassVar[list[Check]] = [INIT_CHECK, RESTARTS_CHECK]
+    checks: ClassVar[list[Check]] = [INIT_CHECK, *SHARED_CHECKS]
 
     def __init__(
         self,
@@ -108,9 +115,17 @@ class InvertingGradients(Program):
         `attack.init`: randn or rand). An attack that knows better (a closed form) starts elsewhere."""
         return torch.stack([init(problems.input_shape, g) for g in generators])
 
+    def trained_shape(self, problems: Problems, site: str) -> tuple[int, ...]:
+        """The shape (B, ...) of the mask parameters a problem has at a site the attack trains: the site's own, or
+        with `conv_masks=channel` one value per channel at conv sites (masks of 4 or more dims)."""
+        shape = tuple(problems.mask_shapes[site])
+        if self.cfg.conv_masks == "channel" and len(shape) >= 4:
+            return (*shape[:2], *(1,) * (len(shape) - 2))
+        return shape
+
     def init_mask(self, problems: Problems, site: str, generators: list[torch.Generator]) -> Tensor:
         """Initial mask parameters (n, B, ...) of the problems' rows at a site the attack trains."""
-        return torch.ones(len(generators), *problems.mask_shapes[site])
+        return torch.ones(len(generators), *self.trained_shape(problems, site))
 
     def mask_weight(self) -> float:
         """Weight of the keep-rate penalty of trained masks."""

@@ -104,6 +104,11 @@ class Rows:
             sites.update({s: part.problems.mask_shapes[s] for s, r in role.items() if r is not None and s not in sites})
         self.sites = sites
         self.trained = [s for s in sites if any(r.get(s) == "train" for r in roles)]
+        # the mask parameters' shape per trained site (the training parts' `trained_shape`: the site's, or per channel)
+        self.param_shapes = {
+            s: next(p.attack.trained_shape(p.problems, s) for p, r in zip(parts, roles) if r.get(s) == "train")
+            for s in self.trained
+        }
         self.from_client = [s for s in sites if any(r.get(s) == "client" for r in roles)]
         self.mixed = {s: not all(r.get(s) == "train" for r in roles) for s in sites}  # some row does not train s
         self.learned = [s for s in self.trained if any(p.attack.learns_rate() and p.role(s) == "train" for p in parts)]
@@ -158,6 +163,8 @@ class Rows:
             if r == "client" and site not in self.from_client:
                 return False
             if r == "train" and part.attack.learns_rate() and site not in self.learned:
+                return False
+            if r == "train" and part.attack.trained_shape(part.problems, site) != self.param_shapes[site]:
                 return False
         trains = any(part.role(s) == "train" for s in self.trained)
         kind = part.attack.mask_parametrization()
@@ -237,7 +244,7 @@ class Rows:
             out[MASK + site] = (
                 part.attack.init_mask(part.problems, site, gens)
                 if part.role(site) == "train"
-                else torch.ones(len(gens), *self.sites[site])
+                else torch.ones(len(gens), *self.param_shapes[site])
             )
         for site in self.learned:
             learns = part.role(site) == "train" and part.attack.learns_rate()

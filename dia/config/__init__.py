@@ -292,8 +292,6 @@ CHECKS: list[Check] = [
     ("attack.max_iterations", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.lr", lambda v: 0 < v < float("inf"), "must be > 0"),
     ("attack.tv_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
-    ("attack.l2_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
-    ("attack.bn_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("attack.lr_factor", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("attack.lr_patience", _count(0), f"must be an integer in 0..{BIG}"),
     ("attack.early_stop_patience", _count(), f"must be a positive integer (at most {BIG})"),

@@ -31,6 +31,9 @@ class AttackConfig:
     bn_weight: float = 0.0
     signed_gradients: bool = True
     init: str = "randn"  # randn | rand (uniform in [-1, 1])
+    # trained masks at conv sites (masks of 4 or more dims): drawn (the shape the model's dropout draws: per unit for
+    # nn.Dropout, per channel for nn.Dropout2d) | channel (one value per channel: (B, C, 1, 1) whatever the model draws)
+    conv_masks: str = "drawn"
     restarts: int = 1  # R starts per problem (its own seed each), optimized side by side; the lowest loss is kept
     boxed: bool = True
     lr_factor: float = 0.1

@@ -27,7 +27,16 @@ from dia.gradients import client_gradients, client_update
 from dia.models import build_for
 from dia.models.dropout import dropout_control, dropout_sites
 from dia.problems import LocalTraining, Problems, infer_labels, problem_seed
-from dia.updates import ClientUpdate, as_gradients, labels_of, local_training, read_file, stack
+from dia.updates import (
+    ClientUpdate,
+    check_digests,
+    gradients_of,
+    keep_mask,
+    labels_of,
+    local_training,
+    read_updates,
+    stack,
+)
 
 
 @dataclass
@@ -92,8 +101,10 @@ def captured(cfg: DictConfig) -> Simulation:
     """The one problem of a captured update file (`captured.file`), for the config's model (its checkpoint) and
     data (image shape, normalization, classes): what `python -m dia.train captured.file=FILE` attacks.
 
-    A `ClientUpdate` file (dia.capture_update) brings its labels, and, for evaluation only, the client's masks
-    and images; a bare gradient/delta/weights file (`captured.kind`, `captured.lr`) needs `attack.labels=infer`.
+    A `ClientUpdate` file (dia.capture_update) brings its labels, its training (T local steps, lr, local batch) and
+    the weights it was computed at, and, for evaluation only, the client's masks and images; what the config says
+    against it is one line. A bare gradient/delta/weights file (`captured.kind`, `captured.lr`, the `client`
+    section) needs `attack.labels=infer` (one image).
     """
     path = Path(cfg.captured.file)
     if cfg.defense.name != "none":
@@ -105,42 +116,15 @@ def captured(cfg: DictConfig) -> Simulation:
     seed_everything(cfg.run.seed)
     mean, std = normalizer(cfg.data)
     shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
-    flat = read_file(path)
-    saved = ClientUpdate.from_tensors(flat) if isinstance(flat, dict) and "labels" in flat else None
-    where = f"captured.file '{path}'"
-    if saved is None and cfg.captured.kind != "gradient" and cfg.captured.lr is None:
-        raise UserError(
-            f"captured.lr: captured.kind={cfg.captured.kind} needs the client's local learning rate (a number > 0)"
-        )
-    if saved is not None:
-        grads = as_gradients(model, saved.gradient, where=where)
-    else:
-        grads = as_gradients(model, flat, kind=cfg.captured.kind, lr=cfg.captured.lr, where=where)
-    if cfg.attack.labels == "infer":
-        labels = infer_labels(stack(grads), cfg.data.num_classes).view(1, 1)
-    elif saved is None:
-        raise UserError(
-            f"{where}: holds no labels; set attack.labels=infer (one image per client), or save the "
-            "update with its labels (dia.capture_update(...).save)"
-        )
-    else:
-        labels = labels_of(saved.labels, 1, num_classes=cfg.data.num_classes)
-    masks = saved.masks if saved is not None else None
-    b = int(labels.shape[1])
-    if saved is not None:  # the file says how the client trained (FedSGD, or T local steps)
-        local = (
-            local_training(saved.steps, saved.lr, saved.local_batch, b)
-            if saved.steps > 1 or saved.local_batch
-            else None
-        )
-    else:  # a bare file: as the config's `client` section says
-        local = LocalTraining.of(cfg.client, b)
+    [(where, sent)] = read_updates(path, where="captured.file")
+    saved = sent if isinstance(sent, ClientUpdate) else None
+    grads, labels, local = _saved_client(cfg, model, where, saved) if saved else _bare_client(cfg, model, where, sent)
     problems = client_problems(
         model,
         grads,
         labels,
         shape,
-        masks=masks,
+        masks=saved.masks if saved is not None else None,
         seed=cfg.run.seed,
         lower=(0 - mean) / std,
         upper=(1 - mean) / std,
@@ -155,6 +139,51 @@ def captured(cfg: DictConfig) -> Simulation:
             (images * std + mean).clamp(0, 1), saved.labels.long().flatten(), list(range(images.shape[0]))
         )
     return Simulation(cfg, victims, model, problems, mean, std)
+
+
+def _saved_client(cfg: DictConfig, model: nn.Module, where: str, saved: ClientUpdate) -> tuple[Any, Tensor, Any]:
+    """A saved ClientUpdate's gradient, labels and local training, checked against the model and the config."""
+    b = saved.batch
+    if cfg.captured.kind != "gradient" or (cfg.captured.lr is not None and cfg.captured.lr != saved.lr):
+        raise UserError(
+            f"captured.kind={cfg.captured.kind}, captured.lr={cfg.captured.lr}: {where} is a saved ClientUpdate, "
+            f"which carries its own (a gradient, lr={saved.lr}); leave captured.kind and captured.lr unset"
+        )
+    if cfg.client.local_steps != 1 and cfg.client.local_steps != saved.steps:
+        raise UserError(
+            f"client.local_steps={cfg.client.local_steps}: {where} says its client took {saved.steps} local step(s); "
+            "leave client.local_steps unset (the file's own is used)"
+        )
+    grads = gradients_of(model, [(where, saved)])
+    check_digests(model, [(where, saved)])
+    labels = labels_of(saved.labels, 1, num_classes=cfg.data.num_classes)
+    if cfg.attack.labels == "infer":
+        if b != 1:
+            raise UserError(
+                f"attack.labels=infer: {where} carries its {b} labels, and inferring supports one image; "
+                "leave attack.labels=known"
+            )
+        labels = infer_labels(stack(grads), cfg.data.num_classes).view(1, 1)
+    local = (
+        local_training(saved.steps, saved.lr, saved.local_batch, b) if saved.steps > 1 or saved.local_batch else None
+    )
+    return grads, labels, local
+
+
+def _bare_client(cfg: DictConfig, model: nn.Module, where: str, sent: Any) -> tuple[Any, Tensor, Any]:
+    """A bare update file's gradient, inferred label (one image) and local training (the config's `client`)."""
+    if cfg.captured.kind != "gradient" and cfg.captured.lr is None:
+        raise UserError(
+            f"captured.lr: captured.kind={cfg.captured.kind} needs the client's local learning rate (a number > 0)"
+        )
+    grads = gradients_of(model, [(where, sent)], kind=cfg.captured.kind, lr=cfg.captured.lr)
+    if cfg.attack.labels != "infer":
+        raise UserError(
+            f"{where}: holds no labels; set attack.labels=infer (one image per client), or save the "
+            "update with its labels (dia.capture_update(...).save)"
+        )
+    labels = infer_labels(stack(grads), cfg.data.num_classes).view(1, 1)
+    return grads, labels, LocalTraining.of(cfg.client, 1)
 
 
 def simulate_clients(
@@ -268,13 +297,9 @@ def client_problems(
 
 
 def client_masks(masks: Any, shapes: dict[str, tuple[int, ...]], k: int) -> dict[str, Tensor]:
-    """The clients' masks as {site: (K, B, ...)}, checked against the model's sites."""
-    if isinstance(masks, ClientUpdate):
-        masks = masks.masks
-    if isinstance(masks, (list, tuple)):  # one dict per client
-        masks = {n: torch.stack([torch.as_tensor(m[n]) for m in masks]) for n in (masks[0] or {})}
-    if not isinstance(masks, Mapping):
-        raise UserError(f"masks: a {type(masks).__name__}; give {{site: keep-mask}} (capture_update records them)")
+    """The clients' masks as {site: (K, B, ...)}, checked against the model's sites: {site: (B, ...) or (K, B, ...)},
+    one such dict (or ClientUpdate) per client, or a ClientUpdate; recorded keep-masks of 0 and 1 only."""
+    masks = _per_site(masks, k)
     if not shapes:
         raise UserError("masks: given, but the model has no dropout")
     unknown = [n for n in masks if n not in shapes]
@@ -286,15 +311,45 @@ def client_masks(masks: Any, shapes: dict[str, tuple[int, ...]], k: int) -> dict
         )
     out = {}
     for n, shape in shapes.items():
-        m = torch.as_tensor(np.asarray(masks[n]) if not isinstance(masks[n], Tensor) else masks[n]).float()
+        m = keep_mask(masks[n], f"masks: '{n}'")
         if tuple(m.shape) == shape and k == 1:
             m = m.unsqueeze(0)
         if tuple(m.shape) != (k, *shape):
             raise UserError(
-                f"masks: '{n}' has shape {tuple(m.shape)}; the site's mask is {shape} per client ({k} client(s))"
+                f"masks: '{n}' has shape {tuple(m.shape)}; the site's mask is {shape} per client ({k} client(s)); "
+                "masks of another batch size or number of local steps?"
             )
         out[n] = m
     return out
+
+
+def _per_site(masks: Any, k: int) -> Mapping[str, Any]:
+    """`masks` as one {site: mask} dict: a ClientUpdate's, or one dict (or ClientUpdate) per client stacked."""
+    if isinstance(masks, ClientUpdate):
+        if masks.masks is None:
+            raise UserError("masks: the ClientUpdate holds no masks (capture_update records them)")
+        masks = masks.masks
+    if isinstance(masks, (list, tuple)):  # one dict per client
+        per = [m.masks if isinstance(m, ClientUpdate) else m for m in masks]
+        if len(per) != k or not all(isinstance(m, Mapping) and m for m in per):
+            raise UserError(
+                f"masks: a list of {len(per)}; give one {{site: keep-mask}} (or ClientUpdate with masks) per client "
+                f"({k}), or one dict of (K, B, ...) masks"
+            )
+        sites = list(per[0])
+        if any(list(m) != sites for m in per):
+            raise UserError("masks: the clients' mask dicts name different sites; give the same sites for every client")
+        masks = {n: _stack([keep_mask(m[n], f"masks {i}: '{n}'") for i, m in enumerate(per)], n) for n in sites}
+    if not isinstance(masks, Mapping):
+        raise UserError(f"masks: a {type(masks).__name__}; give {{site: keep-mask}} (capture_update records them)")
+    return masks
+
+
+def _stack(masks: list[Tensor], site: str) -> Tensor:
+    if any(m.shape != masks[0].shape for m in masks):
+        shapes = sorted({tuple(m.shape) for m in masks})
+        raise UserError(f"masks: '{site}' has shapes {shapes[:2]} across the clients; give every client's at one shape")
+    return torch.stack(masks)
 
 
 def seed_everything(seed: int) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 def _clean(value: Any) -> Any:
     """JSON-safe: non-finite floats become null, tensors become lists."""
-    if hasattr(value, "detach") and hasattr(value, "tolist"):  # a tensor (torch is not imported for this)
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -47,7 +49,7 @@ def write_text(path: Path, text: str) -> Path:
 
 def save_tensors(path: Path, tensors: dict[str, Any]) -> Path:
     """A flat dict of tensors: loadable with `torch.load(path, weights_only=True)`."""
-    import torch  # here: reading and writing JSON or text needs no torch
+    import torch
 
     return atomic_write(
         path, lambda tmp: torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)

@@ -129,6 +129,27 @@ def problem_gradients(
     return {n: torch.stack([g[n] for g in per_problem]) for n in per_problem[0]}
 
 
+def problem_gradients_loop(
+    model: nn.Module, x: Tensor, y: Tensor, masks: Mapping[str, Tensor] | None, mode: Mode
+) -> dict[str, Tensor]:
+    """`problem_gradients` (FedSGD) without torch.func: the problems one after another with plain autograd on
+    `model`'s own parameters (which must require grad), the inner gradient with `create_graph`.
+
+    The same function of (x, masks) as the vectorized one, to float rounding; in eager mode it does without
+    vmap's and functional_call's per-operation overhead, which dominates small models (docs/benchmarks.md), so
+    the attack's eager program uses it (`attack.eager=loop`; not for BatchNorm statistics the server knows).
+    torch.compile takes the vectorized one.
+    """
+    params = [p for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    per_problem = []
+    for k in range(x.shape[0]):
+        with dropout_control(model, mode, {n: m[k] for n, m in (masks or {}).items()}):
+            loss = F.cross_entropy(model(x[k]), y[k])
+        per_problem.append(torch.autograd.grad(loss, params, create_graph=True))
+    return {n: torch.stack([g[i] for g in per_problem]) for i, n in enumerate(names)}
+
+
 def _unrolled(step_grad: Any, local: LocalTraining) -> Any:
     """One problem's T local steps as a function of (p_0, x, y, masks): sum_t g_t along p_{t+1} = p_t - lr g_t."""
 

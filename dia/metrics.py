@@ -6,15 +6,18 @@ the paper's code reports it.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+if TYPE_CHECKING:  # torch and torchmetrics load when a metric is computed: the table itself is cheap to import
+    import torch
+    from torch import Tensor
 
 
 def mse(x: Tensor, y: Tensor) -> Tensor:
@@ -22,10 +25,14 @@ def mse(x: Tensor, y: Tensor) -> Tensor:
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 def ssim(x: Tensor, y: Tensor) -> Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
 
 
@@ -35,6 +42,7 @@ def match(reconstructions: Tensor, originals: Tensor) -> Tensor:
     Optimal assignment (Hungarian, scipy) maximizing the total SSIM; returns perm with
     reconstructions[perm[i]] matched to originals[i].
     """
+    import torch
     from scipy.optimize import linear_sum_assignment
 
     b = originals.shape[0]
@@ -58,6 +66,8 @@ def match_problems(reconstructions: Tensor, originals: Tensor) -> list[Tensor]:
 def problem_ssim(reconstructions: Tensor, originals: Tensor) -> Tensor:
     """Mean SSIM per problem (K,) of reconstructions (K, B, C, H, W) in [0, 1] against their originals
     (K * B, C, H, W), each batch matched first (`match_problems`)."""
+    import torch
+
     b = reconstructions.shape[1]
     return torch.stack(
         [
@@ -76,7 +86,8 @@ MASK_KEYS = tuple(f"mask_{m}{s}" for m in MASK_MEASURES for s in ("", "_keep_all
 class Metric:
     """One per-victim measure of a run: its key (metrics.json, curves, loggers), how tables and figures label it,
     whether higher is better, and how one value is printed. `brief`: in one-line summaries; `column`: a
-    column of the tables (dia.train's console, dia.report); every metric is in metrics.json and the loggers.
+    column of the tables (dia.report's, and dia.train's console table unless not `console`: that one fits 120
+    columns, so the mask measures' baselines stay out of it); every metric is in metrics.json and the loggers.
 
     An image metric has `fn(reconstructions, originals) -> (N,)` on [0, 1] images, or on normalized images
     with `normalized` (MSE, as the paper's code reports it); `fn` may return None (LPIPS without its backbone).
@@ -88,6 +99,7 @@ class Metric:
     fmt: str
     brief: bool = False
     column: bool = True
+    console: bool = True
     fn: Callable[[Tensor, Tensor], Tensor | None] | None = None
     normalized: bool = False
 
@@ -121,6 +133,7 @@ METRICS: list[Metric] = [
             "{:.3f}",
             brief=(m, b) == ("bal_acc", ""),
             column=m != "accuracy" and (m == "bal_acc" or b != "_keep_all"),
+            console=b == "",
         )
         for m in ("bal_acc", "recall", "precision", "accuracy")
         for b in _BASELINES
@@ -191,6 +204,8 @@ def mask_measures(
     `<measure>_keep_all` (nothing dropped) and `<measure>_init` (the expectation for a Bernoulli(1-p) draw,
     DIA's initialisation).
     """
+    import torch
+
     names = list(recovered)
     drop_true = torch.cat([(1 - true[n].float()).flatten(1) for n in names], dim=1)
     drop_pred = torch.cat([(recovered[n] < 0.5).float().flatten(1) for n in names], dim=1)
@@ -207,13 +222,15 @@ def mask_measures(
     return out
 
 
-LPIPSFn = Callable[[Tensor, Tensor], Tensor]
+LPIPSFn = Callable[["Tensor", "Tensor"], "Tensor"]
 _lpips_cache: dict[str, LPIPSFn | None] = {}
 LPIPS_MIN_SIZE = 64  # AlexNet's pooling needs inputs of at least ~64 px; smaller images are upsampled
 
 
 def lpips_from_network(net: torch.nn.Module) -> LPIPSFn:
     """Wrap an `lpips.LPIPS` network as a metric on [0, 1] images of any size and channel count."""
+    import torch
+    import torch.nn.functional as F
 
     def fn(x: Tensor, y: Tensor) -> Tensor:
         def prep(z: Tensor) -> Tensor:
@@ -229,22 +246,65 @@ def lpips_from_network(net: torch.nn.Module) -> LPIPSFn:
     return fn
 
 
+def lpips_marker(net: str = "alex") -> Path:
+    """The file that remembers, for this machine, that LPIPS's pretrained `net` could not be had:
+    $DIA_CACHE_DIR (default ~/.cache/dia, or $XDG_CACHE_HOME/dia) / lpips-<net>-unavailable."""
+    base = os.environ.get("DIA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dia"
+    return Path(base) / f"lpips-{net}-unavailable"
+
+
+def _weights_in_hub_cache(net: str) -> bool:
+    """Whether torchvision's weights of `net` lie in the torch hub cache (put there since the failure)."""
+    import torch
+
+    try:
+        return any((Path(torch.hub.get_dir()) / "checkpoints").glob(f"{net}*.pth"))
+    except OSError:
+        return False
+
+
 def load_lpips(net: str = "alex") -> LPIPSFn | None:
-    """LPIPS with pretrained `net` backbone, or None (with one warning) when its weights cannot be had."""
+    """LPIPS with pretrained `net` backbone, or None when its weights cannot be had.
+
+    Tried once per machine: a failure (offline, no weights in the torch hub cache) warns once, saying so, and is
+    remembered in `lpips_marker(net)`; later processes report LPIPS as null without trying (or a download attempt
+    on the console). It is tried again when the marker is deleted, when DIA_RETRY_LPIPS=1, or when the weights
+    appear in the torch hub cache."""
     if net in _lpips_cache:
         return _lpips_cache[net]
+    import torch
+
+    marker = lpips_marker(net)
+    if marker.is_file() and not os.environ.get("DIA_RETRY_LPIPS") and not _weights_in_hub_cache(net):
+        _lpips_cache[net] = None
+        return None
     try:
         import lpips
 
-        with warnings.catch_warnings():
+        # torch.hub's "Downloading: ..." line (on stdout) would land in the middle of a progress bar
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             model = lpips.LPIPS(net=net, verbose=False).eval()
         fn: LPIPSFn | None = lpips_from_network(model)
+        with contextlib.suppress(OSError):
+            marker.unlink(missing_ok=True)
     except Exception as exc:
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        remembered = ""
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"LPIPS ({net}) could not be loaded: {why}\ndelete this file to try again\n")
+            remembered = (
+                f" Not tried again on this machine ({marker}): delete that file or set DIA_RETRY_LPIPS=1 to retry."
+            )
         warnings.warn(
-            f"LPIPS disabled: the pretrained {net} backbone could not be loaded "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); reported as null. "
-            "Put the torchvision weights in the torch hub cache (or go online) to enable it.",
+            f"LPIPS disabled: the pretrained {net} backbone could not be loaded ({why}); reported as null. Put the "
+            f"torchvision weights in the torch hub cache ({torch.hub.get_dir()}) or go online to enable it."
+            + remembered,
             RuntimeWarning,
             stacklevel=2,
         )

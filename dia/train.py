@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dia.errors import ExitCode, UserError
 from dia.memory import keep_freed_memory
@@ -17,7 +19,8 @@ USAGE_HINT = "see `python -m dia.train --help`"
 
 
 def _table(rows: list[dict]) -> str:
-    """The per-victim rows as a console table: the run's bookkeeping, then the metrics table's columns."""
+    """The per-victim rows as a console table (about 120 columns): the run's bookkeeping, then the metrics
+    table's console columns (metrics.json has every metric, the baselines of the mask measures too)."""
     from dia.metrics import METRICS
 
     cols = [
@@ -27,7 +30,11 @@ def _table(rows: list[dict]) -> str:
         ("iters", "iterations", "{}"),
         ("loss", "loss", "{:.2e}"),
     ]
-    cols += [(m.label, m.key, m.fmt) for m in METRICS if m.column and any(r.get(m.key) is not None for r in rows)]
+    cols += [
+        (m.label, m.key, m.fmt)
+        for m in METRICS
+        if m.column and m.console and any(r.get(m.key) is not None for r in rows)
+    ]
     cells = [[h for h, _, _ in cols]] + [
         ["-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols] for r in rows
     ]
@@ -41,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # before torch allocates: no page faults per attack iteration on a CPU (dia.memory)
     try:
         from dia.config import compose, help_text
+        from dia.run.folder import AlreadyDone, check_done  # no torch: a finished run is found in a blink
 
         if "-h" in args or "--help" in args:
-            print(help_text([a for a in args if a not in ("-h", "--help")]))
-            return ExitCode.OK
+            return _emit(lambda: print(help_text([a for a in args if a not in ("-h", "--help")])))
         base = None
         if "--config" in args:
             i = args.index("--config")
@@ -58,16 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"unknown option '{unknown[0]}'; {USAGE_HINT}")
         cfg = compose(args, base=base)
+        if not describe:
+            try:
+                check_done(cfg)  # the same run, finished: say where its results are, before anything slow
+            except AlreadyDone as done:
+                return _report(done.metrics, done.folder, done=True)
         from dia.console import quiet_libraries
 
         quiet_libraries()
         if describe:
-            return _describe(cfg)
+            return _emit(lambda: _describe(cfg))
         from dia.run import execute
 
         try:
             signals.stop_point("the run")
-            out = execute([cfg], progress=cfg.run.progress)[0].output
+            outcome = execute([cfg], progress=cfg.run.progress)[0]
         except signals.Stopped as exc:
             print(
                 f"{'interrupted' if exc.exit_code == ExitCode.INTERRUPTED else 'preempted'}: {exc}; "
@@ -93,29 +105,61 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return ExitCode.FAILED
-    from dia.run import record
+    out = outcome.output
+    return _report(out.metrics, out.folder, logged=out.logged, done=outcome.message is not None)
 
-    m = out.metrics
+
+def _emit(write: Callable[[], Any]) -> int:
+    """Run `write` (printing to stdout) and flush; a reader that closed the pipe (`--help | head -3`) ends it
+    quietly: exit 0, no error (as `dia.grid --list | head` does)."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what is still buffered would fail again at exit: point stdout at /dev/null
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return ExitCode.OK
+
+
+def _report(m: dict, folder: Path, *, logged: dict[str, str] | None = None, done: bool = False) -> int:
+    """Print the run's summary (a reader that went away, `| head`, changes nothing: the run is complete) and return
+    its exit code (0, or 3: diverged). `done`: a finished run of this config, found (nothing was run)."""
+    _emit(lambda: _summary(m, folder, logged=logged or {}, done=done))
+    return ExitCode.OK if m.get("status") == "completed" else ExitCode.DIVERGED
+
+
+def _summary(m: dict, folder: Path, *, logged: dict[str, str], done: bool) -> None:
+    """The per-victim table, the means and where the run's files are."""
     print()
     print(_table(m["victims"]))
     from dia.metrics import METRICS
 
-    mean = {k.key: m["mean"][k.key] for k in METRICS if k.brief and m["mean"].get(k.key) is not None}
+    means = m.get("mean") if isinstance(m.get("mean"), dict) else {}
+    mean = {k.key: means[k.key] for k in METRICS if k.brief and isinstance(means.get(k.key), (int, float))}
     steps = (m.get("client") or {}).get("local_steps", 1)
     parts = [
-        f"status {m['status']}",
+        f"status {m.get('status')}",
         *(f"mean {k} {v:.4g}" for k, v in mean.items()),
-        f"{m['wall_time_s']:.1f} s on {m['device']}",
+        *([f"{m['wall_time_s']:.1f} s on {m.get('device')}"] if isinstance(m.get("wall_time_s"), (int, float)) else []),
     ]
     print(
         f"\n{m['attack'].upper()} on {m['model']}/{m['data']} p={m['dropout']:g}{f' T={steps}' if steps > 1 else ''}: "
         + ", ".join(parts)
     )
-    print(
-        f"wrote {out.folder}{os.sep}: config.yaml metrics.json reconstructions.png"
-        + (f" {record.TENSORS}" if (out.folder / record.TENSORS).exists() else "")
-    )
-    for name, where in out.logged.items():
+    from dia.run import record
+
+    names = (record.CONFIG, record.METRICS, record.CURVES, record.PICTURE, record.TENSORS)
+    files = " ".join(f for f in names if (folder / f).exists())
+    if done:
+        print(
+            f"already done: {folder}{os.sep} holds this config's finished run ({files}); nothing was run. To run it "
+            "again, choose another run.output_dir or run.name"
+        )
+    else:
+        print(f"wrote {folder}{os.sep}: {files}")
+    for name, where in logged.items():
         if name == "wandb" and "offline" in where:
             print(
                 f"W&B offline run: {where} (upload with `wandb sync {Path(where).parent}`, which holds every "
@@ -123,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"{name}: {where}")
-    return ExitCode.OK if m["status"] == "completed" else ExitCode.DIVERGED
 
 
 def _describe(cfg) -> int:

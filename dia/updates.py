@@ -13,7 +13,9 @@ inputs and names the usual reasons when it does not match what was sent.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dia import tensors
 from dia.errors import UserError
 from dia.files import save_tensors
 from dia.gradients import client_gradients, client_update
+from dia.models import check_model, logits_classes
 from dia.models.capture import ModelInputError, UncapturableModel, make_capturable
 from dia.models.dropout import dropout_control, dropout_sites
 from dia.problems import LocalTraining, infer_labels
 
 KINDS = ("gradient", "delta", "weights")  # what an update holds: see `as_gradients`
+MAX_STEPS = 10**6  # local steps a saved update may claim (dia.config's client.local_steps bound)
 Grads = dict[str, Tensor]
 
 
@@ -39,7 +44,9 @@ Grads = dict[str, Tensor]
 class ClientUpdate:
     """One client's update: the gradient of its mean cross-entropy loss over its batch (after `steps` T > 1 local
     SGD steps: (w_0 - w_T) / lr, the sum of the T gradients along its trajectory), the labels it used, and, for
-    evaluation only (a real server never has them), the dropout masks it drew and its images."""
+    evaluation only (a real server never has them), the dropout masks it drew and its images. `model_digest`
+    names the weights w_0 it was computed at (the function `model_digest`), so an update is never attacked with
+    another model's weights."""
 
     gradient: Grads
     labels: Tensor  # (B,)
@@ -49,12 +56,43 @@ class ClientUpdate:
     steps: int = 1  # T: local SGD steps (FedAvg), each with fresh dropout masks
     # images per local step (consecutive chunks, step t takes chunk t mod B/b); None: all B
     local_batch: int | None = None
+    model_digest: str | None = None  # sha256 of the weights w_0 it was computed at (hex); None: unknown
+
+    @property
+    def batch(self) -> int:
+        """B: the images of the client's batch."""
+        return int(self.labels.numel())
 
     def delta(self) -> Grads:
         """w_0 - w_T after its T SGD steps with `lr`: what a FedAvg client sends."""
         if self.lr is None:
             raise UserError("ClientUpdate.delta: no learning rate (capture_update(..., lr=...))")
         return {n: self.lr * g for n, g in self.gradient.items()}
+
+    def check(self, where: str = "update") -> ClientUpdate:
+        """What it says about itself, checked (its gradient is checked against a model by `as_gradients`): labels
+        B >= 1 integers, lr a finite number > 0, T in 1..MAX_STEPS, local_batch dividing B, images (B, C, H, W)
+        finite, masks finite keep-masks of 0 and 1. One UserError line naming the field."""
+        if not isinstance(self.gradient, Mapping) or not self.gradient:
+            raise UserError(f"{where}: holds no gradient (a ClientUpdate's gradient is {{param name: tensor}})")
+        labels = tensors.integers(self.labels, f"{where}: 'labels'")
+        if labels.dim() != 1 or not len(labels) or int(labels.min()) < 0:
+            raise UserError(f"{where}: 'labels' {tuple(labels.shape)}: give the batch's B >= 1 class indices (B,)")
+        b = len(labels)
+        if self.lr is not None:
+            tensors.positive(self.lr, f"{where}: lr")
+        steps = tensors.whole(self.steps, f"{where}: local_steps", low=1, high=MAX_STEPS)
+        if self.local_batch is not None and b % tensors.whole(self.local_batch, f"{where}: local_batch", low=1, high=b):
+            raise UserError(f"{where}: local_batch={self.local_batch} does not divide its {b} images")
+        if (steps > 1 or self.local_batch not in (None, b)) and self.lr is None:
+            raise UserError(f"{where}: {steps} local step(s) but no lr; a FedAvg update needs the client's lr")
+        if self.images is not None:
+            images = tensors.floating(self.images, f"{where}: 'images'")
+            if images.dim() != 4 or len(images) != b:
+                raise UserError(f"{where}: 'images' {tuple(images.shape)}: give its {b} image(s) (B, C, H, W)")
+        for site, m in (self.masks or {}).items():
+            keep_mask(m, f"{where}: mask '{site}'")
+        return self
 
     def save(self, path: str | Path) -> Path:
         """A `.pt` of tensors only (`gradient/<param>`, `labels`, `masks/<site>`, `images`, `lr`): readable with
@@ -68,6 +106,8 @@ class ClientUpdate:
         if self.steps != 1 or self.local_batch is not None:
             flat["local_steps"] = torch.tensor(int(self.steps))
             flat["local_batch"] = torch.tensor(0 if self.local_batch is None else int(self.local_batch))
+        if self.model_digest is not None:
+            flat["model_digest"] = torch.tensor(list(bytes.fromhex(self.model_digest)), dtype=torch.uint8)
         return save_tensors(Path(path), flat)
 
     @classmethod
@@ -78,23 +118,64 @@ class ClientUpdate:
             raise UserError(
                 f"update '{path}': not a saved ClientUpdate (no 'labels'); give the gradient itself instead"
             )
-        return cls.from_tensors(flat)
+        return cls.from_tensors(flat, where=f"update '{path}'")
 
     @classmethod
-    def from_tensors(cls, flat: Mapping[str, Any]) -> ClientUpdate:
-        """An update from the tensors `save` writes (a dict holding 'labels')."""
+    def from_tensors(cls, flat: Mapping[Any, Any], where: str = "update") -> ClientUpdate:
+        """An update from the tensors `save` writes (a dict holding 'labels'), checked (`check`)."""
+        odd = next((k for k in flat if not isinstance(k, str)), None)
+        if odd is not None:
+            raise UserError(f"{where}: has the key {odd!r} ({type(odd).__name__}); an update maps names to tensors")
         part = lambda prefix: {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
-        lr = flat.get("lr")
-        batch = int(flat.get("local_batch", 0))
+        lr, steps, batch = flat.get("lr"), flat.get("local_steps", 1), flat.get("local_batch", 0)
+        batch = tensors.whole(batch, f"{where}: 'local_batch'", low=0, high=MAX_STEPS)
+        digest = flat.get("model_digest")
+        if digest is not None:
+            digest = tensors.integers(digest, f"{where}: 'model_digest'")
+            if digest.shape != (32,) or int(digest.min()) < 0 or int(digest.max()) > 255:
+                raise UserError(f"{where}: 'model_digest' {tuple(digest.shape)} is not a sha256 digest (32 bytes)")
+            digest = bytes(digest.tolist()).hex()
         return cls(
             part("gradient/"),
             flat["labels"],
             part("masks/") or None,
             flat.get("images"),
-            None if lr is None else float(lr),
-            int(flat.get("local_steps", 1)),
+            None if lr is None else tensors.positive(lr, f"{where}: 'lr'"),
+            tensors.whole(steps, f"{where}: 'local_steps'", low=1, high=MAX_STEPS),
             batch or None,
-        )
+            digest,
+        ).check(where)
+
+
+def keep_mask(value: Any, where: str) -> Tensor:
+    """A recorded dropout keep-mask: finite, every value 0 (dropped) or 1 (kept); as float32."""
+    m = tensors.dense(value, where)
+    m = tensors.floating(m, where).float() if m.is_floating_point() or m.is_complex() else m.float()
+    if m.numel() and not bool(((m == 0) | (m == 1)).all()):
+        odd = m[(m != 0) & (m != 1)][0].item()
+        raise UserError(f"{where} holds {odd!r}; a recorded keep-mask holds 0 (dropped) and 1 (kept) only")
+    return m
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 (hex) of the model's parameters' values (float32, in parameter order): which weights an update is for."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_digests(model: nn.Module, updates: Sequence[tuple[str, Any]]) -> None:
+    """Every ClientUpdate among `updates` ((where, update) pairs) that names its weights was computed at `model`'s."""
+    own = None
+    for where, u in updates:
+        if isinstance(u, ClientUpdate) and u.model_digest is not None:
+            own = own or model_digest(model)
+            if u.model_digest != own:
+                raise UserError(
+                    f"{where}: an update from another model (computed at other weights than the model's, its "
+                    "model_digest says); attack each update with the model the client had"
+                )
 
 
 # ---- reading updates ---------------------------------------------------------------------------------
@@ -116,44 +197,71 @@ def clients_of(sent: Any) -> list[Any]:
     )
 
 
+def read_updates(sent: Any, where: str = "update") -> list[tuple[str, Any]]:
+    """Each client's update in `sent` (see `clients_of`), files read once, as (where, update): a `ClientUpdate`
+    (an object, or a file it saved: checked, `ClientUpdate.check`) or the values a client sent (dict or list)."""
+    items = clients_of(sent)
+    several = isinstance(sent, (list, tuple)) and not all(isinstance(x, (np.ndarray, Tensor)) for x in sent)
+    out = []
+    for k, raw in enumerate(items):
+        here = f"{where} {k}" if several else where
+        if isinstance(raw, ClientUpdate):
+            out.append((here, raw.check(here)))
+        elif isinstance(raw, (str, Path)):
+            flat = _load_file(Path(raw))
+            here = f"{here} '{raw}'"
+            if isinstance(flat, dict) and "labels" in flat:
+                out.append((here, ClientUpdate.from_tensors(flat, where=here)))
+            elif isinstance(flat, dict) and any(str(k).startswith("gradient/") for k in flat):  # no labels
+                out.append((here, {k[9:]: v for k, v in flat.items() if str(k).startswith("gradient/")}))
+            else:
+                out.append((here, flat))
+        else:
+            out.append((here, raw))
+    return out
+
+
 def as_gradients(
     model: nn.Module, sent: Any, *, kind: str = "gradient", lr: float | None = None, where: str = "update"
 ) -> list[Grads]:
     """Each client's update in `sent` as the gradient of its mean loss, {param name: tensor} in the model's
-    parameter order, checked: every parameter present with its shape, floating point, finite.
+    parameter order, checked: every parameter present with its shape, floating point, finite, not all zero.
 
     `kind`: "gradient" (what FedSGD sends), "delta" (w_0 - w_1 after one local SGD step with `lr`) or
     "weights" (the client's weights w_1 after that step, as a Flower client's fit returns them; w_0 are
     `model`'s). A multi-step client's delta is attacked as such by the FedAvg client model (dia.config `client`).
+    A `ClientUpdate` holds its gradient: `kind` must be "gradient".
     """
+    return gradients_of(model, read_updates(sent, where), kind=kind, lr=lr)
+
+
+def gradients_of(
+    model: nn.Module, updates: Sequence[tuple[str, Any]], *, kind: str = "gradient", lr: float | None = None
+) -> list[Grads]:
+    """`as_gradients` of updates already read (`read_updates`)."""
     if kind not in KINDS:
         raise UserError(f"kind={kind!r}: must be one of: {', '.join(KINDS)}")
     if kind != "gradient" and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise UserError(f"lr={lr!r}: kind={kind} needs the client's local learning rate, a finite number > 0")
     params = {n: p.detach() for n, p in model.named_parameters()}
     out = []
-    for k, raw in enumerate(clients_of(sent)):
-        several = isinstance(sent, (list, tuple)) and not all(isinstance(x, (np.ndarray, Tensor)) for x in sent)
-        values = _named(model, _unwrap(raw), f"{where} {k}" if several else where)
+    for where, raw in updates:
+        if isinstance(raw, ClientUpdate) and kind != "gradient":
+            raise UserError(f"kind={kind!r}: {where} is a ClientUpdate, which holds a gradient; leave kind='gradient'")
+        values = _named(model, raw.gradient if isinstance(raw, ClientUpdate) else raw, where)
         if kind == "gradient":
             grads = values
         elif kind == "delta":
             grads = {n: v / lr for n, v in values.items()}
         else:
             grads = {n: (params[n].cpu() - v) / lr for n, v in values.items()}
+        if not any(bool(g.any()) for g in grads.values()):
+            raise UserError(
+                f"{where}: every value is 0; an all-zero update carries nothing to attack (a client that did not "
+                "train, weights sent back unchanged, or a lost message)"
+            )
         out.append(grads)
     return out
-
-
-def _unwrap(raw: Any) -> Any:
-    if isinstance(raw, ClientUpdate):
-        return raw.gradient
-    if isinstance(raw, (str, Path)):
-        flat = _load_file(Path(raw))
-        if isinstance(flat, dict) and any(str(k).startswith("gradient/") for k in flat):
-            return {k[len("gradient/") :]: v for k, v in flat.items() if str(k).startswith("gradient/")}
-        return flat
-    return raw
 
 
 def read_file(path: str | Path) -> Any:
@@ -172,7 +280,9 @@ def _load_file(path: Path) -> Any:
                 if keys and all(k == f"arr_{i}" for i, k in enumerate(keys)):  # np.savez(*arrays): parameter order
                     return [npz[k] for k in keys]
                 return {k: npz[k] for k in keys}
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on what the file holds: the checks below say what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(
             f"update: cannot read '{path}' as tensors ({type(exc).__name__}: "
@@ -186,22 +296,8 @@ def _named(model: nn.Module, values: Any, where: str) -> Grads:
     {param name: float tensor}, checked against the model."""
     names = [n for n, _ in model.named_parameters()]
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    buffers = {n for n, _ in model.named_buffers()}
     if isinstance(values, Mapping):
-        keys = [str(k) for k in values]
-        extra = [k for k in keys if k not in shapes and k not in buffers]
-        missing = [n for n in names if n not in keys]
-        if extra or missing:
-            what = (
-                (f"unknown name{'s' * (len(extra) > 1)} {extra[:3]}" if extra else "")
-                + ("; " if extra and missing else "")
-                + (f"missing {missing[:3]}" if missing else "")
-            )
-            raise UserError(
-                f"{where}: does not fit this model: {what}{' ...' if len(extra) > 3 or len(missing) > 3 else ''} "
-                f"(the model has {len(names)} parameters: {names[:3]}...); an update from another model?"
-            )
-        items = [(n, values[n]) for n in names]
+        items = _by_name(model, values, where)
     elif isinstance(values, (list, tuple)):
         order = (
             names
@@ -230,30 +326,44 @@ def _named(model: nn.Module, values: Any, where: str) -> Grads:
     return out
 
 
+def _by_name(model: nn.Module, values: Mapping[Any, Any], where: str) -> list[tuple[str, Any]]:
+    """A dict update's entries in the model's parameter order, its names checked (buffers are skipped)."""
+    names = [n for n, _ in model.named_parameters()]
+    buffers = {n for n, _ in model.named_buffers()}
+    odd = next((k for k in values if not isinstance(k, str)), None)
+    if odd is not None:
+        raise UserError(f"{where}: has the key {odd!r} ({type(odd).__name__}); an update maps names to tensors")
+    extra = [k for k in values if k not in names and k not in buffers]
+    missing = [n for n in names if n not in values]
+    if extra or missing:
+        what = (
+            (f"unknown name{'s' * (len(extra) > 1)} {extra[:3]}" if extra else "")
+            + ("; " if extra and missing else "")
+            + (f"missing {missing[:3]}" if missing else "")
+        )
+        raise UserError(
+            f"{where}: does not fit this model: {what}{' ...' if len(extra) > 3 or len(missing) > 3 else ''} "
+            f"(the model has {len(names)} parameters: {names[:3]}...); an update from another model?"
+        )
+    return [(n, values[n]) for n in names]
+
+
 def _tensor(value: Any, where: str) -> Tensor:
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise UserError(f"{where} is an object array; give numbers")
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    if not isinstance(value, Tensor):
-        raise UserError(f"{where} is a {type(value).__name__}, not an array")
-    if not value.is_floating_point():
-        raise UserError(f"{where} has dtype {value.dtype}; an update holds floating-point values")
-    if not bool(torch.isfinite(value).all()):
-        raise UserError(f"{where} holds NaN or inf")
-    return value.detach().to("cpu", torch.float32)
+    return tensors.floating(value, where).detach().to("cpu", torch.float32)
 
 
 def labels_of(labels: Any, clients: int, *, num_classes: int) -> Tensor:
     """Labels given per client ((K, B), or (K * B,), or (B,) for one client) as a (K, B) int64 tensor, checked."""
-    try:
-        t = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels))
-    except (TypeError, ValueError):
-        raise UserError(f"labels: cannot read {type(labels).__name__} as integers") from None
-    if t.is_floating_point() and bool((t == t.round()).all()):
-        t = t.long()
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or t.numel() == 0:
-        raise UserError(f"labels: expected class indices (integers), got dtype {t.dtype} with {t.numel()} values")
+    if not isinstance(labels, Tensor):
+        try:
+            labels = np.asarray(labels)
+        except (TypeError, ValueError):
+            raise UserError(f"labels: cannot read {type(labels).__name__} as integers") from None
+    t = tensors.integers(labels, "labels").detach().cpu()
+    if t.numel() == 0 or t.dim() > 2:
+        raise UserError(f"labels: shape {tuple(t.shape)}; give class indices per client (B,) or for all (K, B)")
+    if t.dim() == 2 and t.shape[0] != clients:
+        raise UserError(f"labels: shape {tuple(t.shape)} for {clients} client(s); give (K, B) = ({clients}, B)")
     if t.numel() % clients:
         raise UserError(f"labels: {t.numel()} labels do not split over {clients} client(s)")
     t = t.reshape(clients, -1).long()
@@ -268,10 +378,14 @@ def labels_of(labels: Any, clients: int, *, num_classes: int) -> Tensor:
 # ---- a real client's step -------------------------------------------------------------------------------
 def capturable(model: nn.Module, example: Tensor) -> nn.Module:
     """A copy of `model` whose stochastic sites (nn.Dropout*, DropPath, functional dropout) can record,
-    replay or be given masks (dia.models.capture); site names are module paths. The model itself is untouched."""
+    replay or be given masks (dia.models.capture); site names are module paths. The model itself is untouched.
+    The model is checked first (`dia.models.check_model`: weights with values, finite), and must take `example`
+    and return logits (batch, classes)."""
     import copy
 
+    check_model(model)
     twin = copy.deepcopy(model).cpu()
+    classes_of(twin, example)
     if dropout_sites(twin):
         return twin
     try:
@@ -300,19 +414,24 @@ def capture_update(
     FedAvg: `local_steps` T > 1 plain SGD steps with learning rate `lr`, each on `local_batch` of the images
     (consecutive chunks, step t takes chunk t mod B/b; None: all of them) with fresh masks; the update holds
     (w_0 - w_T) / lr and the T steps' masks, stacked along the batch axis."""
-    images = _tensor(images, "images") if not isinstance(images, Tensor) else images.detach().cpu().float()
+    images = _tensor(images, "images")
+    if images.dim() != 4 or not len(images):
+        raise UserError(f"images: shape {tuple(images.shape)}; give the client's batch (B, C, H, W)")
     twin = capturable(model, images[:1])
     num_classes = classes_of(twin, images[:1])
     y = labels_of(labels, 1, num_classes=num_classes).view(-1)
     if len(y) != len(images):
         raise UserError(f"labels: {len(y)} labels for {len(images)} images")
+    if lr is not None:
+        tensors.positive(lr, "lr")
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     local = local_training(local_steps, lr, local_batch, len(y))
+    digest = model_digest(twin)
     if local is None:
         grads, masks = client_gradients(twin, images, y, generator=gen)
     else:
         grads, masks = client_update(twin, images, y, local, generator=gen)
-    return ClientUpdate(grads, y, masks or None, images.clone(), lr, int(local_steps), local_batch)
+    return ClientUpdate(grads, y, masks or None, images.clone(), lr, int(local_steps), local_batch, digest)
 
 
 def local_training(steps: Any, lr: Any, batch: Any, images: int) -> Any:
@@ -334,12 +453,16 @@ def local_training(steps: Any, lr: Any, batch: Any, images: int) -> Any:
 
 
 def classes_of(model: nn.Module, example: Tensor) -> int:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(example)
-    model.train(was)
-    return int(out.shape[-1])
+    """How many classes the model's logits have (`dia.models.logits_classes`); an input it cannot take: one line."""
+    try:
+        return logits_classes(model, example)
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UserError(
+            f"input_shape {tuple(example.shape[1:])}: the model cannot take it ({type(exc).__name__}: {first})"
+        ) from None
 
 
 # ---- checking an update against the truth ----------------------------------------------------------------

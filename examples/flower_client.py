@@ -7,7 +7,7 @@ deserializes with `parameters_to_ndarrays`) and the global model, never the imag
 dropout masks. `dia.reconstruct(kind="weights", lr=..., local_steps=...)` attacks it, unrolling the local steps
 (the server set the learning rate and the number of steps: they are in the round's config).
 
-    pip install "dia[flower]"
+    pip install -e ".[flower]"                                # in the checkout: dia-leakage with Flower
     python examples/flower_client.py                          # 2 clients, 3 local steps, 1,500 iterations
     python examples/flower_client.py --iterations 300 --min-ssim 0.8   # what CI runs
 """
@@ -22,11 +22,17 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.client import NumPyClient
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from torch import nn
 
 import dia
+
+try:
+    from flwr.client import NumPyClient
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+except ModuleNotFoundError as exc:  # one line, not a traceback
+    if exc.name is None or exc.name.split(".")[0] != "flwr":
+        raise
+    sys.exit('error: this example needs Flower: pip install -e ".[flower]" in the dia checkout (or pip install flwr)')
 
 MEAN, STD = 0.1307, 0.3081
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_SILENT", "true")
+# dia's machine-wide memory (LPIPS tried once per machine: dia.metrics.lpips_marker) is the session's own
+os.environ["DIA_CACHE_DIR"] = tempfile.mkdtemp(prefix="dia-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DIA_CACHE_DIR"], True)
 torch.set_num_threads(2)
 
 from dia.api import simulate  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_capture_check_and_evaluate_round_trip():
         ("file", "no such file"),
         ("pickle", "cannot read"),
         ("shape_input", "input_shape=\\(28, 28\\)"),
-        ("std", "std=\\(0.0,\\)"),
+        ("std", "std\\[0\\]=0.0: must be a finite number in \\[1e-06"),
     ],
 )
 def test_bad_input_is_one_line_naming_it(setup, tmp_path, case, match):
@@ -240,6 +241,222 @@ def test_bad_input_is_one_line_naming_it(setup, tmp_path, case, match):
     with pytest.raises(dia.UserError, match=match) as err:
         dia.reconstruct(model, update, **kw)
     assert "\n" not in str(err.value)
+
+
+class TupleNet(Net):
+    def forward(self, x: torch.Tensor) -> tuple:
+        return (super().forward(x),)
+
+
+class DictNet(Net):
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": super().forward(x)}
+
+
+def _captured(model: nn.Module, n: int = 1, **kw) -> dia.ClientUpdate:
+    x, y = victims(n)
+    return dia.capture_update(model, (x - MEAN) / STD, y, seed=0, **kw)
+
+
+def _other(u: dia.ClientUpdate, **changes) -> dia.ClientUpdate:
+    import dataclasses
+
+    return dataclasses.replace(u, **changes)
+
+
+def _masks(u: dia.ClientUpdate, value: float) -> dict:
+    masks = {k: v.clone() for k, v in u.masks.items()}
+    masks["drop1"][0, 0] = value
+    return masks
+
+
+# issue 27 (and 25's update contents): case -> (a change of (model, update, keyword arguments), the expected line)
+DOOR = {
+    "meta-model": (lambda m, u, kw: (Net().to("meta"), u, kw), "model: 'fc1.weight' is on the meta device"),
+    "nan-model": (
+        lambda m, u, kw: (
+            nn.Sequential(Net()).requires_grad_(False).apply(_nan_weights),
+            {"0." + k: v for k, v in u.items()},
+            kw,
+        ),
+        "model: '0.fc1.weight' holds NaN or inf",
+    ),
+    "tuple-model": (
+        lambda m, u, kw: (TupleNet(), u, kw),
+        "model: its forward returns a tuple; dia needs the logits, a tensor (batch, classes)",
+    ),
+    "dict-model": (lambda m, u, kw: (DictNet(), u, kw), "model: its forward returns a dict"),
+    "masks-empty-list": (lambda m, u, kw: (m, u, kw | dict(attack="wiig", masks=[])), "masks: a list of 0"),
+    "masks-nan": (
+        lambda m, u, kw: (m, _captured(m), kw | dict(attack="wiig", masks=_masks(_captured(m), float("nan")))),
+        "masks: 'drop1' holds NaN or inf",
+    ),
+    "masks-7": (
+        lambda m, u, kw: (m, _captured(m), kw | dict(attack="wiig", masks=_masks(_captured(m), 7.0))),
+        "masks: 'drop1' holds 7.0; a recorded keep-mask holds 0 (dropped) and 1 (kept) only",
+    ),
+    "input-shape-too-large": (
+        lambda m, u, kw: (m, u, kw | dict(input_shape=(1, 10**6, 10**6))),  # 29,800 GiB: more than any machine
+        "input_shape=(1, 1000000, 1000000): 1 image(s) of (1, 1000000, 1000000) need about 29802.3 GiB in the attack",
+    ),
+    "input-shape-float": (lambda m, u, kw: (m, u, kw | dict(input_shape=(1, 28.0, 28))), "three positive integers"),
+    "input-shape-vs-images": (
+        lambda m, u, kw: (m, _captured(m), kw | dict(input_shape=(1, 14, 56), labels=None)),
+        "input_shape=(1, 14, 56): update carries images of shape (1, 28, 28)",
+    ),
+    "client-lr-nan": (lambda m, u, kw: (m, u, kw | dict(lr=float("nan"))), "lr=nan: must be a finite number > 0"),
+    "client-lr-unused": (
+        lambda m, u, kw: (m, u, kw | dict(lr=0.01)),
+        "lr=0.01: the client's learning rate, used with kind='delta'/'weights' or local_steps > 1 only; the "
+        "attack's step size is attack_lr=0.01",
+    ),
+    "attack-lr-nan": (lambda m, u, kw: (m, u, kw | dict(attack_lr=float("nan"))), "attack.lr=nan: must be > 0"),
+    "labels-2d-transposed": (
+        lambda m, u, kw: (m, [u, u], kw | dict(labels=torch.tensor([[7, 7]]))),
+        "labels: shape (1, 2) for 2 client(s); give (K, B) = (2, B)",
+    ),
+    "labels-3d": (lambda m, u, kw: (m, u, kw | dict(labels=torch.zeros(1, 1, 1, dtype=torch.long))), "labels: shape"),
+    "labels-vs-update": (
+        lambda m, u, kw: (m, _captured(m, 2), kw | dict(labels=torch.tensor([1, 7]))),
+        "labels: [1, 7] for update, which carries its labels [7, 1]; leave labels out",
+    ),
+    "std-subnormal": (lambda m, u, kw: (m, u, kw | dict(std=(1e-40,))), "std[0]=1e-40: must be a finite number"),
+    "std-huge": (lambda m, u, kw: (m, u, kw | dict(std=(1e30,))), "std[0]=1e+30: must be a finite number"),
+    "mean-nan-tensor": (
+        lambda m, u, kw: (m, u, kw | dict(mean=torch.tensor([float("nan")]))),
+        "mean[0]=nan: must be a finite number",
+    ),
+    "two-models": (
+        lambda m, u, kw: (m, [_captured(m), _captured(Net())], kw | dict(labels=None)),
+        "update 1: an update from another model",
+    ),
+    "zero-update": (
+        lambda m, u, kw: (m, {k: torch.zeros_like(v) for k, v in u.items()}, kw),
+        "update: every value is 0",
+    ),
+    "sparse-update": (
+        lambda m, u, kw: (m, u | {"fc1.weight": u["fc1.weight"].to_sparse()}, kw),
+        "update: 'fc1.weight' is a sparse_coo tensor",
+    ),
+    "meta-update": (
+        lambda m, u, kw: (m, u | {"fc1.weight": u["fc1.weight"].to("meta")}, kw),
+        "update: 'fc1.weight' is on the meta device",
+    ),
+    "complex-update": (
+        lambda m, u, kw: (m, u | {"fc1.weight": u["fc1.weight"].to(torch.complex64)}, kw),
+        "update: 'fc1.weight' has dtype torch.complex64",
+    ),
+    "non-string-key": (lambda m, u, kw: (m, {**u, 3: u["out.weight"]}, kw), "update: has the key 3 (int)"),
+    **{
+        f"ClientUpdate-lr-{lr}": (
+            lambda m, u, kw, lr=lr: (m, _other(_captured(m), lr=lr), kw | dict(labels=None)),
+            f"update: lr={lr}: must be a finite number > 0",
+        )
+        for lr in (0, -1, float("nan"))
+    },
+    "ClientUpdate-lr-vector": (
+        lambda m, u, kw: (m, _other(_captured(m), lr=torch.tensor([0.1, 0.2])), kw | dict(labels=None)),
+        "update: lr holds 2 values (2,); give one number",
+    ),
+    "ClientUpdate-nan-images": (
+        lambda m, u, kw: (m, _other(_captured(m), images=torch.full((1, 1, 28, 28), float("nan"))), kw),
+        "update: 'images' holds NaN or inf",
+    ),
+    "ClientUpdate-kind": (
+        lambda m, u, kw: (m, _captured(m), kw | dict(kind="delta", lr=0.1)),
+        "kind='delta': update is a ClientUpdate, which holds a gradient",
+    ),
+    "ClientUpdate-steps-contradicted": (
+        lambda m, u, kw: (m, _captured(m, lr=0.1, local_steps=2), kw | dict(local_steps=3, labels=None)),
+        "local_steps=3: update says 2",
+    ),
+    "ClientUpdate-lr-contradicted": (
+        lambda m, u, kw: (m, _captured(m, lr=0.1, local_steps=2), kw | dict(lr=0.2, labels=None)),
+        "lr=0.2: update says lr=0.1",
+    ),
+    "ClientUpdate-beside-bare": (
+        lambda m, u, kw: (m, [_captured(m), u], kw | dict(labels=None)),
+        "update 1: a bare update beside ClientUpdates",
+    ),
+    "unrolled-steps-memory": (
+        lambda m, u, kw: (m, u, kw | dict(local_steps=10**6, lr=0.1)),
+        "local_steps=1000000: unrolling 1000000 local steps needs about",
+    ),
+}
+
+
+def _nan_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        module.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("case", list(DOOR))
+def test_every_argument_is_checked_at_the_door_in_one_line(setup, case):
+    """Issue 27: each was a raw exception (meta model, a tuple or dict forward, masks=[], a 40 GB allocation) or a
+    silently returned result (lr=nan, labels of another shape, a float input_shape, std out of bounds, masks of
+    NaN or 7.0, updates of two models, ...); now one UserError line naming the argument, before any work."""
+    model, x, y, grads = setup
+    kw = dict(labels=y, input_shape=(1, 28, 28), mean=(MEAN,), std=(STD,), attack="ig", compile=False, max_iterations=1)
+    change, match = DOOR[case]
+    model, update, kw = change(model, dict(grads), kw)
+    with pytest.raises(dia.UserError, match=re.escape(match)) as err:
+        dia.reconstruct(model, update, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_what_a_client_update_carries_is_used(setup, tmp_path):
+    """Issue 25: a ClientUpdate of 2 images attacked without labels= (the object, or its saved client.pt) gave ONE
+    image labelled [[1]], silently; docs/api.md's FedAvg snippet failed on the masks. Its labels, batch size, T and
+    lr are used now; its images' shape is the default input_shape."""
+    model = setup[0]
+    x, y = victims(2)
+    u = dia.capture_update(model, (x - MEAN) / STD, y, lr=0.1, seed=0)
+    for sent in (u, u.save(tmp_path / "client.pt")):
+        r = dia.reconstruct(model, sent, mean=(MEAN,), std=(STD,), attack="ig", compile=False, max_iterations=2)
+        assert r.images.shape == (2, 1, 28, 28) and r.labels.tolist() == [y.tolist()]
+    # docs/api.md's FedAvg snippet, as written, with 2 images
+    u3 = dia.capture_update(model, (x - MEAN) / STD, y, lr=0.1, local_steps=3)
+    r = dia.reconstruct(model, u3, input_shape=(1, 28, 28), attack="wiig", masks=u3, compile=False, max_iterations=2)
+    assert r.problems.local.steps == 3 and r.problems.local.lr == 0.1 and r.labels.tolist() == [y.tolist()]
+    again = dia.reconstruct(  # arguments that repeat what it carries are fine
+        model, u3, labels=y, lr=0.1, local_steps=3, attack="wiig", masks=u3, compile=False, max_iterations=2
+    )
+    assert torch.equal(again.images, r.images)
+
+
+def test_mean_std_as_tensors_and_a_model_without_dropout(setup):
+    """mean/std given as tensors are accepted (as sequences are); DIA on a model without any dropout site warns that
+    it is IG there (design.md: a model without dropout gives DIA no masks) and returns IG's reconstruction."""
+    _, x, y, _ = setup
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.GELU(), nn.Linear(32, 10))
+    grads = own_gradient(plain, x, y)
+    kw = dict(labels=y, input_shape=(1, 28, 28), compile=False, max_iterations=5)
+    with pytest.warns(UserWarning, match="the model has no dropout .* it behaves as IG"):
+        r = dia.reconstruct(plain, grads, mean=torch.tensor([MEAN]), std=torch.tensor([STD]), attack="dia", **kw)
+    ig = dia.reconstruct(plain, grads, mean=(MEAN,), std=(STD,), attack="ig", **kw)
+    assert r.masks is None and torch.equal(r.images, ig.images)
+
+
+def test_evaluate_and_save_refuse_bad_originals_and_write_nothing(setup, tmp_path):
+    """Issue 27: save with originals of the wrong shape writes nothing (no .lock, no .partial) and a save with the
+    right ones then works; issue 25: NaN originals or masks were accepted for evaluation."""
+    model, x, y, grads = setup
+    r = dia.reconstruct(model, grads, labels=y, input_shape=(1, 28, 28), attack="ig", compile=False, max_iterations=1)
+    u = _captured(model)
+    for bad, masks, match in (
+        (torch.rand(2, 1, 28, 28), None, "originals: shape \\(2, 1, 28, 28\\)"),
+        (torch.full_like(x, float("nan")), None, "originals holds NaN or inf"),
+        ((x - MEAN) / STD, None, "originals: values in \\[-0.424, 2.8.\\]; give the images in \\[0, 1\\]"),
+        (x, _masks(u, float("nan")), "masks: 'drop1' holds NaN or inf"),
+    ):
+        with pytest.raises(dia.UserError, match=match):
+            dia.evaluate(r, bad, masks=masks)
+        with pytest.raises(dia.UserError, match=match):
+            dia.save(r, tmp_path / "run", originals=bad, masks=masks)
+        assert os.listdir(tmp_path) == []  # no .run.lock, no .run.partial
+    assert dia.save(r, tmp_path / "run", originals=x) == tmp_path / "run"
+    assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
 def test_import_dia_loads_no_heavy_library():

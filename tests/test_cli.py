@@ -47,6 +47,10 @@ def test_run_folder_holds_config_metrics_png_tensors_and_offline_wandb_run(tmp_p
     assert (run / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "SSIM" in out and str(run) in out
+    table = out[out.index("victim") :].split("\n\n")[0].splitlines()
+    assert len(table) == 3 and max(map(len, table)) <= 120, table  # it was ~230 columns wide
+    assert "mask bal. acc." in table[0] and "(init)" not in table[0]  # baselines: metrics.json only
+    assert "curves.jsonl" in out  # the files it wrote
     wandb_run = next((run / "wandb").glob("offline-run-*"))
     logged = read_offline_run(wandb_run)
     assert logged["config"]["attack"]["name"] == "dia" and logged["config"]["model"]["dropout"] == 0.25
@@ -66,10 +70,78 @@ def test_saved_config_reruns_the_same_result(tmp_path):
     assert [v["mse"] for v in a["victims"]] == [v["mse"] for v in b["victims"]]
 
 
+def test_readme_reruns_a_finished_run_say_where_it_is_at_once(tmp_path, monkeypatch, capsys):
+    """README: `python -m dia.train` twice, and `python -m dia.train --config runs/<run>/config.yaml  # rerun a run
+    exactly`, ended in "run.name: '...' already exists; choose another run.name" (exit 2, after 27 s) for a run the
+    user never named. Now: its summary and where it is, exit 0, nothing run or rewritten, before torch is imported."""
+    monkeypatch.chdir(tmp_path)  # README's relative runs/ folder
+    args = [*FAST, "num_victims=1", "attack=ig", "logger.wandb.mode=disabled"]
+    assert main(args) == 0
+    run = _only_run(tmp_path / "runs")
+    written = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    capsys.readouterr()
+    for again in (args, ["--config", f"runs/{run.name}/config.yaml"]):
+        assert main(again) == 0
+        out = capsys.readouterr().out
+        assert f"already done: runs/{run.name}/ holds this config's finished run" in out, out
+        assert "status completed" in out and "SSIM" in out  # the summary of its metrics.json
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == written and _only_run(tmp_path / "runs") == run
+    code = (
+        "import sys, time; from dia.train import main; t = time.time(); "
+        f"rc = main({args!r}); print(rc, 'torch' in sys.modules, round(time.time() - t, 1))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    rc, torch_loaded, seconds = done.stdout.strip().splitlines()[-1].split()
+    assert (rc, torch_loaded) == ("0", "False") and float(seconds) < 5, done.stdout + done.stderr
+    assert main([*args, "attack.max_iterations=31"]) == 0  # another config: another run
+    assert len([p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]) == 2
+
+
 def test_help_lists_groups_choices_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "attack   dia, analytic, dlg, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
+
+
+def _key_lines(text: str) -> list[str]:
+    lines = text.split("keys (", 1)[1].split("\n\noptions:", 1)[0].splitlines()[1:]
+    assert lines and all(line.startswith("  ") for line in lines)
+    return lines
+
+
+def test_help_gives_every_key_its_values_and_a_description(capsys):
+    """Every key of every choice (a composition too) has what it may be and what it does: from the schema's fields,
+    from the comments beside a choice's own keys in its YAML, from the range its check enforces."""
+    from dia.config import choices, compose, key_doc
+
+    selections = [[]] + [[f"{g}={c}"] for g in ("attack", "model", "data", "defense") for c in choices(g)]
+    for args in selections + [["defense=[prune,dpsgd]"]]:
+        assert main(["--help", *args]) == 0
+        lines = _key_lines(capsys.readouterr().out)
+        cfg = compose(args, code_checks=False, validated=False)
+        assert len(lines) > 40
+        for line in lines:
+            key = line.split(" = ", 1)[0].strip()
+            values, text = key_doc(key, cfg)
+            assert len(values) >= 2 and len(text.split()) >= 2, (args, line)  # what it may be, what it does
+            assert line.endswith(f"  ({values}) {text}"), (args, line)
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert "  attack.mask_param = clip  (clip | sigmoid) how trained masks are parametrized" in out
+    assert "  model.dropout = 0.25  (in [0, 1)) dropout rate p" in out  # the range model.dropout's check enforces
+    assert "  attack.assumed_rate = null  (null or in [0, 1)) the dropout rate DIA assumes" in out
+    main(["--help", "model=vit"])
+    assert "  model.heads = 16  (an integer > 0) attention heads" in capsys.readouterr().out
+
+
+def test_help_into_a_closed_pipe_ends_quietly_with_exit_0():
+    """`python -m dia.train --help | head -3` ended in exit 1 with a BrokenPipeError line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dia.train", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader has gone before the help is written
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
 
 
 def test_describe_model_lists_dropout_sites(capsys):
@@ -79,12 +151,12 @@ def test_describe_model_lists_dropout_sites(capsys):
 
 
 def test_diverging_attack_stops_keeps_best_and_says_diverged(tmp_path):
-    ckpt = tmp_path / "nan.pt"
+    ckpt = tmp_path / "huge.pt"  # finite weights whose activations overflow (NaN weights are refused at the door)
     from dia.config import compose
     from dia.models import build_model
 
     model = build_model(compose([]).model, channels=1, image_size=28, num_classes=10, seed=0)
-    torch.save({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}, ckpt)
+    torch.save({k: v * 1e30 for k, v in model.state_dict().items()}, ckpt)
     code = main(FAST + ["logger.wandb.mode=disabled", f"model.checkpoint={ckpt}", f"run.output_dir={tmp_path / 'out'}"])
     assert code == 3
     metrics = json.loads((_only_run(tmp_path / "out") / "metrics.json").read_text())

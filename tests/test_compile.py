@@ -33,6 +33,8 @@ def test_failed_compilation_falls_back_to_eager_with_one_notice(problems_factory
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    # auto compiles only when it pays: make it pay whatever this machine's cost book says
+    monkeypatch.setattr("dia.attacks.program.pays", lambda **kw: (True, "it pays (test)"))
     with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler.*running eagerly"):
         fallback = _losses(problems_factory, "auto")
     torch.testing.assert_close(fallback, _losses(problems_factory, "false"))
@@ -87,3 +89,40 @@ def test_a_compiled_program_sees_the_problems_that_enter_it(tmp_path):
         for u, v in zip(compiled, eager):
             assert u["iterations"] == v["iterations"] and u["status"] == v["status"], name
             assert u["loss"] == pytest.approx(v["loss"], rel=2e-3, abs=1e-6), name
+
+
+def _steps(problems_factory, *settings: str, iterations: int = 5) -> torch.Tensor:
+    cfg, model, problems, _, mean, std = problems_factory(SMALL + list(settings), [0, 1])
+    module = ATTACKS.get("dia")(model, problems.public(), cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
+    module.on_fit_start()
+    return torch.stack([module.step() for _ in range(iterations)])
+
+
+def test_the_eager_loop_follows_the_vectorized_program(problems_factory):
+    loop = _steps(problems_factory, "attack.compile=false", "attack.eager=loop")
+    vectorized = _steps(problems_factory, "attack.compile=false", "attack.eager=vectorized")
+    torch.testing.assert_close(loop, vectorized, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_auto_gives_exactly_the_path_it_takes(problems_factory, monkeypatch, tmp_path, caplog):
+    """attack.compile=auto decides before the first iteration: its result is that of compile=false or of
+    compile=true, bit for bit, and after a compile the cost book knows what it cost."""
+    import json
+    import logging
+
+    from dia.attacks import compiling
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    budget = "attack.max_iterations=30"
+    monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 1e9)  # a first compile never repaid
+    with caplog.at_level(logging.INFO, logger="dia"):
+        assert torch.equal(
+            _steps(problems_factory, "attack.compile=auto", budget),
+            _steps(problems_factory, "attack.compile=false", budget),
+        )
+    assert "attack.compile=auto: running eagerly (30 iterations" in caplog.text
+    monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 0.0)  # always repaid
+    auto = _steps(problems_factory, "attack.compile=auto", budget, iterations=12)
+    assert torch.equal(auto, _steps(problems_factory, "attack.compile=true", budget, iterations=12))
+    (entry,) = json.loads((tmp_path / "cache" / compiling.BOOK).read_text()).values()
+    assert entry["compile_s"] > 0 and entry["t_compiled"] > 0 and entry["t_eager"] > 0

@@ -146,6 +146,7 @@ def test_index_outside_the_grid_and_foreign_results_dir_are_refused(tmp_path, ca
     assert G.main([str(SMOKE), "--run", "7", "--results-root", res]) == 2
     assert "outside the grid" in capsys.readouterr().err
     assert G.main([str(SMOKE), "--validate", "--results-root", res]) == 0
+    assert capsys.readouterr().out == "4\n"
     saved = json.loads((tmp_path / "res" / "smoke" / "grid.json").read_text())
     assert saved["name"] == "smoke" and len(saved["cells"]) == 4 and saved["sha256"] == G.load(SMOKE).sha256
     capsys.readouterr()
@@ -239,3 +240,77 @@ def test_array_tasks_hold_whole_packs(tmp_path):
     )
     with pytest.raises(G.UserError, match="--task 8 is outside the grid"):
         grid.task(8, 18)
+
+
+def test_overrides_apply_to_every_cell_with_ids_of_their_own(tmp_path, capsys):
+    """`dia.grid SWEEP key=value` (as dia.train takes them): every cell gets them, and ids of its own, so a shortened
+    grid runs beside the full one in the same results folder."""
+    full, short = G.load(SMOKE), G.load(SMOKE, ["attack.max_iterations=3", "num_victims=1"])
+    assert len(short) == len(full) and short.name == full.name and short.sha256 != full.sha256
+    assert all(c.overrides["attack.max_iterations"] == 3 and c.overrides["num_victims"] == 1 for c in short.cells)
+    assert not {c.id for c in short.cells} & {c.id for c in full.cells}
+    assert [c.id for c in short.cells] == [short.cell(i).id for i in range(len(short))]  # lazy cells agree
+    res = str(tmp_path / "res")
+    assert G.main([str(SMOKE), "attack.max_iterations=3", "--list", "--results-root", res]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 4 and all("attack.max_iterations=3" in line and "pending" in line for line in listed)
+    assert G.main([str(SMOKE), "--count", "attack.max_iterations=3"]) == 0 and capsys.readouterr().out == "4\n"
+    # run (options and overrides in any order), then the full grid validates into the same folder
+    assert G.main([str(SMOKE), "--run-all", "attack.max_iterations=3", "--results-root", res]) == 0
+    for cell in G.load(SMOKE, ["attack.max_iterations=3"]).cells:
+        cfg = yaml.safe_load((tmp_path / "res" / "smoke" / cell.id / "config.yaml").read_text())
+        assert cfg["attack"]["max_iterations"] == 3 and cfg["run"]["name"] == cell.id
+    assert G.main([str(SMOKE), "--validate", "--results-root", res]) == 0
+    assert capsys.readouterr().out == "4\n"
+    saved = json.loads((tmp_path / "res" / "smoke" / "grid.json").read_text())
+    assert len(saved["cells"]) == 8 and {c.get("with") for c in saved["cells"]} == {None, "attack.max_iterations=3"}
+    assert G.main([str(SMOKE), "attack.max_iterations=3", "--unfinished", "--results-root", res]) == 0
+    assert capsys.readouterr().out.strip() == ""  # the shortened grid is done; the full one is not
+    assert G.main([str(SMOKE), "--unfinished", "--results-root", res]) == 0
+    assert capsys.readouterr().out.strip() == "0,1,2,3"
+
+
+def test_an_array_task_takes_the_overrides_too(tmp_path):
+    """slurm/grid.sbatch runs `dia.grid SWEEP --task T --per-task P "$@"`, the overrides among "$@"."""
+    res = str(tmp_path / "res")
+    args = ["--task", "1", "--per-task", "2", "attack.max_iterations=2", "--results-root", res]
+    assert G.main([str(SMOKE), *args]) == 0
+    done = [p for p in (tmp_path / "res" / "smoke").iterdir() if (p / "metrics.json").is_file()]
+    assert len(done) == 2
+    assert all(json.loads((p / "metrics.json").read_text())["iterations"] == 2 for p in done)
+    short = {c.id for c in G.load(SMOKE, ["attack.max_iterations=2"]).task(1, 2)}
+    assert {p.name for p in done} == short
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.dropout=0.3", "the grid varies model.dropout"),
+        ("run.output_dir=x", "set by dia.grid"),
+        ("model.dropuot=0.3", "unknown key 'model.dropuot'"),
+        ("novalue", "is not key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line(tmp_path, capsys, override, message):
+    code = G.main([str(SMOKE), override, "--validate", "--results-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_parallel_children_get_the_overrides(tmp_path, fake_python, monkeypatch):
+    grid = G.load(sweep(tmp_path, "two", model={"values": ["mlp", "cnn"]}), ["attack.max_iterations=4"])
+    folder = G.prepare(grid, tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert G.run_cells(grid, folder, grid.cells, parallel=2, python=fake_python) == 0
+    children = [json.loads(p.read_text())["argv"] for p in tmp_path.glob("child-*.json")]
+    assert len(children) == 2 and all("attack.max_iterations=4" in argv for argv in children)
+
+
+def test_the_bar_is_titled_with_the_whole_pack(tmp_path, capfd):
+    """A program of fewer rows than its pack ('6 runs: IGx24' while WIIG and DIA runs wait for its rows) says the
+    whole pack it will take."""
+    overrides = ["run.progress=true", "attack.parallel=2", "attack.max_iterations=3"]
+    assert G.main([str(SMOKE), *overrides, "--run-all", "--results-root", str(tmp_path)]) == 0
+    err = capfd.readouterr().err
+    assert "program: 1 run: IGx2; 6 problems waiting" in err  # the note: what starts
+    assert "4 runs: IGx4 DIAx4:" in err  # the bar: what the program will take

@@ -81,6 +81,86 @@ def _embedded(tmp: Path, kind: str) -> list[str]:
     return [f"data.embedded={tmp / 'x.npz'}"]
 
 
+SMALL = ["model.width=16"]  # the MLP of the files below: small, so they are quick to write and read
+
+
+def _model(seed: int = 0):
+    from dia.models import build_for
+
+    return build_for(compose([*QUIET, *SMALL, f"run.seed={seed}"]))
+
+
+def _checkpoint(tmp: Path, kind: str) -> list[str]:
+    """model.checkpoint=FILE of a state dict that cannot be weights (issue 25)."""
+    state = _model().state_dict()
+    key = "net.1.weight"
+    bad = {
+        "int": 3,
+        "str": "weights",
+        "meta": state[key].to("meta"),
+        "nan": torch.full_like(state[key], float("nan")),
+        "inf": torch.full_like(state[key], float("inf")),
+        "complex": state[key].to(torch.complex64),
+        "long": state[key].long(),
+    }
+    if kind == "key":
+        state[5] = state[key]
+    else:
+        state[key] = bad[kind]
+    torch.save(state, tmp / "ckpt.pt")
+    return [*SMALL, f"model.checkpoint={tmp / 'ckpt.pt'}"]
+
+
+def _client(tmp: Path, kind: str) -> list[str]:
+    """captured.file=FILE of a ClientUpdate (2 images, lr 0.1) with one defect (issue 25), and its model's
+    checkpoint."""
+    import dia
+
+    model = _model()
+    torch.save(model.state_dict(), tmp / "ckpt.pt")
+    u = dia.capture_update(model, torch.rand(2, 1, 28, 28), torch.tensor([3, 5]), lr=0.1, seed=0)
+    path = u.save(tmp / "client.pt")
+    flat = torch.load(path, weights_only=True)
+    g, m = "gradient/net.1.weight", f"masks/{next(iter(u.masks))}"
+    changes = {
+        "lr-vector": {"lr": torch.tensor([0.1, 0.2])},
+        "steps-vector": {"local_steps": torch.tensor([2, 3]), "local_batch": torch.tensor(0)},
+        "lr-0": {"lr": torch.tensor(0.0)},
+        "lr-negative": {"lr": torch.tensor(-1.0)},
+        "lr-nan": {"lr": torch.tensor(float("nan"))},
+        "sparse": {g: flat[g].to_sparse()},
+        "meta": {g: flat[g].to("meta")},
+        "zero": {k: torch.zeros_like(v) for k, v in flat.items() if k.startswith("gradient/")},
+        "nan-images": {"images": torch.full_like(flat["images"], float("nan"))},
+        "nan-masks": {m: torch.full_like(flat[m], float("nan"))},
+        "masks-7": {m: torch.full_like(flat[m], 7.0)},
+        "labels-2d": {"labels": flat["labels"].view(1, 2)},
+        "key": {7: flat["labels"]},
+    }
+    if kind == "other-model":  # the checkpoint of another model than the one the client had
+        torch.save(_model(seed=1).state_dict(), tmp / "ckpt.pt")
+    flat.update(changes.get(kind, {}))
+    torch.save(flat, path)
+    return [*SMALL, f"model.checkpoint={tmp / 'ckpt.pt'}", f"captured.file={path}"]
+
+
+def _bare_many_steps(tmp: Path) -> list[str]:
+    """A bare update file of the default MLP (670k parameters) said to take 10^6 local steps: a 16 TB unroll."""
+    import numpy as np
+
+    from dia.models import build_for
+
+    model = build_for(compose(QUIET))
+    torch.save(model.state_dict(), tmp / "ckpt.pt")
+    np.savez(tmp / "bare.npz", *[np.full(tuple(p.shape), 1e-3, dtype=np.float32) for p in model.parameters()])
+    return [
+        f"model.checkpoint={tmp / 'ckpt.pt'}",
+        f"captured.file={tmp / 'bare.npz'}",
+        "attack.labels=infer",
+        "client.local_steps=1000000",
+    ]
+
+
 CASES = {  # id -> (arguments, or a function of tmp_path giving them; the expected piece of the one line)
     "abs-name": (["run.name=/abs/path"], "run.name='/abs/path': must be a folder name"),
     "nested-name": (["run.name=a/b"], "not a path"),
@@ -140,17 +220,65 @@ CASES = {  # id -> (arguments, or a function of tmp_path giving them; the expect
     "wandb-tag-long": (["logger.wandb.tags=[" + "t" * 65 + "]"], "tag 0 has 65 characters; W&B takes 1 to 64"),
     "wandb-tag-empty": (["logger.wandb.tags=['']"], "tag 0 has 0 characters"),
     "wandb-group-long": (["logger.wandb.group=" + "g" * 129], "logger.wandb.group: 129 characters"),
+    # issue 25: files handed in whose contents cannot be right passed the door and failed inside (exit 1, a
+    # .partial and a lock left), or ran to a meaningless end (NaN weights: exit 3); each is one line at the door
+    "mean-nan-word": (["data.mean=[nan]"], "data.mean[0]=nan: must be a finite number"),  # no FutureWarning first
+    "checkpoint-int": (lambda t: _checkpoint(t, "int"), "ckpt.pt': 'net.1.weight' is a int, not a tensor"),
+    "checkpoint-str": (lambda t: _checkpoint(t, "str"), "ckpt.pt': 'net.1.weight' is a str, not a tensor"),
+    "checkpoint-meta": (lambda t: _checkpoint(t, "meta"), "'net.1.weight' is on the meta device"),
+    "checkpoint-key": (lambda t: _checkpoint(t, "key"), "ckpt.pt' has the key 5 (int); a state dict maps names"),
+    "checkpoint-nan": (lambda t: _checkpoint(t, "nan"), "ckpt.pt': 'net.1.weight' holds NaN or inf"),
+    "checkpoint-inf": (lambda t: _checkpoint(t, "inf"), "ckpt.pt': 'net.1.weight' holds NaN or inf"),
+    "checkpoint-complex": (lambda t: _checkpoint(t, "complex"), "'net.1.weight' has dtype torch.complex64"),
+    "checkpoint-int-weights": (lambda t: _checkpoint(t, "long"), "'net.1.weight' has dtype torch.int64"),
+    "update-lr-vector": (lambda t: _client(t, "lr-vector"), "client.pt': 'lr' holds 2 values (2,); give one number"),
+    "update-steps-vector": (lambda t: _client(t, "steps-vector"), "client.pt': 'local_steps' holds 2 values"),
+    "update-lr-0": (lambda t: _client(t, "lr-0"), "client.pt': 'lr'=0: must be a finite number > 0"),
+    "update-lr-negative": (lambda t: _client(t, "lr-negative"), "client.pt': 'lr'=-1: must be a finite number > 0"),
+    "update-lr-nan": (lambda t: _client(t, "lr-nan"), "client.pt': 'lr'=nan: must be a finite number > 0"),
+    "update-sparse": (lambda t: _client(t, "sparse"), "client.pt': 'net.1.weight' is a sparse_coo tensor"),
+    "update-meta": (lambda t: _client(t, "meta"), "client.pt': 'net.1.weight' is on the meta device"),
+    "update-all-zero": (lambda t: _client(t, "zero"), "client.pt': every value is 0"),
+    "update-nan-images": (lambda t: _client(t, "nan-images"), "client.pt': 'images' holds NaN or inf"),
+    "update-nan-masks": (lambda t: _client(t, "nan-masks"), "holds NaN or inf"),
+    "update-masks-7": (lambda t: _client(t, "masks-7"), "holds 7.0; a recorded keep-mask holds 0 (dropped) and 1"),
+    "update-labels-2d": (lambda t: _client(t, "labels-2d"), "client.pt': 'labels' (1, 2): give the batch's B >= 1"),
+    "update-key": (lambda t: _client(t, "key"), "client.pt': has the key 7 (int)"),
+    "update-other-model": (lambda t: _client(t, "other-model"), "client.pt': an update from another model"),
+    "update-labels-infer-2-images": (
+        lambda t: [*_client(t, "none"), "attack.labels=infer"],
+        "attack.labels=infer: captured.file '",
+    ),
+    "update-steps-contradicted": (
+        lambda t: [*_client(t, "none"), "client.local_steps=3"],
+        "client.local_steps=3: captured.file '",
+    ),
+    "bare-update-too-many-steps": (_bare_many_steps, "bare.npz': unrolling 1000000 local steps needs about"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_train_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
+def test_train_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys, recwarn):
     args, expected = CASES[case]
     args = args(tmp_path) if callable(args) else args
     out = tmp_path / "runs"
     assert train(QUIET + args + [f"run.output_dir={out}"]) == ExitCode.BAD_INPUT
     _one_line(capsys, expected)
     _nothing_in(out)
+    assert not [w for w in recwarn if not issubclass(w.category, DeprecationWarning)], [str(w) for w in recwarn]
+
+
+def test_a_grid_cell_with_a_bad_checkpoint_is_refused_by_validate(tmp_path, capsys):
+    """The door is shared: `dia.grid --validate` reads and checks each cell's files as dia.train does."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = "g"
+    spec["parameters"]["model.checkpoint"] = {"value": _checkpoint(tmp_path, "nan")[-1].split("=", 1)[1]}
+    spec["parameters"]["model.width"] = {"value": 16}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert G.main([str(path), "--validate", "--results-root", str(tmp_path / "res")]) == 2
+    _one_line(capsys, "'net.1.weight' holds NaN or inf")
+    _nothing_in(tmp_path / "res")
 
 
 @pytest.mark.parametrize("text", ["off", "007", "1e3", "0x10", "true", "null-ish", "~", "[a]"])
@@ -478,6 +606,7 @@ def test_a_folder_with_a_cells_name_is_not_a_finished_cell(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"'{folder / cell.id}' is a folder without metrics.json, not a finished run" in err, err
     assert (folder / cell.id / "notes.txt").read_text() == "mine" and not (folder / f".{cell.id}.partial").exists()
+    assert not (folder / f".{cell.id}.lock").exists()  # no lock file stranded beside it
 
 
 def test_force_takes_the_run_lock(tmp_path, capsys):

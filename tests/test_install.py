@@ -29,3 +29,24 @@ def test_the_configs_and_templates_are_found_beside_the_package_in_a_checkout():
     from dia.slurm import SLURM_DIR
 
     assert config_dir() == ROOT / "configs" and SLURM_DIR == ROOT / "slurm"
+
+
+DIST = "dia-leakage"  # `dia` on PyPI is another project (a work-log tool): ours must never be installed by that name
+
+
+def test_the_distribution_has_a_name_of_its_own_and_every_install_line_uses_it():
+    import re
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DIST
+    # the wheel's file name is the normalized distribution name (PEP 427): .ci/wheel installs exactly that file
+    assert f"dist/{DIST.replace('-', '_')}-*.whl" in (ROOT / ".ci" / "wheel").read_text()
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "examples").glob("*.py")]
+    texts += list((ROOT / "dia").rglob("*.py"))
+    for path in texts:
+        for line in path.read_text().splitlines():
+            # `pip install dia`, `pip install "dia[flower]"`: the other project
+            assert not re.search(r"pip install\s+(-U\s+)?[\"']?dia(\[|[\"'\s]|$)", line), (path, line)
+    readme = (ROOT / "README.md").read_text()
+    assert DIST in readme and 'pip install -e ".[flower]"' in readme
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme  # the CPU build on a CPU-only machine

@@ -65,7 +65,7 @@ def test_mask_init_baseline_is_the_expectation_of_bernoulli_draws():
     assert expected["mask_bal_acc"].eq(1).all()  # the true masks themselves score perfectly
 
 
-def test_lpips_offline_is_null_with_one_clear_warning(monkeypatch):
+def test_lpips_offline_is_null_with_one_clear_warning(monkeypatch, tmp_path):
     import lpips
 
     def offline(*args, **kwargs):
@@ -73,12 +73,50 @@ def test_lpips_offline_is_null_with_one_clear_warning(monkeypatch):
 
     monkeypatch.setattr(lpips, "LPIPS", offline)
     monkeypatch.setattr(M, "_lpips_cache", {})
+    monkeypatch.setenv("DIA_CACHE_DIR", str(tmp_path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert M.load_lpips("alex") is None
         assert M.load_lpips("alex") is None  # cached: no second warning
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "LPIPS disabled" in msgs[0] and "null" in msgs[0]
+
+
+def test_lpips_is_tried_once_per_machine_and_on_request_again(monkeypatch, tmp_path, capfd):
+    """Every run printed torch.hub's download line in the middle of the bar and the LPIPS warning: the failure is
+    remembered (a marker file) and said once; later processes skip the attempt quietly until asked to retry."""
+    import lpips
+
+    tries: list[int] = []
+
+    def offline(*args, **kwargs):
+        tries.append(1)
+        print('Downloading: "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"')  # as torch.hub does
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    monkeypatch.setenv("DIA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DIA_RETRY_LPIPS", raising=False)
+    monkeypatch.setattr(M, "_lpips_cache", {})
+    with pytest.warns(RuntimeWarning, match="Not tried again on this machine .*DIA_RETRY_LPIPS=1"):
+        assert M.load_lpips("alex") is None
+    assert M.lpips_marker("alex") == tmp_path / "lpips-alex-unavailable" and M.lpips_marker("alex").is_file()
+    assert "Downloading" not in capfd.readouterr().out
+    monkeypatch.setattr(M, "_lpips_cache", {})  # the next process on this machine: no attempt, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.load_lpips("alex") is None
+    assert len(tries) == 1
+    monkeypatch.setattr(M, "_lpips_cache", {})
+    monkeypatch.setenv("DIA_RETRY_LPIPS", "1")
+    with pytest.warns(RuntimeWarning):
+        M.load_lpips("alex")
+    assert len(tries) == 2
+    monkeypatch.delenv("DIA_RETRY_LPIPS")
+    monkeypatch.setattr(lpips, "LPIPS", lambda *a, **k: lpips.pn.alexnet(requires_grad=False, pretrained=False))
+    monkeypatch.setattr(M, "_lpips_cache", {})
+    M.lpips_marker("alex").unlink()  # deleting the marker retries too; a success forgets the failure
+    assert M.load_lpips("alex") is not None and not M.lpips_marker("alex").exists()
 
 
 def test_lpips_plumbing_with_injected_random_backbone():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,87 @@ def test_runs_of_one_attack_with_other_settings_keep_their_own_rows(tmp_path):
     assert any("dia (assumed_rate=0.1, rate=learn)" in line for line in rows) and not any(
         "compile" in line for line in rows
     )
+
+
+def _set_config(folder: Path, **changes: Any) -> None:
+    path = folder / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = cfg
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_runs_at_other_weights_or_batch_sizes_never_pool(tmp_path):
+    """Two default runs of run.seed 0 and 1 (other random weights: not like for like) were one row, "cells 2/2, 8
+    victims"; a batch_size=2 run's row did not say B. Each gets its own row, with the weights and B as columns
+    where they differ."""
+    runs = tmp_path / "runs"
+    for name, changes in (
+        ("seed0", {}),
+        ("seed1", {"run__seed": 1}),
+        ("seed1b", {"run__seed": 1}),  # the same weights: pooled
+        ("b2", {"batch_size": 2}),
+        ("ckpt", {"run__seed": 7, "model__checkpoint": "/models/mlp.pt"}),  # weights from a file, whatever the seed
+        ("ckpt2", {"run__seed": 8, "model__checkpoint": "/models/mlp.pt"}),
+    ):
+        fake_run(runs / name, "dia", 0.25, [0.5, 0.7])
+        _set_config(runs / name, **changes)
+    r = R.build(runs, montages=False)
+    assert r["groups"] == 4 and r["runs"] == 6
+    md = (runs / "report" / "table.md").read_text()
+    assert "| data | model | p | attack | weights | B | cells | victims |" in md
+    assert "| mnist | mlp | 0.25 | dia | seed 0 | 1 | 1/1 | 2 |" in md
+    assert "| mnist | mlp | 0.25 | dia | seed 1 | 1 | 2/2 | 4 |" in md
+    assert "| mnist | mlp | 0.25 | dia | seed 0 | 2 | 1/1 | 2 |" in md
+    assert "| mnist | mlp | 0.25 | dia | checkpoint mlp.pt | 1 | 2/2 | 4 |" in md
+    rows = list(csv.DictReader((runs / "report" / "table.csv").open()))
+    assert sorted((row["weights"], row["batch_size"]) for row in rows) == [
+        ("checkpoint mlp.pt", "1"),
+        ("seed 0", "1"),
+        ("seed 0", "2"),
+        ("seed 1", "1"),
+    ]
+    one = R.build(runs / "seed1", out=tmp_path / "one", montages=False)  # one row: nothing differs, no columns
+    assert one["groups"] == 1 and "weights" not in (tmp_path / "one" / "table.md").read_text()
+
+
+def test_a_grid_cell_not_run_yet_has_the_weights_and_b_of_its_overrides(tmp_path):
+    spec = {
+        "name": "seeds",
+        "method": "grid",
+        "parameters": {
+            "attack": {"value": "ig"},
+            "num_victims": {"value": 2},
+            "attack.max_iterations": {"value": 20},
+            "run.seed": {"values": [0, 43]},
+        },
+    }
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    grid = G.load(path)
+    G.write_grid_json(grid, tmp_path / "results" / "seeds")
+    fake_run(tmp_path / "results" / "seeds" / grid.cells[0].id, "ig", 0.25, [0.5, 0.6])
+    R.build(tmp_path / "results", montages=False)
+    md = (tmp_path / "results" / "report" / "table.md").read_text()
+    assert "| mnist | mlp | 0.25 | ig | seed 0 | 1/1 |" in md and "| mnist | mlp | 0.25 | ig | seed 43 | 0/1 |" in md
+    missing = list(csv.DictReader((tmp_path / "results" / "report" / "missing.csv").open()))
+    assert [(m["weights"], m["batch"]) for m in missing] == [("seed 43", "1")]
+
+
+def test_panels_without_lines_draw_no_empty_legend(tmp_path):
+    """dia.report printed matplotlib's "No artists with labels found to put in legend" for a panel without data."""
+    fake_run(tmp_path / "runs" / "dia", "dia", 0.25, [0.5, 0.7])
+    fake_run(tmp_path / "runs" / "ig", "ig", 0.25, [0.2, 0.3])
+    metrics = json.loads((tmp_path / "runs" / "ig" / "metrics.json").read_text())
+    (tmp_path / "runs" / "ig" / "metrics.json").write_text(json.dumps(metrics | {"model": "cnn"}))  # IG: no masks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = R.build(tmp_path / "runs", montages=False)
+    assert "mask_bal_acc_vs_dropout.png" in {p.name for p in r["figures"]}  # a panel (cnn) without mask lines
 
 
 def test_figures_and_montages_are_pngs(results):
@@ -436,3 +518,35 @@ def test_a_runs_own_picture_fits_its_title_with_one_victim(tmp_path, monkeypatch
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("batch, per_row", [(1, 8), (2, 8), (3, 6)])
+def test_sixteen_victims_every_pair_labelled_and_each_clients_images_framed(batch, per_row):
+    """The 16-victim picture: every pair of rows says which is the original and which the reconstruction, and with
+    B > 1 the images that shared one gradient are framed and named (a row holds whole clients)."""
+    from matplotlib.patches import Rectangle
+
+    from dia.run import plotting, record
+
+    n = 16 if batch != 3 else 9
+    rows = [{"index": i, "problem": i // batch, "ssim": 0.5} for i in range(n)]
+    captions = record.titles(rows)  # B as the rows say (dia.save, dia.report's montages)
+    assert captions.clients == (None if batch == 1 else [i // batch for i in range(n)])
+    fig = plotting.reconstruction_figure(
+        torch.rand(n, 1, 8, 8), torch.rand(n, 1, 8, 8), captions, title="DIA", clients=captions.clients
+    )
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+    pairs = -(-n // per_row)
+    assert texts.count("original") == pairs and texts.count("reconstruction") == pairs
+    frames = [a for a in fig.artists if isinstance(a, Rectangle)]
+    clients = [t for t in texts if t.startswith("client ")]
+    assert len(frames) == len(clients) == (0 if batch == 1 else n // batch)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 2 * n and len({round(ax.get_position().x0, 3) for ax in shown}) == per_row
+    if batch > 1:  # a client's frame holds exactly its images
+        renderer = fig.canvas.get_renderer()
+        for k, frame in enumerate(frames):
+            box = frame.get_window_extent(renderer)
+            centers = [ax.get_window_extent(renderer) for ax in shown]
+            inside = [c for c in centers if box.contains((c.x0 + c.x1) / 2, (c.y0 + c.y1) / 2)]
+            assert len(inside) == 2 * batch, k

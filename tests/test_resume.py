@@ -63,6 +63,11 @@ def test_signal_checkpoints_and_rerun_resumes_bit_for_bit(tmp_path, extra):
 def test_a_finished_run_is_never_overwritten(tmp_path):
     first = _train(tmp_path, "attack.max_iterations=5")
     first.communicate(timeout=120)
-    again = _train(tmp_path, "attack.max_iterations=5")
-    _, err = again.communicate(timeout=120)
-    assert again.returncode == 2 and "already exists" in err
+    metrics = (tmp_path / "cell" / "metrics.json").read_bytes()
+    again = _train(tmp_path, "attack.max_iterations=5")  # the same command: its result stands, said at once
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0 and "already done" in out, err
+    other = _train(tmp_path, "attack.max_iterations=6")  # another config under the name
+    _, err = other.communicate(timeout=120)
+    assert other.returncode == 2 and "already exists, a finished run of another config" in err
+    assert (tmp_path / "cell" / "metrics.json").read_bytes() == metrics

@@ -614,3 +614,19 @@ def test_an_agent_runs_dia_python_whatever_python_is_on_path(tmp_path):
     assert metrics["status"] == "completed" and metrics["attack"] == cell.overrides["attack"]
     assert not list((tmp_path / "tmp").glob("dia-agent-python.*"))  # the python shim is removed on exit
     assert "agent exited with code 0" in done.stdout
+
+
+def test_submit_forwards_overrides_to_every_task(tmp_path, capsys):
+    """`dia.slurm submit SWEEP key=value`: validated as dia.grid does and passed to dia.grid in every array task."""
+    from dia import slurm
+
+    argv = ["submit", str(SMOKE), "attack.max_iterations=5", "--time", "10", "--gpus-per-task", "0"]
+    assert slurm.main([*argv, "--dry-run", "--results-root", str(tmp_path)]) == 0
+    submit_line = capsys.readouterr().out.splitlines()[-1]
+    assert (
+        submit_line.startswith("# submit with: sbatch") and f"{SMOKE} attack.max_iterations=5 --results" in submit_line
+    )
+    assert slurm.main([*argv, "model.dropout=0.3", "--dry-run", "--results-root", str(tmp_path)]) == 2
+    assert "the grid varies model.dropout" in capsys.readouterr().err
+    assert slurm.main(["submit", str(SMOKE), "--time", "10", "stray", "--dry-run"]) == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def part(cfg: Any, problems: Any) -> Part:
 
 
 from dia.attacks.ig import InvertingGradients  # noqa: E402
-from dia.attacks.program import Part, Program, attack  # noqa: E402
+from dia.attacks.program import TRAINER, Part, Program, attack  # noqa: E402
 from dia.engine import AttackResult  # noqa: E402
 
 for _module in pkgutil.iter_modules(__path__):  # every attack of the package registers itself
@@ -40,6 +40,7 @@ __all__ = [
     "settings_of",
     "part",
     "attack",
+    "TRAINER",
     "AttackResult",
     "Program",
     "Part",

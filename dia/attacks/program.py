@@ -18,9 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -31,14 +29,25 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
+from dia.attacks.compiling import (
+    CompiledOrEager,
+    CostBook,
+    cache_dir,
+    cold_guess,
+    pays,
+    seconds_per_call,
+    signature,
+)
 from dia.attacks.progress import AttackProgressBar
 from dia.attacks.rows import MASK, Part, Rows
-from dia.console import quiet
+from dia.console import hush, quiet
 from dia.defenses import surviving
 from dia.engine import AttackResult, AttackState, Layout, Schedule, advance
-from dia.gradients import problem_gradients
+from dia.gradients import problem_gradients, problem_gradients_loop
 from dia.losses import keep_rate_penalty
+from dia.models.batchnorm import shares_statistics
 
+log = logging.getLogger("dia")
 INITS = {
     "randn": lambda shape, g: torch.randn(shape, generator=g),
     "rand": lambda shape, g: torch.rand(shape, generator=g) * 2 - 1,
@@ -67,6 +76,8 @@ class Program(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.rows: Rows | None = None
+        self.on_iteration: Callable[[int], None] | None = None  # called after each iteration (a progress bar)
+        self.unhush: Callable[[], None] | None = None
         if model is not None:
             self.assemble(model, parts, expect=expect, lower=lower, upper=upper)
 
@@ -123,19 +134,19 @@ class Program(L.LightningModule):
         self.waiting = 0  # problems waiting for free rows (dia.run.pack): the program runs on while any wait
 
     # ---- the objective -------------------------------------------------------------------------------
-    def objective(self, params: dict[str, Tensor]) -> Tensor:
-        """Reconstruction loss per problem (K,): gradient distance + image prior + the masks' regularizer."""
+    def objective(self, params: dict[str, Tensor], *, vectorized: bool = True) -> Tensor:
+        """Reconstruction loss per problem (K,): gradient distance + image prior + the masks' regularizer.
+        `vectorized`: the problems' gradients by vmap (what torch.compile takes), else one after another with
+        plain autograd (the eager program's, faster without compilation: `problem_gradients_loop`)."""
         masks = self.rows.masks(params)
         applied = self.rows.applied(masks, params)
-        grads = problem_gradients(
-            self.model,
-            self.model_params,
-            params["x"],
-            self.rows.labels,
-            applied,
-            "apply" if applied else "off",
-            self.rows.local,
-        )
+        mode = "apply" if applied else "off"
+        if vectorized:
+            grads = problem_gradients(
+                self.model, self.model_params, params["x"], self.rows.labels, applied, mode, self.rows.local
+            )
+        else:
+            grads = problem_gradients_loop(self.model, params["x"], self.rows.labels, applied, mode)
         grads = surviving(grads, self.rows.targets) if self.cfg.model_defense else grads
         science = self.science
         return science.distance(grads, self.rows.targets) + science.prior(params["x"]) + self.regularizer(masks, params)
@@ -157,10 +168,13 @@ class Program(L.LightningModule):
         self.rows.clamp_rates(params)
 
     def gradient_function(self) -> Any:
-        """flat (K, D) -> (d sum(loss) / d flat, losses): the whole double backward, optionally compiled.
+        """flat (K, D) -> (d sum(loss) / d flat, losses): the whole double backward, compiled when it pays.
 
-        torch.func all the way down (grad of vmap of grad), so torch.compile captures it as one graph
-        and fuses its hundreds of small kernels: the attack is launch-bound, not compute-bound.
+        Compiled, it is torch.func all the way down (grad of vmap of grad), so torch.compile captures it as one
+        graph and fuses its hundreds of small kernels: the attack is launch-bound, not compute-bound. Eager, it is
+        plain autograd over the problems one after another (`attack.eager=loop`), which does without torch.func's
+        per-operation overhead; `attack.eager=vectorized` keeps vmap. `attack.compile=auto` compiles when the
+        expected work repays the expected compile time (dia.attacks.compiling).
         """
         layout = self.state.layout
 
@@ -168,12 +182,54 @@ class Program(L.LightningModule):
             losses = self.objective(layout.views(flat))
             return losses.sum(), losses
 
-        fn = torch.func.grad(total, has_aux=True)
+        def looped(flat: Tensor) -> tuple[Tensor, Tensor]:
+            flat = flat.detach().requires_grad_(True)
+            with torch.enable_grad():
+                losses = self.objective(layout.views(flat), vectorized=False)
+                if not losses.requires_grad:  # a measured, detached objective (a closed form): nothing to follow
+                    return torch.zeros_like(flat), losses.detach()
+                (grad,) = torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)
+            return grad, losses.detach()
+
+        vectorized = torch.func.grad(total, has_aux=True)
+        eager = vectorized
+        # FedAvg's unrolled steps and BatchNorm statistics the server knows stay vectorized (torch.func)
+        if self.cfg.eager == "loop" and self.rows.local is None and not shares_statistics(self.model):
+            self.model.requires_grad_(True)  # the loop differentiates the copy's own parameters
+            eager = looped
         if self.cfg.compile is False:
-            return fn
-        return CompiledOrEager(fn, strict=self.cfg.compile is True, mode=self.cfg.compile_mode)
+            return eager
+        book = CostBook(cache_dir())
+        key = signature(
+            self.model,
+            self.state.flat,
+            (self.science.objective_key(self.cfg), self.rows.scheme_key(), str(self.cfg.compile_mode)),
+        )
+        guess = cold_guess(self.model, self.device)
+        if self.cfg.compile == "auto":
+            t_eager = seconds_per_call(eager, self.state.flat.detach(), calls=1)
+            compiles, why = pays(horizon=self.horizon, t_eager=t_eager, known=book.get(key), cold=guess)
+            book.put(key, t_eager=t_eager)
+            log.info("attack.compile=auto: %s (%s)", "compiling" if compiles else "running eagerly", why)
+            if not compiles:
+                return eager
+        strict = self.cfg.compile is True
+        return CompiledOrEager(
+            vectorized, strict=strict, mode=self.cfg.compile_mode, eager=eager, book=book, signature=key, guess=guess
+        )
 
     # ---- Lightning hooks: the engine under a Trainer ------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Under the user's own Trainer too: the warnings Lightning gives this module (no optimizer, a model in
+        eval mode, few batches) and torch's noise are hushed until `teardown` (dia.console.hush)."""
+        if self.unhush is None:
+            self.unhush = hush()
+
+    def teardown(self, stage: str) -> None:
+        if self.unhush is not None:
+            self.unhush()
+            self.unhush = None
+
     def on_fit_start(self) -> None:
         if self.rows is None:
             raise ValueError(f"{type(self).__name__}: built from settings only; give it a model and problems")
@@ -201,8 +257,11 @@ class Program(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         n = min(self.cfg.iterations_per_step, self.horizon - self.done)
-        for _ in range(n):
+        tick = self.on_iteration
+        for i in range(n):
             self.step()
+            if tick is not None:  # a progress bar: moves every iteration, from the host-side count (no sync)
+                tick(self.done + i + 1)
         before, self.done = self.done, self.done + n
         if self.done // self.cfg.check_every > before // self.cfg.check_every or self.done >= self.horizon:
             # the only host sync: is any problem still running (or waiting to enter)?
@@ -271,43 +330,19 @@ class Program(L.LightningModule):
         return AttackResult.cat(self.results())
 
 
-class CompiledOrEager:
-    """`torch.compile(fn)`, falling back to `fn` (with one notice) when compilation fails and not `strict`.
-
-    `compile_s` is the wall time of the first call (tracing + compiling, or loading from the persistent
-    cache, plus one run), logged as a notice.
-    """
-
-    def __init__(self, fn: Any, *, strict: bool, mode: str = "default") -> None:
-        self.fn, self.strict = fn, strict
-        self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-        self.compile_s: float | None = None
-
-    def __call__(self, *args: Any) -> Any:
-        if self.compiled is None:
-            return self.fn(*args)
-        try:
-            if self.compile_s is not None:
-                return self.compiled(*args)
-            started = time.perf_counter()
-            out = self.compiled(*args)
-            self.compile_s = time.perf_counter() - started
-            logging.getLogger("dia").info("torch.compile: first call %.1f s", self.compile_s)
-            return out
-        except Exception as exc:
-            if self.strict:
-                raise
-            first = str(exc).splitlines()[0][:160] if str(exc) else ""
-            warnings.warn(
-                f"torch.compile failed ({type(exc).__name__}: {first}); "
-                "running eagerly (set attack.compile=false to skip the attempt)",
-                stacklevel=2,
-            )
-            self.compiled = None
-            return self.fn(*args)
-
-
 # ---- building and fitting: the one entry point ---------------------------------------------------------
+# The Trainer arguments an attack runs under (besides the device, the bar and the callbacks): one epoch over the
+# program's steps, and none of Lightning's logging, checkpoints or model summary (dia's run folder records the
+# run). `lightning.Trainer(**TRAINER)` is the quiet way to fit an attack yourself (docs/api.md).
+TRAINER: dict[str, Any] = {
+    "max_epochs": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """torch's float32 matmul precision set to `precision` (attack.matmul_precision) inside, restored after."""
@@ -328,13 +363,9 @@ def fit(
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
+            **TRAINER,
             enable_progress_bar=progress,
-            num_sanity_val_steps=0,
-            callbacks=([AttackProgressBar(title, refresh_rate=cfg.check_every)] if progress else []) + list(callbacks),
+            callbacks=([AttackProgressBar(title)] if progress else []) + list(callbacks),
             plugins=[LightningEnvironment()],  # no SLURM auto-requeue inside Lightning: dia checkpoints itself
         )
         # SIGTERMException: Lightning's own reaction to SIGTERM, after our callback saved and stopped
@@ -368,4 +399,4 @@ def attack(
     return program
 
 
-__all__ = ["Program", "Part", "MASK", "INITS", "CompiledOrEager", "attack", "fit", "matmul_precision"]
+__all__ = ["Program", "Part", "MASK", "INITS", "TRAINER", "CompiledOrEager", "attack", "fit", "matmul_precision"]

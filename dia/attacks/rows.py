@@ -116,6 +116,11 @@ class Rows:
         self.sigmoid_any = "sigmoid" in kinds
         self.clip_any = "clip" in kinds
 
+    def scheme_key(self) -> tuple:
+        """The program's sites and what its rows do there: what a compiled program is specialized to."""
+        sites = tuple(sorted(self.sites.items()))
+        return sites, tuple(self.trained), tuple(self.from_client), tuple(self.learned), self.sigmoid_any, self.clip_any
+
     def _tables(self, part: Part) -> dict[str, dict[str, Tensor]]:
         """Per site, the part's rows: trains?, scale 1/(1-p), target keep-rate's p (trained sites), sigmoid?,
         learns its rate?, and the client's mask (sites some row takes from the client). p is the rate the

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import StringNode
 
-from dia.config.ids import AUTO_CELL, cell_id
-from dia.config.schema import GROUPS, LIST_GROUPS, NAMED_SECTIONS, Config, schema
+from dia.config.ids import AUTO_CELL, cell_id, format_value
+from dia.config.schema import GROUPS, LIST_GROUPS, NAMED_SECTIONS, Config, schema, setting_doc
 from dia.errors import UserError, did_you_mean
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -105,18 +106,22 @@ def _registered(group: str, name: str) -> bool:
     return name in _REGISTERED.get(group, {})
 
 
-def _defaults(group: str, name: str, root: Path) -> dict[str, Any]:
-    """The settings of the code `name` of `group`, with their defaults: its YAML (every stage's, for a
-    composition), as plain data. An attack registered in this process without a YAML has the settings of
-    the nearest base class that has one (a subclass of DIA has DIA's). {} when none has."""
-    out: dict[str, Any] = {}
+def _setting_files(group: str, name: str, root: Path) -> list[Path]:
+    """The YAML files that give the settings of the code `name` of `group`: its own (every stage's, for a
+    composition); for an attack registered in this process without a YAML, that of the nearest base class that
+    has one (a subclass of DIA has DIA's)."""
     stages = stage_names(name) if group in LIST_GROUPS else [name]
     if not (root / group / f"{name}.yaml").is_file() and _registered(group, name):
         stages = [next((n for n in _REGISTERED[group][name] if (root / group / f"{n}.yaml").is_file()), name)]
-    for stage in stages:
-        path = root / group / f"{stage}.yaml"
-        if path.is_file():
-            out.update(OmegaConf.to_container(_load_yaml(path), resolve=True))
+    return [root / group / f"{stage}.yaml" for stage in stages if (root / group / f"{stage}.yaml").is_file()]
+
+
+def _defaults(group: str, name: str, root: Path) -> dict[str, Any]:
+    """The settings of the code `name` of `group`, with their defaults (`_setting_files`), as plain data; {} when
+    it has none."""
+    out: dict[str, Any] = {}
+    for path in _setting_files(group, name, root):
+        out.update(OmegaConf.to_container(_load_yaml(path), resolve=True))
     out.pop("name", None)
     return out
 
@@ -177,7 +182,9 @@ def _set(cfg: DictConfig, dotted: str, value: Any, root_prefix: str = "", *, tex
         else:
             if isinstance(parent[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # `model.dropout=0` means 0.0
-            parent[leaf] = value
+            with warnings.catch_warnings():  # OmegaConf's FutureWarning on 'nan' -> float: the checks refuse it
+                warnings.simplefilter("ignore", FutureWarning)
+                parent[leaf] = value
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         raise UserError(f"{dotted}: invalid value {value!r} ({msg})") from None
@@ -200,12 +207,15 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     return selections, overrides
 
 
-def compose(args: list[str], *, base: Path | None = None, code_checks: bool = True) -> DictConfig:
+def compose(
+    args: list[str], *, base: Path | None = None, code_checks: bool = True, validated: bool = True
+) -> DictConfig:
     """The validated config for command-line `args`, starting from the defaults or a saved config `base`.
 
     `run.name=auto-cell` names the run with the grid cell id of the other arguments (`dia.grid.sweep.cell_id`),
     so a W&B agent's run and dia.grid's run of the same cell share a folder. `code_checks=False` skips the
-    checks that import the code (`check_code`): composing then needs neither torch nor Lightning.
+    checks that import the code (`check_code`): composing then needs neither torch nor Lightning; `validated=False`
+    skips `validate` too (`--help model=vit_b16` shows that model's keys, though its patch does not fit MNIST).
     """
     selections, overrides = parse_args(args)
     cfg = OmegaConf.structured(Config)
@@ -238,7 +248,8 @@ def compose(args: list[str], *, base: Path | None = None, code_checks: bool = Tr
         raise UserError(f"the command line: cannot resolve an interpolation ({str(exc).splitlines()[0]})") from None
     if cfg.run.name == AUTO_CELL:
         cfg.run.name = cell_id(dict(a.split("=", 1) for a in args))
-    validate(cfg)
+    if validated:
+        validate(cfg)
     if code_checks:
         check_code(cfg)
     return cfg
@@ -299,6 +310,7 @@ CHECKS: list[Check] = [
     ("attack.check_every", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.labels", lambda v: v in ("known", "infer"), "must be known or infer"),
     ("attack.compile", lambda v: v in ("auto", True, False), "must be true, false or auto"),
+    ("attack.eager", lambda v: v in ("loop", "vectorized"), "must be loop or vectorized"),
     ("attack.compile_mode", lambda v: v in COMPILE_MODES, f"must be one of: {', '.join(COMPILE_MODES)}"),
     ("attack.matmul_precision", lambda v: v in ("highest", "high", "medium"), "must be highest, high or medium"),
     ("attack.iterations_per_step", _count(), f"must be a positive integer (at most {BIG})"),
@@ -410,11 +422,12 @@ def group_settings(group: str, name: str, **overrides: Any) -> DictConfig:
 
 
 def help_text(args: list[str]) -> str:
-    """Groups with their choices, then every key with its value under the current selection."""
+    """Groups with their choices, then every key with its value under the current selection, what it may be and
+    what it does (`key_doc`)."""
     root = config_dir()
     defaults = dict(_load_yaml(root / "config.yaml").get("defaults", {}) or {})
     try:
-        cfg = compose(args, code_checks=False)
+        cfg = compose(args, code_checks=False, validated=False)
     except UserError:
         cfg = compose([], code_checks=False)
     lines = [
@@ -429,9 +442,10 @@ def help_text(args: list[str]) -> str:
         d = defaults.get(group)
         ordered = [d] + [o for o in opts if o != d] if d in opts else opts
         lines.append(f"  {group:<8} {', '.join(ordered)}")
-    lines += ["", "keys (with their values for this selection; set with key=value):"]
+    lines += ["", "keys (key = value for this selection  (what it may be) what it does; set with key=value):"]
     for key, value in _flatten(OmegaConf.to_container(cfg)):
-        lines.append(f"  {key} = {value}")
+        values, text = key_doc(key, cfg, root)
+        lines.append(f"  {key} = {format_value(value)}  " + (f"({values}) " if values else "") + text)
     lines += [
         "",
         "options:",
@@ -440,6 +454,63 @@ def help_text(args: list[str]) -> str:
         "  -h, --help        this text",
     ]
     return "\n".join(lines)
+
+
+def key_doc(key: str, cfg: DictConfig, root: Path | None = None) -> tuple[str, str]:
+    """(what it may be, what it does) of a dotted key of `cfg`: from the schema's fields (dia.config.schema), and
+    for a choice's own keys from the comments beside them in its YAML (`key: value  # (values) what it does`); the
+    values of a range checked in CHECKS from its rule, of a group's name its choices. ("", "") when nobody says."""
+    root = root or config_dir()
+    section, _, leaf = key.partition(".")
+    doc = setting_doc(key)
+    if doc is None and section in GROUPS and leaf:
+        for path in _setting_files(section, str(cfg[section].name), root):
+            doc = _yaml_docs(path).get(leaf, doc)
+    values, text = doc or ("", "")
+    if not values and section in GROUPS and leaf == "name":
+        values = " | ".join(choices(section, root)) + (", or a list [a,b] applied in order" * (section in LIST_GROUPS))
+    if not values:
+        rule = next((r for k, _, r in CHECKS if k == key), "")
+        values = re.sub(r"\s*\(at most \d+\)$", "", rule.removeprefix("must be ")) or (
+            "true | false" if isinstance(OmegaConf.select(cfg, key), bool) else ""
+        )
+    return values, text
+
+
+_YAML_KEY = re.compile(r"([A-Za-z_][\w-]*):(.*)$")
+
+
+def _yaml_docs(path: Path) -> dict[str, tuple[str, str]]:
+    """The comments beside the top-level keys of a choice's YAML, key -> (values, what it does): `key: value  #
+    (a | b) what it does`; an indented comment line below a key's continues its comment."""
+    comments: dict[str, str] = {}
+    last = None
+    for line in path.read_text().splitlines():
+        key = _YAML_KEY.match(line)
+        if key:
+            last = key.group(1)
+            value, hash_, comment = key.group(2).partition(" #")
+            if hash_:
+                comments[last] = comment.strip().lstrip("#").strip()
+            continue
+        more = re.match(r"\s+#\s?(.*)$", line)
+        if more and last in comments:
+            comments[last] += " " + more.group(1).strip()
+        else:
+            last = None
+    return {k: _values_and_text(v) for k, v in comments.items()}
+
+
+def _values_and_text(comment: str) -> tuple[str, str]:
+    """'(a | b) what it does' -> ('a | b', 'what it does'); a comment without a leading (...) is all text."""
+    if not comment.startswith("("):
+        return "", comment
+    depth = 0
+    for i, c in enumerate(comment):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(c, 0)  # intervals: [0, 1) and (0, 1] nest as well
+        if depth == 0:
+            return comment[1:i], comment[i + 1 :].strip()
+    return "", comment
 
 
 def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:

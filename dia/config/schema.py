@@ -3,8 +3,9 @@
 A run's config is the top-level `Config` (with fixed sections such as `client` and `run`) plus one section per
 group (`attack`, `model`, `data`, `defense`). Each group has a base dataclass with the keys every choice shares;
 a choice's own keys are those of its YAML file, `configs/<group>/<name>.yaml`, typed by their defaults. So a new
-attack, model or defense is its code and one YAML that lists its settings with their defaults and comments;
-nothing else names it.
+attack, model or defense is its code and one YAML that lists its settings with their defaults and, beside each, a
+comment `# (what it may be) what it does` that `--help` shows; nothing else names it. The keys of the fields here
+say the same with `setting(default, help, values)`.
 
 The schema lives apart from the code that consumes it (attacks, models, ...) on purpose: composing a config
 (`python -m dia.train --help`, `dia.grid --validate`, `dia.report`) then needs neither torch nor Lightning.
@@ -17,99 +18,164 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", values: str = "", *, factory: Any = None) -> Any:
+    """A field of the schema with what `--help` says of it: `help`, one line of what it does, and `values`, what it
+    may be (a choice `a | b`, a range); a range checked in dia.config.CHECKS is read from there when `values` is
+    empty."""
+    meta = {"help": help, "values": values}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class AttackConfig:
     """Settings every attack shares: the engine (optimizer, schedule, stopping) and the program."""
 
-    name: str = "ig"
-    max_iterations: int = 20000
-    lr: float = 0.1
-    tv_weight: float = 1e-5
-    l2_weight: float = 0.0  # weight of a second image prior, the mean square of the (normalized) image (DeepInversion)
-    # weight of the BatchNorm prior: the dummies' batch statistics against the client's, where the server knows them
-    # (model.bn_stats=true; GradInversion, Yin et al. 2021)
-    bn_weight: float = 0.0
-    signed_gradients: bool = True
-    init: str = "randn"  # randn | rand (uniform in [-1, 1])
-    # trained masks at conv sites (masks of 4 or more dims): drawn (the shape the model's dropout draws: per unit for
-    # nn.Dropout, per channel for nn.Dropout2d) | channel (one value per channel: (B, C, 1, 1) whatever the model draws)
-    conv_masks: str = "drawn"
-    restarts: int = 1  # R starts per problem (its own seed each), optimized side by side; the lowest loss is kept
-    boxed: bool = True
-    lr_factor: float = 0.1
-    lr_patience: int = 800
-    early_stop_patience: int = 4000
-    loss_threshold: float = 1e-5
-    parallel: Any = "auto"  # rows of a program (problems at once): an int, or auto (24 on a CPU, what fits on a GPU)
-    labels: str = "known"  # known (as in the paper) | infer (from the gradient; B > 1: counts per class)
-    compile: Any = "auto"  # torch.compile the gradient program: true | false | auto (try it, fall back to eager)
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    # float32 matmuls of the attack: highest | high (TF32 on GPUs) | medium (also oneDNN with bf16 allowed on CPUs
-    # that have it: docs/benchmarks.md)
-    matmul_precision: str = "highest"
-    iterations_per_step: int = 10  # engine iterations per Lightning training_step (amortizes the harness)
-    check_every: int = 50  # iterations between host checks whether every problem has stopped (and rows turn over)
-    refill: bool = True  # a pack larger than attack.parallel: waiting problems take the rows of stopped ones
-    log_every: int = 50  # iterations between logged training curves
-    # the attacker models DropPath (stochastic depth) sites: DIA trains their masks, WIIG replays them; IG: no effect
-    model_drop_path: bool = False
-    model_defense: bool = False  # match only the entries the (defended) shared gradient kept nonzero (dia.defenses)
+    name: str = setting("ig", "the attack (the group choice attack=NAME)")
+    max_iterations: int = setting(20000, "iteration budget of each problem (the paper's: 20000)")
+    lr: float = setting(0.1, "Adam learning rate of the dummies (and of trained masks)")
+    tv_weight: float = setting(1e-5, "weight of the total-variation image prior")
+    l2_weight: float = setting(
+        0.0,
+        "weight of a second image prior, the mean square of the (normalized) image (DeepInversion's R_l2)",
+        ">= 0",
+    )
+    bn_weight: float = setting(
+        0.0,
+        "weight of the BatchNorm prior: the dummies' batch statistics against the client's, where the server knows "
+        "them (model.bn_stats=true; GradInversion)",
+        ">= 0",
+    )
+    signed_gradients: bool = setting(True, "signed Adam on the dummies (IG's); false: plain Adam")
+    init: str = setting("randn", "how the dummies start: randn (normal) or rand (uniform in [-1, 1])", "randn | rand")
+    conv_masks: str = setting(
+        "drawn",
+        "trained masks at conv sites: drawn (the shape the model's dropout draws: per unit for nn.Dropout, per "
+        "channel for nn.Dropout2d) or channel (one value per channel, (B, C, 1, 1), whatever the model draws)",
+        "drawn | channel",
+    )
+    restarts: int = setting(
+        1, "R starts per problem (its own seed each), optimized side by side; the lowest loss is kept", "1..1000"
+    )
+    boxed: bool = setting(True, "keep the dummies inside the valid image range")
+    lr_factor: float = setting(0.1, "the learning rate's factor at a plateau (ReduceLROnPlateau)")
+    lr_patience: int = setting(800, "iterations without improvement before the learning rate drops")
+    early_stop_patience: int = setting(4000, "iterations without improvement before a problem stops")
+    loss_threshold: float = setting(1e-5, "a problem stops once its loss is below this")
+    parallel: Any = setting(
+        "auto", "rows of a program (problems at once): auto is 24 on a CPU, what fits on a GPU", "auto | an integer > 0"
+    )
+    labels: str = setting(
+        "known", "known (as in the paper) or inferred from the gradient (B > 1: counts per class)", "known | infer"
+    )
+    compile: Any = setting(
+        "auto",
+        "torch.compile the gradient program (auto: when the expected work repays the compile time, judged from the "
+        "last compile of the same program on this machine or an estimate; eager if compiling fails)",
+        "true | false | auto",
+    )
+    eager: str = setting(
+        "loop",
+        "the eager program's per-problem gradients: loop (plain autograd, one problem after another: fastest "
+        "uncompiled) or vectorized (torch.func's vmap, as the compiled program)",
+        "loop | vectorized",
+    )
+    compile_mode: str = setting(
+        "default",
+        "torch.compile mode (reduce-overhead: CUDA graphs)",
+        "default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs",
+    )
+    matmul_precision: str = setting(
+        "highest",
+        "float32 matmuls of the attack: high is TF32 on GPUs, medium also bf16 oneDNN on CPUs (docs/benchmarks.md)",
+        "highest | high | medium",
+    )
+    iterations_per_step: int = setting(10, "engine iterations per Lightning training_step (amortizes the harness)")
+    check_every: int = setting(50, "iterations between checks whether every problem stopped (and rows turn over)")
+    refill: bool = setting(True, "waiting problems take the rows of stopped ones (a pack larger than attack.parallel)")
+    log_every: int = setting(50, "iterations between points of the training curves (curves.jsonl, loggers)")
+    model_drop_path: bool = setting(
+        False, "the attacker models DropPath (stochastic depth): DIA trains its masks, WIIG replays them"
+    )
+    model_defense: bool = setting(False, "match only the entries the defended gradient kept nonzero (dia.defenses)")
 
 
 @dataclass
 class ModelConfig:
     """Settings every model shares; a model's own keys (width, depth, ...) come from its YAML."""
 
-    name: str = "mlp"
-    dropout: float = 0.25
-    checkpoint: str | None = None  # a local state dict (weights_only=True)
+    name: str = setting("mlp", "the model (the group choice model=NAME)")
+    dropout: float = setting(0.25, "dropout rate p of the model's dropout sites")
+    checkpoint: str | None = setting(
+        None, "a state dict to load (weights_only=True); null: random weights (run.seed)", "a file or null"
+    )
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"
-    source: str = "embedded"  # embedded | torchvision | imagefolder
-    root: str | None = None  # torchvision cache / ImageFolder root
-    download: bool = True  # torchvision: download when missing (needs the internet)
-    embedded: str = "mnist_128.npz"  # file under dia/assets for source=embedded
-    torchvision_name: str | None = None  # torchvision.datasets class for source=torchvision
-    split: str = "test"
-    channels: int = 1
-    image_size: int = 28
-    num_classes: int = 10
-    labels_file: str | None = None  # imagefolder without class subfolders: CSV lines `file,label`
-    normalize: str = "dataset"  # dataset: the mean/std below | folder: computed from the images (saved with the run)
-    mean: list[float] = field(default_factory=lambda: [0.1307])
-    std: list[float] = field(default_factory=lambda: [0.3081])
+    name: str = setting("mnist", "the data set (the group choice data=NAME)")
+    source: str = setting("embedded", "where victims come from", "embedded | torchvision | imagefolder")
+    root: str | None = setting(None, "the torchvision cache or the image folder", "a folder or null")
+    download: bool = setting(True, "torchvision: download when missing (needs the internet)")
+    embedded: str = setting("mnist_128.npz", "the victim file under dia/assets for source=embedded", "a file name")
+    torchvision_name: str | None = setting(
+        None, "the torchvision.datasets class for source=torchvision", "a class name or null"
+    )
+    split: str = setting("test", "torchvision: the split victims are drawn from (train, else test)", "test | train")
+    channels: int = setting(1, "image channels")
+    image_size: int = setting(28, "image height and width (pixels)")
+    num_classes: int = setting(10, "classes of the model's output")
+    labels_file: str | None = setting(
+        None, "an image folder without class subfolders: CSV lines `file,label`", "a file or null"
+    )
+    normalize: str = setting(
+        "dataset",
+        "dataset: the mean/std below; folder: computed from the images (saved with the run)",
+        "dataset | folder",
+    )
+    mean: list[float] = setting(
+        help="per-channel normalization mean", values="a number per channel", factory=lambda: [0.1307]
+    )
+    std: list[float] = setting(
+        help="per-channel normalization std", values="a number > 0 per channel", factory=lambda: [0.3081]
+    )
 
 
 @dataclass
 class DefenseConfig:
     """A defense's own keys (clip, ratio, ...) come from its YAML; a composition has the union of its stages'."""
 
-    name: str = "none"
+    name: str = setting("none", "what the client applies to its update (the group choice defense=NAME or [a,b])")
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0  # seeds model weights, client dropout, attack initialisation
-    output_dir: str = "runs"  # each run writes runs/<attack>-<model>-<data>-p<rate>-<id>/ under it
-    name: str | None = None  # folder name instead of the generated one; auto-cell: the grid cell id of the overrides
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    save_tensors: bool = True
-    progress: bool = True  # progress bar
-    checkpoint_every: int = 500  # iterations between saves of the attack state (0: only on SIGUSR1/SIGTERM; -1: never)
-    # torch.compile's persistent cache: a folder, off, or null (<output_dir>/.compile-cache)
-    compile_cache: str | None = None
+    seed: int = setting(0, "seeds model weights, client dropout and the attack's start (43: the authors' weights)")
+    output_dir: str = setting("runs", "each run writes <output_dir>/<attack>-<model>-<data>-p<rate>-<id>/", "a folder")
+    name: str | None = setting(
+        None, "the run folder's name instead of the generated one", "a name, auto-cell (the grid cell's id) or null"
+    )
+    device: str = setting("auto", "where the attack runs", "auto | cpu | mps | cuda | cuda:N")
+    save_tensors: bool = setting(True, "write reconstructions.pt (originals, reconstructions, recovered masks)")
+    progress: bool = setting(True, "show a progress bar")
+    checkpoint_every: int = setting(
+        500, "iterations between saves of the attack state (0: only on SIGUSR1/SIGTERM; -1: never)"
+    )
+    compile_cache: str | None = setting(
+        None, "torch.compile's persistent cache", "a folder, off, or null (<output_dir>/.compile-cache)"
+    )
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "dia"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    mode: str = setting(
+        "offline", "offline never prompts for a login; online needs `wandb login`", "offline | online | disabled"
+    )
+    project: str = setting("dia", "the W&B project", "a name")
+    entity: str | None = setting(None, "the W&B entity (user or team); null: the default", "a name or null")
+    group: str | None = setting(None, "the W&B group (dia.grid: the grid's name)", "a name or null")
+    tags: list[str] = setting(help="extra W&B tags", values="a list of strings", factory=list)
 
 
 @dataclass
@@ -117,7 +183,9 @@ class LoggerConfig:
     """Where a run's curves, summary and images go besides its folder (dia.run.loggers): `logger=csv` sets the
     name; several: `logger=wandb+csv`; none: `logger=none`."""
 
-    name: str = "wandb"  # wandb | csv | tensorboard | mlflow | none, or several joined by +
+    name: str = setting(
+        "wandb", "loggers besides the run folder (logger=NAME)", "wandb | csv | tensorboard | mlflow | none, or a+b"
+    )
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -125,17 +193,21 @@ class LoggerConfig:
 class ClientConfig:
     """How a client trains before it answers: one gradient step (FedSGD, the paper) or T local SGD steps (FedAvg)."""
 
-    local_steps: int = 1  # T: local SGD steps, fresh dropout masks each; the client sends w_0 - w_T (1: its gradient)
-    local_lr: float = 0.1  # the clients' SGD learning rate (the server knows it: it sets it)
-    # images per local step: full (the whole batch every step) or b dividing batch_size (step t: chunk t mod B/b)
-    local_batch: Any = "full"
+    local_steps: int = setting(
+        1, "T: local SGD steps, fresh dropout masks each; the client sends w_0 - w_T (1: FedSGD)"
+    )
+    local_lr: float = setting(0.1, "the clients' SGD learning rate (the server knows it: it sets it)")
+    local_batch: Any = setting(
+        "full", "images per local step (step t takes chunk t mod B/b)", "full | b dividing batch_size"
+    )
 
 
 @dataclass
 class MetricsConfig:
-    lpips: str = "auto"  # auto (AlexNet LPIPS; null with one warning when its weights cannot be had) | off
-    # curves.jsonl (and W&B) get eval/ssim of the best iterates every attack.log_every iterations
-    curves_ssim: bool = True
+    lpips: str = setting(
+        "auto", "AlexNet LPIPS (null with one warning when its weights cannot be had: README)", "auto | off"
+    )
+    curves_ssim: bool = setting(True, "curves.jsonl (and W&B) get eval/ssim of the best iterates every log_every")
 
 
 @dataclass
@@ -143,9 +215,13 @@ class CapturedConfig:
     """An update captured from a real client (`python -m dia.train captured.file=client.pt`): attacked instead of
     simulated clients; model, checkpoint and data (shape, normalization, classes) come from the config."""
 
-    file: str | None = None  # a ClientUpdate .pt (dia.capture_update), or a gradient/delta/weights .pt or .npz
-    kind: str = "gradient"  # gradient | delta (w_0 - w_1) | weights (w_1): see dia.updates.as_gradients
-    lr: float | None = None  # the client's local learning rate (delta/weights; a ClientUpdate file carries it)
+    file: str | None = setting(
+        None, "a captured update to attack instead of simulated clients", "a ClientUpdate .pt, a .pt or .npz, or null"
+    )
+    kind: str = setting("gradient", "what the file holds: see dia.updates.as_gradients", "gradient | delta | weights")
+    lr: float | None = setting(
+        None, "the client's learning rate (delta/weights; a ClientUpdate file carries it)", "null or > 0"
+    )
 
 
 @dataclass
@@ -154,11 +230,15 @@ class Config:
     model: Any = None
     data: Any = None
     defense: Any = None
-    victims: list[int] | None = None  # explicit victim indices; None: use num_victims
-    num_victims: int = 4  # without `victims`: the first N, or N drawn with victim_seed
-    victim_seed: int | None = None
+    victims: list[int] | None = setting(
+        None, "explicit victim indices; null: num_victims", "a list [i, j, ...] or null"
+    )
+    num_victims: int = setting(4, "without victims: the first N, or N drawn with victim_seed")
+    victim_seed: int | None = setting(
+        None, "draw num_victims at random with this seed; null: the first N", "null or an integer >= 0"
+    )
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    batch_size: int = 1  # victims per client batch: one shared gradient comes from B images
+    batch_size: int = setting(1, "B: victims per client batch (one shared gradient from B images)")
     client: ClientConfig = field(default_factory=ClientConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -171,6 +251,25 @@ NAMED_SECTIONS = ("logger",)  # fixed sections chosen by name on the command lin
 LIST_GROUPS = {
     "defense": "none"
 }  # groups whose choice may be a list applied in order (defense=[prune,dpsgd]): their default
+
+
+def setting_doc(key: str) -> tuple[str, str] | None:
+    """(values, help) of a dotted key the schema's fields give (`setting`); None for a key no field has (a choice's
+    own keys: their YAML says, dia.config.key_doc)."""
+    parts = key.split(".")
+    cls: Any = Config
+    if parts[0] in GROUPS:
+        cls, parts = GROUPS[parts[0]], parts[1:]
+    for i, part in enumerate(parts):
+        f = next((f for f in dataclasses.fields(cls) if f.name == part), None)
+        if f is None:
+            return None
+        if i == len(parts) - 1:
+            return (f.metadata["values"], f.metadata["help"]) if "help" in f.metadata else None
+        cls = type(f.default_factory()) if f.default_factory is not dataclasses.MISSING else None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+    return None
 
 
 def _type_of(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""`python -m dia.grid SWEEP ...`: the cells of a W&B grid sweep file (or a folder of them), packed and resumable.
+"""`python -m dia.grid SWEEP [key=value ...] ...`: the cells of a W&B grid sweep file (or a folder of them), packed and
+resumable; `key=value` overrides (as dia.train takes them) apply to every cell and are part of its id.
 
 The sweep-file model (files -> cells with stable ids, enumerated lazily) is `dia.grid.sweep`; this module is the
 command line and the running. Cell I of grid G is the run of `python -m dia.train <overrides>
@@ -86,9 +87,11 @@ def describe(grid: Grid, saved: dict[str, Any] | None = None) -> dict[str, Any]:
     """grid.json: the grid's cells, each with its file, plus the recorded cells of other files of the same
     results folder (`saved`: a folder's files run one by one keep each other's cells)."""
     files = {b.path.name: hashlib.sha256(b.path.read_bytes()).hexdigest() for b in grid.blocks}
-    cells = [{"index": c.index, "id": c.id, "file": c.file, "overrides": c.overrides} for c in grid.cells]
+    extra = {"with": grid.extra_text} if grid.extra else {}  # the command line's overrides, when any
+    cells = [{"index": c.index, "id": c.id, "file": c.file, "overrides": c.overrides} | extra for c in grid.cells]
     if saved:
-        kept = [c for c in saved["cells"] if c.get("file") and c["file"] not in files]
+        ours = {(name, grid.extra_text) for name in files}  # another file's cells, or other overrides', stay
+        kept = [c for c in saved["cells"] if c.get("file") and (c["file"], c.get("with", "")) not in ours]
         cells += kept
         files = {k: v for k, v in (saved.get("files") or {}).items() if any(c["file"] == k for c in kept)} | files
     return {
@@ -105,22 +108,24 @@ def check_results_dir(grid: Grid, folder: Path) -> dict[str, Any] | None:
     """The saved grid.json of `folder` (None if none); a UserError if it describes another grid.
 
     Accepted: the same grid; a grid that grew (every recorded cell of its files is still in it: a rate or
-    a value added); another file of the same grid folder (its cells are recorded beside the others'). A
-    grid whose files lost recorded cells, or another grid's name, is refused.
+    a value added); another file of the same grid folder (its cells are recorded beside the others'); the grid with
+    other command-line overrides (a shortened grid beside the full one: their cells have other ids). A grid whose
+    files lost recorded cells, or another grid's name, is refused.
     """
     saved_file = folder / "grid.json"
     if not saved_file.is_file():
         return None
     try:
         saved = json.loads(saved_file.read_text())
-        ids = [(c["id"], c.get("file")) for c in saved["cells"]]
+        ids = [(c["id"], c.get("file"), c.get("with", "")) for c in saved["cells"]]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise UserError(f"{saved_file}: not a dia grid description; use another --results-root") from None
     if saved.get("name") == grid.name and saved.get("sha256") == grid.sha256:
         return saved
     have = {c.id for c in grid.cells}
     mine = {b.path.name for b in grid.blocks}
-    gone = [i for i, f in ids if i not in have and (not f or f in mine)]  # an old grid.json (no files): all are ours
+    # an old grid.json (no files): all are ours; cells recorded with other overrides are theirs
+    gone = [i for i, f, w in ids if i not in have and (not f or f in mine) and w == grid.extra_text]
     if saved.get("name") != grid.name or gone:
         why = f"cell {gone[0]} of it is not in {grid.path}" if gone else f"it is named '{saved.get('name')}'"
         raise UserError(
@@ -316,7 +321,15 @@ def _run_children(
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
         if threads is not None:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        args = [python, "-m", "dia.grid", str(grid.path), "--run", ",".join(str(c.index) for c in share)]
+        args = [
+            python,
+            "-m",
+            "dia.grid",
+            str(grid.path),
+            *grid.extra_args,
+            "--run",
+            ",".join(str(c.index) for c in share),
+        ]
         if results_root is not None:
             args += ["--results-root", str(results_root)]
         note(
@@ -366,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the cells of a W&B grid sweep file (or a folder of them) with dia.train.",
     )
     p.add_argument("sweep", help="a sweep file (sweeps/smoke.yaml) or a folder of them, one grid (sweeps/paper)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides for every cell, as dia.train takes them (attack.max_iterations=100 num_victims=1): part of "
+        "each cell's id, so a shortened grid's cells are its own; a key the grid varies cannot be overridden",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--count", action="store_true", help="print the number of cells")
     what.add_argument("--list", action="store_true", help="one line per cell: index, id, status, overrides")
@@ -457,10 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--list | head` ends quietly
     try:
-        a = parser.parse_args(argv)
+        a = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
         if a.parallel is not None and a.parallel < 1 or a.per_task < 1:
             raise UserError("--parallel and --per-task must be positive integers")
-        grid = load(a.sweep)
+        grid = load(a.sweep, a.overrides)
         if a.count:
             print(len(grid))
             return ExitCode.OK

@@ -18,6 +18,11 @@ command's `run.output_dir=results/<name>` (every file of a folder must name the 
 `name:`, else its stem. So an agent's run of a cell and dia.grid's run of the same cell share a folder,
 whether dia.grid is given the folder or one of its files.
 
+Overrides given on the command line (`python -m dia.grid SWEEP key=value ...`, as dia.train takes them) apply to
+every cell (`load(path, overrides)`): a shortened grid (`attack.max_iterations=100`) has cells of its own, with
+ids of their own, beside those of the full grid in the same results folder (grid.json records each cell with
+them, `with`). A key the grid varies cannot be overridden (its cells would collapse into one).
+
 A cell's id depends on its own overrides only (`cell_id`): a readable prefix of its headline keys (data,
 model, rate, attack, victims) and a hash of every override that can change the result (`logger.*` and
 the per-run placement keys do not). Growing a grid, reordering its parameters or splitting it into files
@@ -32,13 +37,13 @@ import json
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dia.config.ids import AUTO_CELL, RESERVED, cell_id, format_value, short
+from dia.config.ids import AUTO_CELL, RESERVED, cell_id, format_value, parse_value, short
 from dia.errors import UserError
 
 WANDB_COMMAND = ["${env}", "${interpreter}", "-m", "dia.train", "${args_no_hyphens}"]
@@ -156,8 +161,23 @@ class Block:
 class Grid:
     name: str
     path: Path  # the sweep file or folder
-    sha256: str  # of the file(s), in order
+    sha256: str  # of the file(s), in order, and of the overrides
     blocks: list[Block]
+    extra: dict[str, Any] = field(default_factory=dict)  # command-line overrides for every cell, key -> value
+
+    @property
+    def extra_args(self) -> list[str]:
+        """The overrides as command-line arguments (what a child process or an array task is given)."""
+        return [f"{k}={format_value(v)}" for k, v in self.extra.items()]
+
+    @property
+    def extra_text(self) -> str:
+        """The overrides as one string (grid.json's `with` of each cell; "" for none)."""
+        return " ".join(self.extra_args)
+
+    def overrides_of(self, block: Block, i: int) -> dict[str, Any]:
+        """The i-th combination of `block` with the command-line overrides (which replace a key the file fixes)."""
+        return block.overrides(i) | self.extra
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.blocks)
@@ -186,7 +206,7 @@ class Grid:
 
     def cell(self, index: int) -> Cell:
         _, b, i = self._block(index)
-        overrides = b.overrides(i)
+        overrides = self.overrides_of(b, i)
         return Cell(
             index, cell_id(overrides), overrides, {k: overrides[k] for k in self.varying if k in overrides}, b.path.name
         )
@@ -249,7 +269,7 @@ class Cells(Sequence):
         varying, index = self.grid.varying, 0
         for b in self.grid.blocks:
             for i in range(len(b)):
-                overrides = b.overrides(i)
+                overrides = self.grid.overrides_of(b, i)
                 yield Cell(
                     index,
                     cell_id(overrides),
@@ -380,9 +400,23 @@ def agent_folder(spec: dict[str, Any]) -> str | None:
     return None
 
 
-def load(path: str | Path) -> Grid:
+def command_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """`key=value` arguments as a grid's overrides (values parsed as dia.train and a sweep file's YAML read them)."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        key, eq, text = str(arg).partition("=")
+        if not eq or not key or key.startswith("-"):
+            raise UserError(f"argument '{arg}' is not key=value (an override for every cell, as dia.train takes it)")
+        if key in RESERVED:
+            raise UserError(f"{key}: set by dia.grid for every cell; it cannot be overridden")
+        out[key] = parse_value(text)
+    return out
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
     """A grid from a sweep file or a folder of them, named where its agents write (see the module docstring):
-    a folder after itself, a file after its command's `run.output_dir`, else its `name:`, else its stem."""
+    a folder after itself, a file after its command's `run.output_dir`, else its `name:`, else its stem.
+    `overrides` (`key=value`, as dia.train takes them) apply to every cell."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -408,7 +442,17 @@ def load(path: str | Path) -> Grid:
                 f"to results/{name} (results/<grid>: the folder's name, or the file's); make them agree"
             )
         blocks.append(Block(f, spec, _parameters(f"{f}: parameters", spec.get("parameters"), name)))
-    return Grid(name, path, digest.hexdigest(), blocks)
+    extra = command_overrides(overrides)
+    if extra:
+        digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    grid = Grid(name, path, digest.hexdigest(), blocks, extra)
+    varied = [k for k in extra if k in grid.varying and any(len(b.params.get(k, [])) > 1 for b in grid.blocks)]
+    if varied:
+        raise UserError(
+            f"{varied[0]}={format_value(extra[varied[0]])}: the grid varies {varied[0]}; an override would make its "
+            "cells one (edit the sweep file, or give another key)"
+        )
+    return grid
 
 
 def wandb_sweeps(grid: Grid) -> list[dict[str, Any]]:
@@ -420,6 +464,7 @@ def wandb_sweeps(grid: Grid) -> list[dict[str, Any]]:
         stem = b.path.stem if len(grid.blocks) > 1 else ""
         spec["name"] = f"{grid.name}-{stem}" if stem else grid.name
         parameters = dict(spec["parameters"])
+        parameters |= {k: {"value": v} for k, v in grid.extra.items()}  # the command line's overrides
         parameters["logger.wandb.mode"] = {"value": "online"}
         parameters["logger.wandb.group"] = {"value": grid.name}
         spec["parameters"] = parameters

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dia import config
+from dia import config, tensors
 from dia.errors import UserError
 from dia.registry import Registry
 
@@ -60,6 +61,10 @@ __all__ = [
     "register_site_part",
     "build_model",
     "build_for",
+    "load_checkpoint",
+    "check_state",
+    "check_model",
+    "logits_classes",
     "CapturableDropout",
     "dropout_control",
     "dropout_sites",
@@ -99,12 +104,22 @@ def build_for(cfg: Any) -> nn.Module:
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a user state dict safely (`weights_only=True`); one clear line when it does not fit."""
+    """Load a user state dict safely (`weights_only=True`), checked first (`check_state`): one clear line when it
+    does not fit the model or holds what weights cannot be."""
+    state = read_checkpoint(path)
+    check_state(model, state, f"model.checkpoint: '{path}'")
+    model.load_state_dict(state)
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The state dict in the file `path` (a `{name: tensor}` dict, or one under 'state_dict'), unchecked values."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"model.checkpoint: no such file '{path}'")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on what the file holds: check_state says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(
             f"model.checkpoint: cannot read '{path}' as a tensor state dict ({type(exc).__name__}: {exc})".splitlines()[
@@ -115,7 +130,22 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UserError(f"model.checkpoint: '{path}' holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def check_state(model: nn.Module, state: dict[Any, Any], where: str) -> None:
+    """A state dict for `model`: string keys, the model's names, dense tensors of the model's shapes, real floating
+    point and finite where the model's entry is floating (integers where it counts, as BatchNorm's
+    num_batches_tracked). Each defect is one UserError line naming the key."""
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise UserError(f"{where} has the key {odd!r} ({type(odd).__name__}); a state dict maps names to tensors")
     own = model.state_dict()
+    for k in sorted(set(own) & set(state)):
+        if own[k].is_floating_point():
+            tensors.floating(state[k], f"{where}: '{k}'")
+        else:
+            tensors.integers(state[k], f"{where}: '{k}'")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -128,8 +158,49 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         if wrong:
             k = wrong[0]
             parts.append(f"shape of '{k}' is {tuple(state[k].shape)}, model needs {tuple(own[k].shape)}")
-        raise UserError(f"model.checkpoint: '{path}' does not fit this model: {'; '.join(parts)}")
-    model.load_state_dict(state)
+        raise UserError(f"{where} does not fit this model: {'; '.join(parts)}")
+
+
+def check_model(model: Any, where: str = "model") -> None:
+    """A model dia can attack: an `nn.Module` with parameters, every parameter and buffer a dense tensor with values
+    (not on the meta device), its floating ones real and finite. One UserError line naming the entry."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{where}: a {type(model).__name__}, not a torch.nn.Module")
+    if not any(True for _ in model.parameters()):
+        raise UserError(f"{where}: {type(model).__name__} has no parameters, so an update holds nothing of it")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise UserError(
+                f"{where}: '{name}' is on the meta device (a shape without values); give the model its weights "
+                "first (model.to_empty(device='cpu') and load_state_dict)"
+            )
+        if t.is_floating_point() or t.is_complex():
+            tensors.floating(t.detach(), f"{where}: '{name}'")
+        else:
+            tensors.dense(t, f"{where}: '{name}'")
+
+
+def logits_classes(model: nn.Module, example: torch.Tensor, where: str = "model") -> int:
+    """How many classes the model's logits have, from one eval-mode pass on `example` (B, C, H, W); one UserError
+    line when its forward does not return logits, a tensor (B, classes)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(
+            f"{where}: its forward returns a {type(out).__name__}; dia needs the logits, a tensor (batch, classes) "
+            "(wrap the model in a module whose forward returns them)"
+        )
+    if out.dim() != 2 or out.shape[0] != example.shape[0] or out.shape[1] < 2:
+        raise UserError(
+            f"{where}: its forward returns a tensor of shape {tuple(out.shape)} for {example.shape[0]} image(s); "
+            "dia needs the logits, (batch, classes) with at least 2 classes"
+        )
+    return int(out.shape[1])
 
 
 def describe_sites(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:

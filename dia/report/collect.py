@@ -2,8 +2,9 @@
 grid.json (the cells it expects), grouped into rows of runs that may be pooled.
 
 A row is one dataset x model x dropout rate x attack (with its settings) x defense x grid x budget x victim set
-x local steps: runs that differ in any of these never pool. Files that are not dia's are skipped with one
-warning; folders are walked without following links.
+x local steps x model weights (run.seed, or model.checkpoint) x batch size B: runs that differ in any of these
+never pool (results at other weights are not like for like: docs/results.md). Files that are not dia's are
+skipped with one warning; folders are walked without following links.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class Row:
     budget: int | None = None  # attack.max_iterations (None: unknown)
     victims_set: str = ""  # which victims (`victim_label`)
     steps: int = 1  # the clients' local steps T (client.local_steps; 1: FedSGD)
+    weights: str = ""  # the model's weights: 'seed N' (random, seeded by run.seed) or 'checkpoint NAME'; '?' unknown
+    batch: int = 1  # B: victims behind one gradient (batch_size)
     runs: list[dict[str, Any]] = field(default_factory=list)
     expected: int = 0  # cells a grid expects (0: no grid.json knows this group)
     missing: list[dict[str, Any]] = field(default_factory=list)
@@ -114,6 +117,8 @@ class Row:
             -1 if self.budget is None else self.budget,
             self.victims_set,
             self.steps,
+            self.weights,
+            self.batch,
             self.dropout,
             rank("attack", self.attack),
             d.kind != "none",
@@ -124,13 +129,15 @@ class Row:
         )
 
     def variant(self, shown: list[str]) -> str:
-        """The group's grid, budget, victim set and local steps where they differ between groups (`shown`), for
-        labels."""
+        """The group's grid, budget, victim set, local steps, weights and batch size where they differ between groups
+        (`shown`), for labels."""
         parts = {
             "grid": self.grid or "no grid",
             "budget": f"{self.budget} it" if self.budget is not None else "? it",
             "victims": f"victims {self.victims_set}",
             "steps": f"T={self.steps}",
+            "weights": self.weights or "weights ?",
+            "batch": f"B={self.batch}",
         }
         return ", ".join(parts[k] for k in shown)
 
@@ -234,8 +241,31 @@ def victim_label(victims: Any, count: Any, seed: Any) -> str:
     return "?"
 
 
-def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str, int]:
-    """(budget, victim set, local steps) of a run: from its config.yaml, else from what metrics.json says."""
+class Variant(NamedTuple):
+    """What besides its coordinates, attack and defense makes a run comparable with another (the rest of a row's
+    key)."""
+
+    budget: int | None  # attack.max_iterations
+    victims: str  # `victim_label`
+    steps: int  # client.local_steps
+    weights: str  # `weights_label`
+    batch: int  # batch_size
+
+
+def weights_label(seed: Any, checkpoint: Any) -> str:
+    """The model's weights: 'checkpoint NAME' when loaded from one, else 'seed N' (random, seeded by run.seed);
+    '?' when nobody says."""
+    if isinstance(checkpoint, str) and checkpoint:
+        return f"checkpoint {Path(checkpoint).name}"
+    return f"seed {seed}" if isinstance(seed, int) and not isinstance(seed, bool) else "?"
+
+
+def _count(value: Any, default: int = 1) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def _run_variant(folder: Path, m: dict[str, Any]) -> Variant:
+    """A run's `Variant`: from its config.yaml, else from what metrics.json says."""
     cfg = _config(folder)
     try:
         budget = int(cfg["attack"]["max_iterations"])
@@ -247,7 +277,12 @@ def _run_variant(folder: Path, m: dict[str, Any]) -> tuple[int | None, str, int]
         label = victim_label([v.get("index") for v in m["victims"]], None, None)
     client = cfg.get("client") if isinstance(cfg.get("client"), dict) else m.get("client")
     steps = client.get("local_steps", 1) if isinstance(client, dict) else 1
-    return budget, label, steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 1
+    # a key a config.yaml lacks has dia.train's default (every config.yaml dia.train writes has them all)
+    run, model = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("run", "model"))
+    weights = weights_label(run.get("seed", 0), model.get("checkpoint")) if cfg else "?"
+    clients = [v.get("problem") for v in m["victims"] if isinstance(v, dict)]
+    batch = _count(cfg.get("batch_size", 1)) if cfg else max(1, len(clients) // max(1, len(set(clients))))
+    return Variant(budget, label, _count(steps), weights, batch)
 
 
 ENGINE_KEYS = {
@@ -304,44 +339,44 @@ def _composed_attack_variant(args: tuple[str, ...]) -> str:
 
 
 def _row(
-    groups: dict[tuple, Row],
-    coords: tuple[str, str, float, str],
-    defense: Defense,
-    grid: str,
-    budget: int | None,
-    victims: str,
-    steps: int = 1,
+    groups: dict[tuple, Row], coords: tuple[str, str, float, str], defense: Defense, grid: str, variant: Variant
 ) -> Row:
-    """The group of a run or cell: its data, model, rate and attack, its defense's label, its grid, budget, victims
-    and the clients' local steps."""
-    return groups.setdefault(
-        (*coords, defense.label, grid, budget, victims, steps), Row(*coords, defense, grid, budget, victims, steps)
-    )
+    """The group of a run or cell: its data, model, rate and attack, its defense's label, its grid and `Variant`."""
+    return groups.setdefault((*coords, defense.label, grid, *variant), Row(*coords, defense, grid, *variant))
 
 
-def _cell_variant(overrides: dict[str, Any]) -> tuple[int | None, str, int]:
-    """(budget, victim set, local steps) a grid cell that has not run yet will have: its overrides composed as
-    dia.train does."""
+VARIANT_KEYS = (
+    "attack",
+    "attack.max_iterations",
+    "victims",
+    "num_victims",
+    "victim_seed",
+    "client.local_steps",
+    "run.seed",
+    "model.checkpoint",
+    "batch_size",
+)
 
-    keys = [
-        k
-        for k in ("attack", "attack.max_iterations", "victims", "num_victims", "victim_seed", "client.local_steps")
-        if k in overrides
-    ]
+
+def _cell_variant(overrides: dict[str, Any]) -> Variant:
+    """The `Variant` a grid cell that has not run yet will have: its overrides composed as dia.train does."""
+    keys = [k for k in VARIANT_KEYS if k in overrides]
     return _composed_variant(tuple(f"{k}={format_value(overrides[k])}" for k in keys))
 
 
 @functools.cache
-def _composed_variant(args: tuple[str, ...]) -> tuple[int | None, str, int]:
+def _composed_variant(args: tuple[str, ...]) -> Variant:
     try:
-        cfg = compose(list(args))
-        return (
+        cfg = compose(list(args), code_checks=False)
+        return Variant(
             int(cfg.attack.max_iterations),
             victim_label(None if cfg.victims is None else list(cfg.victims), cfg.num_victims, cfg.victim_seed),
             int(cfg.client.local_steps),
+            weights_label(int(cfg.run.seed), cfg.model.checkpoint),
+            int(cfg.batch_size),
         )
     except Exception:
-        return None, "?", 1
+        return Variant(None, "?", 1, "?", 1)
 
 
 def _cell_defense(overrides: dict[str, Any]) -> Defense:
@@ -403,7 +438,7 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Row], lis
     for gj in (f for f in files if f.name == "grid.json"):
         grids[gj.parent] = _grid_cells(gj)
     cell_overrides = {(where / c["id"]).resolve(): c["overrides"] for where, (_, cells) in grids.items() for c in cells}
-    variants: dict[Path, tuple[int | None, str, int]] = {}
+    variants: dict[Path, Variant] = {}
     for path in (f for f in files if f.name == record.METRICS):
         folder = path.parent
         m = _read_metrics(path)
@@ -416,12 +451,12 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Row], lis
             m["attack"] = coords[3]
         m["folder"] = folder
         m["grid"] = grids[folder.parent][0] if folder.parent in grids else ""
-        budget, victims, steps = _run_variant(folder, m)
-        if budget is None and folder.resolve() in cell_overrides:  # no config.yaml: the grid says what the cell is
-            budget, victims, steps = _cell_variant(cell_overrides[folder.resolve()])
-        variants[folder.resolve()] = budget, victims, steps
+        variant = _run_variant(folder, m)
+        if variant.budget is None and folder.resolve() in cell_overrides:  # no config.yaml: the grid says what it is
+            variant = _cell_variant(cell_overrides[folder.resolve()])
+        variants[folder.resolve()] = variant
         runs[folder.resolve()] = m
-        _row(groups, coords, defense, m["grid"], budget, victims, steps).runs.append(m)
+        _row(groups, coords, defense, m["grid"], variant).runs.append(m)
     missing: list[dict[str, Any]] = []
     defaults = None
     for where, (name, cells) in grids.items():
@@ -446,8 +481,8 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Row], lis
             except (KeyError, TypeError, ValueError) as exc:
                 warn(f"{gj}: cell {cell['index']} ({cell['id']}) has an unreadable defense ({str(exc)[:80]}); skipped")
                 continue
-            budget, victims, steps = variants[folder] if folder in runs else _cell_variant(cell["overrides"])
-            group = _row(groups, key, defense, name, budget, victims, steps)
+            variant = variants[folder] if folder in runs else _cell_variant(cell["overrides"])
+            group = _row(groups, key, defense, name, variant)
             group.expected += 1
             if folder not in runs:
                 state = "partial" if (where / f".{cell['id']}.partial").is_dir() else "pending"
@@ -461,9 +496,11 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Row], lis
                     "dropout": key[2],
                     "attack": key[3],
                     "defense": defense.label,
-                    "budget": "" if budget is None else budget,
-                    "victims": victims,
-                    "steps": steps,
+                    "budget": "" if variant.budget is None else variant.budget,
+                    "victims": variant.victims,
+                    "steps": variant.steps,
+                    "weights": variant.weights,
+                    "batch": variant.batch,
                     "file": cell.get("file", ""),
                 }
                 group.missing.append(entry)
@@ -472,8 +509,8 @@ def collect(root: Path, skip: Path | None = None) -> tuple[dict[tuple, Row], lis
 
 
 def differing(groups: dict[tuple, Row]) -> list[str]:
-    """Which of grid, budget, victim set and local steps T take more than one value among the groups (the columns to
-    show)."""
+    """Which of grid, budget, victim set, local steps T, weights and batch size B take more than one value among the
+    groups (the columns to show)."""
     ordered = list(groups.values())
     return [
         k
@@ -482,6 +519,8 @@ def differing(groups: dict[tuple, Row]) -> list[str]:
             ("budget", lambda g: g.budget),
             ("victims", lambda g: g.victims_set),
             ("steps", lambda g: g.steps),
+            ("weights", lambda g: g.weights),
+            ("batch", lambda g: g.batch),
         )
         if len({get(g) for g in ordered}) > 1
     ]

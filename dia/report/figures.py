@@ -60,7 +60,7 @@ def figures(groups: dict[tuple, Row], out: Path) -> list[Path]:
             ax.set_ylabel(f"{name} {arrow}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _legend(ax)
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         fig.tight_layout()
@@ -69,6 +69,12 @@ def figures(groups: dict[tuple, Row], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _legend(ax: object) -> None:
+    """A panel's legend, where it has labelled lines (matplotlib warns about an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _ssim_curve(folder: Path) -> dict[int, list[float]]:
@@ -148,7 +154,7 @@ def curve_figures(groups: dict[tuple, Row], out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         for ax in axes[:, 0]:
             ax.set_ylabel("SSIM of the best iterate", fontsize=8)
-        axes.flat[0].legend(fontsize=7)
+        _legend(axes.flat[0])
         for ax in list(axes.flat)[len(rates) :]:
             ax.axis("off")
         fig.suptitle(f"{data} / {model}: SSIM against iterations", fontsize=10)
@@ -264,7 +270,8 @@ def defense_figures(groups: dict[tuple, Row], out: Path) -> list[Path]:
                     ax.tick_params(axis="y", labelsize=7)
                     ax.grid(alpha=0.3)
             handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
-            fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=7, ncol=len(handles))
+            if handles:
+                fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=7, ncol=len(handles))
             fig.suptitle(f"{data} / {model}: {name} against defense strength", fontsize=10, x=0.3)
             fig.tight_layout(rect=(0, 0, 1, 0.98))
             path = out / f"defense_{metric}_{data}_{model}.png"

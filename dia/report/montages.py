@@ -30,7 +30,8 @@ def montage_figure(run: dict[str, Any], max_victims: int = 16) -> Any:
     steps = run["client"].get("local_steps", 1) if isinstance(run.get("client"), dict) else 1
     title = record.picture_title(run["attack"], run["model"], run["data"], run["dropout"], steps) + f"  ({folder.name})"
     victims = [v for v in run["victims"][: len(orig)] if isinstance(v, dict)]
-    return reconstruction_figure(orig, rec, record.titles(victims), title=title)
+    captions = record.titles(victims)  # with the clients when they sent B > 1 images (as the rows say)
+    return reconstruction_figure(orig, rec, captions, title=title, clients=captions.clients)
 
 
 def montage(run: dict[str, Any], path: Path, max_victims: int = 16) -> Path | None:

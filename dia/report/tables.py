@@ -31,7 +31,10 @@ def tables(groups: dict[tuple, Row], missing: list[dict[str, Any]]) -> tuple[str
     defended = any(g.defense.label != "none" for g in ordered)  # every missing cell has its group
     vary = differing(groups)  # grid, budget, victim set: shown where they differ (always in the CSV)
     shown = (["defense", "ε"] if defended else []) + [
-        {"grid": "grid", "budget": "budget", "victims": "victim set", "steps": "T"}[k] for k in vary
+        {"grid": "grid", "budget": "budget", "victims": "victim set", "steps": "T", "weights": "weights", "batch": "B"}[
+            k
+        ]
+        for k in vary
     ]
     head = ["data", "model", "p", "attack", *shown, "cells", "victims", "diverged"] + [
         f"{name} {arrow}" for _, name, arrow in metric_columns()
@@ -55,6 +58,8 @@ def tables(groups: dict[tuple, Row], missing: list[dict[str, Any]]) -> tuple[str
             "victims",
             "diverged",
             "local_steps",
+            "weights",
+            "batch_size",
         ]
         + [f"{m}_{s}" for m, _, _ in metric_columns() for s in ("mean", "std", "n")]
     )
@@ -69,6 +74,8 @@ def tables(groups: dict[tuple, Row], missing: list[dict[str, Any]]) -> tuple[str
                 "budget": "?" if g.budget is None else str(g.budget),
                 "victims": g.victims_set,
                 "steps": str(g.steps),
+                "weights": g.weights or "?",
+                "batch": str(g.batch),
             }[k]
             for k in vary
         ]
@@ -106,6 +113,8 @@ def tables(groups: dict[tuple, Row], missing: list[dict[str, Any]]) -> tuple[str
             n_victims,
             diverged,
             g.steps,
+            g.weights,
+            g.batch,
         ]
         for m, _, _ in metric_columns():
             s = g.stats(m)
@@ -167,6 +176,8 @@ def tables(groups: dict[tuple, Row], missing: list[dict[str, Any]]) -> tuple[str
             "budget",
             "victims",
             "steps",
+            "weights",
+            "batch",
         ],
     )
     mw.writeheader()

@@ -3,11 +3,12 @@
 `dia.config.validate` checks what the config alone decides (ranges, types, names, devices). This module
 takes the cheap look at the data and the environment that the rest needs: the data folder exists, the
 victim indices are in range, their labels are within `data.num_classes`, the victims split into client
-batches, `data.mean`/`data.std` are usable numbers, FedAvg's T local steps fit in memory (`check_local_steps`), the
-W&B settings are ones W&B accepts (`check_wandb`:
-checked here, not after the attack) and `logger.wandb.mode=online` has a W&B login. `dia.grid --validate`
-calls it for every cell (with a `memo`, so each data config is looked at once) and a run calls it before it
-starts. A problem raises one `UserError` line.
+batches, `data.mean`/`data.std` are usable numbers, the images and FedAvg's T local steps fit in memory
+(`check_input_memory`, `check_local_steps`), the files a user hands in hold what they must (`model.checkpoint`,
+`captured.file`: read and checked as the run will read them, `check_captured`), the W&B settings are ones W&B
+accepts (`check_wandb`: checked here, not after the attack) and `logger.wandb.mode=online` has a W&B login.
+`dia.grid --validate` calls it for every cell (with a `memo`, so each data config is looked at once) and a run
+calls it before it starts, before its folder or lock exists. A problem raises one `UserError` line.
 """
 
 from __future__ import annotations
@@ -111,24 +112,38 @@ NORMAL = (1e-6, 1e6)  # data.std beyond this (or a non-finite mean/std) makes th
 
 def check_normalization(data: Any) -> None:
     """data.mean finite, data.std finite and within NORMAL (a subnormal std divides the images into inf)."""
-    for i, m in enumerate(data.mean):
-        if not (isinstance(m, (int, float)) and math.isfinite(m) and abs(m) <= NORMAL[1]):
-            raise UserError(f"data.mean[{i}]={m!r}: must be a finite number within ±{NORMAL[1]:g}")
-    for i, v in enumerate(data.std):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and NORMAL[0] <= v <= NORMAL[1]):
-            raise UserError(f"data.std[{i}]={v!r}: must be a finite number in [{NORMAL[0]:g}, {NORMAL[1]:g}]")
+    check_mean_std(data.mean, data.std, prefix="data.")
+
+
+def check_mean_std(mean: Any, std: Any, *, prefix: str = "") -> None:
+    """Each mean finite within ±NORMAL[1], each std finite in NORMAL: one UserError line naming `<prefix>mean[i]`."""
+    for i, m in enumerate(mean):
+        if not (_real(m) and math.isfinite(m) and abs(m) <= NORMAL[1]):
+            raise UserError(f"{prefix}mean[{i}]={m!r}: must be a finite number within ±{NORMAL[1]:g}")
+    for i, v in enumerate(std):
+        if not (_real(v) and math.isfinite(v) and NORMAL[0] <= v <= NORMAL[1]):
+            raise UserError(f"{prefix}std[{i}]={v!r}: must be a finite number in [{NORMAL[0]:g}, {NORMAL[1]:g}]")
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
-    """Raise a one-line UserError if `cfg` (validated by dia.config) cannot run here; nothing is loaded but labels.
+    """Raise a one-line UserError if `cfg` (validated by dia.config) cannot run here. Reads the labels, and every file
+    a user hands in (`model.checkpoint`, `captured.file`), checked as the run will use them.
 
-    `memo` caches each data config's labels across calls (dia.grid checks many cells of a few data configs).
+    `memo` caches each data config's labels (and each model's checks) across calls (dia.grid checks many cells of a
+    few data configs).
     """
     memo = {} if memo is None else memo
     check_wandb(cfg.logger.wandb)
     data = cfg.data
     check_normalization(data)
-    if cfg.captured.file is not None:  # one captured update: no victims to choose (dia.api.simulate reads the file)
+    image = (int(data.channels), int(data.image_size), int(data.image_size))
+    check_input_memory(cfg.batch_size, image, str(cfg.run.device), key=f"data.image_size={data.image_size}")
+    if cfg.captured.file is not None:  # one captured update: no victims to choose; the file and checkpoint, read
+        check_captured(cfg, memo)
         return _check_login(cfg)
     n_victims = None
     if data.source in CATALOGS:
@@ -156,8 +171,32 @@ def check(cfg: DictConfig, *, memo: dict[str, Any] | None = None) -> None:
         raise UserError(
             f"batch_size={cfg.batch_size}: {n_victims} victims do not split into client batches of that size"
         )
+    if cfg.model.checkpoint:
+        model_parameters(cfg, memo)  # builds the model with its checkpoint: the file is read and checked
     check_local_steps(cfg, memo)
     _check_login(cfg)
+
+
+def check_captured(cfg: DictConfig, memo: dict[str, Any]) -> None:
+    """`captured.file` (and `model.checkpoint`) read and checked as the run will read them (dia.clients.captured:
+    every defect one line naming the file and the key), and the client's T local steps (the file's own, or the
+    config's for a bare file) unrolled within memory."""
+    key = "captured:" + json.dumps(
+        [OmegaConf.to_container(cfg[k], resolve=True) for k in ("captured", "model", "data", "client", "attack")]
+        + [cfg.run.device, cfg.defense.name],
+        sort_keys=True,
+        default=str,
+    )
+    if key in memo:
+        return
+    from dia.clients import captured
+
+    sim = captured(cfg)
+    local = sim.problems.local
+    if local is not None:
+        parameters = sum(p.numel() for p in sim.model.parameters())
+        check_unrolled(local.steps, parameters, str(cfg.run.device), key=f"captured.file '{cfg.captured.file}'")
+    memo[key] = True
 
 
 def _check_login(cfg: DictConfig) -> None:
@@ -174,7 +213,8 @@ STEP_COPIES = 6
 
 
 def model_parameters(cfg: Any, memo: dict[str, Any]) -> int:
-    """How many parameters the run's model has (built once per model config, random weights)."""
+    """How many parameters the run's model has (built once per model config; with `model.checkpoint`, the file is
+    read and checked as the run will load it, dia.models.load_checkpoint)."""
     key = "parameters:" + json.dumps(
         [OmegaConf.to_container(cfg.model, resolve=True), cfg.data.channels, cfg.data.image_size, cfg.data.num_classes],
         sort_keys=True,
@@ -184,7 +224,7 @@ def model_parameters(cfg: Any, memo: dict[str, Any]) -> int:
         from dia.models import build_model
 
         model = build_model(
-            OmegaConf.merge(cfg.model, {"checkpoint": None}),
+            cfg.model,
             channels=cfg.data.channels,
             image_size=cfg.data.image_size,
             num_classes=cfg.data.num_classes,
@@ -210,20 +250,52 @@ def device_memory(name: str) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
 
 
+def _memory(name: str) -> tuple[int, str] | None:
+    try:
+        return device_memory(name)
+    except (RuntimeError, AssertionError, ValueError):  # no such device: dia.run.runs.resolve_device says so
+        return None
+
+
 def check_local_steps(cfg: Any, memo: dict[str, Any]) -> None:
     """FedAvg: even one problem's T unrolled local steps must fit in the device's memory (else one line saying
     how many steps would)."""
     steps = int(cfg.client.local_steps)
-    if steps == 1:
+    if steps > 1:
+        check_unrolled(steps, model_parameters(cfg, memo), str(cfg.run.device), key=f"client.local_steps={steps}")
+
+
+def check_unrolled(steps: int, parameters: int, device: str, *, key: str) -> None:
+    """One problem's T unrolled local steps of a model of `parameters` fit in `device`'s memory; else one line
+    starting with `key` that says how many steps would."""
+    if steps <= 1:
         return
-    try:
-        total, what = device_memory(str(cfg.run.device))
-    except (RuntimeError, AssertionError, ValueError):  # no such device: dia.run.cell.resolve_device says so
-        return
-    need = unrolled_bytes(cfg, memo)
-    if need > total:
+    memory = _memory(device)
+    need = steps * STEP_COPIES * 4 * parameters
+    if memory is not None and need > memory[0]:
+        total, what = memory
         fit = max(1, total // (need // steps))
         raise UserError(
-            f"client.local_steps={steps}: unrolling {steps} local steps needs about {need / 2**30:.1f} GiB per "
+            f"{key}: unrolling {steps} local steps needs about {need / 2**30:.1f} GiB per "
             f"problem, more than the {total / 2**30:.1f} GiB of {what}; at most {fit} steps fit"
+        )
+
+
+# Per element of the images being reconstructed, the attack holds at least this many float32 copies: the dummies,
+# Adam's two moments, the best iterate, their gradient, and the model's input and its gradient.
+INPUT_COPIES = 8
+SMALL = 1 << 30  # below this, nothing asks the device (no torch import for the usual sizes)
+
+
+def check_input_memory(images: int, shape: tuple[int, ...], device: str, *, key: str) -> None:
+    """`images` images of `shape` (C, H, W) fit in `device`'s memory as the attack holds them (a lower estimate:
+    INPUT_COPIES float32 copies); else one line starting with `key`."""
+    need = images * math.prod(shape) * 4 * INPUT_COPIES
+    if need < SMALL:
+        return
+    memory = _memory(device)
+    if memory is not None and need > memory[0]:
+        raise UserError(
+            f"{key}: {images} image(s) of {tuple(shape)} need about {need / 2**30:.1f} GiB in the attack, more than "
+            f"the {memory[0] / 2**30:.1f} GiB of {memory[1]}"
         )

@@ -25,6 +25,7 @@ from dia.engine import AttackResult
 from dia.errors import ExitCode, UserError
 from dia.run import pack as packs
 from dia.run.checks import device_memory, unrolled_bytes
+from dia.run.folder import AlreadyDone
 from dia.run.runs import Run, RunOutput, check, open_run, prepare, release, trim_curves, write
 from dia.run.signals import STOP, Stopped
 
@@ -89,6 +90,9 @@ def execute(
             for i in members:
                 try:
                     runs[open_run(configs[i])] = i
+                except AlreadyDone as done:  # the same run, finished: its results stand
+                    output = RunOutput(done.folder, done.metrics)
+                    outcomes[i] = Outcome(done.folder.name, ExitCode.OK, output, message=str(done))
                 except UserError as exc:
                     if not keep_going:
                         raise

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -58,6 +59,52 @@ def default_name(attack: str, model: str, data: str, dropout: float, config_text
     return f"{attack}-{model}-{data}-p{dropout:g}{local}-{fingerprint(config_text)[:8]}"
 
 
+def run_name(cfg: Any, config_text: str) -> str:
+    """The folder name of the run of `cfg` (saved as `config_text`): `run.name`, or `default_name`."""
+    return cfg.run.name or default_name(
+        cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, config_text, cfg.client.local_steps
+    )
+
+
+class AlreadyDone(Exception):
+    """The run asked for is finished: its folder (the same run: the same config) holds its metrics.json."""
+
+    def __init__(self, folder: Path, metrics: dict[str, Any]) -> None:
+        super().__init__(f"already done: '{folder}' holds this config's finished run")
+        self.folder, self.metrics = folder, metrics
+
+
+def check_not_done(folder: RunFolder, config_text: str) -> None:
+    """A finished run of this config: `AlreadyDone` (its results stand); of another config: one line (exit 2)."""
+    if folder.is_done_as(config_text):
+        raise AlreadyDone(folder.final, finished_metrics(folder.final))
+    if folder.state == DONE:
+        raise UserError(
+            f"run.name: '{folder.final}' already exists, a finished run of another config; choose another run.name"
+        )
+
+
+def check_done(cfg: Any) -> None:
+    """`AlreadyDone` when the run of `cfg` is finished (the same name and the same config); cheap: no torch. Not for
+    `data.normalize=folder` (its saved config holds statistics computed from the images: dia.run.runs.open_run)."""
+    if cfg.data.normalize == "folder":
+        return
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(cfg)
+    folder = RunFolder(Path(cfg.run.output_dir), run_name(cfg, text))
+    if folder.is_done_as(text):
+        raise AlreadyDone(folder.final, finished_metrics(folder.final))
+
+
+def finished_metrics(final: Path) -> dict[str, Any]:
+    """The metrics.json of a finished run's folder `final`; one UserError line when it cannot be read."""
+    try:
+        return record.read_metrics(final)
+    except ValueError as exc:
+        raise UserError(f"run.name: '{final}' holds a metrics.json dia cannot read ({exc}); move it away") from None
+
+
 def same_config(a: str, b: str) -> bool:
     """Two saved configs describe the same run: equal but for `NOT_IDENTITY`."""
     try:
@@ -83,6 +130,11 @@ class RunFolder:
         if (self.final / record.METRICS).is_file():
             return DONE
         return PARTIAL if self.partial.is_dir() else PENDING
+
+    def is_done_as(self, config_text: str) -> bool:
+        """Finished, and by a run of this config (its saved config.yaml is the same run's)."""
+        saved = record.read_config_text(self.final) if self.state == DONE else None
+        return saved is not None and same_config(saved, config_text)
 
     def check_free(self) -> None:
         """A UserError when something not a finished run sits at the final name (the final rename would fail)."""

@@ -452,7 +452,7 @@ def run(
             parts,
             expect=[part_of(i) for i in scouts],
             device=todo[0].run.device,
-            title=describe(inside),
+            title=describe(inside + waiting),  # the whole pack: every run this program may take
             progress=progress,
             callbacks=[turnover],
         )

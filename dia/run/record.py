@@ -161,24 +161,40 @@ def read_tensors(folder: Path) -> dict[str, Any]:
     return out
 
 
-def titles(rows: list[dict[str, Any]], batch: int = 1) -> list[str]:
-    """Each victim's caption: its index, its SSIM when it has one, and its client when clients send B > 1."""
-    out = []
+class Captions(list):
+    """Each victim's caption, and (`clients`) the client whose gradient it came from when clients send B > 1 images:
+    the picture frames each client's images (dia.run.plotting)."""
+
+    clients: list[int] | None = None
+
+
+def titles(rows: list[dict[str, Any]], batch: int | None = None) -> Captions:
+    """Each victim's caption: its index and its SSIM when it has one; with `clients` when clients send B > 1 images
+    (`batch`; None: as the rows' `problem` say)."""
+    problems = [r.get("problem") for r in rows]
+    if batch is None:
+        known = [p for p in problems if p is not None]
+        batch = len(known) // len(set(known)) if known and len(known) == len(problems) else 1
+    out = Captions()
     for r in rows:
         text = f"#{r.get('index', '?')}"
-        if batch > 1 and r.get("problem") is not None:
-            text += f" c{r['problem']}"
         if isinstance(r.get("ssim"), (int, float)):
             text += f"  SSIM {r['ssim']:.2f}"
         out.append(text)
+    if batch > 1 and all(isinstance(p, int) for p in problems):
+        out.clients = problems
     return out
 
 
 def write_picture(folder: Path, originals: Any, reconstructions: Any, captions: list[str], *, title: str) -> Path:
-    """reconstructions.png: originals above reconstructions (dia.run.plotting)."""
+    """reconstructions.png: originals above reconstructions (dia.run.plotting), each client's images framed when
+    clients send B > 1 (`Captions.clients`)."""
     from dia.run.plotting import reconstruction_grid
 
-    return reconstruction_grid(Path(folder) / PICTURE, originals, reconstructions, captions, title=title)
+    clients = getattr(captions, "clients", None)
+    return reconstruction_grid(
+        Path(folder) / PICTURE, originals, reconstructions, captions, title=title, clients=clients
+    )
 
 
 def picture_title(attack: str, model: str, data: str, dropout: float, steps: int = 1) -> str:
@@ -206,6 +222,7 @@ __all__ = [
     "step",
     "write_tensors",
     "read_tensors",
+    "Captions",
     "titles",
     "write_picture",
     "picture_title",

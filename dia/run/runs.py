@@ -24,7 +24,7 @@ from dia.errors import UserError
 from dia.problems import Problems
 from dia.run import checks, record
 from dia.run.checkpoint import Checkpoint
-from dia.run.folder import RunFolder, default_name
+from dia.run.folder import RunFolder, check_not_done, run_name
 from dia.run.loggers import Loggers, open_loggers
 from dia.scores import score
 
@@ -128,26 +128,26 @@ def open_run(cfg: DictConfig) -> Run:
         cfg.data.mean, cfg.data.std = folder_statistics(cfg.data)
         cfg.data.normalize = "dataset"
     text = OmegaConf.to_yaml(cfg)
-    name = cfg.run.name or default_name(
-        cfg.attack.name, cfg.model.name, cfg.data.name, cfg.model.dropout, text, cfg.client.local_steps
-    )
+    name = run_name(cfg, text)
     folder = RunFolder(Path(cfg.run.output_dir), name)
-    if folder.state == "done":
-        raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
+    check_not_done(folder, text)
+    use_compile_cache(cfg)  # a compile cache that cannot be made: one line before the folder exists
     if not folder.acquire():
         raise UserError(
             f"run.name={name}: being run by another process (pid {folder.holder()}, lock '{folder.lock_path}'); "
             "wait for it or choose another run.name"
         )
+    ours = not folder.partial.is_dir()  # nothing of this run was there: what fails here leaves nothing behind
     try:
-        if folder.state == "done":  # finished while we waited for the lock
-            raise UserError(f"run.name: '{folder.final}' already exists; choose another run.name")
+        check_not_done(folder, text)  # finished while we waited for the lock
         resumed = folder.open(text)
         if not resumed:
             record.write_config(folder.partial, text)
         checkpoint = Checkpoint(folder / "checkpoint.pt", persist=cfg.run.checkpoint_every >= 0)
-        use_compile_cache(cfg)
     except BaseException:
+        if ours:  # we hold the lock: no other process is in there
+            shutil.rmtree(folder.partial, ignore_errors=True)
+            folder.lock_path.unlink(missing_ok=True)
         folder.release()
         raise
     return Run(

@@ -41,12 +41,12 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.kind: type[Stopped] = Preempted
+        self.cause: type[Stopped] = Preempted  # which stop: preemption (75) or interruption (130)
         self.signal: int | None = None
         self.aborted = False  # a second Ctrl-C: stopped at once (KeyboardInterrupt), not at a step boundary
 
-    def set(self, kind: type[Stopped], signum: int | None = None) -> None:
-        self.kind, self.signal = kind, signum
+    def set(self, cause: type[Stopped], signum: int | None = None) -> None:
+        self.cause, self.signal = cause, signum
         self.event.set()
 
     def is_set(self) -> bool:
@@ -54,10 +54,10 @@ class StopRequest:
 
     def clear(self) -> None:
         self.event.clear()
-        self.kind, self.signal, self.aborted = Preempted, None, False
+        self.cause, self.signal, self.aborted = Preempted, None, False
 
     def exception(self, message: str) -> Stopped:
-        return self.kind(message)
+        return self.cause(message)
 
 
 STOP = StopRequest()

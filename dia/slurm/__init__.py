@@ -5,6 +5,7 @@
     python -m dia.slurm submit sweeps/paper -p gpu -t 12:00:00 --cells-per-task 72 --gpus-per-task 4  # 4-GPU nodes
     python -m dia.slurm submit sweeps/paper --partition gpu --time 12:00:00 --only-unfinished   # fill the gaps
     python -m dia.slurm submit sweeps/smoke.yaml --partition debug --time 10 --gpus-per-task 0 --dry-run
+    python -m dia.slurm submit sweeps/paper attack.max_iterations=2000 -p gpu -t 2:00:00   # overrides for every cell
     python -m dia.slurm cancel JOBID                      # stop for good: no requeue, progress kept
     python -m dia.slurm agents ENTITY/PROJECT/SWEEP_ID --agents 8 --count 20 --partition gpu --time 24:00:00
 
@@ -265,7 +266,7 @@ def resources(a: argparse.Namespace, programs: int) -> list[str]:
 
 
 def submit(a: argparse.Namespace) -> int:
-    grid = G.load(a.sweep)
+    grid = G.load(a.sweep, a.overrides)  # key=value overrides for every cell, as dia.grid takes them
     text = template("grid.sbatch")
     check_time(a.time, warning_seconds(text))
     grid.check_size("submit")
@@ -292,7 +293,8 @@ def submit(a: argparse.Namespace) -> int:
     options += a.extra_sbatch or []
     exports = {"DIA_PYTHON": os.environ.get("DIA_PYTHON", sys.executable), "DIA_CELLS_PER_TASK": str(per)}
     script = render(text, options, exports)
-    args = [str(Path(a.sweep).resolve()), "--results-root", str(folder.parent)] + (["--force"] if a.force else [])
+    args = [str(Path(a.sweep).resolve()), *grid.extra_args, "--results-root", str(folder.parent)]
+    args += ["--force"] if a.force else []
     print(
         f"[dia.slurm] grid '{grid.name}': {len(grid)} cells, {len(indices)} array tasks ({per} cell(s), {gpus} GPU(s) "
         f"and {programs} program(s) each)",
@@ -407,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--dry-run", action="store_true", help="print the rendered script and the sbatch command; submit nothing"
         )
 
-    s = sub.add_parser("submit", help="the grid of a sweep file (or folder) as an array job (slurm/grid.sbatch)")
+    s = sub.add_parser(
+        "submit",
+        help="the grid of a sweep file (or folder) as an array job (slurm/grid.sbatch); key=value arguments after "
+        "SWEEP override every cell, as for dia.grid",
+    )
     s.add_argument("sweep")
     common(s)
     s.add_argument(
@@ -467,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; see `python -m dia.slurm --help`"))  # type: ignore[method-assign]
     try:
-        a = parser.parse_args(argv)
+        a, rest = parser.parse_known_args(argv)
+        # `submit SWEEP key=value ...`: overrides for every cell, forwarded to dia.grid in every array task
+        a.overrides = [r for r in rest if "=" in r and not r.startswith("-")] if a.command == "submit" else []
+        unknown = [r for r in rest if r not in a.overrides]
+        if unknown:
+            raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see `python -m dia.slurm --help`")
         if a.command == "cancel":
             return cancel(a)
         _check(a)

@@ -26,20 +26,21 @@ from dia.run.loggers import Logger, register_logger
 NEEDS = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}  # a package of each, any one
 
 
-def _available(kind: str) -> None:
-    wanted = NEEDS.get(kind, ())
+def _available(backend: str) -> None:
+    wanted = NEEDS.get(backend, ())
     if wanted and not any(importlib.util.find_spec(m) is not None for m in wanted):
         raise UserError(
-            f"logger={kind}: needs the {wanted[0]} package; pip install {wanted[0]} (or dia's [{kind}] extra)"
+            f"logger={backend}: needs the {wanted[0]} package; pip install {wanted[0]} (or, in dia's checkout, "
+            f'pip install -e ".[{backend}]")'
         )
 
 
-def _make(kind: str, cfg: Any, folder: Path, name: str) -> Any:
+def _make(backend: str, cfg: Any, folder: Path, name: str) -> Any:
     from lightning.pytorch import loggers
 
-    if kind == "csv":
+    if backend == "csv":
         return loggers.CSVLogger(save_dir=str(folder), name="csv", version="")
-    if kind == "tensorboard":
+    if backend == "tensorboard":
         return loggers.TensorBoardLogger(save_dir=str(folder), name="tensorboard", version="", default_hp_metric=False)
     return loggers.MLFlowLogger(
         experiment_name=str(cfg.logger.wandb.project),
@@ -49,19 +50,19 @@ def _make(kind: str, cfg: Any, folder: Path, name: str) -> Any:
 
 
 class LightningLogger(Logger):
-    """One of Lightning's loggers (`kind`), made at the first point and fed as the module docstring says."""
+    """One of Lightning's loggers (`backend`), made at the first point and fed as the module docstring says."""
 
-    def __init__(self, kind: str, cfg: Any, folder: Path, name: str) -> None:
-        self.name, self.kind, self.cfg, self.folder, self.run_name = kind, kind, cfg, folder, name
+    def __init__(self, backend: str, cfg: Any, folder: Path, name: str) -> None:
+        self.name, self.backend, self.cfg, self.folder, self.run_name = backend, backend, cfg, folder, name
         self.logger: Any = None
-        self.keeps_history = kind != "csv"
+        self.keeps_history = backend != "csv"
         points = record.read_curves(folder)
         self.floor = max((record.step(p) for p in points), default=-1) if self.keeps_history else -1
         self.last = -1  # the last step this process sent
 
     def _open(self) -> Any:
         if self.logger is None:
-            self.logger = _make(self.kind, self.cfg, self.folder, self.run_name)
+            self.logger = _make(self.backend, self.cfg, self.folder, self.run_name)
             self._send(record.read_curves(self.folder))  # what this store does not have yet
         return self.logger
 
@@ -87,18 +88,18 @@ class LightningLogger(Logger):
         logger.log_hyperparams(OmegaConf.to_container(self.cfg, resolve=True))
         final = {f"final/{k}": float(v) for k, v in summary.get("mean", {}).items() if isinstance(v, (int, float))}
         logger.log_metrics(final, step=step)
-        if self.kind == "tensorboard":
+        if self.backend == "tensorboard":
             import numpy as np
             from PIL import Image
 
             picture = np.asarray(Image.open(figure).convert("RGB"))
             logger.experiment.add_image("reconstructions", picture, step, dataformats="HWC")
-        elif self.kind == "mlflow":
+        elif self.backend == "mlflow":
             logger.experiment.log_artifact(logger.run_id, str(figure))
         logger.save()
         logger.finalize("success")
         self.logger = None
-        return str(Path(self.folder) / ("mlruns" if self.kind == "mlflow" else self.kind))
+        return str(Path(self.folder) / ("mlruns" if self.backend == "mlflow" else self.backend))
 
     def close(self, exit_code: int | None = None) -> None:
         if self.logger is not None:
@@ -106,13 +107,13 @@ class LightningLogger(Logger):
             self.logger = None
 
 
-def _opener(kind: str) -> Callable[[Any, Path, str], Logger]:
+def _opener(backend: str) -> Callable[[Any, Path, str], Logger]:
     def opener(cfg: Any, folder: Path, name: str) -> Logger:
-        _available(kind)
-        return LightningLogger(kind, cfg, folder, name)
+        _available(backend)
+        return LightningLogger(backend, cfg, folder, name)
 
-    opener.__name__ = opener.__qualname__ = f"open_{kind}"
-    opener.check = lambda cfg: _available(kind)  # type: ignore[attr-defined]  # before anything is written
+    opener.__name__ = opener.__qualname__ = f"open_{backend}"
+    opener.check = lambda cfg: _available(backend)  # type: ignore[attr-defined]  # before anything is written
     return opener
 
 

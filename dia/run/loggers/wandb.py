@@ -142,7 +142,7 @@ class LiveRun(Logger):
         if self.run is None:
             return
         if exit_code is None:
-            exit_code = int(STOP.kind.exit_code) if STOP.is_set() else 1
+            exit_code = int(STOP.cause.exit_code) if STOP.is_set() else 1
         run, self.run = self.run, None
 
         def work() -> None:
@@ -345,25 +345,25 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
     }
     for line in proc.stdout.splitlines():
         record = json.loads(line)
-        kind, body = record.get("type"), record.get(record.get("type"), {})
-        if kind == "run":
+        rtype, body = record.get("type"), record.get(record.get("type"), {})
+        if rtype == "run":
             out["run"] = body
             out["config"].update(body.get("config", {}).get("update", {}))
-        elif kind == "config":
+        elif rtype == "config":
             out["config"].update(body.get("update", {}))
-        elif kind == "history":
+        elif rtype == "history":
             out["history"].append(body.get("item", {}))
-        elif kind == "summary":
+        elif rtype == "summary":
             out["summary"].update(body.get("update", {}))
-        elif kind == "stats":
+        elif rtype == "stats":
             out["stats"].append(body.get("item", {}))
-        elif kind == "artifact":
+        elif rtype == "artifact":
             out["artifacts"].append(body)
-        elif kind == "output_raw":
+        elif rtype == "output_raw":
             out["console"].append(body.get("line", ""))
-        elif kind == "preempting":
+        elif rtype == "preempting":
             out["preempting"] = True
-        elif kind == "exit":
+        elif rtype == "exit":
             out["exit_code"] = int(body.get("exit_code", 0))
     out["console"] = "".join(out["console"])
     return out

@@ -92,12 +92,8 @@ def simulate(cfg: DictConfig) -> Simulation:
         local=LocalTraining.of(cfg.client, cfg.batch_size),
     )
     if cfg.attack.labels == "infer":
-        if cfg.batch_size != 1:
-            raise UserError(
-                "attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got "
-                f"batch_size={cfg.batch_size}"
-            )
-        problems = replace(problems, labels=infer_labels(problems.targets, cfg.data.num_classes).view(-1, 1))
+        inferred = infer_labels(problems.targets, cfg.data.num_classes, cfg.batch_size)
+        problems = replace(problems, labels=inferred.view(-1, cfg.batch_size))
     return Simulation(cfg, victims, model, problems, mean, std)
 
 

@@ -240,6 +240,19 @@ class AttackResult:
     status: list[str]
     rates: dict[str, Tensor] | None = None  # learned dropout rates (K,) per site, for attacks that learn them
 
+    def take(self, index: Tensor) -> AttackResult:
+        """The problems `index` (a (n,) index) of this result, in that order."""
+        idx = index.cpu()
+        return AttackResult(
+            x=self.x[idx],
+            masks=None if self.masks is None else {k: v[idx] for k, v in self.masks.items()},
+            best_loss=self.best_loss[idx],
+            best_iteration=self.best_iteration[idx],
+            iterations=self.iterations[idx],
+            status=[self.status[int(i)] for i in idx],
+            rates=None if self.rates is None else {k: v[idx] for k, v in self.rates.items()},
+        )
+
     @classmethod
     def cat(cls, parts: list[AttackResult]) -> AttackResult:
         """Several results of consecutive problems as one."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from dia.models.batchnorm import batch_statistics, shares_statistics
 from dia.models.dropout import Mode, dropout_control
 
 if TYPE_CHECKING:
@@ -28,13 +29,15 @@ if TYPE_CHECKING:
 def client_gradients(
     model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One client's shared gradient on batch (x, y) with dropout active, and the masks it drew."""
+    """One client's shared gradient on batch (x, y) with dropout active, and the masks it drew. A model whose
+    BatchNorm statistics the server learns (dia.models.batchnorm) adds them: entries `bn/<layer>/mean|var`."""
     model.train()
     params = dict(model.named_parameters())
-    with dropout_control(model, "record", generator=generator) as ctl:
+    with dropout_control(model, "record", generator=generator) as ctl, batch_statistics(model) as stats:
         loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, list(params.values()))
-    return {n: g.detach() for n, g in zip(params, grads)}, {k: v.detach() for k, v in ctl.masks.items()}
+    sent = {n: g.detach() for n, g in zip(params, grads)} | {k: v.detach() for k, v in stats.items()}
+    return sent, {k: v.detach() for k, v in ctl.masks.items()}
 
 
 def client_update(
@@ -85,7 +88,8 @@ def problem_gradients(
     attack of Geiping et al. 2020): p_{t+1} = p_t - lr * g_t, each g_t on step t's images under step t's
     masks (rows t*b..(t+1)*b of each site's (T * b, ...) masks), returning sum_t g_t = (w_0 - w_T) / lr.
     Differentiable w.r.t. `x` and `masks` (create-graph semantics, through the whole trajectory), not w.r.t.
-    `params`.
+    `params`. A model whose BatchNorm statistics the server learns (dia.models.batchnorm) adds the dummies'
+    batch statistics (`bn/<layer>/mean|var`, FedSGD only), as the client's step sends them.
     """
     buffers = dict(model.named_buffers())
 
@@ -94,7 +98,22 @@ def problem_gradients(
             out = functional_call(model, (p, buffers), (xk,))
         return F.cross_entropy(out, yk)
 
-    fn = grad(loss) if local is None else _unrolled(grad(loss), local)
+    def loss_and_statistics(
+        p: dict[str, Tensor], xk: Tensor, yk: Tensor, mk: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        with dropout_control(model, mode, dict(mk)), batch_statistics(model) as stats:
+            out = functional_call(model, (p, buffers), (xk,))
+        return F.cross_entropy(out, yk), dict(stats)
+
+    if local is None and shares_statistics(model):
+        with_stats = grad(loss_and_statistics, has_aux=True)
+
+        def fn(p: dict[str, Tensor], xk: Tensor, yk: Tensor, mk: dict[str, Tensor]) -> dict[str, Tensor]:
+            grads, stats = with_stats(p, xk, yk, mk)
+            return grads | stats
+
+    else:
+        fn = grad(loss) if local is None else _unrolled(grad(loss), local)
     masks = dict(masks or {})
     if type(model) not in _SEQUENTIAL:
         try:
@@ -118,7 +137,8 @@ def problem_gradients_loop(
 
     The same function of (x, masks) as the vectorized one, to float rounding; in eager mode it does without
     vmap's and functional_call's per-operation overhead, which dominates small models (docs/benchmarks.md), so
-    the attack's eager program uses it (`attack.vectorize=auto`). torch.compile takes the vectorized one.
+    the attack's eager program uses it (`attack.eager=loop`; not for BatchNorm statistics the server knows).
+    torch.compile takes the vectorized one.
     """
     params = [p for p in model.parameters()]
     names = [n for n, _ in model.named_parameters()]

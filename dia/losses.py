@@ -30,6 +30,20 @@ def total_variation(x: Tensor) -> Tensor:
     return dx + dy
 
 
+def mean_square(x: Tensor) -> Tensor:
+    """The mean square of each problem's images (normalized space), an L2 image prior; x (K, B, ...) -> (K,)."""
+    return x.flatten(1).pow(2).mean(1)
+
+
+def batch_norm_prior(stats: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """GradInversion's BatchNorm prior: sum over the entries of `targets` (per layer, the client's batch mean and
+    variance) of the L2 distance of the dummies' `stats` from them, per problem; (K, C) entries -> (K,)."""
+    total: Tensor | float = 0.0
+    for name, t in targets.items():
+        total = total + (stats[name] - t).flatten(1).norm(dim=1)
+    return torch.as_tensor(total)
+
+
 def keep_rate_penalty(masks: Mapping[str, Tensor], rates: Mapping[str, float], steps: int = 1) -> Tensor:
     """DIA's regularizer: sum over sites of |(1 - mean(mask)) - p|, per problem; masks (K, ...) -> (K,).
 

@@ -52,6 +52,8 @@ def score(
     if result.masks and problems.true_masks:  # recovered masks follow the reconstructions' order
         rows = [mask_rows(p, problems) for p in perms]
         ordered = {n: torch.stack([m[k][r] for k, r in enumerate(rows)]) for n, m in result.masks.items()}
+        # masks trained per channel where the client drew per unit (attack.conv_masks=channel): each unit its channel's
+        ordered = {n: m.expand_as(problems.true_masks[n]) for n, m in ordered.items()}
         masks = M.mask_measures(ordered, problems.true_masks, site_parts(ordered), problems.rates)
     if result.rates:  # the learned dropout rate per problem, the mean over its sites (attack.rate=learn)
         masks["mask_rate"] = torch.stack(list(result.rates.values())).mean(0)

@@ -100,7 +100,7 @@ def test_readme_reruns_a_finished_run_say_where_it_is_at_once(tmp_path, monkeypa
 def test_help_lists_groups_choices_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "attack   dia, dlg, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
+    assert "attack   dia, analytic, dlg, ig, wiig" in out and "model.dropout = 0.25" in out and "run.seed = 0" in out
 
 
 def _key_lines(text: str) -> list[str]:
@@ -215,7 +215,7 @@ def test_the_real_process_prints_no_traceback():
         [sys.executable, "-m", "dia.train", "attack=foo"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown attack 'foo'; choose one of: dia, dlg, ig, wiig"
+    assert proc.stderr.strip() == "error: unknown attack 'foo'; choose one of: analytic, dia, dlg, ig, wiig"
 
 
 def test_vit_on_cifar10_runs_end_to_end(tmp_path):
@@ -248,8 +248,7 @@ def test_batches_of_two_are_matched_and_labels_can_be_inferred(tmp_path):
     assert m["labels"] == "infer" and m["label_accuracy"] == 1.0
 
 
-def test_label_inference_refuses_batches(tmp_path, capsys):
-    assert (
-        main(["attack.labels=infer", "batch_size=2", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]) == 2
-    )
-    assert "batch_size=1 only" in capsys.readouterr().err
+def test_label_inference_counts_batches_of_one_gradient_step_only(tmp_path, capsys):
+    args = ["attack.labels=infer", "batch_size=2", "logger.wandb.mode=disabled", f"run.output_dir={tmp_path}"]
+    assert main([*args, "client.local_steps=2"]) == 2
+    assert "needs client.local_steps=1 (got 2)" in capsys.readouterr().err

@@ -372,7 +372,7 @@ def test_grid_file_where_a_folder_is_needed(option, tmp_path, capsys):
         (["--ks", "a,b"], "--ks 'a,b'"),
         (["--ks", "0"], "integers >= 1"),
         (["--models", "resnet"], "choose from: mlp, vit"),
-        (["--attacks", "foo"], "choose from: dia, dlg, ig, wiig"),
+        (["--attacks", "foo"], "choose from: analytic, dia, dlg, ig, wiig"),
         (["--device", "cuda:abc"], "--device 'cuda:abc'"),
         (["--iterations", "-3"], "--iterations=-3"),
         (["--warmup", "x"], "invalid int value"),

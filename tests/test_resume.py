@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ARGS = [
     "attack=dia",
     "model.dropout=0.5",
@@ -32,9 +34,10 @@ def _train(out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_signal_checkpoints_and_rerun_resumes_bit_for_bit(tmp_path):
-    straight = _train(tmp_path / "straight")
-    stopped = _train(tmp_path / "broken")
+@pytest.mark.parametrize("extra", [[], ["attack.restarts=2"]], ids=["one-start", "restarts"])
+def test_signal_checkpoints_and_rerun_resumes_bit_for_bit(tmp_path, extra):
+    straight = _train(tmp_path / "straight", *extra)
+    stopped = _train(tmp_path / "broken", *extra)
     ckpt = tmp_path / "broken" / ".cell.partial" / "checkpoint.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and stopped.poll() is None:
@@ -46,7 +49,7 @@ def test_signal_checkpoints_and_rerun_resumes_bit_for_bit(tmp_path):
     assert "preempted" in err and "rerun the same command to resume" in err
     assert not (tmp_path / "broken" / "cell").exists()  # nothing looks finished
 
-    resumed = _train(tmp_path / "broken")
+    resumed = _train(tmp_path / "broken", *extra)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming" in err

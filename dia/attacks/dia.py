@@ -62,7 +62,7 @@ class DropoutInversionAttack(InvertingGradients):
 
     def init_mask(self, problems: Problems, site: str, generators: list[torch.Generator]) -> Tensor:
         """Bernoulli(1 - p) draws from each problem's generator (sigmoid: logits at +/- mask_init_logit)."""
-        keep = torch.full(problems.mask_shapes[site], 1.0 - self.attacker_rate(problems, site))
+        keep = torch.full(self.trained_shape(problems, site), 1.0 - self.attacker_rate(problems, site))
         draws = torch.stack([torch.bernoulli(keep, generator=g) for g in generators])
         if self.cfg.mask_param == "sigmoid":
             draws = (2 * draws - 1) * self.cfg.mask_init_logit

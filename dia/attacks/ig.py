@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -27,13 +28,27 @@ from dia.attacks.registry import register, settings_of
 from dia.config import Check, run_checks
 from dia.config.schema import AttackConfig
 from dia.errors import UserError
-from dia.losses import cosine_distance, total_variation
+from dia.losses import batch_norm_prior, cosine_distance, mean_square, total_variation
+from dia.models.batchnorm import STATS
 from dia.problems import Problems
 
 OBJECTIVE = ("distance", "prior")  # the hooks that make an attack's objective its own
 
 # a check is (key, test, rule): see dia.config.run_checks
 INIT_CHECK: Check = ("init", lambda v: v in ("randn", "rand"), "must be one of: randn, rand")
+CONV_MASKS = ("drawn", "channel")
+MAX_RESTARTS = 1000
+# the settings of #23 (batches, CNNs, BatchNorm), shared by every attack
+SHARED_CHECKS: list[Check] = [
+    (
+        "restarts",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RESTARTS,
+        f"must be an integer in 1..{MAX_RESTARTS}",
+    ),
+    ("conv_masks", lambda v: v in CONV_MASKS, f"must be one of: {', '.join(CONV_MASKS)}"),
+    ("l2_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+    ("bn_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+]
 
 
 @register("ig")
@@ -42,7 +57,7 @@ class InvertingGradients(Program):
 
     name: ClassVar[str] = "ig"  # set by dia.attacks.register
     needs_client_masks: ClassVar[bool] = False  # True only for the oracle (WIIG)
-    checks: ClassVar[list[Check]] = [INIT_CHECK]
+    checks: ClassVar[list[Check]] = [INIT_CHECK, *SHARED_CHECKS]
 
     def __init__(
         self,
@@ -95,9 +110,22 @@ class InvertingGradients(Program):
         or None (no dropout there)."""
         return None
 
+    def init_images(self, problems: Problems, generators: list[torch.Generator], init: Callable[..., Tensor]) -> Tensor:
+        """Initial dummies (n, B, C, H, W) of the problems' rows: `init(shape, generator)` per problem (the engine's
+        `attack.init`: randn or rand). An attack that knows better (a closed form) starts elsewhere."""
+        return torch.stack([init(problems.input_shape, g) for g in generators])
+
+    def trained_shape(self, problems: Problems, site: str) -> tuple[int, ...]:
+        """The shape (B, ...) of the mask parameters a problem has at a site the attack trains: the site's own, or
+        with `conv_masks=channel` one value per channel at conv sites (masks of 4 or more dims)."""
+        shape = tuple(problems.mask_shapes[site])
+        if self.cfg.conv_masks == "channel" and len(shape) >= 4:
+            return (*shape[:2], *(1,) * (len(shape) - 2))
+        return shape
+
     def init_mask(self, problems: Problems, site: str, generators: list[torch.Generator]) -> Tensor:
         """Initial mask parameters (n, B, ...) of the problems' rows at a site the attack trains."""
-        return torch.ones(len(generators), *problems.mask_shapes[site])
+        return torch.ones(len(generators), *self.trained_shape(problems, site))
 
     def mask_weight(self) -> float:
         """Weight of the keep-rate penalty of trained masks."""
@@ -118,12 +146,20 @@ class InvertingGradients(Program):
 
     # ---- the objective -----------------------------------------------------------------------------------
     def distance(self, grads: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
-        """Per problem, how far the dummies' gradient is from the captured one: IG's cosine distance (K,)."""
-        return cosine_distance(grads, targets)
+        """Per problem, how far the dummies' gradient is from the captured one: IG's cosine distance (K,). Where the
+        client sent its BatchNorm statistics too (model.bn_stats), the cosine is over the gradient alone, plus
+        `bn_weight` times the BatchNorm prior (the dummies' statistics against the client's) when it is set."""
+        stats = {n: t for n, t in targets.items() if n.startswith(STATS)}
+        if not stats:
+            return cosine_distance(grads, targets)
+        out = cosine_distance(grads, {n: t for n, t in targets.items() if n not in stats})
+        return out + self.cfg.bn_weight * batch_norm_prior(grads, stats) if self.cfg.bn_weight else out
 
     def prior(self, x: Tensor) -> Tensor:
-        """Per problem, the image prior: total variation weighted by `tv_weight` (K,)."""
-        return self.cfg.tv_weight * total_variation(x)
+        """Per problem, the image prior: total variation weighted by `tv_weight`, plus the images' mean square
+        weighted by `l2_weight` when it is set (K,)."""
+        tv = self.cfg.tv_weight * total_variation(x)
+        return tv + self.cfg.l2_weight * mean_square(x) if self.cfg.l2_weight else tv
 
     @classmethod
     def objective_owner(cls) -> type[InvertingGradients]:

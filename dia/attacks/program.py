@@ -45,6 +45,7 @@ from dia.defenses import surviving
 from dia.engine import AttackResult, AttackState, Layout, Schedule, advance
 from dia.gradients import problem_gradients, problem_gradients_loop
 from dia.losses import keep_rate_penalty
+from dia.models.batchnorm import shares_statistics
 
 log = logging.getLogger("dia")
 INITS = {
@@ -185,12 +186,15 @@ class Program(L.LightningModule):
             flat = flat.detach().requires_grad_(True)
             with torch.enable_grad():
                 losses = self.objective(layout.views(flat), vectorized=False)
-                (grad,) = torch.autograd.grad(losses.sum(), flat)
+                if not losses.requires_grad:  # a measured, detached objective (a closed form): nothing to follow
+                    return torch.zeros_like(flat), losses.detach()
+                (grad,) = torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)
             return grad, losses.detach()
 
         vectorized = torch.func.grad(total, has_aux=True)
         eager = vectorized
-        if self.cfg.eager == "loop" and self.rows.local is None:  # FedAvg's unrolled steps stay vectorized
+        # FedAvg's unrolled steps and BatchNorm statistics the server knows stay vectorized (torch.func)
+        if self.cfg.eager == "loop" and self.rows.local is None and not shares_statistics(self.model):
             self.model.requires_grad_(True)  # the loop differentiates the copy's own parameters
             eager = looped
         if self.cfg.compile is False:

@@ -48,6 +48,12 @@ class Part:
     attack: InvertingGradients
     problems: Problems
 
+    def __post_init__(self) -> None:
+        """With `attack.restarts` R > 1 the part holds every problem R times (`Problems.restarted`); its result
+        keeps each problem's best start (`Rows.result`)."""
+        starts = int(getattr(self.attack.cfg, "restarts", 1) or 1)
+        object.__setattr__(self, "problems", self.problems.restarted(starts))
+
     @property
     def cfg(self) -> Any:
         """The attack's own settings (an attack section of a run config, as a plain object)."""
@@ -98,6 +104,11 @@ class Rows:
             sites.update({s: part.problems.mask_shapes[s] for s, r in role.items() if r is not None and s not in sites})
         self.sites = sites
         self.trained = [s for s in sites if any(r.get(s) == "train" for r in roles)]
+        # the mask parameters' shape per trained site (the training parts' `trained_shape`: the site's, or per channel)
+        self.param_shapes = {
+            s: next(p.attack.trained_shape(p.problems, s) for p, r in zip(parts, roles) if r.get(s) == "train")
+            for s in self.trained
+        }
         self.from_client = [s for s in sites if any(r.get(s) == "client" for r in roles)]
         self.mixed = {s: not all(r.get(s) == "train" for r in roles) for s in sites}  # some row does not train s
         self.learned = [s for s in self.trained if any(p.attack.learns_rate() and p.role(s) == "train" for p in parts)]
@@ -157,6 +168,8 @@ class Rows:
             if r == "client" and site not in self.from_client:
                 return False
             if r == "train" and part.attack.learns_rate() and site not in self.learned:
+                return False
+            if r == "train" and part.attack.trained_shape(part.problems, site) != self.param_shapes[site]:
                 return False
         trains = any(part.role(s) == "train" for s in self.trained)
         kind = part.attack.mask_parametrization()
@@ -226,16 +239,17 @@ class Rows:
 
     # ---- where problems start ----------------------------------------------------------------------
     def start_of(self, part: Part, init: Any) -> dict[str, Tensor]:
-        """The part's rows' start, each from its own seed: the dummies (`init(shape, generator)`), then the
+        """The part's rows' start, each from its own seed: the dummies (the attack's `init_images`, by default
+        `init(shape, generator)`), then the
         masks of the trained sites (the attack's `init_mask`; ones where the part does not train), then the
         logits of the learned rates (at the attack's `attacker_rate`; 0 where the part does not learn)."""
         gens = [torch.Generator().manual_seed(s) for s in part.problems.seeds]
-        out = {"x": torch.stack([init(self.input_shape, g) for g in gens])}
+        out = {"x": part.attack.init_images(part.problems, gens, init)}
         for site in self.trained:
             out[MASK + site] = (
                 part.attack.init_mask(part.problems, site, gens)
                 if part.role(site) == "train"
-                else torch.ones(len(gens), *self.sites[site])
+                else torch.ones(len(gens), *self.param_shapes[site])
             )
         for site in self.learned:
             learns = part.role(site) == "train" and part.attack.learns_rate()
@@ -286,9 +300,21 @@ class Rows:
         return self
 
     # ---- results -------------------------------------------------------------------------------------
+    def chosen(self, part: Part, state: AttackState) -> Tensor:
+        """`part`'s rows that make its result, one per problem: with R starts, each problem's start of lowest loss
+        (first among equals); else all its rows."""
+        rows = self.rows_of(part)
+        starts = part.problems.starts
+        if starts == 1:
+            return rows
+        k = len(rows) // starts
+        best = state.best_loss[rows.to(state.best_loss.device)].cpu().view(starts, k).argmin(0)
+        return rows[best * k + torch.arange(k)]
+
     def result(self, part: Part, state: AttackState) -> AttackResult:
-        """The best iterates and bookkeeping of `part` (its recovered masks only where it trains them)."""
-        rows = self.rows_of(part).to(state.flat.device)
+        """The best iterates and bookkeeping of `part` (its recovered masks only where it trains them); with R
+        starts, each problem's start of lowest loss (`chosen`)."""
+        rows = self.chosen(part, state).to(state.flat.device)
         own = [k for k in self.trained if part.role(k) == "train"]
         masks = self.masks(state.best_params) if own else None
         learned = [k for k in own if k in self.learned] if part.attack.learns_rate() else []

@@ -299,6 +299,7 @@ CHECKS: list[Check] = [
         for k in ("width", "depth", "patch_size", "dim", "heads", "mlp_dim", "dim_head", "conv1", "conv2", "kernel")
     ],
     ("model.hidden", lambda v: all(isinstance(h, int) and 1 <= h <= 10**6 for h in v), "must be positive integers"),
+    ("model.conv_dropout", lambda v: v in ("none", "unit", "channel"), "must be one of: none, unit, channel"),
     ("attack.max_iterations", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.lr", lambda v: 0 < v < float("inf"), "must be > 0"),
     ("attack.tv_weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
@@ -366,10 +367,10 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"data.normalize=folder needs data.source=imagefolder (got {cfg.data.source})")
     if any(s <= 0 for s in cfg.data.std):
         raise UserError("data.std: every value must be > 0")
-    if cfg.attack.labels == "infer" and cfg.batch_size != 1:
+    if cfg.attack.labels == "infer" and cfg.batch_size > 1 and cfg.client.local_steps > 1:
         raise UserError(
-            "attack.labels=infer supports batch_size=1 only (the last-layer sign rule); got "
-            f"batch_size={cfg.batch_size}"
+            f"attack.labels=infer with batch_size={cfg.batch_size} counts labels from one gradient step: it needs "
+            f"client.local_steps=1 (got {cfg.client.local_steps})"
         )
     if cfg.client.local_batch != "full" and cfg.batch_size % cfg.client.local_batch:
         raise UserError(

@@ -36,8 +36,28 @@ class AttackConfig:
     max_iterations: int = setting(20000, "iteration budget of each problem (the paper's: 20000)")
     lr: float = setting(0.1, "Adam learning rate of the dummies (and of trained masks)")
     tv_weight: float = setting(1e-5, "weight of the total-variation image prior")
+    l2_weight: float = setting(
+        0.0,
+        "weight of a second image prior, the mean square of the (normalized) image (DeepInversion's R_l2)",
+        ">= 0",
+    )
+    bn_weight: float = setting(
+        0.0,
+        "weight of the BatchNorm prior: the dummies' batch statistics against the client's, where the server knows "
+        "them (model.bn_stats=true; GradInversion)",
+        ">= 0",
+    )
     signed_gradients: bool = setting(True, "signed Adam on the dummies (IG's); false: plain Adam")
     init: str = setting("randn", "how the dummies start: randn (normal) or rand (uniform in [-1, 1])", "randn | rand")
+    conv_masks: str = setting(
+        "drawn",
+        "trained masks at conv sites: drawn (the shape the model's dropout draws: per unit for nn.Dropout, per "
+        "channel for nn.Dropout2d) or channel (one value per channel, (B, C, 1, 1), whatever the model draws)",
+        "drawn | channel",
+    )
+    restarts: int = setting(
+        1, "R starts per problem (its own seed each), optimized side by side; the lowest loss is kept", "1..1000"
+    )
     boxed: bool = setting(True, "keep the dummies inside the valid image range")
     lr_factor: float = setting(0.1, "the learning rate's factor at a plateau (ReduceLROnPlateau)")
     lr_patience: int = setting(800, "iterations without improvement before the learning rate drops")
@@ -47,7 +67,7 @@ class AttackConfig:
         "auto", "rows of a program (problems at once): auto is 24 on a CPU, what fits on a GPU", "auto | an integer > 0"
     )
     labels: str = setting(
-        "known", "known (as in the paper) or inferred from the gradient (batch_size=1)", "known | infer"
+        "known", "known (as in the paper) or inferred from the gradient (B > 1: counts per class)", "known | infer"
     )
     compile: Any = setting(
         "auto",

@@ -14,6 +14,11 @@ exactly like `nn.Dropout`. Inside one, all sites of the model follow the block's
 Masks have the shape of the site's input, batch dimension included, and are applied with the usual
 1/(1-p) scaling. Sites with p == 0 never drop and hold no mask.
 
+A module that one forward calls several times (a common habit: one `self.drop` after every layer) is one site
+per call, in call order: the first call is the site `<module path>`, the k-th call after it `<module path>#<k>`
+(`call_key`), each with its own mask of its own shape. A record pass (or `make_capturable`'s probe) counts the
+calls (`calls`), so `dropout_sites` lists every call site after the model has run once under control.
+
 Sites come in three kinds (`site.kind`), so that attacks and reports can tell them apart:
 
 * ``module``: a dropout module of the model (our own models' sites; `nn.Dropout` and `nn.Dropout1d/2d/3d`
@@ -56,6 +61,12 @@ class DropoutControl:
     masks: dict[str, Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
     visited: set[str] | None = None  # when a set: the names of the sites that ran (probe passes)
+    calls: dict[str, int] = field(default_factory=dict)  # per site module: how often it ran in this block
+
+
+def call_key(site: str, k: int) -> str:
+    """The site name of the `k`-th call (from 0) of module site `site` in one forward: `site`, `site#1`, ..."""
+    return site if k == 0 else f"{site}#{k}"
 
 
 class CapturableDropout(nn.Module):
@@ -71,7 +82,8 @@ class CapturableDropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = float(p)
-        self.site = ""  # set by name_sites(); the key of this site's mask
+        self.site = ""  # set by name_sites(); the key of this site's mask (of its first call: `call_key`)
+        self.calls = 1  # how many times one forward calls this module (counted by record and probe passes)
         self._control: DropoutControl | None = None
 
     def mask_shape(self, x: Tensor) -> tuple[int, ...]:
@@ -90,19 +102,24 @@ class CapturableDropout(nn.Module):
         ctl = self._control
         if ctl is None:
             return self.uncontrolled(x)
-        if ctl.visited is not None:
-            ctl.visited.add(self.site)
+        k = ctl.calls.get(self.site, 0)
+        ctl.calls[self.site] = k + 1
+        key = call_key(self.site, k)
+        if ctl.visited is not None or ctl.mode == "record":  # passes that count the calls (never the attacker's)
+            self.calls = max(self.calls, k + 1)
+            if ctl.visited is not None:
+                ctl.visited.add(key)
         if ctl.mode == "apply":
-            given = ctl.masks.get(self.site)
+            given = ctl.masks.get(key)
             return x if given is None else x * given
         if ctl.mode == "off" or self.p == 0.0:
             return x
         if ctl.mode == "record":
             keep = torch.full(self.mask_shape(x), 1.0 - self.p, dtype=x.dtype, device=x.device)
             mask = torch.bernoulli(keep, generator=ctl.generator)
-            ctl.masks[self.site] = mask
+            ctl.masks[key] = mask
         else:
-            mask = ctl.masks.get(self.site)
+            mask = ctl.masks.get(key)
             if mask is None:  # a site the attacker does not model (e.g. DropPath for DIA by default): no drop
                 return x
         return x * mask * self.scale()
@@ -169,8 +186,14 @@ def name_sites(model: nn.Module) -> nn.Module:
 
 
 def dropout_sites(model: nn.Module, *, active_only: bool = False) -> dict[str, CapturableDropout]:
-    """All capturable dropout sites by name (only those with p > 0 when `active_only`)."""
-    return {m.site: m for m in model.modules() if isinstance(m, CapturableDropout) and (m.p > 0 or not active_only)}
+    """All capturable dropout sites by name (only those with p > 0 when `active_only`): one per call of a module
+    that a forward calls several times (`call_key`; known once the model ran in a record or probe pass)."""
+    return {
+        call_key(m.site, k): m
+        for m in model.modules()
+        if isinstance(m, CapturableDropout) and (m.p > 0 or not active_only)
+        for k in range(m.calls)
+    }
 
 
 @contextmanager
@@ -182,7 +205,7 @@ def dropout_control(
 ) -> Iterator[DropoutControl]:
     """Put every dropout site of `model` under one mode for the duration of the block."""
     ctl = DropoutControl(mode, {} if masks is None else masks, generator)
-    sites = list(dropout_sites(model).values())
+    sites = list({id(s): s for s in dropout_sites(model).values()}.values())
     routers = list({id(s.router): s.router for s in sites if s.router is not None}.values())
     for site in sites:
         site._control = ctl

@@ -1,7 +1,10 @@
 """timm models as zoo models: randomly initialised (never downloaded), every stochastic site capturable.
 
 * ``resnet18``: timm's ResNet-18; dropout before the classifier (timm's ``drop_rate``, applied with
-  ``F.dropout`` inside ``forward_head``: a functional site), optional stochastic depth.
+  ``F.dropout`` inside ``forward_head``: a functional site), optional stochastic depth; with
+  ``model.block_dropout=true`` also dropout inside each of its 8 residual blocks (an ``nn.Dropout`` of the same p
+  in the block's ``drop_block`` slot, after its first convolution and BatchNorm, before the ReLU: sites
+  ``layer<i>.<j>.drop_block``, masks of the feature map's shape).
 * ``timm``: any timm architecture, ``model.arch=<name>``. ``model.dropout`` is the p of every dropout site the
   model has (timm's ``drop_rate``/``proj_drop_rate``/``pos_drop_rate`` and every other ``nn.Dropout``),
   ``model.attn_dropout`` that of attention-weight sites (null: ``model.dropout``), ``model.drop_path`` timm's
@@ -34,6 +37,7 @@ from torch import nn
 
 from dia.errors import UserError
 from dia.models import register_model, register_site_part
+from dia.models.batchnorm import share_statistics
 from dia.models.capture import FunctionalDropoutSite, ModelInputError, UncapturableModel, make_capturable
 from dia.models.dropout import CapturableDropout, CapturableDropPath, dropout_sites
 
@@ -46,6 +50,8 @@ BATCH_NORM = ("running", "native")
 @register_model("resnet18")
 def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
     _check_rates(cfg)
+    if getattr(cfg, "bn_stats", False) and cfg.batch_norm != "native":
+        raise UserError("model.bn_stats=true: frozen BatchNorm has no batch statistics; set model.batch_norm=native")
     model = _create(
         "resnet18",
         "model=resnet18",
@@ -53,7 +59,14 @@ def build_resnet18(cfg: Any, *, channels: int, image_size: int, num_classes: int
         image_size,
         dict(num_classes=num_classes, in_chans=channels, drop_rate=cfg.dropout, drop_path_rate=cfg.drop_path),
     )
-    return _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
+    if getattr(cfg, "block_dropout", False):
+        for block in model.modules():
+            if isinstance(getattr(block, "drop_block", None), nn.Identity):
+                block.drop_block = nn.Dropout(cfg.dropout)
+    model = _capturable(model, "model=resnet18", channels, image_size, batch_norm=cfg.batch_norm)
+    if getattr(cfg, "bn_stats", False):
+        share_statistics(model)
+    return model
 
 
 @register_model("timm")

@@ -51,6 +51,7 @@ class Expect:
     x_shape: tuple[int, ...]  # one problem's dummies: (B, C, H, W)
     max_iterations: int
     fingerprint: str
+    starts: int = 1  # rows per problem of the running group's state (attack.restarts)
 
     @classmethod
     def of(cls, config: Path) -> Expect | None:
@@ -65,6 +66,7 @@ class Expect:
                 (b, int(c["data"]["channels"]), int(c["data"]["image_size"]), int(c["data"]["image_size"])),
                 int(c["attack"]["max_iterations"]),
                 fingerprint(text),
+                int(c["attack"].get("restarts", 1) or 1),
             )
         except Exception:
             return None
@@ -245,7 +247,8 @@ class _Contents:
         for g in done_groups:
             self.finished(g, self.rows(size, g))
         if has_state:
-            self.running_state(self.rows(size, running))
+            k = self.rows(size, running)
+            self.running_state(None if k is None else k * (self.e.starts if self.e is not None else 1))
         self.meta()
 
     def structure(self) -> None:

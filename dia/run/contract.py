@@ -61,9 +61,10 @@ def _limit(runs: list[Run]) -> int:
             if runs[0].cfg.client.local_steps > 1
             else CPU_ROWS
         )
-        return max(1, min(CPU_ROWS, fit, sum(c.num_problems for c in runs)))
+        return max(1, min(CPU_ROWS, fit, sum(c.num_problems * packs.starts(c) for c in runs)))
     return packs.auto_limit(
-        [prepare(c) if c.problems is None else c for c in runs[:2]], total=sum(c.num_problems for c in runs)
+        [prepare(c) if c.problems is None else c for c in runs[:2]],
+        total=sum(c.num_problems * packs.starts(c) for c in runs),
     )
 
 

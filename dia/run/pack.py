@@ -88,10 +88,21 @@ class Item:
         return ckpt.iteration if ckpt is not None and ckpt.running == self.group else 0
 
 
+def starts(run: Run) -> int:
+    """R: the rows each of the run's problems takes (`attack.restarts`)."""
+    return int(run.cfg.attack.get("restarts", 1) or 1)
+
+
+def rows_of(item: Item) -> int:
+    """The rows an item takes in a program: its problems times their starts."""
+    return len(item.index) * starts(item.run)
+
+
 def items(run: Run, limit: int) -> list[Item]:
-    """The unfinished groups of `run` for packs of at most `limit` problems (a resumed run keeps its groups)."""
+    """The unfinished groups of `run` for packs of at most `limit` rows (a resumed run keeps its groups)."""
     ckpt = run.checkpoint
-    size = (ckpt.group_size if ckpt is not None and ckpt.group_size else None) or min(limit, run.num_problems)
+    fresh = min(max(1, limit // starts(run)), run.num_problems)
+    size = (ckpt.group_size if ckpt is not None and ckpt.group_size else None) or fresh
     if ckpt is not None:
         ckpt.group_size = size
     n = run.num_problems
@@ -271,7 +282,8 @@ class Turnover(Callback):
                 item, rows = slot.item, self.module.rows_of(slot.part).to(module.device)
                 point = {k: float(v) for k, v in module.curves(rows).items()}
                 if item.run.cfg.metrics.curves_ssim and item.run.victims is not None:  # None: an update without images
-                    point["eval/ssim"] = float(self.ssim(item, rows).mean())
+                    chosen = module.rows.chosen(slot.part, module.state).to(module.device)  # each problem's best start
+                    point["eval/ssim"] = float(self.ssim(item, chosen).mean())
                 own = self.own_iteration(slot)
                 append_curves(
                     item.run,
@@ -334,7 +346,7 @@ class Turnover(Callback):
         for item in list(self.waiting):
             mine = id(item.run) in busy
             busy.add(id(item.run))
-            if mine or len(item.index) > len(free):
+            if mine or rows_of(item) > len(free):
                 continue
             self.waiting.remove(item)
             self.entering = item
@@ -351,8 +363,8 @@ class Turnover(Callback):
                 if saved is None
                 else AttackState.from_dict(join_rows([saved], layout, module.start_of(part)), layout, module.device)
             )
-            module.admit(part, free[: len(item.index)], resume)
-            free = free[len(item.index) :]
+            module.admit(part, free[: rows_of(item)], resume)
+            free = free[rows_of(item) :]
             self.inside.append(Slot(item, module.parts[-1], module.done, item.iteration))
             if item.iteration > 0:
                 log.info("resuming %s at iteration %d", item.run.name, item.iteration)
@@ -396,17 +408,17 @@ def run(
     run's checkpoint. Returns the items this program did not take, or None when stopped by a signal (each
     item inside saved its rows)."""
     cfg = todo[0].run.cfg
-    limit = max(limit, max(len(i.index) for i in todo))
+    limit = max(limit, max(rows_of(i) for i in todo))
     inside, waiting, used, busy = [], [], 0, set()
     for item in todo:  # in order, what fits (a run's groups one at a time); a run that cannot be prepared is dropped
-        fits = used + len(item.index) <= limit and id(item.run) not in busy
+        fits = used + rows_of(item) <= limit and id(item.run) not in busy
         busy.add(id(item.run))
         if not fits:
             waiting.append(item)
         elif enter(item):
             joins = not inside or same_model(inside[0].run.model, item.run.model)
             (inside if joins else waiting).append(item)
-            used += len(item.index) if joins else 0
+            used += rows_of(item) if joins else 0
     if not inside:
         return waiting
     scouts = []  # one prepared waiting item of each kind missing inside: the program must have its rows' sites
@@ -457,7 +469,7 @@ def run(
 
 
 def auto_limit(runs: list[Run], *, total: int, headroom: float = 0.7) -> int:
-    """How many problems of a CUDA program fit in `headroom` of the free memory (at most `total`).
+    """How many rows of a CUDA program fit in `headroom` of the free memory (at most `total`).
 
     The memory of one problem is measured: the peak of one iteration of a two-problem pack of the first
     (prepared) runs' problems, minus what was allocated before, halved.
@@ -471,7 +483,7 @@ def auto_limit(runs: list[Run], *, total: int, headroom: float = 0.7) -> int:
             probe_items.append(Item(run, 0, [0]))
     if len(probe_items) == 1 and runs[0].num_problems > 1:
         probe_items = [Item(runs[0], 0, [0, 1])]
-    k = sum(len(i.index) for i in probe_items)
+    k = sum(rows_of(i) for i in probe_items)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
@@ -487,7 +499,7 @@ def auto_limit(runs: list[Run], *, total: int, headroom: float = 0.7) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     limit = max(1, min(total, int(headroom * free / per_problem)))
     log.info(
-        "attack.parallel=auto: %d problems at once (%.1f MiB each, %.1f GiB free on %s)",
+        "attack.parallel=auto: %d rows at once (%.1f MiB each, %.1f GiB free on %s)",
         limit,
         per_problem / 2**20,
         free / 2**30,

@@ -212,7 +212,8 @@ def write(run: Run, result: AttackResult) -> RunOutput:
     indices, labels = (
         (victims.indices, victims.labels.tolist()) if victims is not None else (list(range(n)), [None] * n)
     )
-    for row, index, label, used in zip(rows, indices, labels, problems.labels.flatten().tolist()):
+    for row, index, label in zip(rows, indices, labels):  # the label its matched reconstruction was attacked with
+        used = int(problems.labels[row["problem"], row["matched_reconstruction"]])
         row.update(index=index, label=label, attack_label=used)
     local = problems.local  # the client's training (a captured file's own)
     summary = record.summary(

@@ -2,13 +2,14 @@
 # The GPU measurements the docs quote and the open issues ask for, one section at a time, each logged with the
 # device under $OUT (default gpu-results/). Usage:
 #   bash benchmarks/gpu.sh [paper-lite] [bench] [compile-cache] [variants] [refill] [fidelity] [defenses] [fedavg]
+#                          [batches]
 # (no argument: all, in that order; paper-lite is the issue-8 target: <= 10 min end to end on one H100/H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 py=${PYTHON:-python}
-sections=${*:-paper-lite bench compile-cache variants refill fidelity defenses fedavg}
+sections=${*:-paper-lite bench compile-cache variants refill fidelity defenses fedavg batches}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch; print('torch', torch.__version__)" | tee -a "$out/device.txt"
 
@@ -37,6 +38,10 @@ for s in $sections; do
     fedavg) timed fedavg bash -c "$py benchmarks/fedavg.py --steps 1,2,5,10 --problems 64 -- data=cifar10 model=vit \
               model.dropout=0.5 run.seed=43 && $py -m dia.grid sweeps/fedavg-vit.yaml --run-all --results-root '$out/results' \
               && $py -m dia.report '$out/results/fedavg-vit'" ;;  # ~0.5 GPU-h projected (docs/fedavg.md)
-    *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses fedavg" >&2; exit 2 ;;
+    batches) timed batches bash -c "$py -m dia.grid sweeps/batches --run-all --results-root '$out/results' \
+               && $py benchmarks/batches.py '$out/results/batches' --by model.block_dropout" ;;
+               # issue 23's map: 170 cells, 2.9 M image-iterations of ResNet-18/ViT; ~0.5-1 GPU-h projected on an
+               # H200 from the rates above (docs/batches.md), not measured
+    *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses fedavg batches" >&2; exit 2 ;;
   esac
 done

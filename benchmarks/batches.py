@@ -1,0 +1,85 @@
+"""docs/batches.md's tables from finished run folders: per (data, model, B, p, attack, settings) cell the mean SSIM
+with its range over the runs' images, the fraction of images recovered (SSIM > 0.6), the median iterations, the
+fraction of problems converged and the mask recovery (balanced accuracy of the dropped units).
+
+    python -m dia.grid sweeps/batches-cpu --run-all && python benchmarks/batches.py results/batches-cpu
+    python benchmarks/batches.py results/analytic-cpu --by model.bias
+
+It only reads: each run's metrics.json and config.yaml through dia.run.record (the run folder's one owner), found
+as dia.report finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dia.report.collect import walk
+from dia.run import record
+
+RECOVERED = 0.6  # an image counts as recovered above this SSIM (docs/batches.md)
+KEYS = ("data.name", "model.name", "batch_size", "model.dropout", "attack.name")
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f}" if values else "—"
+
+
+def collect(root: Path, extra: list[str]) -> dict[tuple, list[dict[str, Any]]]:
+    """Runs grouped by their cell: KEYS and the `extra` config keys; a folder that is not a finished run is skipped."""
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for path in walk(root, {record.METRICS}):  # any depth; hidden (.partial) folders are skipped
+        try:
+            m, cfg = record.read_metrics(path), record.read_config(path.parent)
+        except (OSError, ValueError):
+            continue
+        cells[tuple(_get(cfg, k) for k in (*KEYS, *extra))].append(m)
+    return cells
+
+
+def table(cells: dict[tuple, list[dict[str, Any]]], extra: list[str]) -> str:
+    head = ["data", "model", "B", "p", "attack", *extra, "images", "SSIM mean (range)", "recovered", "iterations"]
+    head += ["converged", "mask bal. acc.", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(cells, key=lambda k: tuple(str(v) for v in k)):
+        runs = cells[key]
+        victims = [v for m in runs for v in m.get("victims", [])]
+        ssim = [v["ssim"] for v in victims if isinstance(v.get("ssim"), (int, float))]
+        its = [v["iterations"] for v in victims if isinstance(v.get("iterations"), (int, float))]
+        masks = [v["mask_bal_acc"] for v in victims if isinstance(v.get("mask_bal_acc"), (int, float))]
+        converged = [v.get("status") == "converged" for v in victims]
+        wall = sum(m.get("wall_time_s") or 0 for m in runs)
+        span = f" ({min(ssim):.2f}-{max(ssim):.2f})" if ssim else ""
+        row = [*(str(k) for k in key), str(len(victims)), _mean(ssim) + span]
+        row += [f"{sum(s > RECOVERED for s in ssim)}/{len(ssim)}" if ssim else "—"]
+        row += [f"{statistics.median(its):.0f}" if its else "—", f"{sum(converged)}/{len(converged)}"]
+        row += [_mean(masks), f"{wall:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path, help="a results folder (dia.grid's run.output_dir)")
+    ap.add_argument("--by", action="append", default=[], help="another config key that tells cells apart")
+    args = ap.parse_args(argv)
+    if not args.root.is_dir():
+        ap.error(f"{args.root}: not a folder")
+    cells = collect(args.root, args.by)
+    if not cells:
+        ap.error(f"{args.root}: no finished runs (metrics.json) inside")
+    print(table(cells, args.by))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,7 +44,8 @@ def main() -> None:
     sim = dia.simulate(*base)
     cfg = sim.cfg
     grads = [{n: t[k] for n, t in sim.problems.targets.items()} for k in range(sim.problems.num_problems)]
-    settings = {k: v for k, v in cfg.attack.items() if k not in ("name", "labels")}  # labels: given below
+    # labels: given below; the attack's lr is attack_lr (lr is the client's)
+    settings = {("attack_lr" if k == "lr" else k): v for k, v in cfg.attack.items() if k not in ("name", "labels")}
     times: dict[str, list[float]] = {"dia.reconstruct": [], "dia.train path": []}
     for i in range(args.repeats):
         t0 = time.perf_counter()

@@ -245,7 +245,7 @@ def dia_worker(jobfile: str) -> None:
                 device="cpu",
                 max_iterations=int(job.get("warmup_iterations", 5)) if warm else int(job["iterations"]),
                 compile=job.get("warmup_compile", job["compile"]) if warm else job["compile"],  # True, False, "auto"
-                **job["settings"],
+                **{("attack_lr" if k == "lr" else k): v for k, v in job["settings"].items()},  # lr: the client's
             )
             took = time.perf_counter() - started
             if warm:
@@ -346,7 +346,9 @@ def load1() -> float:
 
 
 def spread(values: list[float], fmt: str = "{:.3g}") -> str:
-    """median (min-max) of the values."""
+    """median (min-max) of the values ('—' for none: a dia-auto run that did not compile has no compile time)."""
+    if not values:
+        return "—"
     if len(values) == 1:
         return fmt.format(values[0])
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"

@@ -1,6 +1,7 @@
 """docs/batches.md's tables from finished run folders: per (data, model, B, p, attack, settings) cell the mean SSIM
 with its range over the runs' images, the fraction of images recovered (SSIM > 0.6), the median iterations, the
-fraction of problems converged and the mask recovery (balanced accuracy of the dropped units).
+fraction of problems converged and the mask recovery (balanced accuracy of the dropped units). No wall times: a
+run inside a pack (dia.grid) shares its program's.
 
     python -m dia.grid sweeps/batches-cpu --run-all && python benchmarks/batches.py results/batches-cpu
     python benchmarks/batches.py results/analytic-cpu --by model.bias
@@ -48,7 +49,7 @@ def collect(root: Path, extra: list[str]) -> dict[tuple, list[dict[str, Any]]]:
 
 def table(cells: dict[tuple, list[dict[str, Any]]], extra: list[str]) -> str:
     head = ["data", "model", "B", "p", "attack", *extra, "images", "SSIM mean (range)", "recovered", "iterations"]
-    head += ["converged", "mask bal. acc.", "wall s"]
+    head += ["converged", "mask bal. acc."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(cells, key=lambda k: tuple(str(v) for v in k)):
         runs = cells[key]
@@ -57,13 +58,30 @@ def table(cells: dict[tuple, list[dict[str, Any]]], extra: list[str]) -> str:
         its = [v["iterations"] for v in victims if isinstance(v.get("iterations"), (int, float))]
         masks = [v["mask_bal_acc"] for v in victims if isinstance(v.get("mask_bal_acc"), (int, float))]
         converged = [v.get("status") == "converged" for v in victims]
-        wall = sum(m.get("wall_time_s") or 0 for m in runs)
         span = f" ({min(ssim):.2f}-{max(ssim):.2f})" if ssim else ""
         row = [*(str(k) for k in key), str(len(victims)), _mean(ssim) + span]
         row += [f"{sum(s > RECOVERED for s in ssim)}/{len(ssim)}" if ssim else "—"]
         row += [f"{statistics.median(its):.0f}" if its else "—", f"{sum(converged)}/{len(converged)}"]
-        row += [_mean(masks), f"{wall:.0f}"]
+        row += [_mean(masks)]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def by_batch_size(cells: dict[tuple, list[dict[str, Any]]], extra: list[str]) -> str:
+    """The same cells as one row per (data, model, p, attack, extra) and one column per batch size B: mean SSIM
+    and the recovered fraction."""
+    sizes = sorted({k[2] for k in cells if k[2] is not None})
+    rows: dict[tuple, dict[int, str]] = defaultdict(dict)
+    for key, runs in cells.items():
+        ssim = [v["ssim"] for m in runs for v in m.get("victims", []) if isinstance(v.get("ssim"), (int, float))]
+        if ssim:
+            rows[(*key[:2], *key[3:])][key[2]] = (
+                f"{statistics.fmean(ssim):.2f} ({sum(s > RECOVERED for s in ssim)}/{len(ssim)})"
+            )
+    head = ["data", "model", "p", "attack", *extra, *(f"B = {b}" for b in sizes)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(rows, key=lambda k: tuple(str(v) for v in k)):
+        lines.append("| " + " | ".join([*(str(k) for k in key), *(rows[key].get(b, "") for b in sizes)]) + " |")
     return "\n".join(lines)
 
 
@@ -71,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path, help="a results folder (dia.grid's run.output_dir)")
     ap.add_argument("--by", action="append", default=[], help="another config key that tells cells apart")
+    ap.add_argument("--by-batch-size", action="store_true", help="one column per batch size: mean SSIM (recovered)")
     args = ap.parse_args(argv)
     if not args.root.is_dir():
         ap.error(f"{args.root}: not a folder")
     cells = collect(args.root, args.by)
     if not cells:
         ap.error(f"{args.root}: no finished runs (metrics.json) inside")
-    print(table(cells, args.by))
+    print(by_batch_size(cells, args.by) if args.by_batch_size else table(cells, args.by))
     return 0
 
 

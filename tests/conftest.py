@@ -31,6 +31,13 @@ def problems_factory():
 
 
 @pytest.fixture(autouse=True)
+def _own_compile_book(tmp_path, monkeypatch):
+    """Each test starts with an empty compile cost book (dia.attacks.compiling): attack.compile=auto decides the
+    same way whatever ran before it (a shared book made one test's compile another's path)."""
+    monkeypatch.setenv("DIA_COMPILE_BOOK_DIR", str(tmp_path / "compile-book"))
+
+
+@pytest.fixture(autouse=True)
 def _signals_restored():
     """In-process commands install their signal handlers (and Lightning may ignore SIGINT), and a test may leave a
     stop request set: put pytest's handlers back and clear the request, so no test sees another's signal."""

@@ -124,5 +124,5 @@ def test_compile_auto_gives_exactly_the_path_it_takes(problems_factory, monkeypa
     monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 0.0)  # always repaid
     auto = _steps(problems_factory, "attack.compile=auto", budget, iterations=12)
     assert torch.equal(auto, _steps(problems_factory, "attack.compile=true", budget, iterations=12))
-    (entry,) = json.loads((tmp_path / "cache" / compiling.BOOK).read_text()).values()
+    (entry,) = json.loads((compiling.book_dir() / compiling.BOOK).read_text()).values()
     assert entry["compile_s"] > 0 and entry["t_compiled"] > 0 and entry["t_eager"] > 0

@@ -48,6 +48,12 @@ def cache_dir() -> Path | None:
         return None
 
 
+def book_dir() -> Path | None:
+    """Where the cost book lives: $DIA_COMPILE_BOOK_DIR (a test suite gives each test its own, so that no
+    earlier test's compile decides a later test's path), else beside torch.compile's cache."""
+    return Path(os.environ["DIA_COMPILE_BOOK_DIR"]) if os.environ.get("DIA_COMPILE_BOOK_DIR") else cache_dir()
+
+
 class CostBook:
     """Per program signature: the last compile's first-call seconds and its compiled and eager seconds per
     iteration. A missing or unreadable book is an empty one; writing it never fails a run."""
@@ -210,6 +216,7 @@ __all__ = [
     "signature",
     "seconds_per_call",
     "cache_dir",
+    "book_dir",
     "cold_guess",
     "about",
     "COLD_COMPILE_S",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dia.attacks.compiling import (
     CompiledOrEager,
     CostBook,
-    cache_dir,
+    book_dir,
     cold_guess,
     pays,
     seconds_per_call,
@@ -199,7 +199,7 @@ class Program(L.LightningModule):
             eager = looped
         if self.cfg.compile is False:
             return eager
-        book = CostBook(cache_dir())
+        book = CostBook(book_dir())
         key = signature(
             self.model,
             self.state.flat,

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from dia import defenses
 from dia.api import simulate
-from dia.attacks import AttackResult, attack
+from dia.attacks import attack
 from dia.attacks import part as attack_part
 from dia.config import compose
 from dia.console import quiet_libraries
@@ -62,18 +62,6 @@ def pack(parts: list[Problems]) -> Problems:
     )
 
 
-def part(result: AttackResult, index: list[int]) -> AttackResult:
-    pick = torch.as_tensor(index)
-    return AttackResult(
-        x=result.x[pick],
-        masks=None if result.masks is None else {k: v[pick] for k, v in result.masks.items()},
-        best_loss=result.best_loss[pick],
-        best_iteration=result.best_iteration[pick],
-        iterations=result.iterations[pick],
-        status=[result.status[i] for i in index],
-    )
-
-
 def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path, device: torch.device) -> None:
     """Attack all `settings` of one (rate, attack) at once; write one run folder per setting."""
     cfgs = [compose(base + args) for _, args in settings]
@@ -87,7 +75,7 @@ def run_block(base: list[str], settings: list[tuple[str, list[str]]], out: Path,
     n = len(victims.indices)
     for i, ((tag, _), c, problems) in enumerate(zip(settings, cfgs, parts)):
         rows, _ = score(
-            part(result, list(range(i * n, (i + 1) * n))), problems, victims.images, mean, std, skip=["lpips"]
+            result.take(torch.arange(i * n, (i + 1) * n)), problems, victims.images, mean, std, skip=["lpips"]
         )
         for row, index, label in zip(rows, victims.indices, victims.labels.tolist()):
             row.update(index=index, label=label, attack_label=label)

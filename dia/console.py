@@ -125,13 +125,7 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 def quiet_libraries() -> None:
     """Keep Lightning's banner lines and known-harmless warnings out of the researcher's console (commands); dia's
     notices and the remaining warnings print one line each, above a live progress bar."""
-    for name in LIGHTNING:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name, f in _TORCH_FILTERS.items():
-        if f not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(f)
-    for pattern in HARMLESS:
-        warnings.filterwarnings("ignore", message=pattern)
+    hush()  # for the whole process: never undone
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     if not _recording():
         warnings.showwarning = _show_warning

@@ -31,7 +31,6 @@ import torch
 from dia.files import write_text
 
 log = logging.getLogger("dia")
-COLD_COMPILE_S = 30.0  # first compile of a small model on a 2-core CPU (MLP 19-45 s, small CNN 33-43 s)
 SPEEDUP = 2.5  # compiled vs eager per iteration when nothing is known (measured 2.2-4x on a CPU)
 BOOK = "dia-compile-costs.json"
 
@@ -76,7 +75,11 @@ class CostBook:
         if self.path is None:
             return
         data = self.read()
-        data[signature] = {**self.get(signature), **{k: round(float(v), 6) for k, v in values.items()}}
+        entry = data.get(signature)
+        data[signature] = {
+            **(entry if isinstance(entry, dict) else {}),
+            **{k: round(float(v), 6) for k, v in values.items()},
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -118,7 +121,7 @@ def about(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def pays(*, horizon: int, t_eager: float, known: dict[str, float], cold: float = COLD_COMPILE_S) -> tuple[bool, str]:
+def pays(*, horizon: int, t_eager: float, known: dict[str, float], cold: float) -> tuple[bool, str]:
     """Whether compiling repays itself over `horizon` iterations, and the reason in words (`cold`: a first
     compile's seconds when the book knows none)."""
     compile_s = known.get("compile_s", cold)
@@ -153,7 +156,7 @@ class CompiledOrEager:
         signature: str = "",
         guess: float | None = None,
     ) -> None:
-        self.fn, self.eager, self.strict, self.guess = fn, eager if eager is not None else fn, strict, guess
+        self.eager, self.strict, self.guess = eager if eager is not None else fn, strict, guess
         self.compiled: Any = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
         self.compile_s: float | None = None
         self.book, self.signature, self.times = book, signature, []
@@ -219,5 +222,4 @@ __all__ = [
     "book_dir",
     "cold_guess",
     "about",
-    "COLD_COMPILE_S",
 ]

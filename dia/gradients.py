@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -129,25 +129,26 @@ def problem_gradients(
     return {n: torch.stack([g[n] for g in per_problem]) for n in per_problem[0]}
 
 
-def problem_gradients_loop(
+def each_problem_gradient(
     model: nn.Module, x: Tensor, y: Tensor, masks: Mapping[str, Tensor] | None, mode: Mode
-) -> dict[str, Tensor]:
-    """`problem_gradients` (FedSGD) without torch.func: the problems one after another with plain autograd on
-    `model`'s own parameters (which must require grad), the inner gradient with `create_graph`.
+) -> Iterator[dict[str, Tensor]]:
+    """`problem_gradients` (FedSGD) without torch.func, one problem at a time: yields problem k's gradient
+    {name: (1, *shape)} by plain autograd on `model`'s own parameters (which must require grad), with
+    `create_graph` so the attack can differentiate through it.
 
     The same function of (x, masks) as the vectorized one, to float rounding; in eager mode it does without
-    vmap's and functional_call's per-operation overhead, which dominates small models (docs/benchmarks.md), so
-    the attack's eager program uses it (`attack.eager=loop`; not for BatchNorm statistics the server knows).
-    torch.compile takes the vectorized one.
+    vmap's and functional_call's per-operation overhead, which dominates small models (docs/benchmarks.md), and
+    the caller can use each gradient while it is still in cache instead of stacking K of them (the attack's eager
+    program: `attack.eager=loop`; not for BatchNorm statistics the server knows). torch.compile takes the
+    vectorized one.
     """
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
-    per_problem = []
     for k in range(x.shape[0]):
         with dropout_control(model, mode, {n: m[k] for n, m in (masks or {}).items()}):
             loss = F.cross_entropy(model(x[k]), y[k])
-        per_problem.append(torch.autograd.grad(loss, params, create_graph=True))
-    return {n: torch.stack([g[i] for g in per_problem]) for i, n in enumerate(names)}
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        yield {n: g.unsqueeze(0) for n, g in zip(names, grads)}
 
 
 def _unrolled(step_grad: Any, local: LocalTraining) -> Any:

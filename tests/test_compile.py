@@ -98,9 +98,13 @@ def _steps(problems_factory, *settings: str, iterations: int = 5) -> torch.Tenso
     return torch.stack([module.step() for _ in range(iterations)])
 
 
-def test_the_eager_loop_follows_the_vectorized_program(problems_factory):
-    loop = _steps(problems_factory, "attack.compile=false", "attack.eager=loop")
-    vectorized = _steps(problems_factory, "attack.compile=false", "attack.eager=vectorized")
+@pytest.mark.parametrize("defense", [[], ["defense=prune", "attack.model_defense=true"]], ids=["plain", "pruned"])
+def test_the_eager_loop_follows_the_vectorized_program(problems_factory, defense):
+    """The loop takes each problem's distance from its own gradient (sliced targets, the surviving entries of
+    its own pruned target): the same losses, per problem, as the vectorized program over all of them."""
+    loop = _steps(problems_factory, "attack.compile=false", "attack.eager=loop", *defense)
+    vectorized = _steps(problems_factory, "attack.compile=false", "attack.eager=vectorized", *defense)
+    assert loop.shape == (5, 2)  # two problems, each its own loss
     torch.testing.assert_close(loop, vectorized, rtol=1e-5, atol=1e-7)
 
 

@@ -5,6 +5,7 @@ run inside a pack (dia.grid) shares its program's.
 
     python -m dia.grid sweeps/batches-cpu --run-all && python benchmarks/batches.py results/batches-cpu
     python benchmarks/batches.py results/analytic-cpu --by model.bias
+    python benchmarks/batches.py results/batches-cpu results/batches-resnet-cpu --figure batches.png
 
 It only reads: each run's metrics.json and config.yaml through dia.run.record (the run folder's one owner), found
 as dia.report finds them.
@@ -13,11 +14,13 @@ as dia.report finds them.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from dia.files import atomic_write
 from dia.report.collect import walk
 from dia.run import record
 
@@ -85,18 +88,79 @@ def by_batch_size(cells: dict[tuple, list[dict[str, Any]]], extra: list[str]) ->
     return "\n".join(lines)
 
 
+def figure(cells: dict[tuple, list[dict[str, Any]]], extra: list[str], path: Path) -> Path:
+    """Mean SSIM (bars: the images' range) against the batch size B, one panel per (data, model, extra), one line
+    per (attack, p); the dashed line is RECOVERED. Written whole (temp file + rename)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[tuple, dict[tuple, list[tuple[int, list[float]]]]] = defaultdict(lambda: defaultdict(list))
+    for key, runs in cells.items():
+        ssim = [v["ssim"] for m in runs for v in m.get("victims", []) if isinstance(v.get("ssim"), (int, float))]
+        if ssim and key[2] is not None:
+            points[(*key[:2], *key[5:])][(key[4], key[3])].append((key[2], ssim))
+    panels = sorted(points, key=lambda k: tuple(str(v) for v in k))
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(
+        math.ceil(len(panels) / cols), cols, figsize=(3.6 * cols, 3.0 * math.ceil(len(panels) / cols)), squeeze=False
+    )
+    for ax, panel in zip(axes.flat, panels):
+        for (attack, p), pts in sorted(points[panel].items(), key=lambda a: (str(a[0][0]), a[0][1])):
+            pts.sort()
+            means = [statistics.fmean(s) for _, s in pts]
+            ax.errorbar(
+                [b for b, _ in pts],
+                means,
+                yerr=[[m - min(s) for m, (_, s) in zip(means, pts)], [max(s) - m for m, (_, s) in zip(means, pts)]],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{str(attack).upper()} p={p}",
+            )
+        ax.axhline(RECOVERED, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({b for pts in points[panel].values() for b, _ in pts}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        named = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(extra, panel[2:])]
+        ax.set_title(" / ".join([str(panel[0]), str(panel[1]), *named]), fontsize=9)
+        ax.set_xlabel("batch size B", fontsize=8)
+        ax.set_ylabel("SSIM (mean, range)", fontsize=8)
+        ax.set_ylim(-0.1, 1.02)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root", type=Path, help="a results folder (dia.grid's run.output_dir)")
+    ap.add_argument("root", type=Path, nargs="+", help="results folders (dia.grid's run.output_dir)")
     ap.add_argument("--by", action="append", default=[], help="another config key that tells cells apart")
     ap.add_argument("--by-batch-size", action="store_true", help="one column per batch size: mean SSIM (recovered)")
+    ap.add_argument("--figure", type=Path, help="also draw mean SSIM against B into this image file (.png, .pdf, .svg)")
     args = ap.parse_args(argv)
-    if not args.root.is_dir():
-        ap.error(f"{args.root}: not a folder")
-    cells = collect(args.root, args.by)
-    if not cells:
-        ap.error(f"{args.root}: no finished runs (metrics.json) inside")
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for root in args.root:
+        if not root.is_dir():
+            ap.error(f"{root}: not a folder")
+        found = collect(root, args.by)
+        if not found:
+            ap.error(f"{root}: no finished runs (metrics.json) inside")
+        for key, runs in found.items():
+            cells[key].extend(runs)
+    if args.figure is not None and args.figure.suffix.lower() not in {".png", ".pdf", ".svg"}:
+        ap.error(f"--figure {args.figure}: the file must end in .png, .pdf or .svg")
     print(by_batch_size(cells, args.by) if args.by_batch_size else table(cells, args.by))
+    if args.figure is not None:
+        print(f"figure: {figure(cells, args.by, args.figure)}")
     return 0
 
 

@@ -182,3 +182,46 @@ def test_conv_masks_per_channel_train_one_value_per_channel_and_are_scored_per_u
     with pytest.raises(UserError) as e:
         config.compose(["attack.conv_masks=unit"])
     assert str(e.value) == "attack.conv_masks='unit': must be one of: drawn, channel"
+
+
+# ---- the map's tables and figure (benchmarks/batches.py) ---------------------------------------------------
+def _map_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batches.py"
+    spec = importlib.util.spec_from_file_location("batches_map", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finished_run(folder, *, model, batch, attack, ssims):
+    from omegaconf import OmegaConf
+
+    from dia.run import record
+
+    folder.mkdir(parents=True)
+    cfg = {"data": {"name": "mnist"}, "model": {"name": model, "dropout": 0.25}, "batch_size": batch}
+    record.write_config(folder, OmegaConf.to_yaml({**cfg, "attack": {"name": attack}}))
+    rows = [{"victim": i, "ssim": s, "iterations": 100 + i, "status": "max_iterations"} for i, s in enumerate(ssims)]
+    record.write_metrics(
+        folder, record.summary(status="completed", attack=attack, model=model, data="mnist", dropout=0.25, rows=rows)
+    )
+
+
+def test_the_map_reads_runs_of_several_result_folders_into_one_table_and_figure(tmp_path, capsys):
+    """Cells pool the runs of every folder given (means and recovered counts over all their images, a table per B),
+    the figure lands whole, and a figure name without an image suffix is refused before any work."""
+    script = _map_script()
+    _finished_run(tmp_path / "a" / "r1", model="mlp", batch=1, attack="dia", ssims=[0.9, 0.7])
+    _finished_run(tmp_path / "b" / "r2", model="mlp", batch=1, attack="dia", ssims=[0.2])
+    _finished_run(tmp_path / "b" / "r3", model="mlp", batch=2, attack="dia", ssims=[0.5, 0.65])
+    figure = tmp_path / "map.png"
+    assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--by-batch-size", "--figure", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert "| mnist | mlp | 0.25 | dia | 0.60 (2/3) | 0.57 (1/2) |" in out
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".map.png.tmp*"))
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "a"), "--figure", str(tmp_path / "map.jpg")])
+    assert "--figure" in capsys.readouterr().err and not (tmp_path / "map.jpg").exists()

@@ -130,3 +130,34 @@ def test_compile_auto_gives_exactly_the_path_it_takes(problems_factory, monkeypa
     assert torch.equal(auto, _steps(problems_factory, "attack.compile=true", budget, iterations=12))
     (entry,) = json.loads((compiling.book_dir() / compiling.BOOK).read_text()).values()
     assert entry["compile_s"] > 0 and entry["t_compiled"] > 0 and entry["t_eager"] > 0
+
+
+class _RoutedDropoutNet(torch.nn.Module):
+    """Dropout through `F.dropout` in forward (timm's ResNet head does this): a routed site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(12, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.nn.functional.dropout(torch.tanh(self.a(x.flatten(1))), 0.3, self.training))
+
+
+def test_compile_auto_runs_routed_dropout_calls_eagerly_without_trying(monkeypatch, caplog):
+    """A routed dropout call is found by walking the call stack, which torch.compile cannot trace: `auto` runs such
+    a model eagerly at once, with its reason, instead of a compile attempt that fails (timm's ResNet-18)."""
+    import logging
+    import warnings
+
+    import dia
+
+    monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 0.0)  # a compile would always be repaid
+    torch.manual_seed(0)
+    model, x, y = _RoutedDropoutNet(), torch.rand(1, 1, 3, 4), torch.tensor([1])
+    update = dia.capture_update(model, x, y, seed=0)
+    with caplog.at_level(logging.INFO, logger="dia"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dia.reconstruct(model, update, labels=y, input_shape=(1, 3, 4), compile="auto", max_iterations=3, seed=0)
+    assert "attack.compile=auto: running eagerly (functional: " in caplog.text
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert out.iterations.item() == 3 and torch.isfinite(out.loss).all()

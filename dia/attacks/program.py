@@ -46,6 +46,7 @@ from dia.engine import AttackResult, AttackState, Layout, Schedule, advance
 from dia.gradients import each_problem_gradient, problem_gradients
 from dia.losses import keep_rate_penalty
 from dia.models.batchnorm import shares_statistics
+from dia.models.dropout import dropout_sites
 
 log = logging.getLogger("dia")
 INITS = {
@@ -216,6 +217,10 @@ class Program(L.LightningModule):
         )
         guess = cold_guess(self.model, self.device)
         if self.cfg.compile == "auto":
+            routed = [s.describe() for s in dropout_sites(self.model).values() if s.kind == "functional"]
+            if routed:  # found by walking the call stack (dia.models.capture), which torch.compile cannot trace
+                log.info("attack.compile=auto: running eagerly (%s: a routed dropout call does not compile)", routed[0])
+                return eager
             t_eager = seconds_per_call(eager, self.state.flat.detach(), calls=1)
             compiles, why = pays(horizon=self.horizon, t_eager=t_eager, known=book.get(key), cold=guess)
             book.put(key, t_eager=t_eager)

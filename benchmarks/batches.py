@@ -107,6 +107,8 @@ def figure(cells: dict[tuple, list[dict[str, Any]]], extra: list[str], path: Pat
     fig, axes = plt.subplots(
         math.ceil(len(panels) / cols), cols, figsize=(3.6 * cols, 3.0 * math.ceil(len(panels) / cols)), squeeze=False
     )
+    lines = sorted({line for panel in panels for line in points[panel]}, key=lambda a: (str(a[0]), a[1]))
+    colors = {line: plt.get_cmap("tab10")(i % 10) for i, line in enumerate(lines)}  # one colour a line everywhere
     for ax, panel in zip(axes.flat, panels):
         for (attack, p), pts in sorted(points[panel].items(), key=lambda a: (str(a[0][0]), a[0][1])):
             pts.sort()
@@ -118,13 +120,14 @@ def figure(cells: dict[tuple, list[dict[str, Any]]], extra: list[str], path: Pat
                 marker="o",
                 ms=3,
                 capsize=2,
+                color=colors[(attack, p)],
                 label=f"{str(attack).upper()} p={p}",
             )
         ax.axhline(RECOVERED, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({b for pts in points[panel].values() for b, _ in pts}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        named = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(extra, panel[2:])]
+        named = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(extra, panel[2:]) if v is not None]
         ax.set_title(" / ".join([str(panel[0]), str(panel[1]), *named]), fontsize=9)
         ax.set_xlabel("batch size B", fontsize=8)
         ax.set_ylabel("SSIM (mean, range)", fontsize=8)

@@ -39,7 +39,7 @@ for s in $sections; do
               model.dropout=0.5 run.seed=43 && $py -m dia.grid sweeps/fedavg-vit.yaml --run-all --results-root '$out/results' \
               && $py -m dia.report '$out/results/fedavg-vit'" ;;  # ~0.5 GPU-h projected (docs/fedavg.md)
     batches) timed batches bash -c "$py -m dia.grid sweeps/batches --run-all --results-root '$out/results' \
-               && $py benchmarks/batches.py '$out/results/batches' --by model.block_dropout" ;;
+               && $py benchmarks/batches.py '$out/results/batches' --by model.block_dropout --figure '$out/batches-ssim.png'" ;;
                # issue 23's map: 170 cells, 2.9 M image-iterations of ResNet-18/ViT; ~0.5-1 GPU-h projected on an
                # H200 from the rates above (docs/batches.md), not measured
     *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses fedavg batches" >&2; exit 2 ;;

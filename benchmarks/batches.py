@@ -34,6 +34,11 @@ def _get(cfg: dict[str, Any], dotted: str) -> Any:
     return cfg
 
 
+def _ssims(victims: list[dict[str, Any]]) -> list[float]:
+    """The per-image SSIMs of a cell's per-victim rows (rows without one, e.g. a diverged problem's, left out)."""
+    return [v["ssim"] for v in victims if isinstance(v.get("ssim"), (int, float))]
+
+
 def _mean(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f}" if values else "—"
 
@@ -57,7 +62,7 @@ def table(cells: dict[tuple, list[dict[str, Any]]], extra: list[str]) -> str:
     for key in sorted(cells, key=lambda k: tuple(str(v) for v in k)):
         runs = cells[key]
         victims = [v for m in runs for v in m.get("victims", [])]
-        ssim = [v["ssim"] for v in victims if isinstance(v.get("ssim"), (int, float))]
+        ssim = _ssims(victims)
         its = [v["iterations"] for v in victims if isinstance(v.get("iterations"), (int, float))]
         masks = [v["mask_bal_acc"] for v in victims if isinstance(v.get("mask_bal_acc"), (int, float))]
         converged = [v.get("status") == "converged" for v in victims]
@@ -76,7 +81,7 @@ def by_batch_size(cells: dict[tuple, list[dict[str, Any]]], extra: list[str]) ->
     sizes = sorted({k[2] for k in cells if k[2] is not None})
     rows: dict[tuple, dict[int, str]] = defaultdict(dict)
     for key, runs in cells.items():
-        ssim = [v["ssim"] for m in runs for v in m.get("victims", []) if isinstance(v.get("ssim"), (int, float))]
+        ssim = _ssims([v for m in runs for v in m.get("victims", [])])
         if ssim:
             rows[(*key[:2], *key[3:])][key[2]] = (
                 f"{statistics.fmean(ssim):.2f} ({sum(s > RECOVERED for s in ssim)}/{len(ssim)})"
@@ -99,7 +104,7 @@ def figure(cells: dict[tuple, list[dict[str, Any]]], extra: list[str], path: Pat
 
     points: dict[tuple, dict[tuple, list[tuple[int, list[float]]]]] = defaultdict(lambda: defaultdict(list))
     for key, runs in cells.items():
-        ssim = [v["ssim"] for m in runs for v in m.get("victims", []) if isinstance(v.get("ssim"), (int, float))]
+        ssim = _ssims([v for m in runs for v in m.get("victims", [])])
         if ssim and key[2] is not None:
             points[(*key[:2], *key[5:])][(key[4], key[3])].append((key[2], ssim))
     panels = sorted(points, key=lambda k: tuple(str(v) for v in k))

@@ -209,6 +209,11 @@ class Program(L.LightningModule):
             eager = looped
         if self.cfg.compile is False:
             return eager
+        if self.cfg.compile == "auto" and (
+            routed := [s.describe() for s in dropout_sites(self.model).values() if s.kind == "functional"]
+        ):  # sites found by walking the call stack (dia.models.capture), which torch.compile cannot trace
+            log.info("attack.compile=auto: running eagerly (%s: a routed dropout call does not compile)", routed[0])
+            return eager
         book = CostBook(book_dir())
         key = signature(
             self.model,
@@ -217,10 +222,6 @@ class Program(L.LightningModule):
         )
         guess = cold_guess(self.model, self.device)
         if self.cfg.compile == "auto":
-            routed = [s.describe() for s in dropout_sites(self.model).values() if s.kind == "functional"]
-            if routed:  # found by walking the call stack (dia.models.capture), which torch.compile cannot trace
-                log.info("attack.compile=auto: running eagerly (%s: a routed dropout call does not compile)", routed[0])
-                return eager
             t_eager = seconds_per_call(eager, self.state.flat.detach(), calls=1)
             compiles, why = pays(horizon=self.horizon, t_eager=t_eager, known=book.get(key), cold=guess)
             book.put(key, t_eager=t_eager)

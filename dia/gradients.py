@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from dia.lowrank import LowRank, worth_factoring
 from dia.models.batchnorm import batch_statistics, shares_statistics
 from dia.models.dropout import Mode, dropout_control
 
@@ -149,6 +151,102 @@ def each_problem_gradient(
             loss = F.cross_entropy(model(x[k]), y[k])
         grads = torch.autograd.grad(loss, params, create_graph=True)
         yield {n: g.unsqueeze(0) for n, g in zip(names, grads)}
+
+
+class NotFactorable(Exception):
+    """The model's per-problem gradients cannot be read off one batched pass (the message says why)."""
+
+
+# The layers whose per-problem parameter gradients `factored_problem_gradients` takes from their inputs and output
+# gradients (exact types: a subclass may compute something else in its forward).
+FACTORED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class FactorPlan:
+    """Per layer of a model, the names of its weight and bias (or None) among the model's parameters."""
+
+    layers: tuple[tuple[nn.Module, str, str | None], ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FactorPlan:
+        """The plan of `model`, or NotFactorable: every parameter must be the weight or bias of exactly one
+        nn.Linear or nn.Conv2d (zero padding given as numbers, one group)."""
+        owners: dict[int, str] = {}
+        layers = []
+        for prefix, m in model.named_modules():
+            own = dict(m.named_parameters(recurse=False))
+            if not own:
+                continue
+            if type(m) not in FACTORED_LAYERS or set(own) - {"weight", "bias"}:
+                raise NotFactorable(f"{prefix or 'the model'} ({type(m).__name__}) holds parameters {sorted(own)}")
+            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                raise NotFactorable(f"{prefix} is a grouped, non-zero-padded or 'same'-padded convolution")
+            names = [f"{prefix}.{n}" if prefix else n for n in ("weight", "bias") if n in own]
+            for n, p in own.items():
+                if id(p) in owners:
+                    raise NotFactorable(f"{prefix}.{n} shares its tensor with {owners[id(p)]}")
+                owners[id(p)] = f"{prefix}.{n}"
+            layers.append((m, names[0], names[1] if len(names) > 1 else None))
+        if not layers:
+            raise NotFactorable("the model has no parameters")
+        return cls(tuple(layers))
+
+
+def factored_problem_gradients(
+    model: nn.Module,
+    plan: FactorPlan,
+    x: Tensor,
+    y: Tensor,
+    masks: Mapping[str, Tensor] | None,
+    mode: Mode,
+) -> dict[str, Tensor | LowRank]:
+    """`problem_gradients` (FedSGD) from one batched pass of all K problems' rows, without torch.func: x (K, B, ...),
+    y (K, B), masks {site: (K, B, ...)} -> {name: (K, ...)}, a linear layer's weight gradient as its factors
+    (dia.lowrank.LowRank) where they are smaller than the matrix.
+
+    Each layer's per-problem weight gradient is the sum over the problem's rows of (output gradient) x (input) (for
+    a convolution: the K problems' weight gradients are those of one convolution with K groups), so one forward of
+    all K * B rows and one backward to the layers' outputs give every problem's gradient. That holds only for a
+    model that treats the rows of a batch independently (no batch statistics) and runs each layer once: the caller
+    checks the result against `each_problem_gradient` before trusting it (dia.attacks.program). Differentiable
+    w.r.t. `x` and `masks`.
+
+    torch.func's vmap computes the same, but its per-operation overhead dominates small models in eager mode
+    (docs/benchmarks.md); and it cannot keep a weight gradient as factors.
+    """
+    k, b = x.shape[:2]
+    seen: list[tuple[Tensor, Tensor]] = []
+    hooks = [m.register_forward_hook(lambda _m, i, o: seen.append((i[0], o))) for m, _, _ in plan.layers]
+    try:
+        with dropout_control(model, mode, {n: m.flatten(0, 1) for n, m in (masks or {}).items()}):
+            out = model(x.flatten(0, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(seen) != len(plan.layers):
+        raise NotFactorable(f"{len(plan.layers)} layers ran {len(seen)} times in one forward")
+    loss = F.cross_entropy(out, y.flatten(), reduction="none").view(k, b).mean(1).sum()
+    deltas = torch.autograd.grad(loss, [o for _, o in seen], create_graph=True)
+    grads: dict[str, Tensor | LowRank] = {}
+    for (m, weight, bias), (a, _), d in zip(plan.layers, seen, deltas):
+        if isinstance(m, nn.Linear):
+            left, right = d.reshape(k, -1, d.shape[-1]), a.reshape(k, -1, a.shape[-1])  # (K, rows, out / in)
+            g = LowRank(left, right)
+            grads[weight] = g if worth_factoring(left.shape[1], m.out_features, m.in_features) else g.dense()
+            row_sums = left.sum(1)
+        else:  # Conv2d: the K problems' convolutions side by side as the groups of one, their rows as its batch
+            c, o = a.shape[1], d.shape[1]
+            a_g = a.view(k, b, *a.shape[1:]).transpose(0, 1).reshape(b, k * c, *a.shape[2:])
+            d_g = d.view(k, b, *d.shape[1:]).transpose(0, 1).reshape(b, k * o, *d.shape[2:])
+            w = torch.nn.grad.conv2d_weight(
+                a_g, (k * o, *m.weight.shape[1:]), d_g, m.stride, m.padding, m.dilation, groups=k
+            )
+            grads[weight] = w.view(k, *m.weight.shape)
+            row_sums = d.view(k, b, o, -1).sum((1, 3))
+        if bias is not None:
+            grads[bias] = row_sums
+    return grads
 
 
 def _unrolled(step_grad: Any, local: LocalTraining) -> Any:

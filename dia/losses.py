@@ -7,19 +7,26 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from dia.lowrank import LowRank
+
 
 def cosine_distance(grads: Mapping[str, Tensor], targets: Mapping[str, Tensor], eps: float = 1e-8) -> Tensor:
     """1 - cosine similarity between two gradients, each flattened over *all* parameters (IG's `sim` cost).
 
-    `grads[name]` and `targets[name]` have shape (K, *param_shape); returns (K,).
+    `grads[name]` and `targets[name]` have shape (K, *param_shape); returns (K,). A gradient may be given as its
+    factors (dia.lowrank.LowRank): its inner product and norm are then taken from them.
     """
     dot = pn = tn = 0.0
     for name, t in targets.items():
-        g = grads[name].flatten(1)
-        t = t.flatten(1)
-        dot = dot + (g * t).sum(1)
-        pn = pn + g.pow(2).sum(1)
-        tn = tn + t.pow(2).sum(1)
+        g = grads[name]
+        if isinstance(g, LowRank):
+            dot = dot + g.inner(t)
+            pn = pn + g.sq_norm()
+        else:
+            g, t = g.flatten(1), t.flatten(1)
+            dot = dot + (g * t).sum(1)
+            pn = pn + g.pow(2).sum(1)
+        tn = tn + t.flatten(1).pow(2).sum(1)
     return 1.0 - dot / (pn.sqrt() * tn.sqrt() + eps)
 
 

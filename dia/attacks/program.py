@@ -43,12 +43,19 @@ from dia.attacks.rows import MASK, Part, Rows
 from dia.console import hush, quiet
 from dia.defenses import surviving
 from dia.engine import AttackResult, AttackState, Layout, Schedule, advance
-from dia.gradients import each_problem_gradient, problem_gradients
+from dia.gradients import (
+    FactorPlan,
+    NotFactorable,
+    each_problem_gradient,
+    factored_problem_gradients,
+    problem_gradients,
+)
 from dia.losses import keep_rate_penalty
 from dia.models.batchnorm import shares_statistics
 from dia.models.dropout import dropout_sites
 
 log = logging.getLogger("dia")
+GradientFunction = Callable[[Tensor], tuple[Tensor, Tensor]]  # flat (K, D) -> (d sum(loss) / d flat, losses (K,))
 INITS = {
     "randn": lambda shape, g: torch.randn(shape, generator=g),
     "rand": lambda shape, g: torch.rand(shape, generator=g) * 2 - 1,
@@ -135,27 +142,32 @@ class Program(L.LightningModule):
         self.waiting = 0  # problems waiting for free rows (dia.run.pack): the program runs on while any wait
 
     # ---- the objective -------------------------------------------------------------------------------
-    def objective(self, params: dict[str, Tensor], *, vectorized: bool = True) -> Tensor:
+    def objective(self, params: dict[str, Tensor], *, how: str = "vectorized") -> Tensor:
         """Reconstruction loss per problem (K,): gradient distance + image prior + the masks' regularizer.
-        `vectorized`: the problems' gradients by vmap (what torch.compile takes), else one after another with
-        plain autograd (the eager program's, faster without compilation: `each_problem_gradient`), each problem's
-        distance taken as soon as its gradient is there (no (K, ...) stack of them: about 40 % less time per
-        victim-iteration at K = 8 on the MNIST MLP, docs/benchmarks.md)."""
+
+        `how` the problems' gradients are taken: "vectorized" by vmap (what torch.compile takes); "loop" one after
+        another with plain autograd (`each_problem_gradient`), each problem's distance taken as soon as its
+        gradient is there (no (K, ...) stack of them); "factored" from one batched pass, linear layers' weight
+        gradients as their factors (`factored_problem_gradients`, with `self.plan`). The eager ones do without
+        torch.func's per-operation overhead (docs/benchmarks.md)."""
         masks = self.rows.masks(params)
         applied = self.rows.applied(masks, params)
         mode = "apply" if applied else "off"
         targets = self.rows.targets
-        if vectorized:
-            grads = problem_gradients(
-                self.model, self.model_params, params["x"], self.rows.labels, applied, mode, self.rows.local
-            )
+        x, labels = params["x"], self.rows.labels
+        if how == "vectorized":
+            grads = problem_gradients(self.model, self.model_params, x, labels, applied, mode, self.rows.local)
             distance = self.distance(grads, targets)
+        elif how == "factored":
+            distance = self.distance(
+                factored_problem_gradients(self.model, self.plan, x, labels, applied, mode), targets
+            )
         else:
-            each = each_problem_gradient(self.model, params["x"], self.rows.labels, applied, mode)
+            each = each_problem_gradient(self.model, x, labels, applied, mode)
             distance = torch.cat(
                 [self.distance(g, {n: t[k : k + 1] for n, t in targets.items()}) for k, g in enumerate(each)]
             )
-        return distance + self.science.prior(params["x"]) + self.regularizer(masks, params)
+        return distance + self.science.prior(x) + self.regularizer(masks, params)
 
     def distance(self, grads: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
         """The science's gradient distance (K,), on the surviving entries only under `attack.model_defense`."""
@@ -182,8 +194,10 @@ class Program(L.LightningModule):
 
         Compiled, it is torch.func all the way down (grad of vmap of grad), so torch.compile captures it as one
         graph and fuses its hundreds of small kernels: the attack is launch-bound, not compute-bound. Eager, it is
-        plain autograd over the problems one after another (`attack.eager=loop`), which does without torch.func's
-        per-operation overhead; `attack.eager=vectorized` keeps vmap. `attack.compile=auto` compiles when the
+        plain autograd, which does without torch.func's per-operation overhead: by default (`attack.eager=factored`)
+        one batched pass of all problems with linear layers' weight gradients kept as factors, where the model
+        allows it and it matches the loop at the start (`factored_if_exact`), else the problems one after another
+        (`attack.eager=loop`); `attack.eager=vectorized` keeps vmap. `attack.compile=auto` compiles when the
         expected work repays the expected compile time (dia.attacks.compiling).
         """
         layout = self.state.layout
@@ -192,21 +206,26 @@ class Program(L.LightningModule):
             losses = self.objective(layout.views(flat))
             return losses.sum(), losses
 
-        def looped(flat: Tensor) -> tuple[Tensor, Tensor]:
-            flat = flat.detach().requires_grad_(True)
-            with torch.enable_grad():
-                losses = self.objective(layout.views(flat), vectorized=False)
-                if not losses.requires_grad:  # a measured, detached objective (a closed form): nothing to follow
-                    return torch.zeros_like(flat), losses.detach()
-                (grad,) = torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)
-            return grad, losses.detach()
+        def plain(how: str) -> GradientFunction:
+            def gradient(flat: Tensor) -> tuple[Tensor, Tensor]:
+                flat = flat.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    losses = self.objective(layout.views(flat), how=how)
+                    if not losses.requires_grad:  # a measured, detached objective (a closed form): nothing to follow
+                        return torch.zeros_like(flat), losses.detach()
+                    (grad,) = torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)
+                return grad, losses.detach()
+
+            return gradient
 
         vectorized = torch.func.grad(total, has_aux=True)
         eager = vectorized
         # FedAvg's unrolled steps and BatchNorm statistics the server knows stay vectorized (torch.func)
-        if self.cfg.eager == "loop" and self.rows.local is None and not shares_statistics(self.model):
+        if self.cfg.eager in ("loop", "factored") and self.rows.local is None and not shares_statistics(self.model):
             self.model.requires_grad_(True)  # the loop differentiates the copy's own parameters
-            eager = looped
+            eager = plain("loop")
+            if self.cfg.eager == "factored":
+                eager = self.factored_if_exact(eager, plain("factored"))
         if self.cfg.compile is False:
             return eager
         if self.cfg.compile == "auto" and (
@@ -232,6 +251,37 @@ class Program(L.LightningModule):
         return CompiledOrEager(
             vectorized, strict=strict, mode=self.cfg.compile_mode, eager=eager, book=book, signature=key, guess=guess
         )
+
+    def factored_if_exact(self, loop: GradientFunction, factored: GradientFunction) -> GradientFunction:
+        """`factored` (attack.eager=factored) where the model allows it and it gives what `loop` gives at the start,
+        else `loop`, with the reason logged: the batched pass is exact only for a model that treats the rows of a
+        batch independently (dia.gradients.factored_problem_gradients), and only a distance that knows factored
+        gradients (dia.losses.cosine_distance) can take them."""
+        why = None
+        if self.cfg.model_defense:
+            why = "attack.model_defense compares the surviving entries of whole gradients"
+        else:
+            try:
+                self.plan = FactorPlan.of(self.model)
+            except NotFactorable as exc:
+                why = str(exc)
+        if why is None:
+            flat = self.state.flat.detach()
+            try:
+                (g_loop, l_loop), (g_fact, l_fact) = loop(flat), factored(flat)
+            except (NotFactorable, TypeError, AttributeError, RuntimeError) as exc:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            else:
+                if not (
+                    torch.allclose(l_fact, l_loop, rtol=1e-4, atol=1e-6)
+                    and (g_fact - g_loop).norm() <= 1e-3 * g_loop.norm() + 1e-12
+                ):
+                    why = "one batched pass differs from the problems' own gradients (the model mixes a batch's rows?)"
+        if why is not None:
+            log.info("attack.eager=factored: one problem after another (%s)", why)
+            return loop
+        self.model.requires_grad_(False)  # factored gradients need no parameter gradients
+        return factored
 
     # ---- Lightning hooks: the engine under a Trainer ------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -310,7 +310,7 @@ CHECKS: list[Check] = [
     ("attack.check_every", _count(), f"must be a positive integer (at most {BIG})"),
     ("attack.labels", lambda v: v in ("known", "infer"), "must be known or infer"),
     ("attack.compile", lambda v: v in ("auto", True, False), "must be true, false or auto"),
-    ("attack.eager", lambda v: v in ("loop", "vectorized"), "must be loop or vectorized"),
+    ("attack.eager", lambda v: v in ("factored", "loop", "vectorized"), "must be one of: factored, loop, vectorized"),
     ("attack.compile_mode", lambda v: v in COMPILE_MODES, f"must be one of: {', '.join(COMPILE_MODES)}"),
     ("attack.matmul_precision", lambda v: v in ("highest", "high", "medium"), "must be highest, high or medium"),
     ("attack.iterations_per_step", _count(), f"must be a positive integer (at most {BIG})"),

@@ -76,10 +76,11 @@ class AttackConfig:
         "true | false | auto",
     )
     eager: str = setting(
-        "loop",
-        "the eager program's per-problem gradients: loop (plain autograd, one problem after another: fastest "
-        "uncompiled) or vectorized (torch.func's vmap, as the compiled program)",
-        "loop | vectorized",
+        "factored",
+        "the eager program's per-problem gradients: factored (one batched pass, linear layers' weight gradients as "
+        "their factors; where the model's layers allow it and it matches loop at the start, else loop), loop (plain "
+        "autograd, one problem after another) or vectorized (torch.func's vmap, as the compiled program)",
+        "factored | loop | vectorized",
     )
     compile_mode: str = setting(
         "default",

@@ -125,11 +125,23 @@ def test_compile_auto_gives_exactly_the_path_it_takes(problems_factory, monkeypa
             _steps(problems_factory, "attack.compile=false", budget),
         )
     assert "attack.compile=auto: running eagerly (30 iterations" in caplog.text
-    monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 0.0)  # always repaid
+    monkeypatch.setattr("dia.attacks.program.cold_guess", lambda *a: 0.0)  # always repaid (given a speed-up)
+    monkeypatch.setattr("dia.attacks.program.FACTORED_SPEEDUP", compiling.SPEEDUP)
     auto = _steps(problems_factory, "attack.compile=auto", budget, iterations=12)
     assert torch.equal(auto, _steps(problems_factory, "attack.compile=true", budget, iterations=12))
     (entry,) = json.loads((compiling.book_dir() / compiling.BOOK).read_text()).values()
     assert entry["compile_s"] > 0 and entry["t_compiled"] > 0 and entry["t_eager"] > 0
+
+
+def test_a_factored_program_compiles_only_when_the_book_knows_it_is_faster_compiled():
+    """The factored eager program is about as fast as the compiled one on a CPU: no guess compiles it, however long
+    the run; a compile measured before (the book) decides by its speed."""
+    from dia.attacks.compiling import FACTORED_SPEEDUP, pays
+
+    assert not pays(horizon=10**6, t_eager=1.0, known={}, cold=0.0, speedup=FACTORED_SPEEDUP)[0]
+    measured = {"compile_s": 3.0, "t_eager": 1.0, "t_compiled": 0.5}
+    assert pays(horizon=100, t_eager=1.0, known=measured, cold=0.0, speedup=FACTORED_SPEEDUP)[0]
+    assert not pays(horizon=100, t_eager=1.0, known=measured | {"t_compiled": 1.1}, cold=0.0)[0]
 
 
 class _RoutedDropoutNet(torch.nn.Module):

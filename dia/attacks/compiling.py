@@ -1,6 +1,7 @@
 """When compiling the attack's program pays (`attack.compile=auto`), and running it compiled.
 
-torch.compile makes an iteration 2-4x faster on a CPU but costs 20-45 s the first time for a small model (minutes
+torch.compile makes an iteration of the eager loop 2-4x faster on a CPU (the factored eager program, which takes
+small MLPs and CNNs, about as fast as compiled) but costs 20-45 s the first time for a small model (minutes
 for the ViT), a few seconds from a warm cache. A short run does not repay that; a long one does. The rule, decided
 before the first iteration so that `auto` gives exactly the result of the path it takes:
 
@@ -31,7 +32,11 @@ import torch
 from dia.files import write_text
 
 log = logging.getLogger("dia")
-SPEEDUP = 2.5  # compiled vs eager per iteration when nothing is known (measured 2.2-4x on a CPU)
+SPEEDUP = 2.5  # compiled vs the eager loop per iteration when nothing is known (measured 2.2-4x on a CPU)
+# compiled vs the factored eager program (attack.eager=factored): no faster on a CPU for the models it takes (MLP,
+# small CNN at 8 rows: 0.94-0.97x, docs/benchmarks.md), so a guess never compiles it; a compile the book knows of
+# (attack.compile=true before) decides by its measured speed
+FACTORED_SPEEDUP = 1.0
 BOOK = "dia-compile-costs.json"
 
 
@@ -121,11 +126,14 @@ def about(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def pays(*, horizon: int, t_eager: float, known: dict[str, float], cold: float) -> tuple[bool, str]:
+def pays(
+    *, horizon: int, t_eager: float, known: dict[str, float], cold: float, speedup: float = SPEEDUP
+) -> tuple[bool, str]:
     """Whether compiling repays itself over `horizon` iterations, and the reason in words (`cold`: a first
-    compile's seconds when the book knows none)."""
+    compile's seconds when the book knows none; `speedup`: compiled vs eager when the book knows none)."""
     compile_s = known.get("compile_s", cold)
-    speedup = known["t_eager"] / known["t_compiled"] if known.get("t_compiled") and known.get("t_eager") else SPEEDUP
+    if known.get("t_compiled") and known.get("t_eager"):
+        speedup = known["t_eager"] / known["t_compiled"]
     eager = horizon * t_eager
     compiled = compile_s + eager / speedup
     source = "measured before" if "compile_s" in known else "a first compile's estimate"

@@ -30,6 +30,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from dia.attacks.compiling import (
+    FACTORED_SPEEDUP,
+    SPEEDUP,
     CompiledOrEager,
     CostBook,
     book_dir,
@@ -219,13 +221,14 @@ class Program(L.LightningModule):
             return gradient
 
         vectorized = torch.func.grad(total, has_aux=True)
-        eager = vectorized
+        eager, factored = vectorized, None
         # FedAvg's unrolled steps and BatchNorm statistics the server knows stay vectorized (torch.func)
         if self.cfg.eager in ("loop", "factored") and self.rows.local is None and not shares_statistics(self.model):
             self.model.requires_grad_(True)  # the loop differentiates the copy's own parameters
             eager = plain("loop")
             if self.cfg.eager == "factored":
-                eager = self.factored_if_exact(eager, plain("factored"))
+                factored = plain("factored")
+                eager = self.factored_if_exact(eager, factored)
         if self.cfg.compile is False:
             return eager
         if self.cfg.compile == "auto" and (
@@ -234,15 +237,22 @@ class Program(L.LightningModule):
             log.info("attack.compile=auto: running eagerly (%s: a routed dropout call does not compile)", routed[0])
             return eager
         book = CostBook(book_dir())
+        kind = "factored" if eager is factored else "vectorized" if eager is vectorized else "loop"  # eager program
         key = signature(
             self.model,
             self.state.flat,
-            (self.science.objective_key(self.cfg), self.rows.scheme_key(), str(self.cfg.compile_mode)),
+            (self.science.objective_key(self.cfg), self.rows.scheme_key(), str(self.cfg.compile_mode), kind),
         )
         guess = cold_guess(self.model, self.device)
         if self.cfg.compile == "auto":
             t_eager = seconds_per_call(eager, self.state.flat.detach(), calls=1)
-            compiles, why = pays(horizon=self.horizon, t_eager=t_eager, known=book.get(key), cold=guess)
+            compiles, why = pays(
+                horizon=self.horizon,
+                t_eager=t_eager,
+                known=book.get(key),
+                cold=guess,
+                speedup=FACTORED_SPEEDUP if kind == "factored" else SPEEDUP,
+            )
             book.put(key, t_eager=t_eager)
             log.info("attack.compile=auto: %s (%s)", "compiling" if compiles else "running eagerly", why)
             if not compiles:

@@ -30,6 +30,18 @@ def cosine_distance(grads: Mapping[str, Tensor], targets: Mapping[str, Tensor], 
     return 1.0 - dot / (pn.sqrt() * tn.sqrt() + eps)
 
 
+def squared_distance(grads: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """DLG's distance: sum over parameters of ||g - t||^2, per problem (K,). A factored gradient (dia.lowrank.LowRank)
+    is written out first: expanding the square would cancel catastrophically near a match, where the distance goes
+    to zero."""
+    total: Tensor | float = 0.0
+    for name, t in targets.items():
+        g = grads[name]
+        g = g.dense() if isinstance(g, LowRank) else g
+        total = total + (g - t.reshape(g.shape)).flatten(1).pow(2).sum(1)
+    return torch.as_tensor(total)
+
+
 def total_variation(x: Tensor) -> Tensor:
     """Anisotropic total variation, mean absolute neighbour difference; x (K, B, C, H, W) -> (K,)."""
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)

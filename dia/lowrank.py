@@ -44,6 +44,10 @@ class LowRank:
             return self.left.pow(2).sum((1, 2)) * self.right.pow(2).sum((1, 2))
         return ((self.left @ self.left.transpose(1, 2)) * (self.right @ self.right.transpose(1, 2))).sum((1, 2))
 
+    def detach(self) -> LowRank:
+        """The same gradient, cut from the autograd graph (a measured, never optimized distance)."""
+        return LowRank(self.left.detach(), self.right.detach())
+
     def dense(self) -> Tensor:
         """The gradient itself, (K, out, in)."""
         return self.left.transpose(1, 2) @ self.right

@@ -99,23 +99,26 @@ def test_a_plan_names_what_it_cannot_factor():
         FactorPlan.of(model)
 
 
-def _steps(problems_factory, *settings: str, iterations: int = 5) -> tuple[torch.Tensor, object]:
+def _steps(problems_factory, attack: str, *settings: str, iterations: int = 5) -> tuple[torch.Tensor, object]:
     cfg, model, problems, _, mean, std = problems_factory(
-        ["attack=dia", "model.dropout=0.5", "model.depth=1", "model.width=64", "attack.compile=false", *settings],
+        [f"attack={attack}", "model.dropout=0.5", "model.depth=1", "model.width=64", "attack.compile=false", *settings],
         [0, 1, 2],
     )
-    module = ATTACKS.get("dia")(model, problems.public(), cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
+    cls = ATTACKS.get(attack)
+    module = cls(model, cls.view(problems), cfg.attack, lower=(0 - mean) / std, upper=(1 - mean) / std)
     module.on_fit_start()
     return torch.stack([module.step() for _ in range(iterations)]), module
 
 
-def test_the_factored_program_follows_the_loop(problems_factory, caplog):
-    """DIA on the MLP (3 problems, masks trained): the same losses step after step, and no notice of a fallback."""
+@pytest.mark.parametrize("attack", ["dia", "wiig", "dlg"])
+def test_the_factored_program_follows_the_loop(problems_factory, caplog, attack):
+    """The MLP, 3 problems: DIA (masks trained), WIIG (the client's masks), DLG (its squared distance writes the
+    factored gradients out): the same losses step after step, and no notice of a fallback."""
     with caplog.at_level(logging.INFO, logger="dia"):
-        factored, module = _steps(problems_factory, "attack.eager=factored")
+        factored, module = _steps(problems_factory, attack, "attack.eager=factored")
     assert getattr(module, "plan", None) is not None
     assert "one problem after another" not in caplog.text
-    loop, _ = _steps(problems_factory, "attack.eager=loop")
+    loop, _ = _steps(problems_factory, attack, "attack.eager=loop")
     torch.testing.assert_close(factored, loop, rtol=1e-5, atol=1e-7)
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dia.attacks.ig import InvertingGradients
 from dia.attacks.registry import register
+from dia.losses import squared_distance
 
 
 @register("dlg")
@@ -21,7 +22,7 @@ class DeepLeakage(InvertingGradients):
     """IG with DLG's objective: sum over parameters of ||g - t||^2, nothing else."""
 
     def distance(self, grads: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
-        return sum((grads[n] - t).flatten(1).pow(2).sum(1) for n, t in targets.items())
+        return squared_distance(grads, targets)
 
     def prior(self, x: Tensor) -> Tensor:
         return x.new_zeros(x.shape[0])

@@ -1,0 +1,95 @@
+"""The eager programs side by side: attack.eager = factored (the default), loop and vectorized, per victim-iteration.
+
+    python benchmarks/eager_programs.py                         # MNIST MLP and CIFAR-10 CNN, K = 1 and 8 (~3 min)
+    python benchmarks/eager_programs.py --data cifar10 --ks 8 --iterations 200 --repeats 5
+
+The user models of benchmarks/peer_breaching.py (MLP 784-256-256-10, a small CNN), IG at p = 0.25, one torch
+thread, K victims in one `dia.reconstruct` call (compile=False), the variants alternated A B C A B C per repeat in
+one process; reports the process time per victim-iteration (median and minimum over the repeats: on a shared
+machine the minimum is the least disturbed) and each variant's ratio to the loop. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_breaching import DATA, SETTINGS, build_model
+
+import dia
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def problems(data: str, victims: int) -> tuple[torch.nn.Module, list[dict], torch.Tensor]:
+    spec = DATA[data]
+    asset = np.load(REPO / "dia" / "assets" / spec["asset"])
+    images = torch.from_numpy(asset["images"][:victims]).permute(0, 3, 1, 2).float() / 255
+    labels = torch.from_numpy(asset["labels"][:victims]).long()
+    x = (images - torch.tensor(spec["mean"]).view(-1, 1, 1)) / torch.tensor(spec["std"]).view(-1, 1, 1)
+    torch.manual_seed(0)
+    model = build_model(data, 0.25)
+    grads = [dict(dia.capture_update(model, x[j : j + 1], labels[j : j + 1], seed=j).gradient) for j in range(victims)]
+    return model, grads, labels
+
+
+def seconds(data: str, model: torch.nn.Module, grads: list[dict], labels: torch.Tensor, eager: str, n: int) -> float:
+    spec = DATA[data]
+    started = time.process_time()
+    dia.reconstruct(
+        model,
+        grads,
+        labels=labels.view(-1, 1),
+        input_shape=spec["shape"],
+        mean=spec["mean"],
+        std=spec["std"],
+        attack="ig",
+        device="cpu",
+        max_iterations=n,
+        compile=False,
+        eager=eager,
+        progress=False,
+        **{("attack_lr" if k == "lr" else k): v for k, v in SETTINGS.items()},
+    )
+    return time.process_time() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="mnist,cifar10")
+    ap.add_argument("--ks", default="1,8")
+    ap.add_argument("--eager", default="factored,loop,vectorized")
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    variants = a.eager.split(",")
+    print(f"torch {torch.__version__}, 1 thread, {a.iterations} iterations, {a.repeats} alternated repeats")
+    print("| data / model | K | eager | ms / victim-iteration: median (min) | vs loop (medians) |")
+    print("|---|---|---|---|---|")
+    for data in a.data.split(","):
+        for k in map(int, a.ks.split(",")):
+            model, grads, labels = problems(data, k)
+            for v in variants:  # untimed: first-call costs
+                seconds(data, model, grads, labels, v, 3)
+            ms: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(a.repeats):
+                for v in variants:
+                    ms[v].append(seconds(data, model, grads, labels, v, a.iterations) * 1e3 / a.iterations / k)
+            loop = statistics.median(ms["loop"]) if "loop" in ms else None
+            for v in variants:
+                med = statistics.median(ms[v])
+                ratio = f"{loop / med:.2f}x" if loop else "—"
+                name = f"{data} / {DATA[data]['model'].split()[0]}"
+                print(f"| {name} | {k} | {v} | {med:.2f} ({min(ms[v]):.2f}) | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

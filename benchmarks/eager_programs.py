@@ -2,10 +2,12 @@
 
     python benchmarks/eager_programs.py                         # MNIST MLP and CIFAR-10 CNN, K = 1 and 8 (~3 min)
     python benchmarks/eager_programs.py --data cifar10 --ks 8 --iterations 200 --repeats 5
+    python benchmarks/eager_programs.py --device cuda --compiled --ks 1,8,64   # a GPU, beside the compiled program
 
 The user models of benchmarks/peer_breaching.py (MLP 784-256-256-10, a small CNN), IG at p = 0.25, one torch
 thread, K victims in one `dia.reconstruct` call (compile=False), the variants alternated A B C A B C per repeat in
-one process; reports the process time per victim-iteration (median and minimum over the repeats: on a shared
+one process (`--compiled`: also attack.compile=true, its compile untimed in the first call); reports the time per
+victim-iteration (process time on a CPU, wall time on a GPU; median and minimum over the repeats: on a shared
 machine the minimum is the least disturbed) and each variant's ratio to the loop. A benchmark, not a test.
 """
 
@@ -40,9 +42,13 @@ def problems(data: str, victims: int) -> tuple[torch.nn.Module, list[dict], torc
     return model, grads, labels
 
 
-def seconds(data: str, model: torch.nn.Module, grads: list[dict], labels: torch.Tensor, eager: str, n: int) -> float:
+def seconds(
+    data: str, model: torch.nn.Module, grads: list[dict], labels: torch.Tensor, eager: str, n: int, device: str = "cpu"
+) -> float:
+    """Process time of one `dia.reconstruct` call (on a GPU: wall time, after a synchronize)."""
     spec = DATA[data]
-    started = time.process_time()
+    clock = time.process_time if device == "cpu" else time.perf_counter
+    started = clock()
     dia.reconstruct(
         model,
         grads,
@@ -51,14 +57,16 @@ def seconds(data: str, model: torch.nn.Module, grads: list[dict], labels: torch.
         mean=spec["mean"],
         std=spec["std"],
         attack="ig",
-        device="cpu",
+        device=device,
         max_iterations=n,
-        compile=False,
-        eager=eager,
+        compile=eager == "compiled",
+        eager="factored" if eager == "compiled" else eager,
         progress=False,
         **{("attack_lr" if k == "lr" else k): v for k, v in SETTINGS.items()},
     )
-    return time.process_time() - started
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return clock() - started
 
 
 def main() -> None:
@@ -68,21 +76,24 @@ def main() -> None:
     ap.add_argument("--eager", default="factored,loop,vectorized")
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu (process time) or cuda (wall time)")
+    ap.add_argument("--compiled", action="store_true", help="also the compiled program (attack.compile=true)")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    variants = a.eager.split(",")
-    print(f"torch {torch.__version__}, 1 thread, {a.iterations} iterations, {a.repeats} alternated repeats")
+    variants = a.eager.split(",") + (["compiled"] if a.compiled else [])
+    print(f"torch {torch.__version__}, {a.device}, 1 thread, {a.iterations} iterations, {a.repeats} alternated repeats")
     print("| data / model | K | eager | ms / victim-iteration: median (min) | vs loop (medians) |")
     print("|---|---|---|---|---|")
     for data in a.data.split(","):
         for k in map(int, a.ks.split(",")):
             model, grads, labels = problems(data, k)
             for v in variants:  # untimed: first-call costs
-                seconds(data, model, grads, labels, v, 3)
+                seconds(data, model, grads, labels, v, 3, a.device)
             ms: dict[str, list[float]] = {v: [] for v in variants}
             for _ in range(a.repeats):
                 for v in variants:
-                    ms[v].append(seconds(data, model, grads, labels, v, a.iterations) * 1e3 / a.iterations / k)
+                    took = seconds(data, model, grads, labels, v, a.iterations, a.device)
+                    ms[v].append(took * 1e3 / a.iterations / k)
             loop = statistics.median(ms["loop"]) if "loop" in ms else None
             for v in variants:
                 med = statistics.median(ms[v])

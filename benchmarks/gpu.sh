@@ -2,14 +2,14 @@
 # The GPU measurements the docs quote and the open issues ask for, one section at a time, each logged with the
 # device under $OUT (default gpu-results/). Usage:
 #   bash benchmarks/gpu.sh [paper-lite] [bench] [compile-cache] [variants] [refill] [fidelity] [defenses] [fedavg]
-#                          [batches]
+#                          [batches] [eager]
 # (no argument: all, in that order; paper-lite is the issue-8 target: <= 10 min end to end on one H100/H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 py=${PYTHON:-python}
-sections=${*:-paper-lite bench compile-cache variants refill fidelity defenses fedavg batches}
+sections=${*:-paper-lite bench compile-cache variants refill fidelity defenses fedavg batches eager}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import torch; print('torch', torch.__version__)" | tee -a "$out/device.txt"
 
@@ -42,6 +42,7 @@ for s in $sections; do
                && $py benchmarks/batches.py '$out/results/batches' --by model.block_dropout --figure '$out/batches-ssim.png'" ;;
                # issue 23's map: 170 cells, 2.9 M image-iterations of ResNet-18/ViT; ~0.5-1 GPU-h projected on an
                # H200 from the rates above (docs/batches.md), not measured
-    *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses fedavg batches" >&2; exit 2 ;;
+    eager) timed eager $py benchmarks/eager_programs.py --device cuda --compiled --ks 1,8,64 --iterations 300 ;;  # ~5 min
+    *) echo "unknown section '$s'; choose from: paper-lite bench compile-cache variants refill fidelity defenses fedavg batches eager" >&2; exit 2 ;;
   esac
 done

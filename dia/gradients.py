@@ -237,13 +237,13 @@ def factored_problem_gradients(
             row_sums = left.sum(1)
         else:  # Conv2d: the K problems' convolutions side by side as the groups of one, their rows as its batch
             c, o = a.shape[1], d.shape[1]
-            a_g = a.view(k, b, *a.shape[1:]).transpose(0, 1).reshape(b, k * c, *a.shape[2:])
-            d_g = d.view(k, b, *d.shape[1:]).transpose(0, 1).reshape(b, k * o, *d.shape[2:])
+            a_g = a.reshape(k, b, *a.shape[1:]).transpose(0, 1).reshape(b, k * c, *a.shape[2:])
+            d_g = d.reshape(k, b, *d.shape[1:]).transpose(0, 1).reshape(b, k * o, *d.shape[2:])
             w = torch.nn.grad.conv2d_weight(
                 a_g, (k * o, *m.weight.shape[1:]), d_g, m.stride, m.padding, m.dilation, groups=k
             )
             grads[weight] = w.view(k, *m.weight.shape)
-            row_sums = d.view(k, b, o, -1).sum((1, 3))
+            row_sums = d.reshape(k, b, o, -1).sum((1, 3))
         if bias is not None:
             grads[bias] = row_sums
     return grads

@@ -35,7 +35,8 @@ log = logging.getLogger("dia")
 SPEEDUP = 2.5  # compiled vs the eager loop per iteration when nothing is known (measured 2.2-4x on a CPU)
 # compiled vs the factored eager program (attack.eager=factored): no faster on a CPU for the models it takes (MLP,
 # small CNN at 8 rows: 0.94-0.97x, docs/benchmarks.md), so a guess never compiles it; a compile the book knows of
-# (attack.compile=true before) decides by its measured speed
+# (attack.compile=true before) decides by its measured speed. On a GPU (not measured yet: benchmarks/gpu.sh eager)
+# the eager program is launch-bound and SPEEDUP is the guess.
 FACTORED_SPEEDUP = 1.0
 BOOK = "dia-compile-costs.json"
 

@@ -142,6 +142,10 @@ def test_a_factored_program_compiles_only_when_the_book_knows_it_is_faster_compi
     measured = {"compile_s": 3.0, "t_eager": 1.0, "t_compiled": 0.5}
     assert pays(horizon=100, t_eager=1.0, known=measured, cold=0.0, speedup=FACTORED_SPEEDUP)[0]
     assert not pays(horizon=100, t_eager=1.0, known=measured | {"t_compiled": 1.1}, cold=0.0)[0]
+    # a compile=true run's entry has no eager time beside it: the compiled time is set against this run's
+    compiled_only = {"compile_s": 3.0, "t_compiled": 0.5}
+    assert pays(horizon=100, t_eager=1.0, known=compiled_only, cold=0.0, speedup=FACTORED_SPEEDUP)[0]
+    assert not pays(horizon=100, t_eager=0.4, known=compiled_only, cold=0.0, speedup=FACTORED_SPEEDUP)[0]
 
 
 class _RoutedDropoutNet(torch.nn.Module):

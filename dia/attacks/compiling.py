@@ -133,8 +133,8 @@ def pays(
     """Whether compiling repays itself over `horizon` iterations, and the reason in words (`cold`: a first
     compile's seconds when the book knows none; `speedup`: compiled vs eager when the book knows none)."""
     compile_s = known.get("compile_s", cold)
-    if known.get("t_compiled") and known.get("t_eager"):
-        speedup = known["t_eager"] / known["t_compiled"]
+    if known.get("t_compiled"):  # measured: against the eager time measured beside it, else against this one
+        speedup = known.get("t_eager", t_eager) / known["t_compiled"]
     eager = horizon * t_eager
     compiled = compile_s + eager / speedup
     source = "measured before" if "compile_s" in known else "a first compile's estimate"

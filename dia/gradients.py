@@ -182,12 +182,12 @@ class FactorPlan:
                 raise NotFactorable(f"{prefix or 'the model'} ({type(m).__name__}) holds parameters {sorted(own)}")
             if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise NotFactorable(f"{prefix} is a grouped, non-zero-padded or 'same'-padded convolution")
-            names = [f"{prefix}.{n}" if prefix else n for n in ("weight", "bias") if n in own]
+            name = {n: f"{prefix}.{n}" if prefix else n for n in own}  # as in model.named_parameters()
             for n, p in own.items():
                 if id(p) in owners:
-                    raise NotFactorable(f"{prefix}.{n} shares its tensor with {owners[id(p)]}")
-                owners[id(p)] = f"{prefix}.{n}"
-            layers.append((m, names[0], names[1] if len(names) > 1 else None))
+                    raise NotFactorable(f"{name[n]} shares its tensor with {owners[id(p)]}")
+                owners[id(p)] = name[n]
+            layers.append((m, name["weight"], name.get("bias")))
         if not layers:
             raise NotFactorable("the model has no parameters")
         return cls(tuple(layers))

@@ -5,10 +5,11 @@
     TORCHINDUCTOR_VEC_ISA_OK=0 python benchmarks/compile_breakdown.py        # scalar C++ kernels (faster to compile)
     python benchmarks/compile_breakdown.py model=mlp data=mnist              # any dia.train overrides
 
-Builds the program as dia.train does (`dia.api.simulate`, attack.compile=true), with an empty compile cache of its
-own (a temporary TORCHINDUCTOR_CACHE_DIR), times the first iteration (trace + compile + one run) and the mean of 5
-later ones, and prints torch._dynamo's compile-time breakdown (tracing, AOT autograd, inductor's scheduler and code
-generation, the C++ compile). Inductor's settings come from its environment variables. A benchmark, not a test.
+Builds the program as dia.bench does (`dia.api.simulate`, `dia.bench.engine_module`; attack.compile=true), with
+an empty compile cache of its own (a temporary TORCHINDUCTOR_CACHE_DIR), times the first iteration (trace + compile
++ one run) and the mean of 5 later ones, and prints torch._dynamo's compile-time breakdown (tracing, AOT autograd,
+inductor's scheduler and code generation, the C++ compile). Inductor's settings come from its environment
+variables. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch._dynamo.utils import compile_times
 
 from dia.api import simulate
-from dia.attacks import ATTACKS
+from dia.bench import engine_module, engine_steps
 
 SHOWN = (
     "_compile.compile_inner",
@@ -41,22 +42,14 @@ SHOWN = (
 def main() -> None:
     defaults = ["attack=ig", "model=vit", "data=cifar10", "model.dropout=0.5", "victims=[0,1,2,3]"]
     sim = simulate(*defaults, *sys.argv[1:], "attack.compile=true")
-    cls = ATTACKS.get(sim.cfg.attack.name)
-    program = cls(
-        sim.model,
-        cls.view(sim.problems),
-        sim.cfg.attack,
-        lower=(0 - sim.mean) / sim.std,
-        upper=(1 - sim.mean) / sim.std,
-    )
-    program.on_fit_start()
+    cpu = torch.device("cpu")
+    program = engine_module(sim.cfg.attack.name, sim.model, sim.problems, sim.cfg, sim.lower, sim.upper, cpu)
     started = time.perf_counter()
-    program.step()
+    engine_steps(program, 1)
     first = time.perf_counter() - started
-    program.step()
+    engine_steps(program, 1)
     started = time.perf_counter()
-    for _ in range(5):
-        program.step()
+    engine_steps(program, 5)
     later = (time.perf_counter() - started) / 5
     threads = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "torch's default")
     print(f"torch {torch.__version__}, compile workers: {threads}, torch threads {torch.get_num_threads()}")

@@ -16,30 +16,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_breaching import DATA, SETTINGS, build_model
+from peer_breaching import DATA, SETTINGS, build_model, make_problem
 
 import dia
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def problems(data: str, victims: int) -> tuple[torch.nn.Module, list[dict], torch.Tensor]:
-    spec = DATA[data]
-    asset = np.load(REPO / "dia" / "assets" / spec["asset"])
-    images = torch.from_numpy(asset["images"][:victims]).permute(0, 3, 1, 2).float() / 255
-    labels = torch.from_numpy(asset["labels"][:victims]).long()
-    x = (images - torch.tensor(spec["mean"]).view(-1, 1, 1)) / torch.tensor(spec["std"]).view(-1, 1, 1)
-    torch.manual_seed(0)
-    model = build_model(data, 0.25)
-    grads = [dict(dia.capture_update(model, x[j : j + 1], labels[j : j + 1], seed=j).gradient) for j in range(victims)]
-    return model, grads, labels
+def problems(data: str, victims: int, folder: Path) -> tuple[torch.nn.Module, list[dict], torch.Tensor]:
+    """The peer benchmark's problem (`make_problem`: its model, one client per victim): model, gradients, labels."""
+    prob = torch.load(make_problem(data, 0.25, victims, 0, folder), weights_only=True)
+    model = build_model(data, prob["p"])
+    model.load_state_dict(prob["state_dict"])
+    grads = [{n: g[j] for n, g in prob["gradients"].items()} for j in range(victims)]
+    return model, grads, prob["labels"]
 
 
 def seconds(
@@ -86,7 +81,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for data in a.data.split(","):
         for k in map(int, a.ks.split(",")):
-            model, grads, labels = problems(data, k)
+            with tempfile.TemporaryDirectory() as folder:
+                model, grads, labels = problems(data, k, Path(folder))
             for v in variants:  # untimed: first-call costs
                 seconds(data, model, grads, labels, v, 3, a.device)
             ms: dict[str, list[float]] = {v: [] for v in variants}
